@@ -1,0 +1,191 @@
+# -*- test-case-name: tests.test_interfaces -*-
+"""
+The seams of imageio: what a storage backend, a body sink and a streaming
+upload resource promise to each other.
+
+Everything on these interfaces is called on the reactor thread. Anything
+that may block (file I/O, fsync, ioctl) is the implementation's business to
+run on the disk-io thread pool (L{imageio._diskio.DiskIO}); the caller only
+ever sees Deferreds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from attrs import frozen
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+    from twisted.web.iweb import IRequest
+
+
+@frozen
+class Extent:
+    """
+    A run of bytes with uniform allocation state.
+
+    @ivar start: Offset of the first byte.
+    @ivar length: Number of bytes.
+    @ivar zero: The bytes read as zeroes.
+    @ivar hole: The bytes are unallocated in this layer (qcow2 over NBD with
+        C{qemu:allocation-depth}); reads fall through to a backing file.
+    @ivar dirty: For the C{dirty} context: the bytes changed since the
+        checkpoint; C{None} in the C{zero} context.
+    """
+
+    start: int
+    length: int
+    zero: bool
+    hole: bool = False
+    dirty: bool | None = None
+
+    def toJSON(self) -> dict[str, object]:
+        """
+        @return: The wire form of the extent, keys in upstream's order.
+        """
+        if self.dirty is None:
+            return {
+                "start": self.start,
+                "length": self.length,
+                "zero": self.zero,
+                "hole": self.hole,
+            }
+        return {
+            "start": self.start,
+            "length": self.length,
+            "dirty": self.dirty,
+            "zero": self.zero,
+        }
+
+
+class UnsupportedOperation(Exception):
+    """
+    The backend cannot do what was asked (for example dirty extents on a
+    file). The images API answers 404 with C{Operation not supported: ...}.
+    """
+
+
+class IBackend(Interface):
+    """
+    One open image, owned by one client connection.
+
+    A backend is opened when a connection first uses a ticket and closed
+    when the connection closes or the ticket is removed. Callers keep at
+    most one operation in flight per backend, except where noted, so an
+    implementation needs no locking of its own.
+    """
+
+    name: str = Attribute("Short backend name for logs and errors: file, block, nbd, http.")
+    blockSize: int = Attribute(
+        "Alignment the storage wants for offsets and lengths (1 when any is fine). "
+        "Callers need not align; aligned requests are just faster."
+    )
+    maxReaders: int = Attribute("How many connections may read this image at once.")
+    maxWriters: int = Attribute("How many connections may write this image at once.")
+
+    def size() -> Deferred[int]:
+        """
+        @return: The current size of the image in bytes.
+        """
+
+    def readInto(offset: int, buf: memoryview) -> Deferred[int]:
+        """
+        Read up to C{len(buf)} bytes at C{offset} into C{buf}.
+
+        @param buf: A writable buffer; page-aligned when it comes from
+            L{imageio._buffers.allocate}, which makes O_DIRECT reads zero-copy.
+        @return: A Deferred firing with the number of bytes read; fewer than
+            asked only at the end of the image.
+        """
+
+    def write(offset: int, data: memoryview) -> Deferred[int]:
+        """
+        Write all of C{data} at C{offset}. The caller must not touch
+        C{data} until the Deferred fires.
+
+        @return: A Deferred firing with C{len(data)}.
+        """
+
+    def zero(offset: int, length: int) -> Deferred[None]:
+        """
+        Make C{length} bytes at C{offset} read as zeroes: deallocate when the
+        backend was opened C{sparse}, allocate otherwise.
+        """
+
+    def flush() -> Deferred[None]:
+        """
+        Make every completed write durable (fsync, NBD flush).
+        """
+
+    def extents(context: str, start: int, length: int) -> Deferred[list[Extent]]:
+        """
+        Describe C{[start, start + length)} of the image.
+
+        @param context: C{"zero"} or C{"dirty"}.
+        @return: Contiguous extents in order, covering exactly the window
+            (clipped to the image size).
+        @raise UnsupportedOperation: (through the Deferred) when the backend
+            cannot report C{context}.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Release the image once the operation in flight (if any) returned.
+        Idempotent.
+        """
+
+
+class IBackendOpener(Interface):
+    """
+    Opens backends for ticket URLs.
+    """
+
+    def open(url: str, *, write: bool, sparse: bool, dirty: bool) -> Deferred[IBackend]:
+        """
+        Open the image at C{url}.
+
+        @param write: Open for writing as well as reading.
+        @param sparse: Zeroing should deallocate.
+        @param dirty: The transfer wants dirty extents (incremental backup).
+        """
+
+
+class IBodySink(Interface):
+    """
+    Consumer of an HTTP request body as it arrives, before C{render} runs.
+    """
+
+    def dataReceived(data: bytes) -> None:
+        """
+        A piece of the body arrived.
+        """
+
+    def bodyComplete() -> None:
+        """
+        The whole body (C{Content-Length} bytes) arrived.
+        """
+
+    def connectionLost(reason: Failure) -> None:
+        """
+        The connection went away before or after the body completed.
+        """
+
+
+class IStreamingUpload(Interface):
+    """
+    A resource that takes request bodies as a stream instead of letting
+    twisted.web spool them to a temporary file.
+    """
+
+    def bodySink(request: IRequest, length: int | None) -> IBodySink | None:
+        """
+        Called when the request headers are complete, before any body byte.
+
+        @param length: The declared C{Content-Length}, or C{None} for
+            chunked bodies.
+        @return: A sink for the body, or C{None} to let twisted.web buffer it
+            as usual (small JSON bodies).
+        """
