@@ -204,8 +204,14 @@ def killClients() -> None:
         _clients.discard(proc)
 
 
+class Interrupted(Exception):
+    """
+    SIGTERM or SIGHUP: stop everything like Ctrl-C does.
+    """
+
+
 def _onSignal(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    raise Interrupted(signal.Signals(signum).name)
 
 
 # ---------------------------------------------------------------------------
@@ -1217,6 +1223,26 @@ def checkSpace(directory: Path, needed: int, what: str) -> None:
         )
 
 
+def removeStale(directory: Path) -> None:
+    """
+    Remove what a killed harness left behind: C{imageio-bench-<pid>*}
+    entries whose pid is gone.
+    """
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        match = re.fullmatch(r"imageio-bench-(\d+)(-.*)?", path.name)
+        if not match or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        say(f"removing {path}, left by a harness that died")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark our imageio daemon against upstream ovirt-imageio 2.5.1.",
@@ -1333,7 +1359,9 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
         checkSpace(opts.big_dir, opts.big_size + 64 * MiB, "--big-dir")
 
     loadAtStart = open("/proc/loadavg").read().split()[:3]
-    work = workspace.add(Path(tempfile.mkdtemp(prefix="imageio-bench-")))
+    for directory in {opts.dir, opts.big_dir, Path(tempfile.gettempdir())}:
+        removeStale(directory)
+    work = workspace.add(Path(tempfile.mkdtemp(prefix=f"imageio-bench-{os.getpid()}-")))
     certs = makeCertificates(work / "pki")
     images = makeImages(workspace.add(opts.dir / f"imageio-bench-{os.getpid()}"), opts.size)
     if "big" in opts.groups:
@@ -1437,6 +1465,8 @@ def foreignLoad(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parseArgs(argv)
+    # Even if started with SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _onSignal)
     signal.signal(signal.SIGHUP, _onSignal)
     workspace = Workspace()
@@ -1447,8 +1477,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"FAILED: {e}")
         return 1
     except KeyboardInterrupt:
-        say("interrupted")
+        say("interrupted by SIGINT, cleaning up")
         return 130
+    except Interrupted as e:
+        say(f"interrupted by {e}, cleaning up")
+        return 143
     finally:
         # Never leave a server or a client behind, whatever happened.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
