@@ -351,7 +351,7 @@ class _FileIOTestsMixin(_Mixin):
     direct = True
 
     def directory(self) -> str:
-        path = os.path.abspath(self.mktemp())
+        path: str = os.path.abspath(self.mktemp())
         os.mkdir(path)
         return path
 
