@@ -1,0 +1,744 @@
+# -*- test-case-name: tests.test_images -*-
+"""
+The images API: C{/images/<ticket-id>} and its extents, checksum and
+written-ranges sub-resources, plus C{/info/}.
+
+Served on the remote HTTPS listener and the local UNIX socket. Each
+request is authorized against the ticket registry; bytes move through a
+backend opened once per (connection, ticket) and closed with the
+connection or the ticket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+import imageio
+from imageio import _blkhash
+from imageio._log import Logger
+from imageio.interfaces import IBackend, IBackendOpener, IBodySink, UnsupportedOperation
+from imageio.ranges import (
+    RangeError,
+    RangeNotSatisfiable,
+    contentRangeHeader,
+    parseContentLength,
+    parseContentRange,
+    parseRange,
+    resolveRange,
+)
+from imageio.tickets import (
+    READ,
+    WRITE,
+    AuthorizationError,
+    Operation,
+    OperationCanceled,
+    Ticket,
+    TicketRegistry,
+    shortID,
+)
+from imageio.web._download import DownloadProducer
+from imageio.web._response import (
+    HTTPError,
+    abortConnection,
+    closeAfterResponse,
+    isGone,
+    sendEmpty,
+    sendError,
+    sendJSON,
+)
+from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
+from imageio.web._streaming import CollectSink, ImageioChannel, pushProducerOf
+from imageio.web._upload import ShortBody, UploadSink
+
+log = Logger()
+
+ALL_FEATURES = ["checksum", "extents", "flush", "zero"]
+BASE_FEATURES = ["checksum", "extents"]
+
+#: Zero requests are split into steps so cancellation acts between them.
+ZERO_STEP = 128 * 1024**2
+
+#: JSON bodies of PATCH requests are small; cap them.
+MAX_PATCH_BODY = 4096
+
+
+def _forbidden(error: AuthorizationError, close: bool = True) -> HTTPError:
+    return HTTPError(403, str(error), close=close)
+
+
+def _rangeError(error: RangeError) -> HTTPError:
+    headers = []
+    if isinstance(error, RangeNotSatisfiable):
+        headers.append((b"content-range", error.contentRange()))
+    return HTTPError(error.status, error.message, headers)
+
+
+def contentDisposition(filename: str | None) -> bytes:
+    """
+    @return: C{attachment}, with the ticket's file name escaped per RFC 6266:
+        plain token names as upstream writes them, others quoted, non-ASCII
+        names with an ASCII fallback and C{filename*}.
+    """
+    if not filename:
+        return b"attachment"
+    if filename.isascii():
+        if all(c.isalnum() or c in "!#$&+-.^_`|~" for c in filename):
+            return f"attachment; filename={filename}".encode("ascii")
+        return f'attachment; filename="{filename}"'.encode("ascii")
+    fallback = filename.encode("ascii", "replace").decode("ascii").replace("?", "_")
+    encoded = quote(filename, safe="")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}".encode("ascii")
+
+
+def _strictJSON(data: bytes) -> Any:
+    """
+    Parse a JSON message rejecting NaN, Infinity and duplicate keys.
+
+    @raise HTTPError: 400 with upstream's C{Invalid JSON message} prefix.
+    """
+
+    def noConstants(name: str) -> None:
+        raise ValueError(f"Invalid constant {name}")
+
+    def noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise ValueError(f"Duplicate key {key!r}")
+            result[key] = value
+        return result
+
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text, parse_constant=noConstants, object_pairs_hook=noDuplicates)
+    except (ValueError, RecursionError) as e:
+        raise HTTPError(400, f"Invalid JSON message {e}") from None
+
+
+def _integer(msg: dict[str, Any], name: str, default: int | None = None) -> int:
+    if name not in msg:
+        if default is not None:
+            return default
+        raise HTTPError(400, f"Missing required value for {name!r}")
+    value = msg[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HTTPError(400, f"Integer required {value!r}")
+    if value < 0:
+        raise HTTPError(400, f"Invalid value {value} < 0")
+    return value
+
+
+def _boolean(msg: dict[str, Any], name: str, default: bool) -> bool:
+    value = msg.get(name, default)
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"Boolean required {value!r}")
+    return value
+
+
+@define(eq=False)
+class _Context:
+    """
+    A backend opened for one ticket on one connection.
+    """
+
+    ticket: Ticket
+    channel: ImageioChannel
+    backend: IBackend | None = None
+    _opening: list[Deferred[IBackend]] = field(factory=list)
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.channel.contexts.get(self.ticket) is self:
+            del self.channel.contexts[self.ticket]
+        self.ticket.connections.pop(self.channel, None)
+        if self.backend is not None:
+            backend, self.backend = self.backend, None
+            backend.close().addErrback(lambda f: log.failure("Closing backend failed", f))
+
+
+@define
+class ImagesService:
+    """
+    What the images handlers share.
+
+    @ivar unixSocket: The local socket name advertised in OPTIONS, or
+        C{None} when the local listener is disabled.
+    """
+
+    registry: TicketRegistry
+    opener: IBackendOpener
+    clock: IReactorTime
+    runInPool: Callable[..., Deferred[Any]]
+    bufferSize: int = 8 * 1024**2
+    unixSocket: str | None = None
+
+    def authorize(self, ticketID: str, op: str, close: bool = True) -> Ticket:
+        try:
+            return self.registry.authorize(ticketID, op)
+        except AuthorizationError as e:
+            raise _forbidden(e, close) from None
+
+    def backendFor(self, request: Request, ticket: Ticket) -> Deferred[IBackend]:
+        """
+        @return: The backend of this connection for C{ticket}, opening it on
+            the connection's first request for the ticket.
+        """
+        channel: ImageioChannel = request.channel  # type: ignore[assignment]
+        ctx: _Context | None = channel.contexts.get(ticket)
+        if ctx is not None and ctx.backend is not None:
+            return succeed(ctx.backend)
+        d: Deferred[IBackend] = Deferred()
+        if ctx is not None:
+            ctx._opening.append(d)
+            return d
+        ctx = _Context(ticket, channel)
+        ctx._opening.append(d)
+        channel.contexts[ticket] = ctx
+        ticket.connections[channel] = ctx.close
+        channel.addCloseHook(ctx.close)
+        # From now on the connection lives by the ticket's inactivity timeout.
+        channel.setIdleTimeout(ticket.inactivityTimeout)
+
+        def opened(backend: IBackend) -> None:
+            waiters, ctx._opening = ctx._opening, []
+            if ctx.closed:
+                backend.close()
+                for w in waiters:
+                    w.errback(
+                        Failure(
+                            _forbidden(
+                                AuthorizationError(f"Transfer={ticket.transferID} was canceled")
+                            )
+                        )
+                    )
+                return
+            ctx.backend = backend
+            for w in waiters:
+                w.callback(backend)
+
+        def failed(reason: Failure) -> None:
+            log.failure(
+                "Opening {url} for ticket {ticketID} failed",
+                reason,
+                url=ticket.url,
+                ticketID=shortID(ticket.uuid),
+            )
+            waiters, ctx._opening = ctx._opening, []
+            ctx.close()
+            for w in waiters:
+                w.errback(reason)
+
+        self.opener.open(
+            ticket.url, write=WRITE in ticket.ops, sparse=ticket.sparse, dirty=ticket.dirty
+        ).addCallbacks(opened, failed)
+        return d
+
+    def startOperation(self, ticket: Ticket, op: Operation) -> None:
+        try:
+            self.registry.startOperation(ticket, op)
+        except AuthorizationError as e:
+            raise _forbidden(e) from None
+
+    def finishOperation(self, ticket: Ticket, op: Operation) -> None:
+        self.registry.finishOperation(ticket, op)
+
+    def flush(self, ticket: Ticket, backend: IBackend) -> Deferred[None]:
+        """
+        Flush C{backend}; ranges written before the flush started count as
+        durable for the ticket's written-ranges report.
+        """
+        pending = ticket.flushStarted()
+        d = backend.flush()
+        d.addCallback(lambda _: ticket.flushed(pending))
+        return d
+
+
+def _ticketID(ticketID: str) -> str:
+    if not ticketID:
+        raise HTTPError(400, "Ticket id is required")
+    return ticketID
+
+
+def _failureToHTTP(reason: Failure) -> Failure:
+    """
+    Map data path failures to responses: cancellation to 403 (and close),
+    storage errors to 500 with the system's reason, nothing else leaks.
+    """
+    if reason.check(HTTPError):
+        return reason
+    if reason.check(AuthorizationError):
+        return Failure(_forbidden(reason.value))  # type: ignore[arg-type]
+    if reason.check(UnsupportedOperation):
+        return Failure(HTTPError(404, f"Operation not supported: {reason.value}"))
+    if reason.check(OSError):
+        log.failure("Storage operation failed", reason)
+        err: OSError = reason.value  # type: ignore[assignment]
+        message = "Server failed to perform the request"
+        if err.strerror:
+            message += f": {err.strerror}"
+        return Failure(HTTPError(500, message, close=True))
+    return reason
+
+
+@define
+class ImageHandler:
+    """
+    C{/images/<ticket-id>}: OPTIONS, GET (and HEAD), PUT, PATCH.
+    """
+
+    service: ImagesService
+
+    # OPTIONS
+
+    def handleOPTIONS(self, request: Request, ticketID: str) -> Deferred[Any] | None:
+        cors(request, b"OPTIONS,GET,PUT")
+        _ticketID(ticketID)
+        options: dict[str, object] = {}
+        if self.service.unixSocket is not None:
+            options["unix_socket"] = self.service.unixSocket
+        if ticketID == "*":
+            options["features"] = ALL_FEATURES
+            sendJSON(request, options, headers=[(b"allow", b"OPTIONS,GET,PUT,PATCH")])
+            return None
+        ticket = self.service.authorize(ticketID, READ)
+
+        def respond(backend: IBackend) -> None:
+            self.service.registry.touch(ticket)
+            allow = ["OPTIONS"]
+            if ticket.may(READ):
+                allow.append("GET")
+                options["features"] = BASE_FEATURES
+            if ticket.may(WRITE):
+                allow.extend(("PUT", "PATCH"))
+                options["features"] = ALL_FEATURES
+            options["max_readers"] = backend.maxReaders
+            options["max_writers"] = backend.maxWriters
+            sendJSON(request, options, headers=[(b"allow", ",".join(allow).encode())])
+
+        d = self.service.backendFor(request, ticket)
+        d.addCallback(respond)
+        d.addErrback(_failureToHTTP)
+        return d
+
+    # GET and HEAD
+
+    def handleGET(self, request: Request, ticketID: str) -> Deferred[Any] | None:
+        cors(request)
+        _ticketID(ticketID)
+        if queryArg(request, "close") == "y":
+            closeAfterResponse(request)
+        rangeHeader = request.getHeader(b"range")
+        byteRange = None
+        if rangeHeader is not None:
+            try:
+                byteRange = parseRange(rangeHeader)
+            except RangeError as e:
+                raise _rangeError(e) from None
+        ticket = self.service.authorize(ticketID, READ)
+        d = self.service.backendFor(request, ticket)
+        d.addCallback(self._startRead, request, ticket, byteRange)
+        d.addErrback(_failureToHTTP)
+        return d
+
+    @inlineCallbacks
+    def _startRead(
+        self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
+    ) -> Any:
+        imageSize = yield backend.size()
+        available = min(ticket.size, imageSize)
+        try:
+            offset, length = resolveRange(byteRange, ticket.size, available)
+        except RangeError as e:
+            raise _rangeError(e) from None
+        request.setHeader(b"content-length", b"%d" % length)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-disposition", contentDisposition(ticket.filename))
+        request.setHeader(b"accept-ranges", b"bytes")
+        if byteRange is not None:
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", contentRangeHeader(offset, length, ticket.size))
+        if request.method == b"HEAD" or length == 0:
+            request.write(b"")
+            request.finish()
+            return
+        op = Operation("read", offset)
+        self.service.startOperation(ticket, op)
+        log.debug(
+            "READ ticket={ticketID} offset={offset} size={size}",
+            ticketID=shortID(ticket.uuid),
+            offset=offset,
+            size=length,
+        )
+        producer = DownloadProducer(
+            request,
+            backend,
+            offset,
+            length,
+            op,
+            self.service.clock,
+            bufferSize=self.service.bufferSize,
+            idleTimeout=ticket.inactivityTimeout,
+        )
+        op.onCancel = producer.stopProducing
+        try:
+            yield producer.start()
+        except Exception:
+            f = Failure()
+            if not f.check(ConnectionError):
+                log.failure(
+                    "Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid)
+                )
+            abortConnection(request)
+        finally:
+            self.service.finishOperation(ticket, op)
+
+    # PUT
+
+    def bodySinkPUT(self, request: Request, length: int | None, ticketID: str) -> IBodySink:
+        """
+        Validate an upload from its headers and stream its body to storage.
+
+        Errors raised here are answered before the body is read, and the
+        connection closed.
+        """
+        cors(request)
+        _ticketID(ticketID)
+        try:
+            declared = parseContentLength(
+                list(request.requestHeaders.getRawHeaders(b"content-length") or []) or None
+            )
+        except RangeError as e:
+            raise HTTPError(e.status, e.message, close=True) from None
+        if declared is None or length is None:
+            raise HTTPError(400, "Content-Length header is required", close=True)
+        offset = 0
+        contentRange = request.getHeader(b"content-range")
+        if contentRange is not None:
+            try:
+                offset = parseContentRange(contentRange).first
+            except RangeError as e:
+                raise HTTPError(e.status, e.message, close=True) from None
+        flush = enumArg(request, "flush", ("y", "n"), "y")
+        ticket = self.service.authorize(ticketID, WRITE)
+        if offset + length > ticket.size:
+            raise HTTPError(
+                416,
+                "Requested range out of allowed range",
+                [(b"content-range", b"bytes */%d" % ticket.size)],
+                close=True,
+            )
+        op = Operation("write", offset)
+        self.service.startOperation(ticket, op)
+        backend = self.service.backendFor(request, ticket)
+        channel = request.channel
+        sink = UploadSink(
+            backend,
+            offset,
+            length,
+            pushProducerOf(request),
+            op,
+            bufferSize=self.service.bufferSize,
+            onProgress=channel.resetTimeout,
+        )
+        # Abort at once on cancel, even while waiting for a slow client.
+        op.onCancel = lambda: abortConnection(request)
+        request.upload = _Upload(ticket, op, sink, backend, flush == "y")  # type: ignore[attr-defined]
+        sink.whenDone().addBoth(self._uploadDone, ticket, op)
+        log.debug(
+            "WRITE ticket={ticketID} offset={offset} size={size} flush={flush}",
+            ticketID=shortID(ticket.uuid),
+            offset=offset,
+            size=length,
+            flush=flush,
+        )
+        return sink
+
+    def _uploadDone(self, result: object, ticket: Ticket, op: Operation) -> None:
+        # Runs before render on success; the flush (if any) is part of the
+        # operation only in effect: the ticket counts the bytes once written.
+        self.service.finishOperation(ticket, op)
+        if isinstance(result, Failure) and not result.check(ShortBody, OperationCanceled):
+            log.failure(
+                "Upload for ticket {ticketID} failed", result, ticketID=shortID(ticket.uuid)
+            )
+
+    def handlePUT(self, request: Request, ticketID: str) -> Deferred[Any]:
+        upload: _Upload = request.upload  # type: ignore[attr-defined]
+        if queryArg(request, "close") == "y":
+            closeAfterResponse(request)
+        d: Deferred[Any] = upload.sink.whenDone()
+        if upload.flush:
+            d.addCallback(lambda _: self.service.backendFor(request, upload.ticket))
+            d.addCallback(lambda backend: self.service.flush(upload.ticket, backend))
+        d.addCallback(lambda _: sendEmpty(request))
+        d.addErrback(_failureToHTTP)
+        return d
+
+    # PATCH
+
+    def bodySinkPATCH(self, request: Request, length: int | None, ticketID: str) -> IBodySink:
+        if length is not None and length > MAX_PATCH_BODY:
+            raise HTTPError(
+                413, f"Request body too large: limit is {MAX_PATCH_BODY} bytes", close=True
+            )
+        return CollectSink(request, MAX_PATCH_BODY)  # type: ignore[arg-type]
+
+    def handlePATCH(self, request: Request, ticketID: str) -> Deferred[Any]:
+        _ticketID(ticketID)
+        msg = _strictJSON(requestBody(request))
+        if not isinstance(msg, dict):
+            raise HTTPError(400, "Invalid JSON message: expecting an object")
+        op = msg.get("op")
+        if "op" not in msg:
+            raise HTTPError(400, "Missing required value for op")
+        if op not in ("zero", "flush"):
+            raise HTTPError(
+                400, f"Unsupported value {op!r} for 'op', expecting one of ['flush', 'zero']"
+            )
+        if op == "zero":
+            size = _integer(msg, "size")
+            offset = _integer(msg, "offset", default=0)
+            flush = _boolean(msg, "flush", False)
+            ticket = self.service.authorize(ticketID, WRITE)
+            if offset + size > ticket.size:
+                raise HTTPError(
+                    416,
+                    "Requested range out of allowed range",
+                    [(b"content-range", b"bytes */%d" % ticket.size)],
+                )
+            d = self.service.backendFor(request, ticket)
+            d.addCallback(self._zero, ticket, offset, size, flush)
+        else:
+            ticket = self.service.authorize(ticketID, WRITE)
+            d = self.service.backendFor(request, ticket)
+            d.addCallback(self._flush, ticket)
+        d.addCallback(lambda _: sendEmpty(request))
+        d.addErrback(_failureToHTTP)
+        return d
+
+    @inlineCallbacks
+    def _zero(self, backend: IBackend, ticket: Ticket, offset: int, size: int, flush: bool) -> Any:
+        op = Operation("zero", offset)
+        self.service.startOperation(ticket, op)
+        try:
+            while op.done < size:
+                if op.canceled:
+                    raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+                step = min(ZERO_STEP, size - op.done)
+                yield backend.zero(offset + op.done, step)
+                op.done += step
+            if flush:
+                yield self.service.flush(ticket, backend)
+        finally:
+            self.service.finishOperation(ticket, op)
+
+    @inlineCallbacks
+    def _flush(self, backend: IBackend, ticket: Ticket) -> Any:
+        op = Operation("flush")
+        self.service.startOperation(ticket, op)
+        try:
+            yield self.service.flush(ticket, backend)
+        finally:
+            self.service.finishOperation(ticket, op)
+
+
+@define
+class _Upload:
+    ticket: Ticket
+    op: Operation
+    sink: UploadSink
+    backend: Deferred[IBackend]
+    flush: bool
+
+
+@define
+class ExtentsHandler:
+    """
+    C{GET /images/<id>/extents[?context=zero|dirty][&start=N&length=N]}.
+
+    Reports real holes for files (SEEK_DATA/SEEK_HOLE), and accepts a
+    window so multi-TiB images need not be described in one answer.
+    """
+
+    service: ImagesService
+
+    def handleGET(self, request: Request, ticketID: str) -> Deferred[Any]:
+        _ticketID(ticketID)
+        ticket = self.service.authorize(ticketID, READ)
+        context = enumArg(request, "context", ("zero", "dirty"), "zero")
+        if context == "dirty" and not ticket.dirty:
+            raise HTTPError(404, "Ticket does not support dirty extents")
+        start = _queryInt(request, "start", 0)
+        length = _queryInt(request, "length", None)
+
+        @inlineCallbacks
+        def extents(backend: IBackend) -> Any:
+            size = yield backend.size()
+            end = size if length is None else min(size, start + length)
+            if start > size:
+                raise HTTPError(416, f"Start {start} beyond image size {size}")
+            result = yield backend.extents(context, start, max(0, end - start))
+            sendJSON(request, [e.toJSON() for e in result])
+
+        d = self.service.backendFor(request, ticket)
+        d.addCallback(extents)
+        d.addErrback(_failureToHTTP)
+        return d
+
+
+def _queryInt(request: Request, name: str, default: int | None) -> Any:
+    value = queryArg(request, name)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        raise HTTPError(400, f"Invalid value for {name!r}: {value[:32]!r}")
+    return int(value)
+
+
+@define
+class ChecksumHandler:
+    """
+    C{GET /images/<id>/checksum}: upstream's block hash of the image.
+    """
+
+    service: ImagesService
+
+    def handleGET(self, request: Request, ticketID: str) -> Deferred[Any]:
+        _ticketID(ticketID)
+        try:
+            algorithm = _blkhash.checkAlgorithm(
+                queryArg(request, "algorithm") or _blkhash.DEFAULT_ALGORITHM
+            )
+            blockSize = _blkhash.parseBlockSize(queryArg(request, "block_size"))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        # Upstream keeps the connection open on checksum auth errors.
+        ticket = self.service.authorize(ticketID, READ, close=False)
+        d = self.service.backendFor(request, ticket)
+        d.addCallback(self._checksum, request, ticket, algorithm, blockSize)
+        d.addErrback(_failureToHTTP)
+        return d
+
+    @inlineCallbacks
+    def _checksum(
+        self, backend: IBackend, request: Request, ticket: Ticket, algorithm: str, blockSize: int
+    ) -> Any:
+        op = Operation("checksum", 0)
+        self.service.startOperation(ticket, op)
+        try:
+            size = yield backend.size()
+            size = min(size, ticket.size)
+            hasher = _blkhash.Hasher(algorithm, blockSize)
+            buf = memoryview(bytearray(blockSize))
+            position = 0
+            while position < size:
+                if op.canceled:
+                    raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+                extents = yield backend.extents("zero", position, size - position)
+                for extent in extents:
+                    end = extent.start + extent.length
+                    pos = extent.start
+                    while pos < end:
+                        if op.canceled:
+                            raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+                        # Blocks are aligned to the image start, as upstream's.
+                        blockEnd = min((pos // blockSize + 1) * blockSize, end)
+                        n = blockEnd - pos
+                        if extent.zero:
+                            yield self.service.runInPool(hasher.zero, n)
+                        else:
+                            got = yield backend.readInto(pos, buf[:n])
+                            if got != n:
+                                raise OSError(5, f"Short read at {pos}")
+                            yield self.service.runInPool(hasher.update, buf[:n])
+                        pos = blockEnd
+                        op.done = pos
+                    position = end
+                if not extents:
+                    break
+            result = {
+                "algorithm": algorithm,
+                "block_size": blockSize,
+                "checksum": hasher.hexdigest(),
+            }
+            sendJSON(request, result)
+        finally:
+            self.service.finishOperation(ticket, op)
+
+
+@define
+class AlgorithmsHandler:
+    """
+    C{GET /images/<anything>/checksum/algorithms}: no authorization.
+    """
+
+    def handleGET(self, request: Request, ticketID: str) -> None:
+        sendJSON(request, {"algorithms": list(_blkhash.ALGORITHMS)})
+
+
+@define
+class WrittenHandler:
+    """
+    C{GET /images/<id>/written}: which ranges this ticket's uploads wrote
+    and which of those were flushed, so an interrupted upload resumes
+    exactly where the server says (design item 5).
+    """
+
+    service: ImagesService
+
+    def handleGET(self, request: Request, ticketID: str) -> None:
+        _ticketID(ticketID)
+        ticket = self.service.authorize(ticketID, WRITE)
+        sendJSON(
+            request,
+            {
+                "written": [{"start": s, "length": e - s} for s, e in ticket.writtenRanges()],
+                "flushed": [{"start": s, "length": e - s} for s, e in ticket.flushedRanges()],
+            },
+        )
+
+
+@define
+class InfoHandler:
+    """
+    C{GET /info/}: the server version.
+    """
+
+    def handleGET(self, request: Request) -> None:
+        cors(request)
+        sendJSON(request, {"version": imageio.__version__})
+
+
+def imagesResource(service: ImagesService, info: bool = True) -> Router:
+    """
+    Build the images API tree, with upstream's routes in upstream's order.
+
+    @param info: Serve C{/info/} (the remote listener does, the local one
+        does not).
+    """
+    image = ImageHandler(service)
+    routes: list[tuple[str, object]] = [
+        (r"^/images/(.*)/extents", ExtentsHandler(service)),
+        (r"^/images/(.*)/checksum/algorithms", AlgorithmsHandler()),
+        (r"^/images/(.*)/checksum", ChecksumHandler(service)),
+        (r"^/images/([^/]*)/written$", WrittenHandler(service)),
+        (r"^/images/(.*)", image),
+    ]
+    if info:
+        routes.append((r"^/info/", InfoHandler()))
+    return Router(routes)
+
+
+__all__ = ["imagesResource", "ImagesService", "sendError", "isGone"]

@@ -1,0 +1,338 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+twistd integration: command-line options and the service tree.
+
+C{twistd -n imageio} runs with embedded defaults: a state directory
+(systemd's C{RuntimeDirectory}, C{/run/ovirt-imageio} for root, else the XDG
+state directory), a self-signed certificate made there on first start,
+the control socket there, the images API on port 54322 and the local
+abstract socket. C{--config-dir DIR} reads C{DIR/conf.d/*.conf} like
+upstream ovirt-imageio.
+
+This is the only module that builds endpoints; library code gets the
+reactor and pools injected.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.python import usage
+from twisted.web.resource import Resource
+
+import imageio
+from imageio import _log
+from imageio import config as _config
+from imageio._diskio import DiskIO, DiskIOService, createPool
+from imageio._log import Logger
+from imageio.backends import BackendContext, BackendOpener
+from imageio.control._metrics import Metrics
+from imageio.control.tickets import controlResource
+from imageio.daemon.images import ImagesService, imagesResource
+from imageio.tickets import TicketRegistry
+from imageio.web._streaming import ImageioSite
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """
+    C{twistd imageio} options.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the imageio daemon (images API, local socket, tickets control API) "
+        "and, when [proxy] enable = true, the engine-side proxy."
+    )
+    optParameters = [
+        ["config-dir", "c", None, "Read DIR/conf.d/*.conf (upstream ovirt-imageio format)."],
+        ["state-dir", None, None, "Where sockets and the self-signed certificate live."],
+        ["ticket", "t", None, "Add the ticket in this JSON file at startup."],
+        ["log-level", None, None, "debug, info, warn or error (default: info)."],
+    ]
+    optFlags = [["show-config", None, "Print the merged configuration as JSON and exit."]]
+
+    def postOptions(self) -> None:
+        configDir = Path(self["config-dir"]) if self["config-dir"] else None
+        try:
+            self["config"] = _config.loadDir(configDir, warn=not self["show-config"])
+        except _config.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["log-level"]:
+            try:
+                _log.setLevel(self["log-level"])
+            except ValueError:
+                raise usage.UsageError(f"Unknown log level {self['log-level']!r}") from None
+        if self["show-config"]:
+            print(_config.showConfig(self["config"]))
+            raise SystemExit(0)
+
+
+def makeService(options: Options) -> IService:
+    """
+    Called by twistd with the parsed L{Options}.
+    """
+    from twisted.internet import reactor
+
+    stateDir = Path(options["state-dir"]) if options["state-dir"] else _config.defaultStateDir()
+    service = ImageioService(options["config"], reactor, stateDir)
+    if options["ticket"]:
+        service.loadTicket(Path(options["ticket"]))
+    return service
+
+
+def _describe(name: str, port: IListeningPort) -> str:
+    address: Any = port.getHost()
+    if hasattr(address, "port"):
+        return (
+            f"{name} https://{address.host}:{address.port}"
+            if name
+            in (
+                "remote",
+                "proxy",
+            )
+            else f"{name} http://{address.host}:{address.port}"
+        )
+    path = getattr(address, "name", b"")
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "surrogateescape")
+    return f"{name} unix:{path!r}" if path.startswith("\0") else f"{name} unix:{path}"
+
+
+def _tcpEndpoint(reactor: Any, host: str, port: int) -> IStreamServerEndpoint:
+    if host == "":
+        host = "0.0.0.0"
+    if ":" in host:
+        return endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
+    return endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+def _removeStaleSocket(path: str) -> None:
+    """
+    Remove a socket file left by a process that died, but never one that
+    another process is listening on.
+    """
+    if path.startswith("\0") or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise
+    finally:
+        probe.close()
+    raise SystemExit(f"Another process is listening on {path}")
+
+
+class ImageioService(MultiService):
+    """
+    The whole process: disk-io pool and listeners.
+
+    @ivar registry: The tickets of this process.
+    @ivar ports: Listening ports by listener name, once started.
+    """
+
+    def __init__(
+        self,
+        config: _config.Config,
+        reactor: Any,
+        stateDir: Path,
+        now: Any = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.stateDir = stateDir
+        self.ports: dict[str, IListeningPort] = {}
+        self.metrics = Metrics()
+        self.registry = TicketRegistry(
+            now=now,
+            scheduler=reactor,
+            removeTimeout=config.control.remove_timeout,
+            defaultInactivityTimeout=config.daemon.inactivity_timeout,
+        )
+        self.metrics.addGauge("imageio_tickets", "Tickets registered.", lambda: len(self.registry))
+        self.metrics.addGauge(
+            "imageio_active_tickets",
+            "Tickets with a transfer running.",
+            lambda: self.registry.activeCount(),
+        )
+        self.pool = createPool(config.daemon.io_threads)
+        DiskIOService(self.pool).setServiceParent(self)
+        self.diskio = DiskIO(reactor, self.pool)
+        self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
+        self._prepared = False
+
+    def loadTicket(self, path: Path) -> None:
+        """
+        Add the ticket in C{path} (JSON), as upstream's C{--ticket}.
+        """
+        try:
+            body = json.loads(path.read_text())
+            self.registry.add(body)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"Cannot load ticket {path}: {e}") from None
+
+    # Composition
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        self._prepared = True
+        config = self.config
+        self.stateDir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        unixSocket = None
+        if config.local.enable:
+            unixSocket = config.local.socket or "\0" + str(uuid.uuid4())
+        backendCtx = BackendContext(
+            reactor=self.reactor,
+            diskio=self.diskio,
+            bufferSize=config.backend_file.buffer_size,
+            maxConnections=config.daemon.max_connections,
+            caFile=config.backend_http.ca_file or config.tls.ca_file,
+            extra={
+                "nbd": {"bufferSize": config.backend_nbd.buffer_size},
+                "http": {"bufferSize": config.backend_http.buffer_size},
+            },
+        )
+        images = ImagesService(
+            registry=self.registry,
+            opener=BackendOpener(backendCtx),
+            clock=self.reactor,
+            runInPool=self.diskio.run,
+            bufferSize=config.backend_file.buffer_size,
+            unixSocket=unixSocket,
+        )
+        timeout = config.daemon.request_timeout
+        if config.remote.enable:
+            site = self._site(imagesResource(images, info=True), "remote", timeout)
+            endpoint = _tcpEndpoint(self.reactor, config.remote.host, config.remote.port)
+            if config.tls.enable:
+                endpoint = self._tlsEndpoint(endpoint)
+            self._listeners.append(("remote", endpoint, site))
+        if unixSocket is not None:
+            _removeStaleSocket(unixSocket)
+            site = self._site(imagesResource(images, info=False), "local", timeout)
+            endpoint = endpoints.UNIXServerEndpoint(self.reactor, unixSocket, wantPID=False)
+            self._listeners.append(("local", endpoint, site))
+        if config.control.enable:
+            site = self._site(controlResource(self.registry, self.metrics), "control", timeout)
+            if config.control.transport == "tcp":
+                host = "127.0.0.1" if config.control.prefer_ipv4 else "::1"
+                endpoint = _tcpEndpoint(self.reactor, host, config.control.port)
+            else:
+                path = config.control.socket or str(self.stateDir / "sock")
+                Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                _removeStaleSocket(path)
+                endpoint = endpoints.UNIXServerEndpoint(
+                    self.reactor, path, mode=0o660, wantPID=False
+                )
+            site.accessLevel = "info"
+            self._listeners.append(("control", endpoint, site))
+        if config.proxy.enable:
+            from imageio.proxy import makeProxySite  # type: ignore[attr-defined]
+
+            proxySite = makeProxySite(
+                config, self.reactor, self.registry, self.diskio, self.metrics
+            )
+            endpoint = _tcpEndpoint(self.reactor, config.proxy.host, config.proxy.port)
+            endpoint = self._tlsEndpoint(endpoint, config.proxy.cert_file, config.proxy.key_file)
+            self._listeners.append(("proxy", endpoint, proxySite))
+
+    def _site(self, resource: Resource, name: str, timeout: float) -> ImageioSite:
+        return ImageioSite(
+            resource, name, timeout=timeout, reactor=self.reactor, metrics=self.metrics
+        )
+
+    def _tlsEndpoint(
+        self, endpoint: IStreamServerEndpoint, certFile: str = "", keyFile: str = ""
+    ) -> IStreamServerEndpoint:
+        from imageio import _pki
+        from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
+
+        tls = self.config.tls
+        certFile = certFile or tls.cert_file
+        keyFile = keyFile or tls.key_file
+        if not certFile:
+            certFile, keyFile = _pki.ensureSelfSigned(str(self.stateDir / "pki"))
+            log.warn(
+                "No [tls] key_file/cert_file configured: using the self-signed "
+                "certificate {certFile}",
+                certFile=certFile,
+            )
+        try:
+            context = makeServerContext(
+                certFile, keyFile, caFile=tls.ca_file, enableTLS11=tls.enable_tls1_1
+            )
+        except TLSConfigError as e:
+            raise SystemExit(f"TLS configuration error: {e}") from None
+        return TLSServerEndpoint(endpoint, context, self.reactor, tls.handshake_timeout)
+
+    # IService
+
+    def privilegedStartService(self) -> None:
+        self._prepare()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._prepare()
+        super().startService()
+        for name, endpoint, site in self._listeners:
+            failed: list[Any] = []
+            d: Deferred[Any] = endpoint.listen(site)
+            d.addCallback(self._listening, name)
+            d.addErrback(failed.append)
+            if failed:
+                # Fail loudly and at once: a daemon without its listeners is
+                # useless and systemd should see it die.
+                raise SystemExit(f"Cannot listen for {name}: {failed[0].value}")
+        log.info("imageio {version} ready", version=imageio.__version__)
+        _notifySystemd(b"READY=1", self.config.daemon.systemd_enable)
+
+    def _listening(self, port: IListeningPort, name: str) -> None:
+        self.ports[name] = port
+        log.info("Listening: {listener}", listener=_describe(name, port))
+
+    def stopService(self) -> Deferred[Any]:
+        log.info("Stopping: canceling transfers and closing listeners")
+        _notifySystemd(b"STOPPING=1", self.config.daemon.systemd_enable)
+        # Running transfers stop after their current buffer.
+        self.registry.removeAll()
+        stops = [maybeDeferred(port.stopListening) for port in self.ports.values()]
+        self.ports.clear()
+        d: Deferred[Any] = DeferredList(stops, consumeErrors=True)
+        d.addCallback(lambda _: super(ImageioService, self).stopService())
+        return d
+
+
+def _notifySystemd(message: bytes, enabled: bool) -> None:
+    """
+    Tell systemd (C{Type=notify}) our state; no-op outside systemd.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not enabled or not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(message)
+    except OSError as e:
+        print(f"imageio: cannot notify systemd: {e}", file=sys.stderr)

@@ -1,0 +1,218 @@
+# -*- test-case-name: tests.test_download -*-
+"""
+Download producer: a byte range of a backend streamed to a response.
+
+A push producer with two reusable, page-aligned buffers: while one is
+being sent, the next chunk is read on the disk-io pool. The transport
+pauses us when its buffer is full; a buffer is reused only after the
+transport asked for more, which means it has taken everything written
+before. Memory per download is two buffers, whatever the image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from imageio import _buffers
+from imageio._log import Logger
+from imageio.interfaces import IBackend
+from imageio.tickets import Operation, OperationCanceled
+
+log = Logger()
+
+
+class TruncatedImage(Exception):
+    """
+    The backend returned fewer bytes than the response promised.
+    """
+
+
+class ReaderStalled(Exception):
+    """
+    The client stopped reading for longer than the inactivity timeout.
+    """
+
+
+@implementer(IPushProducer)
+@define
+class DownloadProducer:
+    """
+    Streams C{length} bytes at C{offset} of C{backend} into C{request},
+    whose headers (with C{Content-Length}) are already set.
+
+    @ivar idleTimeout: Abort when the client reads nothing for this long.
+    """
+
+    request: Request
+    backend: IBackend
+    offset: int
+    length: int
+    op: Operation
+    clock: IReactorTime
+    bufferSize: int = 8 * 1024**2
+    idleTimeout: float | None = None
+    done: Deferred[None] = field(factory=Deferred, init=False)
+    _free: list[memoryview] = field(factory=list, init=False)
+    _sent: list[memoryview] = field(factory=list, init=False)
+    _buffers: int = field(default=0, init=False)
+    _ready: tuple[memoryview, int] | None = field(default=None, init=False)
+    _reading: bool = field(default=False, init=False)
+    _paused: bool = field(default=False, init=False)
+    _stopped: bool = field(default=False, init=False)
+    _position: int = field(default=0, init=False)
+    _delivered: int = field(default=0, init=False)
+    _stall: IDelayedCall | None = field(default=None, init=False)
+
+    def start(self) -> Deferred[None]:
+        """
+        Register with the request and start reading.
+
+        @return: L{done}, firing when the response is complete or failing
+            when it was cut.
+        """
+        self._position = self.offset
+        self.request.registerProducer(self, True)
+        # A real transport calls stopProducing on disconnect; notifyFinish
+        # also covers test transports.
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._pump()
+        return self.done
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        if self._paused or self._stopped:
+            return
+        self._paused = True
+        if self.idleTimeout:
+            self._stall = self.clock.callLater(self.idleTimeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+        self._paused = False
+        # The transport took everything written so far.
+        self._free.extend(self._sent)
+        self._sent.clear()
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._stop(Failure(ConnectionError("Client disconnected")))
+
+    # Internals
+
+    def _pump(self) -> None:
+        if self._stopped:
+            return
+        if self.op.canceled:
+            self._abort(Failure(OperationCanceled("Transfer was canceled")))
+            return
+        if self._ready is not None and not self._paused:
+            buf, n = self._ready
+            self._ready = None
+            self._delivered += n
+            self.op.done = self._delivered
+            self.request.write(buf[:n])
+            if self._paused:
+                self._sent.append(buf)
+            # else: the transport may still hold the buffer; let it go.
+            if self._delivered == self.length:
+                self._finish()
+                return
+        if self._reading or self._ready is not None:
+            return
+        remaining = self.length - (self._position - self.offset)
+        if remaining == 0:
+            if self._delivered == self.length:
+                self._finish()
+            return
+        nextBuf = self._buffer()
+        if nextBuf is None:
+            return
+        buf = nextBuf
+        size = min(len(buf), remaining)
+        self._reading = True
+        d = self.backend.readInto(self._position, buf[:size])
+        d.addCallbacks(self._gotData, self._readFailed, callbackArgs=(buf, size))
+
+    def _buffer(self) -> memoryview | None:
+        if self._free:
+            return self._free.pop()
+        if self._buffers < 2 or not self._sent:
+            self._buffers += 1
+            size = min(self.bufferSize, max(self.length, 1))
+            return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
+        return None
+
+    def _gotData(self, n: int, buf: memoryview, size: int) -> None:
+        self._reading = False
+        if self._stopped:
+            return
+        if n < size:
+            self._abort(
+                Failure(TruncatedImage(f"Expected {size} bytes at {self._position}, got {n}"))
+            )
+            return
+        self._position += n
+        self._ready = (buf, n)
+        self._pump()
+
+    def _readFailed(self, reason: Failure) -> None:
+        self._reading = False
+        if self._stopped:
+            return
+        self._abort(reason)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._abort(Failure(ReaderStalled(f"Client read nothing for {self.idleTimeout} seconds")))
+
+    def _finish(self) -> None:
+        self._stopped = True
+        self._cancelStall()
+        self.request.unregisterProducer()
+        self.request.finish()
+        self._release()
+        self.done.callback(None)
+
+    def _abort(self, reason: Failure) -> None:
+        # Headers are out: cut the connection so the client sees a short body.
+        if self._stopped:
+            return
+        transport = getattr(self.request.channel, "transport", None)
+        self._stop(reason)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _stop(self, reason: Failure) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._cancelStall()
+        if self.request.producer is self:
+            self.request.unregisterProducer()
+        self._release()
+        self.done.errback(reason)
+
+    def _cancelStall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _release(self) -> None:
+        self._free.clear()
+        self._sent.clear()
+        self._ready = None
+
+
+def noop() -> Callable[[], None]:
+    return lambda: None

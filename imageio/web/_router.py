@@ -1,0 +1,217 @@
+# -*- test-case-name: tests.test_router -*-
+"""
+Upstream-compatible request routing: regular expressions on the unquoted
+path, tried in order, with upstream's 404 and 405 texts.
+
+twisted.web's resource traversal splits paths into segments; upstream
+matches C{/images/(.*)} on the whole path, so C{/images/a/b} names ticket
+C{a/b} (and gets 403, not 404). L{Router} is a leaf resource that keeps
+those semantics and hands each request to a handler method
+C{handle<METHOD>(request, *groups)}. Handlers may provide
+C{bodySink<METHOD>} to take the body as a stream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from imageio._log import Logger
+from imageio.interfaces import IBodySink, IStreamingUpload
+from imageio.web._response import (
+    HTTPError,
+    abortConnection,
+    isGone,
+    sendError,
+    sendHTTPError,
+    sendInternalError,
+)
+from imageio.web._streaming import CollectSink, redactPath
+
+log = Logger()
+
+METHODS = frozenset({b"GET", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS", b"HEAD"})
+
+#: Bodies of requests whose handler does not stream are collected in memory
+#: up to this size (JSON messages); larger ones get 413.
+MAX_SMALL_BODY = 64 * 1024
+
+Route = tuple["re.Pattern[str]", object]
+
+
+def compileRoutes(routes: Sequence[tuple[str, object]]) -> list[Route]:
+    return [(re.compile(pattern), handler) for pattern, handler in routes]
+
+
+def requestPath(request: Request) -> str:
+    """
+    @return: The unquoted path, as upstream matches it.
+    """
+    raw = request.path if isinstance(request.path, bytes) else b"/"
+    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+
+
+@implementer(IStreamingUpload)
+class Router(Resource):
+    """
+    Dispatches requests to handlers by regular expression.
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: Sequence[tuple[str, object]]) -> None:
+        super().__init__()
+        self._routes = compileRoutes(routes)
+
+    def _match(self, request: Request) -> tuple[object, tuple[str, ...], str]:
+        path = requestPath(request)
+        for pattern, handler in self._routes:
+            m = pattern.match(path)
+            if m is not None:
+                return handler, m.groups(), path
+        raise HTTPError(404, f"No handler for {path!r}")
+
+    def _method(self, request: Request, handler: object, path: str, prefix: str) -> Any:
+        method = request.method
+        name = method.decode("ascii", "replace")
+        if method not in METHODS:
+            raise HTTPError(405, f"Invalid method {name!r}")
+        fn = getattr(handler, prefix + name, None)
+        if fn is None and method == b"HEAD" and prefix == "handle":
+            fn = getattr(handler, "handleGET", None)
+        if fn is None and prefix == "handle":
+            raise HTTPError(405, f"Method {name!r} not defined for {path!r}")
+        return fn
+
+    # IStreamingUpload
+
+    def bodySink(self, request: Request, length: int | None) -> IBodySink | None:  # type: ignore[override]
+        handler, groups, path = self._match(request)
+        fn = self._method(request, handler, path, "bodySink")
+        if fn is not None:
+            sink: IBodySink | None = fn(request, length, *groups)
+            return sink
+        if length is not None and length > MAX_SMALL_BODY:
+            raise HTTPError(
+                413, f"Request body too large: limit is {MAX_SMALL_BODY} bytes", close=True
+            )
+        # Small bodies are collected in memory; never spooled to disk.
+        return CollectSink(request, MAX_SMALL_BODY)  # type: ignore[arg-type]
+
+    # Resource
+
+    def render(self, request: Request) -> object:
+        try:
+            handler, groups, path = self._match(request)
+            fn = self._method(request, handler, path, "handle")
+            result = fn(request, *groups)
+        except HTTPError as e:
+            sendHTTPError(request, e)
+            return NOT_DONE_YET
+        except Exception:
+            log.failure(
+                "{method} {path} failed",
+                method=request.method.decode("ascii", "replace"),
+                path=redactPath(request.uri),
+            )
+            sendInternalError(request)
+            return NOT_DONE_YET
+        if isinstance(result, Deferred):
+            result.addErrback(self._failed, request)
+        return NOT_DONE_YET
+
+    def _failed(self, reason: Failure, request: Request) -> None:
+        if reason.check(HTTPError):
+            error: HTTPError = reason.value  # type: ignore[assignment]
+            if isGone(request):
+                return
+            if request.startedWriting:
+                abortConnection(request)
+                return
+            sendHTTPError(request, error)
+            return
+        log.failure(
+            "{method} {path} failed",
+            reason,
+            method=request.method.decode("ascii", "replace"),
+            path=redactPath(request.uri),
+        )
+        if isGone(request):
+            return
+        if request.startedWriting:
+            abortConnection(request)
+        else:
+            sendInternalError(request)
+
+
+def requestBody(request: Request) -> bytes:
+    """
+    @return: The body collected by L{CollectSink}, or twisted.web's content.
+    """
+    sink = getattr(request, "bodySink", None)
+    if isinstance(sink, CollectSink):
+        return sink.data
+    content = getattr(request, "content", None)
+    if content is None:
+        return b""
+    content.seek(0)
+    data: bytes = content.read(MAX_SMALL_BODY + 1)
+    return data
+
+
+def queryArg(request: Request, name: str) -> str | None:
+    """
+    @return: The first value of query parameter C{name}, decoded.
+    """
+    values = (request.args or {}).get(name.encode("ascii"))
+    if not values:
+        return None
+    value: bytes = values[0]
+    return value.decode("utf-8", "replace")
+
+
+def enumArg(request: Request, name: str, values: Sequence[str], default: str) -> str:
+    """
+    Validate an enumerated query parameter with upstream's text.
+    """
+    value = queryArg(request, name)
+    if value is None:
+        return default
+    if value not in values:
+        raise HTTPError(
+            400,
+            f"Unsupported value {value!r} for {name!r}, expecting one of {sorted(values)}",
+        )
+    return value
+
+
+def cors(request: Request, allowMethods: bytes = b"*") -> None:
+    """
+    Add upstream's CORS headers when the request asks for them.
+
+    @param allowMethods: C{Access-Control-Allow-Methods} for preflights.
+    """
+    headers = request.requestHeaders
+    triggered = False
+    if headers.hasHeader(b"origin"):
+        request.setHeader(b"access-control-allow-origin", b"*")
+        triggered = True
+    if headers.hasHeader(b"access-control-request-headers"):
+        request.setHeader(b"access-control-allow-headers", b"*")
+        triggered = True
+    if headers.hasHeader(b"access-control-request-method"):
+        request.setHeader(b"access-control-allow-methods", allowMethods)
+        triggered = True
+    if triggered:
+        request.setHeader(b"access-control-max-age", b"86400")
+
+
+__all__ = ["Router", "requestBody", "queryArg", "enumArg", "cors", "sendError"]

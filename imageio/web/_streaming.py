@@ -1,0 +1,403 @@
+# -*- test-case-name: tests.test_streaming -*-
+"""
+Streaming requests: request bodies go to a sink as they arrive instead of
+being spooled to a temporary file before C{render} runs.
+
+twisted.web has no public API for this (twisted/twisted#10190), so
+L{StreamingRequest} overrides the request methods the channel calls
+(C{gotLength}, C{handleContentChunk}, C{requestReceived},
+C{connectionLost}) and finds the target resource early, as soon as the
+headers are in. A resource that provides L{IStreamingUpload} returns an
+L{IBodySink}; others get twisted.web's usual buffering.
+
+A resource may also refuse a request before its body: L{HTTPError} from
+C{bodySink} is answered at once (after Twisted's automatic
+C{100 Continue}) and the connection closed, so a 100 GiB upload with a bad
+ticket is not read.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import IResource
+from twisted.web.server import unquote  # type: ignore[attr-defined]
+from zope.interface import implementer
+
+from imageio._log import Logger
+from imageio.control._metrics import Metrics
+from imageio.interfaces import IBodySink, IStreamingUpload
+from imageio.web._response import (
+    SERVER,
+    HTTPError,
+    abortConnection,
+    sendHTTPError,
+    sendInternalError,
+)
+
+log = Logger()
+
+#: Longest request line; upstream answers 414 above 4096 bytes.
+MAX_REQUEST_LINE = 4096
+
+# Ticket ids are credentials: access logs show a prefix only.
+_SECRET_PATH = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]{8})[^/?]*")
+
+
+def redactPath(path: bytes) -> str:
+    """
+    @return: C{path} with the ticket or session id shortened and the query
+        dropped (C{session_id} may be in it), for logs.
+    """
+    path = path.split(b"?", 1)[0]
+    return _SECRET_PATH.sub(rb"\1\2...", path).decode("ascii", "replace")
+
+
+@implementer(IBodySink)
+@define
+class DiscardSink:
+    """
+    Drops a body, counting it: for requests refused before their body.
+    """
+
+    received: int = 0
+    complete: bool = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def bodyComplete(self) -> None:
+        self.complete = True
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+@implementer(IBodySink)
+@define
+class CollectSink:
+    """
+    Collects a small body (JSON) in memory, up to C{limit} bytes; beyond
+    that the request is refused with 413 and the connection closed.
+    """
+
+    request: StreamingRequest
+    limit: int
+    _data: list[bytes] = field(factory=list, init=False)
+    _size: int = field(default=0, init=False)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self._data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.request.respondedEarly:
+            return
+        self._size += len(data)
+        if self._size > self.limit:
+            self._data.clear()
+            self.request.respondEarly(tooLarge(self.limit))
+            return
+        self._data.append(data)
+
+    def bodyComplete(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._data.clear()
+
+
+def tooLarge(limit: int) -> HTTPError:
+    return HTTPError(413, f"Request body too large: limit is {limit} bytes", close=True)
+
+
+class StreamingRequest(server.Request):
+    """
+    A request whose body may stream to the resource's sink.
+
+    @ivar bodySink: The sink the resource chose, or C{None} when
+        twisted.web buffers the body.
+    @ivar respondedEarly: The request was answered before its body was
+        read; the channel is closing.
+    @ivar started: Monotonic time the headers completed, for access logs.
+    """
+
+    bodySink: IBodySink | None = None
+    respondedEarly: bool = False
+    started: float = 0.0
+
+    def gotLength(self, length: int | None) -> None:
+        self.started = time.monotonic()
+        try:
+            resource = self._earlyResource()
+            if resource is not None:
+                self.bodySink = IStreamingUpload(resource).bodySink(self, length)
+        except HTTPError as e:
+            self.bodySink = DiscardSink()
+            self._earlyError: HTTPError | None = e
+        except Exception:
+            log.failure("Preparing the request body failed")
+            self.bodySink = DiscardSink()
+            self._earlyError = HTTPError(
+                500, "Server failed to perform the request, check logs", close=True
+            )
+        if self.bodySink is None:
+            super().gotLength(length)
+        else:
+            # render() sees an empty body.
+            self.content = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.respondedEarly:
+            return
+        if self.bodySink is None:
+            super().handleContentChunk(data)
+        else:
+            self.bodySink.dataReceived(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.respondedEarly:
+            return
+        if self.bodySink is not None:
+            self.bodySink.bodyComplete()
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.bodySink is not None:
+            self.bodySink.connectionLost(reason)
+        super().connectionLost(reason)
+
+    def render(self, resrc: IResource) -> None:
+        self.setHeader(b"server", SERVER)
+        super().render(resrc)
+
+    def processingFailed(self, reason: Failure) -> None:
+        """
+        An exception escaped C{render}: log it, answer 500 without details.
+        """
+        log.failure(
+            "Request {method} {path} failed", reason, method=self.method, path=redactPath(self.uri)
+        )
+        if not self.finished and not self._disconnected:
+            if self.startedWriting:
+                abortConnection(self)
+            else:
+                sendInternalError(self)
+
+    # Early responses
+
+    def takeEarlyError(self) -> HTTPError | None:
+        error: HTTPError | None = getattr(self, "_earlyError", None)
+        self._earlyError = None
+        return error
+
+    def respondEarly(self, error: HTTPError) -> None:
+        """
+        Answer before the body has been read, then close the connection.
+
+        Twisted sets the request line fields only once the body is complete,
+        so they are filled here from the channel.
+        """
+        if self.respondedEarly or self.finished or self._disconnected:
+            return
+        channel: Any = self.channel
+        if not isinstance(self.method, bytes) or not self.method.isalpha():
+            self.method = getattr(channel, "_command", b"GET")
+            self.uri = getattr(channel, "_path", b"/")
+            self.path = self.uri.split(b"?", 1)[0]
+            self.clientproto = getattr(channel, "_version", b"HTTP/1.1")
+        self.respondedEarly = True
+        channel.closingEarly = True
+        self.setHeader(b"server", SERVER)
+        sendHTTPError(self, HTTPError(error.status, error.message, error.headers, close=True))
+
+    def _earlyResource(self) -> Any:
+        # Private HTTPChannel attributes, pinned by a test; missing on HTTP/2
+        # streams, which then fall back to buffering.
+        method = getattr(self.channel, "_command", None)
+        uri = getattr(self.channel, "_path", None)
+        if method in (None, b"GET", b"HEAD", b"OPTIONS") or uri is None:
+            return None
+        site: Any = self.channel.site  # type: ignore[attr-defined]
+        # Twisted sets these again when the body is complete; resources and
+        # sinks need them now.
+        self.method, self.uri = method, uri
+        self.path = uri.split(b"?", 1)[0]
+        self.clientproto = getattr(self.channel, "_version", b"HTTP/1.1")
+        self.args = http.parse_qs(uri.split(b"?", 1)[1], 1) if b"?" in uri else {}
+        self.prepath = []
+        self.postpath = [unquote(s) for s in self.path[1:].split(b"/")]
+        try:
+            resource = site.getResourceFor(self)
+        finally:
+            del self.prepath, self.postpath
+        return resource if IStreamingUpload.providedBy(resource) else None
+
+
+class ImageioChannel(http.HTTPChannel):
+    """
+    An HTTP connection with per-connection state for the images API.
+
+    @ivar contexts: Per-ticket state the data path keeps for this
+        connection (open backends), closed when the connection closes.
+    @ivar closingEarly: A request was answered before its body; ignore the
+        rest of the input.
+    """
+
+    closingEarly = False
+    site: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contexts: dict[object, Any] = {}
+        self._closeHooks: list[Callable[[], object]] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.connectionOpened(self.site.name)
+
+    def addCloseHook(self, hook: Callable[[], object]) -> None:
+        """
+        Call C{hook} when the connection closes.
+        """
+        self._closeHooks.append(hook)
+
+    def setIdleTimeout(self, seconds: float | None) -> None:
+        """
+        Change the inactivity timeout, effective now if the connection is
+        idle or once the request being processed completes.
+        """
+        if self._handlingRequest:
+            self._savedTimeOut = seconds
+        else:
+            self.setTimeout(seconds)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._HTTPChannel__first_line and len(line) > MAX_REQUEST_LINE:  # type: ignore[attr-defined]
+            self._respondToStatus(414, b"Request-URI Too Long")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._HTTPChannel__first_line:  # type: ignore[attr-defined]
+            self._respondToStatus(414, b"Request-URI Too Long")
+        else:
+            self._respondToStatus(431, b"Request Header Fields Too Large")
+
+    def _respondToStatus(self, code: int, reason: bytes) -> None:
+        body = reason + b"\n"
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nserver: %s\r\ncontent-type: text/plain; charset=UTF-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (code, reason, SERVER, len(body), body)
+        )
+        self.closingEarly = True
+        self.loseConnection()
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, StreamingRequest):
+            error = request.takeEarlyError()
+            if error is not None:
+                request.respondEarly(error)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closingEarly:
+            return
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self.closingEarly:
+            return
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        metrics = getattr(getattr(self, "site", None), "metrics", None)
+        if metrics is not None:
+            metrics.connectionClosed(self.site.name)
+        hooks, self._closeHooks = self._closeHooks, []
+        try:
+            super().connectionLost(reason)
+        finally:
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.failure("Connection close hook failed")
+
+
+class ImageioSite(server.Site):
+    """
+    A site with streaming requests, per-connection contexts and access logs
+    through twisted.logger with secrets redacted.
+
+    @ivar accessLevel: Log level of access lines: C{debug} for the data
+        listeners (thousands of requests a second), C{info} for control.
+    """
+
+    protocol = ImageioChannel  # type: ignore[assignment]
+    requestFactory = StreamingRequest
+    noisy = False
+    accessLevel = "debug"
+
+    def __init__(
+        self,
+        resource: IResource,
+        name: str,
+        timeout: float = 60,
+        metrics: Metrics | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(resource, requestFactory=StreamingRequest, timeout=timeout, **kw)
+        self.name = name
+        self.metrics = metrics
+
+    def log(self, request: http.Request) -> None:
+        sink = getattr(request, "bodySink", None)
+        received = getattr(sink, "bytesWritten", 0)
+        method = request.method.decode("ascii", "replace")
+        if self.metrics is not None:
+            self.metrics.requestDone(self.name, method, request.code, request.sentLength, received)
+        started = getattr(request, "started", 0.0)
+        elapsed = time.monotonic() - started if started else 0.0
+        emit = log.info if self.accessLevel == "info" else log.debug
+        emit(
+            "{site} {client} {method} {path} {status} sent={sent} received={received} "
+            "{elapsed:.3f}s",
+            site=self.name,
+            client=_client(request),
+            method=method,
+            path=redactPath(request.uri),
+            status=request.code,
+            sent=request.sentLength,
+            received=received,
+            elapsed=elapsed,
+        )
+
+
+def _client(request: http.Request) -> str:
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return str(host) if host else "local"
+
+
+def pushProducerOf(request: http.Request) -> IPushProducer:
+    """
+    @return: The producer that pauses reading from the client: the
+        connection's transport.
+    """
+    transport: Any = request.channel.transport
+    result: IPushProducer = transport
+    return result
