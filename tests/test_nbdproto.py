@@ -429,6 +429,21 @@ class RequestTests(ProtocolTestCase):
         proto.dataReceived(simpleReply(handle))
         self.successResultOf(flushed)
 
+    def test_shutdownErrorDisconnects(self) -> None:
+        """
+        An ESHUTDOWN error fails the request and makes the client end the
+        session, as the spec requires.
+        """
+        proto, transport = self.negotiated()
+        d = proto.flush()
+        [(_, _, handle, _, _, _)] = parseRequests(transport.value())
+        transport.clear()
+        proto.dataReceived(errorChunk(handle, 108, "shutting down"))
+        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.ESHUTDOWN)
+        [disc] = parseRequests(transport.value())
+        self.assertEqual(disc[1], nbd.CMD_DISC)
+        self.assertTrue(transport.disconnecting)
+
     def test_simpleReplyError(self) -> None:
         """
         A simple reply with an error value fails the request with the

@@ -1024,6 +1024,9 @@ class NBDClientProtocol(Protocol):
         # Parser state first: the callbacks below may send new requests.
         self._nextReply()
         if request.error is not None:
+            if request.error.errno == errno.ESHUTDOWN:
+                # The spec wants a soft disconnect from us now.
+                self.disconnect()
             request.deferred.errback(request.error)
         elif request.command == CMD_BLOCK_STATUS:
             request.deferred.callback(request.status)

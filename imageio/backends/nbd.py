@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from attrs import define, field, frozen
+from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -185,9 +186,9 @@ async def _open(
     except CancelledError:
         raise
     except Exception as e:
-        raise ConnectionError(
-            errno.ECONNREFUSED, f"Cannot connect to NBD server {address}: {e}"
-        ) from e
+        timedOut = isinstance(e, (error.TimeoutError, TimeoutError))
+        code = errno.ETIMEDOUT if timedOut else errno.ECONNREFUSED
+        raise ConnectionError(code, f"Cannot connect to NBD server {address}: {e}") from e
     try:
         info = await protocol.whenReady()
     except BaseException:
