@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -1165,5 +1165,36 @@ class ThreadPoolTests(TestCase):
             self.assertEqual(await write, 8 * MiB)
             with open(path, "rb") as f:
                 self.assertEqual(f.read(), bytes(buf))
+
+        return Deferred.fromCoroutine(run())
+
+    def test_concurrentUnalignedWriters(self) -> Deferred[None]:
+        """
+        Connections writing disjoint bytes that share blocks, at the same
+        time from several pool threads, do not undo each other's writes
+        (checklist G.35).
+        """
+        path = writeFile(self.mktemp(), size=4096)
+        writers = 4
+
+        async def write(backend: IBackend, i: int) -> None:
+            for offset in range(i, 4096, writers):
+                await backend.write(offset, memoryview(bytes([i + 1])))
+
+        async def run() -> None:
+            backends = []
+            for _ in range(writers):
+                backends.append(
+                    await openBackend(
+                        self.ctx, "file://" + path, write=True, sparse=False, dirty=False
+                    )
+                )
+            await gatherResults(
+                [Deferred.fromCoroutine(write(b, i)) for i, b in enumerate(backends)]
+            )
+            for backend in backends:
+                await backend.close()
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), bytes(i % writers + 1 for i in range(4096)))
 
         return Deferred.fromCoroutine(run())

@@ -20,6 +20,8 @@ import fcntl
 import os
 import stat
 import struct
+import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -79,6 +81,32 @@ _get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p,
     ("PyObject_GetBuffer", ctypes.pythonapi)
 )
 _release_buffer = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("PyBuffer_Release", ctypes.pythonapi))
+
+
+@define(eq=False)
+class _ImageLock:
+    """
+    Serializes read-modify-write of partial blocks among all backends open
+    on one image in this process, so that writers of disjoint but unaligned
+    ranges (block devices allow several) do not undo each other's bytes.
+    """
+
+    lock: threading.Lock = field(factory=threading.Lock)
+
+
+# Image identity -> its lock, for as long as a backend holds it.
+_LOCKS: weakref.WeakValueDictionary[tuple[int, ...], _ImageLock] = weakref.WeakValueDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _imageLock(st: os.stat_result) -> _ImageLock:
+    # Several device nodes may name one block device: key on st_rdev.
+    key = (0, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (1, st.st_dev, st.st_ino)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = _ImageLock()
+        return lock
 
 
 class BackendClosed(Exception):
@@ -161,6 +189,7 @@ def openBackend(
             sparse=sparse,
             direct=o.direct,
             isBlock=o.isBlock,
+            rmw=o.rmw,
         )
         log.info(
             "Open backend {name} path={path} write={write} sparse={sparse} "
@@ -184,6 +213,7 @@ class _Opened:
     isBlock: bool
     blockSize: int
     direct: bool
+    rmw: _ImageLock
 
 
 def _openPath(path: str, write: bool, direct: bool) -> _Opened:
@@ -203,10 +233,10 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
     if fd < 0:
         fd = os.open(path, flags)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISBLK(mode):
-            return _Opened(fd, True, _sectorSize(fd), direct)
-        if not stat.S_ISREG(mode):
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            return _Opened(fd, True, _sectorSize(fd), direct, _imageLock(st))
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"Not a regular file or block device: {path}")
         blockSize = 1
         if direct:
@@ -217,7 +247,7 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
                 direct = False
             else:
                 blockSize = detected
-        return _Opened(fd, False, blockSize, direct)
+        return _Opened(fd, False, blockSize, direct, _imageLock(st))
     except BaseException:
         os.close(fd)
         raise
@@ -322,6 +352,7 @@ class FileBackend:
     sparse: bool
     direct: bool
     isBlock: bool
+    _rmw: _ImageLock
     # Pool calls that have not returned yet; the fd outlives them.
     _inFlight: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
@@ -553,7 +584,8 @@ class FileBackend:
 
         A partial last block beyond the end of a file makes the file a whole
         block longer than the data; we truncate it back to where the data
-        (or the old end of file, if later) ends.
+        (or the old end of file, if later) ends, unless another writer has
+        grown the file further meanwhile.
         """
         bs = self.blockSize
         bounce = self._takeBounce()
@@ -564,20 +596,38 @@ class FileBackend:
                 start = pos - pos % bs
                 stop = min(end, start + len(bounce))
                 spanEnd = _roundUp(stop, bs)
-                # Where the file ended, if reading an edge block ran into EOF.
-                eof: int | None = None
-                if pos > start:
-                    eof = self._readBlock(bounce, 0, start, eof)
-                last = spanEnd - bs
-                if stop < spanEnd and not (pos > start and last == start):
-                    eof = self._readBlock(bounce, last - start, last, eof)
-                bounce[pos - start : stop - start] = view[pos - offset : stop - offset]
-                self._pwriteFull(start, bounce[: spanEnd - start])
-                if eof is not None and not self.isBlock and spanEnd > max(eof, stop):
-                    os.ftruncate(self._fd, max(eof, stop))
+                if pos == start and stop == spanEnd:
+                    # Whole blocks: nothing to merge, so no lock.
+                    bounce[: stop - start] = view[pos - offset : stop - offset]
+                    self._pwriteFull(start, bounce[: stop - start])
+                else:
+                    with self._rmw.lock:
+                        self._mergeBlocks(bounce, view[pos - offset : stop - offset], pos)
                 pos = stop
         finally:
             self._giveBounce(bounce)
+
+    def _mergeBlocks(self, bounce: memoryview, data: memoryview, pos: int) -> None:
+        """
+        Write C{data} at C{pos} (fitting in C{bounce}) merged into the blocks
+        it partly covers. Called with the image's read-modify-write lock.
+        """
+        bs = self.blockSize
+        start = pos - pos % bs
+        stop = pos + len(data)
+        spanEnd = _roundUp(stop, bs)
+        # Where the file ended, if reading an edge block ran into EOF.
+        eof: int | None = None
+        if pos > start:
+            eof = self._readBlock(bounce, 0, start, eof)
+        last = spanEnd - bs
+        if stop < spanEnd and not (pos > start and last == start):
+            eof = self._readBlock(bounce, last - start, last, eof)
+        bounce[pos - start : stop - start] = data
+        self._pwriteFull(start, bounce[: spanEnd - start])
+        if eof is not None and not self.isBlock and spanEnd > max(eof, stop):
+            if os.fstat(self._fd).st_size == spanEnd:
+                os.ftruncate(self._fd, max(eof, stop))
 
     def _readBlock(self, bounce: memoryview, at: int, offset: int, eof: int | None) -> int | None:
         """
