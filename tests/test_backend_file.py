@@ -250,6 +250,24 @@ class OpenTests(SynchronousTestCase):
         d = openBackend(ctx, "file://" + self.dir, write=False, sparse=False, dirty=False)
         self.assertIn("Not a regular file", str(self.failureResultOf(d, ValueError).value))
 
+    def test_fifoRejected(self) -> None:
+        """
+        A FIFO is rejected at once instead of blocking the open.
+        """
+        path = os.path.join(self.dir, "fifo")
+        os.mkfifo(path)
+        ctx = BackendContext(reactor=None, diskio=SynchronousDiskIO())
+        d = openBackend(ctx, "file://" + path, write=False, sparse=False, dirty=False)
+        self.assertIn("Not a regular file", str(self.failureResultOf(d, ValueError).value))
+
+    def test_blockingFlagsCleared(self) -> None:
+        """
+        The fd of an open backend does blocking I/O.
+        """
+        path = writeFile(os.path.join(self.dir, "img"), b"x" * 4096)
+        backend = openSync(self, path)
+        self.assertFalse(fcntl.fcntl(backend._fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
     def test_regularFile(self) -> None:
         """
         A regular file is backend C{file} with one writer and

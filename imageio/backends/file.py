@@ -220,7 +220,9 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
     """
     Open C{path} and find how to do I/O on it. Runs on the pool.
     """
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC
+    # O_NONBLOCK so that a FIFO cannot hang a pool thread before we reject
+    # it; cleared again below.
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     fd = -1
     if direct:
         try:
@@ -234,10 +236,11 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
         fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise ValueError(f"Not a regular file or block device: {path}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if stat.S_ISBLK(st.st_mode):
             return _Opened(fd, True, _sectorSize(fd), direct, _imageLock(st))
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"Not a regular file or block device: {path}")
         blockSize = 1
         if direct:
             detected = _detectBlockSize(fd)
