@@ -16,6 +16,7 @@ from typing import Any
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    InvalidLogLevelError,
     LogLevel,
     LogLevelFilterPredicate,
     jsonFileLogObserver,
@@ -35,7 +36,10 @@ def setLevel(name: str) -> None:
 
     @raise ValueError: For unknown level names.
     """
-    level = LogLevel.levelWithName(name.lower().replace("warning", "warn"))
+    try:
+        level = LogLevel.levelWithName(name.lower().replace("warning", "warn"))
+    except InvalidLogLevelError:
+        raise ValueError(f"Unknown log level {name!r}") from None
     _enabled.clear()
     _enabled.update(_ORDER[_ORDER.index(level) :])
 

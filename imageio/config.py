@@ -235,7 +235,8 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
     if config.control.enable and config.control.transport == "tcp":
         if not 0 < config.control.port <= 65535:
             raise ConfigError(
-                f"{origin('control', 'port')}: must be set to a port when [control] transport = tcp"
+                f"{origin('control', 'transport')}: [control] port must be set to a port "
+                "when [control] transport = tcp"
             )
     if bool(config.tls.key_file) != bool(config.tls.cert_file):
         raise ConfigError(
@@ -243,7 +244,8 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
         )
     if config.proxy.enable and not config.proxy.engine_cert_file:
         raise ConfigError(
-            f"{origin('proxy', 'engine_cert_file')}: required when [proxy] enable = true"
+            f"{origin('proxy', 'enable')}: [proxy] engine_cert_file is required when "
+            "[proxy] enable = true"
         )
     for section, option in (
         ("backend_file", "buffer_size"),

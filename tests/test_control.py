@@ -1,0 +1,337 @@
+"""
+Tests for the tickets control API (L{imageio.control.tickets}), through the
+real twisted.web HTTP parser over a L{StringTransport}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from imageio.control._metrics import Metrics
+from imageio.control.tickets import controlResource
+from imageio.tickets import Operation, TicketRegistry
+from imageio.web._streaming import ImageioSite
+
+
+class Response:
+    """
+    A parsed HTTP/1.1 response.
+    """
+
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            self.headers[name.strip().lower()] = value.strip()
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(method: str, path: str, body: bytes | None = None, headers: str = "") -> bytes:
+    raw = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}".encode()
+    if body is not None:
+        raw += b"Content-Length: %d\r\n" % len(body)
+    return raw + b"\r\n" + (body or b"")
+
+
+def ticketJSON(**kw: Any) -> bytes:
+    body: dict[str, Any] = {
+        "uuid": "t1",
+        "size": 1000,
+        "url": "file:///var/tmp/disk.raw",
+        "timeout": 300,
+        "ops": ["read"],
+    }
+    body.update(kw)
+    return json.dumps(body).encode()
+
+
+class ControlAPITests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.clock.advance(5000)
+        self.registry = TicketRegistry(
+            now=self.clock.seconds, scheduler=self.clock, removeTimeout=60
+        )
+        self.metrics = Metrics()
+        self.site = ImageioSite(
+            controlResource(self.registry, self.metrics),
+            "control",
+            reactor=self.clock,
+            metrics=self.metrics,
+        )
+
+    def call(self, raw: bytes) -> Response:
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+        value = transport.value()
+        self.assertTrue(value, "no response")
+        channel.connectionLost(None)
+        return Response(value)
+
+    def assertError(self, response: Response, status: int, text: str) -> None:
+        self.assertEqual(response.status, status, response.text)
+        self.assertEqual(response.text, text + "\n")
+        self.assertEqual(response.headers[b"content-type"], b"text/plain; charset=UTF-8")
+
+    def test_putAddsTicketUnderBodyUUID(self) -> None:
+        """
+        PUT answers 200 with an empty body and stores the ticket under the
+        body's uuid, whatever the URL says.
+        """
+        r = self.call(request("PUT", "/tickets/other", ticketJSON()))
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.headers[b"content-length"], b"0")
+        self.assertEqual(r.body, b"")
+        self.assertTrue(r.headers[b"server"].startswith(b"imageio/"))
+        self.assertIsNotNone(self.registry.lookup("t1"))
+        self.assertIsNone(self.registry.lookup("other"))
+
+    def test_putErrors(self) -> None:
+        """
+        Bad ticket bodies get 400 with upstream's texts and store nothing.
+        """
+        self.assertError(
+            self.call(request("PUT", "/tickets/", ticketJSON())), 400, "Ticket id is required"
+        )
+        r = self.call(request("PUT", "/tickets/t1", b"{not json"))
+        self.assertEqual(r.status, 400)
+        self.assertTrue(r.text.startswith("Ticket is not in a json format: "))
+        r = self.call(request("PUT", "/tickets/t1", b'{"uuid": "t1", "size": NaN}'))
+        self.assertEqual(r.status, 400)
+        r = self.call(request("PUT", "/tickets/t1", b'{"uuid": "t1", "uuid": "t2"}'))
+        self.assertEqual(r.status, 400)
+        self.assertIn("Duplicate key", r.text)
+        r = self.call(request("PUT", "/tickets/t1", b"\xff\xfe"))
+        self.assertEqual(r.status, 400)
+        self.assertError(
+            self.call(request("PUT", "/tickets/t1", b"[1]")),
+            400,
+            "Invalid ticket: Ticket must be a JSON object",
+        )
+        self.assertError(
+            self.call(request("PUT", "/tickets/t1", ticketJSON(size="1"))),
+            400,
+            "Invalid ticket: Invalid value for 'size': '1': expecting a <class 'int'> value",
+        )
+        body = json.loads(ticketJSON())
+        del body["size"]
+        self.assertError(
+            self.call(request("PUT", "/tickets/t1", json.dumps(body).encode())),
+            400,
+            "Invalid ticket: Required ticket parameter is missing: size",
+        )
+        self.assertError(
+            self.call(request("PUT", "/tickets/t1", ticketJSON(url="foo:///x"))),
+            400,
+            "Invalid ticket: Invalid value for 'url': 'foo:///x': Unsupported url scheme: foo",
+        )
+        self.assertEqual(len(self.registry), 0)
+
+    def test_putBodyCapped(self) -> None:
+        """
+        A huge body is refused by its Content-Length before it is read, and
+        the connection is closed.
+        """
+        raw = b"PUT /tickets/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n{"
+        r = self.call(raw)
+        self.assertEqual(r.status, 413)
+        self.assertEqual(r.headers[b"connection"], b"close")
+
+    def test_putChunkedBodyCapped(self) -> None:
+        """
+        A chunked body growing past the cap is refused as soon as it does.
+        """
+        chunk = b"x" * 70000
+        raw = (
+            b"PUT /tickets/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % len(chunk)
+            + chunk
+            + b"\r\n"
+        )
+        r = self.call(raw)
+        self.assertEqual(r.status, 413)
+
+    def test_get(self) -> None:
+        """
+        GET returns the ticket status as JSON ending in a newline.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON(filename="disk.raw")))
+        r = self.call(request("GET", "/tickets/t1"))
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.headers[b"content-type"], b"application/json")
+        self.assertTrue(r.body.endswith(b"}\n"))
+        info = r.json()
+        self.assertEqual(info["uuid"], "t1")
+        self.assertEqual(info["expires"], 5300)
+        self.assertEqual(info["filename"], "disk.raw")
+        self.assertEqual(info["transferred"], 0)
+        self.assertFalse(info["active"])
+        self.assertEqual(info["connections"], 0)
+
+    def test_getErrors(self) -> None:
+        """
+        GET of an unknown ticket is 404 and of no id is 400.
+        """
+        self.assertError(self.call(request("GET", "/tickets/nope")), 404, "No such ticket 'nope'")
+        self.assertError(self.call(request("GET", "/tickets/")), 400, "Ticket id is required")
+
+    def test_getExpiredTicket(self) -> None:
+        """
+        Expired tickets are still reported.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON(timeout=1)))
+        self.clock.advance(10)
+        self.assertEqual(self.call(request("GET", "/tickets/t1")).status, 200)
+
+    def test_patchExtends(self) -> None:
+        """
+        PATCH sets expires to now + timeout and answers 200 with no body.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        r = self.call(request("PATCH", "/tickets/t1", b'{"timeout": 900}'))
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, b"")
+        info = self.call(request("GET", "/tickets/t1")).json()
+        self.assertEqual(info["expires"], 5900)
+        self.assertEqual(info["timeout"], 300)
+
+    def test_patchErrors(self) -> None:
+        """
+        PATCH validates the body before looking the ticket up, with upstream's
+        texts.
+        """
+        r = self.call(request("PATCH", "/tickets/nope", b"junk"))
+        self.assertEqual(r.status, 400)
+        self.assertTrue(r.text.startswith("Invalid patch: "))
+        self.assertError(
+            self.call(request("PATCH", "/tickets/nope", b"{}")),
+            400,
+            "Missing required value for 'timeout'",
+        )
+        self.assertError(
+            self.call(request("PATCH", "/tickets/nope", b'{"timeout": "1"}')),
+            400,
+            "Integer required '1'",
+        )
+        self.assertError(
+            self.call(request("PATCH", "/tickets/nope", b'{"timeout": true}')),
+            400,
+            "Integer required True",
+        )
+        self.assertError(
+            self.call(request("PATCH", "/tickets/nope", b'{"timeout": -1}')),
+            400,
+            "Invalid value -1 < 0",
+        )
+        self.assertError(
+            self.call(request("PATCH", "/tickets/nope", b'{"timeout": 1}')),
+            404,
+            "No such ticket: nope",
+        )
+        self.assertError(
+            self.call(request("PATCH", "/tickets/", b'{"timeout": 1}')),
+            400,
+            "Ticket id is required",
+        )
+
+    def test_deleteIdempotent(self) -> None:
+        """
+        DELETE answers 204 for known and unknown tickets.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        r = self.call(request("DELETE", "/tickets/t1"))
+        self.assertEqual(r.status, 204)
+        self.assertIsNone(self.registry.lookup("t1"))
+        self.assertEqual(self.call(request("DELETE", "/tickets/t1")).status, 204)
+
+    def test_deleteAll(self) -> None:
+        """
+        DELETE /tickets/ removes every ticket.
+        """
+        self.call(request("PUT", "/tickets/a", ticketJSON(uuid="a")))
+        self.call(request("PUT", "/tickets/b", ticketJSON(uuid="b")))
+        self.assertEqual(self.call(request("DELETE", "/tickets/")).status, 204)
+        self.assertEqual(len(self.registry), 0)
+
+    def test_deleteWithRunningOperation(self) -> None:
+        """
+        DELETE with an operation running answers 204 once it stops in time;
+        409 after the deadline, then 204 once nothing runs.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON(transfer_id="tr-1")))
+        ticket = self.registry.get("t1")
+
+        op = Operation("read", 0)
+        self.registry.startOperation(ticket, op)
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(request("DELETE", "/tickets/t1"))
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(op.canceled)
+        self.clock.advance(10)
+        self.registry.finishOperation(ticket, op)
+        self.assertEqual(Response(transport.value()).status, 204)
+
+        self.call(request("PUT", "/tickets/t1", ticketJSON(transfer_id="tr-1")))
+        ticket = self.registry.get("t1")
+        op = Operation("write", 0)
+        self.registry.startOperation(ticket, op)
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(request("DELETE", "/tickets/t1"))
+        self.clock.advance(60)
+        self.assertError(Response(transport.value()), 409, "Timeout cancelling transfer tr-1")
+        info = self.call(request("GET", "/tickets/t1")).json()
+        self.assertTrue(info["canceled"])
+        self.registry.finishOperation(ticket, op)
+        self.assertEqual(self.call(request("DELETE", "/tickets/t1")).status, 204)
+        self.assertIsNone(self.registry.lookup("t1"))
+
+    def test_routing(self) -> None:
+        """
+        Unknown paths and methods get upstream's 404 and 405 texts.
+        """
+        self.assertError(self.call(request("GET", "/foo")), 404, "No handler for '/foo'")
+        self.assertError(
+            self.call(request("GET", "/images/t1")), 404, "No handler for '/images/t1'"
+        )
+        self.assertError(
+            self.call(request("POST", "/tickets/t1", b"{}")),
+            405,
+            "Method 'POST' not defined for '/tickets/t1'",
+        )
+        self.assertError(self.call(request("FOO", "/tickets/t1")), 405, "Invalid method 'FOO'")
+
+    def test_metrics(self) -> None:
+        """
+        /metrics reports requests by listener, method and status in the
+        Prometheus text format.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        self.call(request("GET", "/tickets/nope"))
+        r = self.call(request("GET", "/metrics"))
+        self.assertEqual(r.status, 200)
+        self.assertIn(
+            'imageio_requests_total{listener="control",method="PUT",code="200"} 1', r.text
+        )
+        self.assertIn(
+            'imageio_requests_total{listener="control",method="GET",code="404"} 1', r.text
+        )
+        self.assertIn("# TYPE imageio_open_connections gauge", r.text)
