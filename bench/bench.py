@@ -242,16 +242,18 @@ def groupPids(pgid: int) -> list[int]:
     return sorted(pids)
 
 
-def cpuSeconds(pids: list[int]) -> float:
+def cpuTimes(pids: list[int]) -> tuple[float, float]:
     """
-    utime + stime of C{pids} (all threads, including finished ones).
+    C{(utime, stime)} of C{pids} in seconds (all threads, including finished
+    ones).
     """
-    ticks = 0
+    user = system = 0
     for pid in pids:
         fields = _procStat(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / CLK_TCK
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rssBytes(pids: list[int]) -> int:
@@ -373,6 +375,7 @@ class Images:
     image: Path
     pieces: list[Path]
     ranges: list[tuple[int, int]]
+    targetMode: str = "allocate"
     bigDirectory: Path | None = None
     bigSize: int = 0
     bigSource: Path | None = None
@@ -428,16 +431,21 @@ def makeImages(directory: Path, size: int) -> Images:
     for path, (first, last) in zip(pieces, ranges, strict=True):
         if path.stat().st_size != last - first + 1:
             raise BenchError(f"bad piece {path}")
-    return Images(directory=directory, size=size, image=image, pieces=pieces, ranges=ranges)
+    mode = "touch" if fsType(directory).startswith("tmpfs") else "allocate"
+    return Images(directory, size, image, pieces, ranges, targetMode=mode)
 
 
-def makeBigSource(images: Images, directory: Path, size: int) -> None:
+def makeBigSource(images: Images, targetDirectory: Path, size: int) -> None:
     """
-    A sparse C{size} file with C{BIG_DATA_BLOCKS} random MiB spread over it:
-    curl reads it at memory speed, so the upload measures the server.
+    A sparse C{size} file with C{BIG_DATA_BLOCKS} random MiB spread over it,
+    next to the image.  On tmpfs its holes read as the shared zero page, so
+    curl reads it at memory speed and the upload measures the server (on
+    ext4 every hole read allocates and zeroes page cache: 0.6 s/GiB of the
+    client's CPU, and 8 GiB of page cache).  The target goes to
+    C{targetDirectory}, on disk by default.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    source = directory / "big-source.raw"
+    targetDirectory.mkdir(parents=True, exist_ok=True)
+    source = images.directory / "big-source.raw"
     say(f"creating sparse {humanSize(size)} big-upload source {source}")
     offsets = sorted({(size * i // BIG_DATA_BLOCKS) // MiB * MiB for i in range(BIG_DATA_BLOCKS)})
     offsets = [o for o in offsets if o + MiB <= size]
@@ -445,25 +453,42 @@ def makeBigSource(images: Images, directory: Path, size: int) -> None:
         f.truncate(size)
         for offset in offsets:
             os.pwrite(f.fileno(), os.urandom(MiB), offset)
-    images.bigDirectory = directory
+    images.bigDirectory = targetDirectory
     images.bigSize = size
     images.bigSource = source
     images.bigBlocks = offsets
 
 
-def prepareTarget(path: Path, size: int, allocate: bool = True) -> None:
+def prepareTarget(path: Path, size: int, mode: str) -> None:
     """
-    Empty the target and give it C{size} zeroed bytes, so a server that
-    writes nothing cannot pass verification with a previous run's data, and
+    Reset an upload target to C{size} zero bytes, so a server that writes
+    nothing cannot pass verification with a previous upload's data, and
     every upload starts from the same state.
+
+    @param mode: C{"touch"} (tmpfs): overwrite in place with zeros written
+        by the harness, so the memory under the target is allocated and
+        touched before the server writes.  In this VM the first touch of a
+        page costs 2-3 s/GiB of kernel time (host-side faults; freed pages
+        are handed back to the host), and without this the server that
+        uploads first would be charged for it.  C{"allocate"} (disk):
+        truncate and C{posix_fallocate}, fresh unwritten extents each time.
+        C{"sparse"}: truncate to a sparse file.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.ftruncate(fd, 0)
-        if allocate:
-            os.posix_fallocate(fd, 0, size)
+        if mode == "touch":
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            zeros = bytes(CHUNK)
+            for offset in range(0, size, CHUNK):
+                os.pwrite(fd, zeros[: min(CHUNK, size - offset)], offset)
         else:
-            os.ftruncate(fd, size)
+            os.ftruncate(fd, 0)
+            if mode == "allocate":
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
     finally:
         os.close(fd)
 
@@ -898,19 +923,23 @@ def measureProcess(server: Server, body: Callable[[], Any]) -> tuple[Any, dict[s
         busy0 = systemBusySeconds()
         children0 = _rusageSeconds(resource.RUSAGE_CHILDREN)
         self0 = _rusageSeconds(resource.RUSAGE_SELF)
-        cpu0 = cpuSeconds(pids)
+        user0, system0 = cpuTimes(pids)
         t0 = time.monotonic()
         result = body()
         elapsed = time.monotonic() - t0
-        cpu = cpuSeconds(pids) - cpu0
+        user1, system1 = cpuTimes(pids)
         clients = _rusageSeconds(resource.RUSAGE_CHILDREN) - children0
         harness = _rusageSeconds(resource.RUSAGE_SELF) - self0
         busy = systemBusySeconds() - busy0
     server.checkAlive()
+    user, system = user1 - user0, system1 - system0
+    cpu = user + system
     foreign = max(0.0, busy - cpu - clients - harness)
     return result, {
         "seconds": elapsed,
         "cpuSeconds": cpu,
+        "userSeconds": user,
+        "systemSeconds": system,
         "peakRss": sampler.peak,
         "clientCpuSeconds": clients,
         "harnessCpuSeconds": harness,
@@ -924,6 +953,8 @@ def transferSample(nbytes: int, stats: dict[str, float]) -> dict[str, Any]:
         "bytes": nbytes,
         "seconds": stats["seconds"],
         "cpuSeconds": stats["cpuSeconds"],
+        "userSeconds": stats["userSeconds"],
+        "systemSeconds": stats["systemSeconds"],
         "mibps": nbytes / MiB / stats["seconds"],
         "cpuPerGiB": stats["cpuSeconds"] / gib,
         "peakRssMiB": stats["peakRss"] / MiB,
@@ -954,7 +985,7 @@ def makeGet(transport: str, parallel: int) -> Callable[..., dict[str, Any]]:
 def makePut(transport: str, parallel: int) -> Callable[..., dict[str, Any]]:
     def measure(server: Server, images: Images, opts: argparse.Namespace) -> dict[str, Any]:
         target = images.target(server.name)
-        prepareTarget(target, images.size)
+        prepareTarget(target, images.size, images.targetMode)
         base, url = curlBase(server, transport, server.tickets["write"])
         base = base + ["-H", "Expect:"]
         if parallel == 1:
@@ -993,6 +1024,8 @@ def makeRandom(transport: str) -> Callable[..., dict[str, Any]]:
             "requests": requests,
             "seconds": result["seconds"],
             "cpuSeconds": stats["cpuSeconds"],
+            "userSeconds": stats["userSeconds"],
+            "systemSeconds": stats["systemSeconds"],
             "reqPerSec": requests / result["seconds"],
             "cpuMsPerReq": stats["cpuSeconds"] * 1000 / requests,
             "peakRssMiB": stats["peakRss"] / MiB,
@@ -1007,7 +1040,7 @@ def makeRandom(transport: str) -> Callable[..., dict[str, Any]]:
 def measureBig(server: Server, images: Images, opts: argparse.Namespace) -> dict[str, Any]:
     assert images.bigSource is not None
     target = images.bigTarget(server.name)
-    prepareTarget(target, images.bigSize, allocate=False)
+    prepareTarget(target, images.bigSize, "sparse")
     try:
         role = "big"
         if role not in server.tickets:
@@ -1141,6 +1174,7 @@ def environment(opts: argparse.Namespace, images: Images, servers: list[Server])
         "python": sys.version.split()[0],
         "oursCommit": first(["git", "rev-parse", "--short", "HEAD"]) + f" (+{dirty} dirty files)",
         "runs": opts.runs,
+        "warmup": opts.warmup,
     }
     for s in servers:
         env[f"{s.name}Version"] = s.version
@@ -1161,9 +1195,10 @@ def formatEnvironment(env: dict[str, Any]) -> str:
         ("foreignLoad", "foreign CPU in samples"),
         ("imageDir", "image dir"),
         ("imageSize", "image size"),
-        ("bigDir", "big upload dir"),
+        ("bigDir", "big upload target"),
         ("bigSize", "big upload size"),
         ("runs", "runs per server"),
+        ("warmup", "warm-up rounds"),
         ("curl", "client"),
         ("oursVersion", "ours"),
         ("upstreamVersion", "upstream"),
@@ -1250,13 +1285,16 @@ def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", choices=["both", "ours", "upstream"], default="both")
     p.add_argument("--runs", type=int, default=5, help="runs per server per measurement")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="unrecorded rounds of every measurement first"
+    )
     p.add_argument("--size", type=parseSize, default=2 * GiB, help="image size")
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"), help="where images go")
     p.add_argument(
         "--big-size", type=parseSize, default=8 * GiB, help="size of the big upload (0 = skip)"
     )
     p.add_argument(
-        "--big-dir", type=Path, default=Path("/var/tmp"), help="where the big upload goes"
+        "--big-dir", type=Path, default=Path("/var/tmp"), help="where the big upload target goes"
     )
     p.add_argument("--big-runs", type=int, default=1, help="big uploads per server")
     p.add_argument("--no-big", action="store_true", help="skip the big upload")
@@ -1312,8 +1350,8 @@ def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
         opts.groups.remove("big")
     if opts.size < PARALLEL * 4 * KiB or opts.size % (4 * KiB):
         p.error("--size must be a multiple of 4 KiB and at least 16 KiB")
-    if opts.runs < 1:
-        p.error("--runs must be at least 1")
+    if opts.runs < 1 or opts.warmup < 0:
+        p.error("--runs must be at least 1 and --warmup at least 0")
     return opts
 
 
@@ -1378,7 +1416,7 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
         server.start(opts.upstream_venv)
     for server in servers:
         server.waitReady()
-        prepareTarget(images.target(server.name), images.size)
+        prepareTarget(images.target(server.name), images.size, images.targetMode)
         server.addTicket("read", images.image, images.size, ["read"])
         server.addTicket("write", images.target(server.name), images.size, ["write"])
         checkRangeRead(server, images, "https")
@@ -1391,12 +1429,16 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
         samples[server.name]["idle"] = [{"idleRssMiB": rssBytes(server.refreshPids()) / MiB}]
 
     selected = [m for m in MEASUREMENTS if m.group in opts.groups]
-    for i in range(opts.runs):
+    # Warm-up rounds are measured and checked like the others but not
+    # recorded: first connections, first buffers, first touch of memory.
+    for i in range(-opts.warmup, opts.runs):
+        run = "warm-up" if i < 0 else f"run {i + 1}/{opts.runs}"
         for m in selected:
             for server in servers:
                 sample = m.run(server, images, opts)
-                samples[server.name].setdefault(m.key, []).append(sample)
-                say(f"run {i + 1}/{opts.runs} {m.label:<15} {server.name:<8} {brief(m, sample)}")
+                if i >= 0:
+                    samples[server.name].setdefault(m.key, []).append(sample)
+                say(f"{run} {m.label:<15} {server.name:<8} {brief(m, sample)}")
     if "big" in opts.groups:
         for i in range(opts.big_runs):
             for server in servers:
@@ -1434,6 +1476,8 @@ def brief(m: Measurement, sample: dict[str, Any]) -> str:
         for metric in m.metrics
         if metric.key in sample
     )
+    if "systemSeconds" in sample:
+        text += f" ({sample['userSeconds']:.2f} user + {sample['systemSeconds']:.2f} sys s)"
     if "clientCpuPerGiB" in sample:
         text += f"  [client {sample['clientCpuPerGiB']:.2f} CPU s/GiB"
     elif "clientCpuMsPerReq" in sample:
