@@ -35,7 +35,15 @@ setup(
         "attrs>=23.1",
     ],
     extras_require={
-        "test": ["hypothesis", "mypy", "mypy-zope", "ruff", "coverage"],
+        "test": [
+            "hypothesis",
+            "mypy",
+            "mypy-zope",
+            "ruff",
+            "coverage",
+            # Conformance tests run upstream's own client against us.
+            "ovirt-imageio==2.5.1",
+        ],
     },
     entry_points={
         "console_scripts": [
