@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from imageio import _pki, config as _config
+from imageio import _pki
+from imageio import config as _config
 from imageio.tap import ImageioService
 
 try:
