@@ -9,7 +9,6 @@ authentication: access to the socket is the credential.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from attrs import define
@@ -20,6 +19,7 @@ from twisted.web.server import Request
 from imageio._log import Logger
 from imageio.control._metrics import Metrics
 from imageio.tickets import InvalidTicket, TicketBusy, TicketNotFound, TicketRegistry
+from imageio.web._json import loadJSON
 from imageio.web._response import HTTPError, sendEmpty, sendJSON
 from imageio.web._router import Router, requestBody
 
@@ -30,32 +30,9 @@ MAX_TICKET_BODY = 64 * 1024
 
 
 def _parseJSON(data: bytes, prefix: str) -> Any:
-    """
-    Decode a control API body: UTF-8 JSON without NaN, Infinity or
-    duplicate keys.
-
-    @raise HTTPError: 400 with C{prefix} and the parser's reason.
-    """
-
-    def noConstants(name: str) -> None:
-        raise ValueError(f"Invalid constant {name}")
-
-    def noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise ValueError(f"Duplicate key {key!r}")
-            result[key] = value
-        return result
-
     if len(data) > MAX_TICKET_BODY:
         raise HTTPError(413, f"Request body too large: limit is {MAX_TICKET_BODY} bytes")
-    try:
-        return json.loads(
-            data.decode("utf-8"), parse_constant=noConstants, object_pairs_hook=noDuplicates
-        )
-    except (ValueError, RecursionError) as e:
-        raise HTTPError(400, f"{prefix}{e}") from None
+    return loadJSON(data, prefix)
 
 
 @define
