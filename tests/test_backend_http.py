@@ -1,0 +1,467 @@
+"""
+Tests for L{imageio.backends.http}: the daemon in "proxy mode", relaying a
+ticket whose C{url} is another daemon's C{https://.../images/<id>}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+from imageio import _pki
+from imageio.backends import BackendContext
+from imageio.backends import http as httpbackend
+from imageio.backends.http import (
+    BadResponse,
+    BytesProducer,
+    ReadTimeout,
+    clipExtents,
+    hostError,
+    parseExtents,
+)
+from imageio.interfaces import Extent
+from imageio.web._response import HTTPError
+from tests.test_proxy_helpers import (
+    Daemon,
+    HTTPSClient,
+    MiB,
+    daemonConfig,
+    makeImage,
+    pattern,
+)
+
+reactor: Any = _reactor
+
+
+class ParseExtentsTests(SynchronousTestCase):
+    def test_zeroExtents(self) -> None:
+        """
+        Zero extents become L{Extent}s in order.
+        """
+        body = json.dumps(
+            [
+                {"start": 0, "length": 4096, "zero": False, "hole": False},
+                {"start": 4096, "length": 8192, "zero": True, "hole": True},
+            ]
+        ).encode()
+        self.assertEqual(
+            parseExtents(body, "zero"),
+            [Extent(0, 4096, zero=False), Extent(4096, 8192, zero=True, hole=True)],
+        )
+
+    def test_dirtyExtents(self) -> None:
+        """
+        Dirty extents keep their C{dirty} flag; C{zero} defaults to false.
+        """
+        body = json.dumps([{"start": 0, "length": 10, "dirty": True}]).encode()
+        self.assertEqual(parseExtents(body, "dirty"), [Extent(0, 10, zero=False, dirty=True)])
+
+    def test_gapsRefused(self) -> None:
+        """
+        Extents that do not follow each other from offset 0 are refused.
+        """
+        for items in (
+            [{"start": 1, "length": 1, "zero": False}],
+            [{"start": 0, "length": 1, "zero": False}, {"start": 2, "length": 1, "zero": False}],
+            [{"start": 0, "length": -1, "zero": False}],
+            [{"start": 0, "length": True, "zero": False}],
+            [{"start": 0, "length": 1, "zero": "no"}],
+            {"start": 0},
+            [1],
+        ):
+            self.assertRaises(BadResponse, parseExtents, json.dumps(items).encode(), "zero")
+        self.assertRaises(BadResponse, parseExtents, b"not json", "zero")
+
+    def test_clip(self) -> None:
+        """
+        Clipping keeps the parts of extents inside the window.
+        """
+        extents = [Extent(0, 10, zero=False), Extent(10, 10, zero=True)]
+        self.assertEqual(
+            clipExtents(extents, 5, 10), [Extent(5, 5, zero=False), Extent(10, 5, zero=True)]
+        )
+        self.assertEqual(clipExtents(extents, 20, 5), [])
+
+
+class HostErrorTests(SynchronousTestCase):
+    def test_connectTimeout(self) -> None:
+        """
+        A connect timeout is 504 C{Timed out connecting to host}.
+        """
+        e = hostError(Failure(error.TimeoutError()))
+        self.assertEqual((e.status, e.message), (504, "Timed out connecting to host"))
+
+    def test_readTimeout(self) -> None:
+        """
+        A read timeout, ours or a Deferred's, is 504 C{Timed out waiting for host}.
+        """
+        for exc in (ReadTimeout("x"), defer.TimeoutError()):
+            e = hostError(Failure(ResponseFailed([Failure(exc)])))
+            self.assertEqual((e.status, e.message), (504, "Timed out waiting for host"))
+
+    def test_refused(self) -> None:
+        """
+        A refused connection is 503.
+        """
+        e = hostError(Failure(error.ConnectionRefusedError()))
+        self.assertEqual(e.status, 503)
+        self.assertTrue(e.message.startswith("Failed communicating with host: "))
+
+    def test_wrapped(self) -> None:
+        """
+        Failures wrapped by the HTTP client are unwrapped.
+        """
+        wrapped = ResponseNeverReceived([Failure(error.ConnectionLost("gone"))])
+        self.assertEqual(hostError(Failure(wrapped)).status, 503)
+
+    def test_httpErrorKept(self) -> None:
+        """
+        An L{HTTPError} is passed through.
+        """
+        original = HTTPError(403, "no")
+        self.assertIs(hostError(Failure(original)), original)
+
+
+class BytesProducerTests(SynchronousTestCase):
+    def test_pauseAndResume(self) -> None:
+        """
+        The producer writes in pieces, stops while paused, and finishes
+        once everything was written.
+        """
+        data = bytes(range(256)) * 4096  # 1 MiB
+        producer = BytesProducer(memoryview(data))
+        self.assertEqual(producer.length, len(data))
+        consumer = StringTransport()
+        writes: list[int] = []
+
+        def write(chunk: bytes) -> None:
+            writes.append(len(chunk))
+            StringTransport.write(consumer, chunk)
+            producer.pauseProducing()
+
+        consumer.write = write  # type: ignore[method-assign]
+        done = producer.startProducing(consumer)
+        self.assertEqual(writes, [httpbackend.WRITE_CHUNK])
+        self.assertNoResult(done)
+        while not done.called:
+            producer.resumeProducing()
+        self.successResultOf(done)
+        self.assertEqual(consumer.value(), data)
+
+    def test_stopped(self) -> None:
+        """
+        A stopped producer writes nothing more and never fires.
+        """
+        producer = BytesProducer(b"x" * (3 * httpbackend.WRITE_CHUNK))
+        consumer = StringTransport()
+        consumer.write = lambda chunk: producer.pauseProducing()  # type: ignore[method-assign]
+        done = producer.startProducing(consumer)
+        producer.stopProducing()
+        producer.resumeProducing()
+        self.assertNoResult(done)
+
+
+class WatchdogTests(SynchronousTestCase):
+    def test_fires(self) -> None:
+        """
+        The watchdog fires after the timeout without kicks, not before.
+        """
+        clock = Clock()
+        fired: list[bool] = []
+        dog = httpbackend.Watchdog(clock, 10, lambda: fired.append(True))
+        dog.kick()
+        clock.advance(9)
+        dog.kick()
+        clock.advance(9)
+        self.assertEqual(fired, [])
+        clock.advance(1)
+        self.assertEqual(fired, [True])
+
+
+class ProxyModeTests(TestCase):
+    """
+    Daemon B serves a ticket whose URL points at daemon A's ticket; clients
+    talk to B.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        self.daemonA = Daemon.start(reactor, daemonConfig(self.pki), self.dir / "a")
+        self.addCleanup(self.daemonA.stop)
+        self.daemonB = Daemon.start(reactor, daemonConfig(self.pki), self.dir / "b")
+        self.addCleanup(self.daemonB.stop)
+        self.client = HTTPSClient("localhost", self.daemonB.port, self.pki.caFile)
+        self.addCleanup(self.client.close)
+
+    def relayTicket(
+        self, data: bytes, size: int | None = None, host: str = "localhost", **extra: Any
+    ) -> tuple[str, Path]:
+        """
+        An image on A, a ticket for it on A, and a proxy-mode ticket on B.
+
+        @return: B's ticket id and the image path.
+        """
+        path = self.dir / f"image-{len(self.daemonA.registry)}"
+        size = len(data) if size is None else size
+        ticketA = self.daemonA.addTicket(makeImage(path, data, size), size, **extra)
+        url = f"{self.daemonA.url(host)}/images/{ticketA}"
+        ticketB = self.daemonB.addTicket(url, size, **extra)
+        return ticketB, path
+
+    @inlineCallbacks
+    def test_options(self) -> Any:
+        """
+        OPTIONS through B reports B's features and A's concurrency.
+        """
+        ticket, _ = self.relayTicket(b"x" * 4096)
+        reply = yield self.client.request("OPTIONS", f"/images/{ticket}")
+        self.assertEqual(reply.status, 200, reply.text)
+        options = json.loads(reply.body)
+        self.assertEqual(options["features"], ["checksum", "extents", "flush", "zero"])
+        self.assertEqual(options["max_writers"], 1)
+        self.assertEqual(options["max_readers"], 8)
+
+    @inlineCallbacks
+    def test_download(self) -> Any:
+        """
+        GET through B returns A's bytes, whole and by range.
+        """
+        data = pattern(3 * MiB + 123)
+        ticket, _ = self.relayTicket(data)
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 200, reply.text)
+        self.assertEqual(reply.body, data)
+        reply = yield self.client.request(
+            "GET", f"/images/{ticket}", headers={"Range": "bytes=1000-2000000"}
+        )
+        self.assertEqual(reply.status, 206)
+        self.assertEqual(reply.body, data[1000:2000001])
+        self.assertEqual(reply.header("content-range"), f"bytes 1000-2000000/{len(data)}")
+
+    @inlineCallbacks
+    def test_upload(self) -> Any:
+        """
+        PUT through B writes A's image; PATCH zero and flush reach A.
+        """
+        size = 4 * MiB
+        ticket, path = self.relayTicket(b"", size)
+        data = pattern(3 * MiB, seed=1)
+        reply = yield self.client.request(
+            "PUT",
+            f"/images/{ticket}?flush=n",
+            body=data,
+            headers={"Content-Range": f"bytes 4096-{4096 + len(data) - 1}/*"},
+        )
+        self.assertEqual(reply.status, 200, reply.text)
+        msg = json.dumps({"op": "zero", "offset": 8192, "size": 4096, "flush": True})
+        reply = yield self.client.request(
+            "PATCH", f"/images/{ticket}", body=msg.encode(), headers={"Content-Type": "json"}
+        )
+        self.assertEqual(reply.status, 200, reply.text)
+        reply = yield self.client.request("PATCH", f"/images/{ticket}", body=b'{"op":"flush"}')
+        self.assertEqual(reply.status, 200, reply.text)
+        expected = bytearray(size)
+        expected[4096 : 4096 + len(data)] = data
+        expected[8192 : 8192 + 4096] = bytes(4096)
+        self.assertEqual(path.read_bytes(), bytes(expected))
+        # Reading back through B sees the new bytes.
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.body, bytes(expected))
+
+    @inlineCallbacks
+    def test_extents(self) -> Any:
+        """
+        Extents through B are A's extents (holes of a sparse file included).
+        """
+        ticket, path = self.relayTicket(b"x" * MiB, 4 * MiB)
+        reply = yield self.client.request("GET", f"/images/{ticket}/extents")
+        self.assertEqual(reply.status, 200, reply.text)
+        extents = json.loads(reply.body)
+        direct = HTTPSClient("localhost", self.daemonA.port, self.pki.caFile)
+        self.addCleanup(direct.close)
+        ticketA = list(self.daemonA.registry._tickets)[0]
+        expected = yield direct.request("GET", f"/images/{ticketA}/extents")
+        self.assertEqual(extents, json.loads(expected.body))
+        self.assertEqual(sum(e["length"] for e in extents), 4 * MiB)
+
+    @inlineCallbacks
+    def test_checksum(self) -> Any:
+        """
+        A checksum computed by B reading through A equals A's own.
+        """
+        ticket, _ = self.relayTicket(pattern(2 * MiB + 5, seed=2))
+        reply = yield self.client.request("GET", f"/images/{ticket}/checksum")
+        self.assertEqual(reply.status, 200, reply.text)
+        direct = HTTPSClient("localhost", self.daemonA.port, self.pki.caFile)
+        self.addCleanup(direct.close)
+        ticketA = list(self.daemonA.registry._tickets)[0]
+        expected = yield direct.request("GET", f"/images/{ticketA}/checksum")
+        self.assertEqual(json.loads(reply.body), json.loads(expected.body))
+
+    @inlineCallbacks
+    def test_remoteForbidden(self) -> Any:
+        """
+        A ticket unknown to A gives the client A's 403 and text.
+        """
+        ticket = self.daemonB.addTicket(f"{self.daemonA.url('localhost')}/images/nope", 100)
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 403)
+        self.flushLoggedErrors(HTTPError)
+        self.assertEqual(
+            reply.text, "You are not allowed to access this resource: No such ticket nope\n"
+        )
+
+    @inlineCallbacks
+    def test_remoteRangeError(self) -> Any:
+        """
+        A range beyond A's image is refused with 416 by B, which learned the
+        image size from A.
+        """
+        ticket, _ = self.relayTicket(b"x" * 1000, 1000)
+        reply = yield self.client.request(
+            "GET", f"/images/{ticket}", headers={"Range": "bytes=2000-2999"}
+        )
+        self.assertEqual(reply.status, 416)
+
+    @inlineCallbacks
+    def test_remoteMissingImage(self) -> Any:
+        """
+        A's 500 for a missing image reaches the client as 500.
+        """
+        ticket, path = self.relayTicket(b"x" * 1000)
+        path.unlink()
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 500)
+        self.assertEqual(len(self.flushLoggedErrors(HTTPError, FileNotFoundError)), 3)
+
+    @inlineCallbacks
+    def test_remoteDown(self) -> Any:
+        """
+        A daemon that is not listening gives 503.
+        """
+        ticket, _ = self.relayTicket(b"x" * 1000)
+        yield self.daemonA.stop()
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 503, reply.text)
+        self.flushLoggedErrors(HTTPError)
+        self.assertIn("Failed communicating with host", reply.text)
+
+    @inlineCallbacks
+    def test_wrongCA(self) -> Any:
+        """
+        A daemon whose certificate does not chain to the configured CA is
+        refused: 502, and no data.
+        """
+        other = _pki.ensureSelfSigned(str(self.dir / "other"))[0]
+        daemonC = Daemon.start(reactor, daemonConfig(self.pki, httpCAFile=other), self.dir / "c")
+        self.addCleanup(daemonC.stop)
+        path = self.dir / "secret"
+        ticketA = self.daemonA.addTicket(makeImage(path, b"secret"), 6)
+        ticket = daemonC.addTicket(f"{self.daemonA.url('localhost')}/images/{ticketA}", 6)
+        client = HTTPSClient("localhost", daemonC.port, self.pki.caFile)
+        self.addCleanup(client.close)
+        reply = yield client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 502, reply.text)
+        self.assertNotIn(b"secret", reply.body)
+        self.flushLoggedErrors(HTTPError)
+
+    @inlineCallbacks
+    def test_wrongHostName(self) -> Any:
+        """
+        A daemon whose certificate does not name the host in the URL is
+        refused: 502, and no data.
+        """
+        daemonW = Daemon.start(
+            reactor,
+            daemonConfig(
+                self.pki, certFile=self.pki.wrongNameCertFile, keyFile=self.pki.wrongNameKeyFile
+            ),
+            self.dir / "w",
+        )
+        self.addCleanup(daemonW.stop)
+        path = self.dir / "secret"
+        ticketW = daemonW.addTicket(makeImage(path, b"secret"), 6)
+        ticket = self.daemonB.addTicket(f"{daemonW.url('localhost')}/images/{ticketW}", 6)
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 502, reply.text)
+        self.assertNotIn(b"secret", reply.body)
+        self.flushLoggedErrors(HTTPError)
+
+
+class OpenBackendTests(TestCase):
+    """
+    L{httpbackend.openBackend} against a real daemon.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        self.daemon = Daemon.start(reactor, daemonConfig(self.pki), self.dir / "a")
+        self.addCleanup(self.daemon.stop)
+
+    def open(self, url: str) -> Deferred[Any]:
+        ctx = BackendContext(reactor=reactor, diskio=None, caFile=self.pki.caFile)  # type: ignore[arg-type]
+        return httpbackend.openBackend(ctx, url, write=True, sparse=False, dirty=False)
+
+    @inlineCallbacks
+    def test_operations(self) -> Any:
+        """
+        Every backend operation works against a real daemon, on one
+        connection.
+        """
+        path = self.dir / "img"
+        ticket = self.daemon.addTicket(makeImage(path, b"", 1 * MiB), MiB)
+        backend = yield self.open(f"{self.daemon.url('localhost')}/images/{ticket}")
+        self.addCleanup(backend.close)
+        self.assertEqual(backend.features, frozenset({"checksum", "extents", "flush", "zero"}))
+        size = yield backend.size()
+        self.assertEqual(size, MiB)
+        data = pattern(100_000, seed=3)
+        n = yield backend.write(5, memoryview(data))
+        self.assertEqual(n, len(data))
+        yield backend.zero(10, 20)
+        yield backend.flush()
+        buf = bytearray(200_000)
+        n = yield backend.readInto(0, memoryview(buf))
+        self.assertEqual(n, 200_000)
+        expected = bytearray(200_000)
+        expected[5 : 5 + len(data)] = data
+        expected[10:30] = bytes(20)
+        self.assertEqual(buf, expected)
+        # Reads stop at the end of the image.
+        n = yield backend.readInto(MiB - 10, memoryview(buf))
+        self.assertEqual(n, 10)
+        extents = yield backend.extents("zero", 0, MiB)
+        self.assertEqual(sum(e.length for e in extents), MiB)
+        # All of it on one connection.
+        self.assertEqual(len(self.daemon.registry.get(ticket).connections), 1)
+
+    @inlineCallbacks
+    def test_forbidden(self) -> Any:
+        """
+        Opening an unknown ticket fails with the daemon's 403 and text.
+        """
+        try:
+            yield self.open(f"{self.daemon.url('localhost')}/images/unknown")
+        except HTTPError as e:
+            self.assertEqual(e.status, 403)
+            self.assertIn("No such ticket unknown", e.message)
+        else:
+            self.fail("open succeeded")

@@ -1,0 +1,241 @@
+"""
+Fixtures for the proxy tests: real daemons and a real signed-ticket proxy
+on loopback with TLS on every hop, and a blocking HTTPS client that runs
+in a thread.
+
+Nothing here is a test; L{tests.test_backend_http} and L{tests.test_proxy}
+use it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from imageio import _pki
+from imageio import config as _config
+from imageio.tap import ImageioService
+
+MiB = 1024**2
+
+
+def daemonConfig(
+    pki: _pki.TestPKI,
+    certFile: str | None = None,
+    keyFile: str | None = None,
+    httpCAFile: str | None = None,
+) -> _config.Config:
+    """
+    A daemon with only the remote listener, on 127.0.0.1 port 0, TLS with a
+    certificate from C{pki}; its C{https:} backend trusts C{httpCAFile}
+    (the PKI's CA by default).
+    """
+    config = _config.Config()
+    config.daemon.systemd_enable = False
+    config.daemon.io_threads = 2
+    config.tls.cert_file = certFile or pki.certFile
+    config.tls.key_file = keyFile or pki.keyFile
+    config.remote.host = "127.0.0.1"
+    config.remote.port = 0
+    config.local.enable = False
+    config.control.enable = False
+    config.backend_http.ca_file = pki.caFile if httpCAFile is None else httpCAFile
+    return config
+
+
+@define
+class Daemon:
+    """
+    An L{ImageioService} with its remote listener on the test reactor.
+    """
+
+    service: ImageioService
+    reactor: Any
+    port: int
+
+    @classmethod
+    def start(cls, reactor: Any, config: _config.Config, stateDir: Path) -> Daemon:
+        service = ImageioService(config, reactor, stateDir)
+        service.startService()
+        port: Any = service.ports["remote"].getHost()
+        return cls(service, reactor, port.port)
+
+    @property
+    def registry(self) -> Any:
+        return self.service.registry
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"https://{host}:{self.port}"
+
+    def addTicket(
+        self,
+        url: str,
+        size: int,
+        ops: Iterable[str] = ("read", "write"),
+        ticketID: str | None = None,
+        **extra: object,
+    ) -> str:
+        """
+        Add a ticket for C{url}.
+
+        @return: Its id.
+        """
+        ticketID = ticketID or str(uuid.uuid4())
+        body: dict[str, object] = {
+            "uuid": ticketID,
+            "url": url,
+            "size": size,
+            "ops": list(ops),
+            "timeout": 300,
+        }
+        body.update(extra)
+        self.registry.add(body)
+        return ticketID
+
+    def stop(self) -> Deferred[None]:
+        return stopService(self.service, self.reactor)
+
+
+def dropServerConnections(reactor: Any) -> int:
+    """
+    Abort every server-side imageio connection on C{reactor}, so the
+    reactor is clean when a test ends.
+    """
+    from imageio.web._streaming import ImageioChannel
+    from imageio.web._tls import TLSServerProtocol
+
+    count = 0
+    for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
+        protocol = getattr(selectable, "protocol", None)
+        if isinstance(protocol, ImageioChannel | TLSServerProtocol):
+            selectable.abortConnection()
+            count += 1
+    return count
+
+
+@inlineCallbacks
+def stopService(service: Any, reactor: Any) -> Any:
+    """
+    Stop C{service}, abort the connections it still serves, and give the
+    reactor a moment to close client pools.
+    """
+    if service.running:
+        yield service.stopService()
+    dropServerConnections(reactor)
+    yield deferLater(reactor, 0.05, lambda: None)
+
+
+def makeImage(path: Path, data: bytes, size: int | None = None) -> str:
+    """
+    Write C{data} to C{path}, extended (sparse) to C{size}.
+
+    @return: The C{file:} URL.
+    """
+    with open(path, "wb") as f:
+        f.write(data)
+        if size is not None:
+            f.truncate(size)
+    return f"file://{path}"
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """
+    Incompressible, position-dependent test bytes.
+    """
+    block = os.urandom(64 * 1024) if seed < 0 else _seeded(seed)
+    whole, rest = divmod(size, len(block))
+    return block * whole + block[:rest]
+
+
+def _seeded(seed: int) -> bytes:
+    import hashlib
+
+    return hashlib.shake_256(b"imageio-%d" % seed).digest(64 * 1024 + 7)
+
+
+@define
+class Reply:
+    """
+    A response read by L{HTTPSClient}.
+    """
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+@define
+class HTTPSClient:
+    """
+    A blocking HTTPS client (the standard library's), verifying the server
+    against C{caFile}; use its Deferred methods from tests.
+    """
+
+    host: str
+    port: int
+    caFile: str
+    timeout: float = 30
+    _conn: http.client.HTTPSConnection | None = field(default=None, init=False)
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            context = ssl.create_default_context(cafile=self.caFile)
+            self._conn = http.client.HTTPSConnection(
+                self.host, self.port, context=context, timeout=self.timeout
+            )
+        return self._conn
+
+    def requestSync(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        conn = self._connection()
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            response = conn.getresponse()
+            data = response.read()
+        except Exception:
+            self.close()
+            raise
+        reply = Reply(
+            response.status,
+            {k.lower(): v for k, v in response.getheaders()},
+            data,
+        )
+        if response.will_close:
+            self.close()
+        return reply
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Deferred[Reply]:
+        return deferToThread(self.requestSync, method, path, body, headers)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
