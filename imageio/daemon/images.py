@@ -47,6 +47,7 @@ from imageio.tickets import (
 )
 from imageio.web._download import DownloadProducer
 from imageio.web._response import (
+    INTERNAL_ERROR,
     HTTPError,
     abortConnection,
     closeAfterResponse,
@@ -292,6 +293,16 @@ def _failureToHTTP(reason: Failure) -> Failure:
     return reason
 
 
+#: Headers of a GET response, dropped when it turns into an error.
+_GET_HEADERS = (
+    b"content-length",
+    b"content-type",
+    b"content-disposition",
+    b"accept-ranges",
+    b"content-range",
+)
+
+
 @define
 class ImageHandler:
     """
@@ -391,11 +402,21 @@ class ImageHandler:
             bufferSize=self.service.bufferSize,
             idleTimeout=ticket.inactivityTimeout,
         )
-        op.onCancel = producer.stopProducing
+        op.onCancel = lambda: producer.cancel(
+            OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+        )
         try:
             yield producer.start()
         except Exception:
             f = Failure()
+            if isGone(request):
+                return
+            if not request.startedWriting:
+                # Failed before the first byte: the headers are not out yet,
+                # so the client gets a proper error instead of a cut.
+                for name in _GET_HEADERS:
+                    request.responseHeaders.removeHeader(name)
+                f.raiseException()
             if not f.check(ConnectionError):
                 log.failure(
                     "Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid)
@@ -456,6 +477,7 @@ class ImageHandler:
         op.onCancel = lambda: abortConnection(request)
         request.upload = _Upload(ticket, op, sink, backend, flush == "y")  # type: ignore[attr-defined]
         sink.whenDone().addBoth(self._uploadDone, ticket, op)
+        sink.whenDone().addErrback(self._uploadFailedEarly, request, sink)
         log.debug(
             "WRITE ticket={ticketID} offset={offset} size={size} flush={flush}",
             ticketID=shortID(ticket.uuid),
@@ -473,6 +495,19 @@ class ImageHandler:
             log.failure(
                 "Upload for ticket {ticketID} failed", result, ticketID=shortID(ticket.uuid)
             )
+
+    def _uploadFailedEarly(self, reason: Failure, request: Request, sink: UploadSink) -> None:
+        # Storage failed while the body is still arriving: answer now and
+        # close rather than read (and drop) the rest of a huge body. Once the
+        # body is complete, handlePUT answers.
+        if sink.bodyReceived or reason.check(ShortBody):
+            return
+        mapped = _failureToHTTP(reason)
+        if mapped.check(HTTPError):
+            error: HTTPError = mapped.value  # type: ignore[assignment]
+        else:
+            error = HTTPError(500, INTERNAL_ERROR)
+        request.respondEarly(error)  # type: ignore[attr-defined]
 
     def handlePUT(self, request: Request, ticketID: str) -> Deferred[Any]:
         upload: _Upload = request.upload  # type: ignore[attr-defined]
@@ -642,32 +677,28 @@ class ChecksumHandler:
             size = min(size, ticket.size)
             hasher = _blkhash.Hasher(algorithm, blockSize)
             buf = memoryview(bytearray(blockSize))
+            extents: list[Any] = []
             position = 0
             while position < size:
+                got = yield backend.extents("zero", position, size - position)
+                if not got:
+                    break
+                extents.extend(got)
+                position = got[-1].start + got[-1].length
+            # Blocks are aligned to the image start, as upstream's, and may
+            # span several extents: a block is zero only if all of them are.
+            for block in _blkhash.splitBlocks(extents, blockSize):
                 if op.canceled:
                     raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-                extents = yield backend.extents("zero", position, size - position)
-                for extent in extents:
-                    end = extent.start + extent.length
-                    pos = extent.start
-                    while pos < end:
-                        if op.canceled:
-                            raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-                        # Blocks are aligned to the image start, as upstream's.
-                        blockEnd = min((pos // blockSize + 1) * blockSize, end)
-                        n = blockEnd - pos
-                        if extent.zero:
-                            yield self.service.runInPool(hasher.zero, n)
-                        else:
-                            got = yield backend.readInto(pos, buf[:n])
-                            if got != n:
-                                raise OSError(5, f"Short read at {pos}")
-                            yield self.service.runInPool(hasher.update, buf[:n])
-                        pos = blockEnd
-                        op.done = pos
-                    position = end
-                if not extents:
-                    break
+                if block.zero:
+                    yield self.service.runInPool(hasher.zero, block.length)
+                else:
+                    view = buf[: block.length]
+                    n = yield backend.readInto(block.start, view)
+                    if n != block.length:
+                        raise OSError(5, f"Short read at {block.start}")
+                    yield self.service.runInPool(hasher.update, view)
+                op.done = block.start + block.length
             result = {
                 "algorithm": algorithm,
                 "block_size": blockSize,

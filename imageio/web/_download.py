@@ -2,11 +2,11 @@
 """
 Download producer: a byte range of a backend streamed to a response.
 
-A push producer with two reusable, page-aligned buffers: while one is
-being sent, the next chunk is read on the disk-io pool. The transport
-pauses us when its buffer is full; a buffer is reused only after the
-transport asked for more, which means it has taken everything written
-before. Memory per download is two buffers, whatever the image size.
+A push producer with two reusable, page-aligned buffers: while one chunk
+waits for the transport (paused because the socket is full), the next is
+read on the disk-io pool. A buffer is free again as soon as it was
+written: TLS transports encrypt it at once and plain ones get a copy.
+Memory per download is two buffers, whatever the image size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -60,7 +60,6 @@ class DownloadProducer:
     idleTimeout: float | None = None
     done: Deferred[None] = field(factory=Deferred, init=False)
     _free: list[memoryview] = field(factory=list, init=False)
-    _sent: list[memoryview] = field(factory=list, init=False)
     _buffers: int = field(default=0, init=False)
     _ready: tuple[memoryview, int] | None = field(default=None, init=False)
     _reading: bool = field(default=False, init=False)
@@ -69,6 +68,7 @@ class DownloadProducer:
     _position: int = field(default=0, init=False)
     _delivered: int = field(default=0, init=False)
     _stall: IDelayedCall | None = field(default=None, init=False)
+    _zeroCopy: bool = field(default=False, init=False)
 
     def start(self) -> Deferred[None]:
         """
@@ -78,6 +78,10 @@ class DownloadProducer:
             when it was cut.
         """
         self._position = self.offset
+        # TLS transports encrypt what they are given at once, so a view of
+        # our buffer is safe and saves a copy. Plain sockets keep the object
+        # until the kernel took it and accept only bytes.
+        self._zeroCopy = ISSLTransport.providedBy(getattr(self.request.channel, "transport", None))
         self.request.registerProducer(self, True)
         # A real transport calls stopProducing on disconnect; notifyFinish
         # also covers test transports.
@@ -100,13 +104,20 @@ class DownloadProducer:
                 self._stall.cancel()
             self._stall = None
         self._paused = False
-        # The transport took everything written so far.
-        self._free.extend(self._sent)
-        self._sent.clear()
         self._pump()
 
     def stopProducing(self) -> None:
         self._stop(Failure(ConnectionError("Client disconnected")))
+
+    def cancel(self, reason: Exception | None = None) -> None:
+        """
+        The transfer was canceled: stop now, cutting the response if it
+        started.
+
+        @param reason: What L{done} fails with, L{OperationCanceled} by
+            default.
+        """
+        self._abort(Failure(reason or OperationCanceled("Transfer was canceled")))
 
     # Internals
 
@@ -121,10 +132,9 @@ class DownloadProducer:
             self._ready = None
             self._delivered += n
             self.op.done = self._delivered
-            self.request.write(buf[:n])
-            if self._paused:
-                self._sent.append(buf)
-            # else: the transport may still hold the buffer; let it go.
+            self.request.write(buf[:n] if self._zeroCopy else bytes(buf[:n]))  # type: ignore[arg-type]
+            # The transport encrypted or copied it: reuse.
+            self._free.append(buf)
             if self._delivered == self.length:
                 self._finish()
                 return
@@ -143,11 +153,14 @@ class DownloadProducer:
         self._reading = True
         d = self.backend.readInto(self._position, buf[:size])
         d.addCallbacks(self._gotData, self._readFailed, callbackArgs=(buf, size))
+        # A bug after the read (writing to the transport) must cut the
+        # response, not leave it hanging with an unhandled error.
+        d.addErrback(self._abort)
 
     def _buffer(self) -> memoryview | None:
         if self._free:
             return self._free.pop()
-        if self._buffers < 2 or not self._sent:
+        if self._buffers < 2:
             self._buffers += 1
             size = min(self.bufferSize, max(self.length, 1))
             return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
@@ -185,12 +198,13 @@ class DownloadProducer:
         self.done.callback(None)
 
     def _abort(self, reason: Failure) -> None:
-        # Headers are out: cut the connection so the client sees a short body.
+        # Once the headers are out, cut the connection so the client sees a
+        # short body; before that, L{done} fails and the caller answers.
         if self._stopped:
             return
         transport = getattr(self.request.channel, "transport", None)
         self._stop(reason)
-        if transport is not None:
+        if transport is not None and self.request.startedWriting:
             transport.abortConnection()
 
     def _stop(self, reason: Failure) -> None:
@@ -210,7 +224,6 @@ class DownloadProducer:
 
     def _release(self) -> None:
         self._free.clear()
-        self._sent.clear()
         self._ready = None
 
 

@@ -11,7 +11,7 @@ headers are in. A resource that provides L{IStreamingUpload} returns an
 L{IBodySink}; others get twisted.web's usual buffering.
 
 A resource may also refuse a request before its body: L{HTTPError} from
-C{bodySink} is answered at once (after Twisted's automatic
+C{bodySink} is answered at once (instead of Twisted's automatic
 C{100 Continue}) and the connection closed, so a 100 GiB upload with a bad
 ticket is not read.
 """
@@ -294,6 +294,11 @@ class ImageioChannel(http.HTTPChannel):
         else:
             self._respondToStatus(431, b"Request Header Fields Too Large")
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own 400 (bad request line, headers or Content-Length) has
+        # no body and no Content-Length; answer in our format.
+        self._respondToStatus(400, b"Bad Request")
+
     def _respondToStatus(self, code: int, reason: bytes) -> None:
         body = reason + b"\n"
         transport: Any = self.transport
@@ -304,6 +309,14 @@ class ImageioChannel(http.HTTPChannel):
         )
         self.closingEarly = True
         self.loseConnection()
+
+    def _send100Continue(self) -> None:
+        # A request refused from its headers gets its final status instead
+        # (RFC 9110 10.1.1), so the client does not start sending the body.
+        request = self.requests[-1] if self.requests else None
+        if getattr(request, "_earlyError", None) is not None:
+            return
+        super()._send100Continue()  # type: ignore[misc]
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()

@@ -124,6 +124,13 @@ class UploadSink:
     def bytesWritten(self) -> int:
         return self._written
 
+    @property
+    def bodyReceived(self) -> bool:
+        """
+        The whole body arrived (it may not all be written yet).
+        """
+        return self._complete
+
     # Internals
 
     def _gotBackend(self, backend: IBackend) -> None:
@@ -155,6 +162,11 @@ class UploadSink:
                 self._queue.popleft()
             else:
                 self._queue[0] = piece[n:]
+        # Resume once the queue drained into the buffer, so the client
+        # sends the next buffer while this one is written.
+        if self._paused and self._queued < self.bufferSize // 2:
+            self._paused = False
+            self.producer.resumeProducing()
         remaining = self.length - self._written
         if self._fill and (self._fill == self._limit or self._fill == remaining):
             self._writing = True
@@ -180,9 +192,6 @@ class UploadSink:
         self.op.done = self._written
         self._startBuffer()
         self.onProgress()
-        if self._paused and self._queued < self.bufferSize // 2:
-            self._paused = False
-            self.producer.resumeProducing()
         self._pump()
 
     def _writeFailed(self, reason: Failure) -> None:
