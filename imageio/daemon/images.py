@@ -417,7 +417,9 @@ class ImageHandler:
                 for name in _GET_HEADERS:
                     request.responseHeaders.removeHeader(name)
                 f.raiseException()
-            if not f.check(ConnectionError):
+            if f.check(OperationCanceled):
+                log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
+            elif not f.check(ConnectionError):
                 log.failure(
                     "Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid)
                 )

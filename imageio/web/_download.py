@@ -212,7 +212,9 @@ class DownloadProducer:
             return
         self._stopped = True
         self._cancelStall()
-        if self.request.producer is self:
+        # After a disconnect the request has no channel left to unregister
+        # from (Request.connectionLost cleared it).
+        if self.request.producer is self and self.request.channel is not None:
             self.request.unregisterProducer()
         self._release()
         self.done.errback(reason)
