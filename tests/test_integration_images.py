@@ -1,0 +1,281 @@
+# -*- test-case-name: tests.test_integration_images -*-
+"""
+Integration tests of the images API: the service built as in production
+(L{imageio.tap.ImageioService}) on a real reactor, with TLS, the local
+UNIX socket, real files through the file backend and the real disk-io
+pool, driven by C{curl} and Python's C{http.client}.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
+
+from imageio import config as _config
+
+MiB = 1024**2
+
+CURL = shutil.which("curl")
+
+#: Image size: several 8 MiB buffers plus an unaligned tail.
+SIZE = 17 * MiB + 1234
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost")
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+class ImagesIntegrationTests(TestCase):
+    """
+    Transfers with real clients against the real service.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        from imageio import _pki
+        from imageio.tap import ImageioService
+
+        # UNIX socket paths must be short: keep them out of _trial_temp.
+        self.sockets = tempfile.mkdtemp(prefix="imageio-it-")
+        self.addCleanup(shutil.rmtree, self.sockets, True)
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        self.pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        config = _config.Config()
+        config.daemon.systemd_enable = False
+        config.remote.host = "127.0.0.1"
+        config.remote.port = 0
+        config.tls.cert_file = self.pki.certFile
+        config.tls.key_file = self.pki.keyFile
+        config.local.socket = os.path.join(self.sockets, "local.sock")
+        config.control.socket = os.path.join(self.sockets, "control.sock")
+        self.service = ImageioService(config, reactor, self.dir / "state")
+        self.service.startService()
+        self.addCleanup(self._stop)
+        address: Any = self.service.ports["remote"].getHost()
+        self.port = address.port
+        self.local = config.local.socket
+        self.url = f"https://127.0.0.1:{self.port}/images/"
+        self.source = self.dir / "source.raw"
+        self.source.write_bytes(os.urandom(SIZE))
+
+    @inlineCallbacks
+    def _stop(self) -> Any:
+        yield self.service.stopService()
+        # Let server-side connections see their clients' close.
+        yield deferLater(reactor, 0.1, lambda: None)
+
+    def addTicket(
+        self, path: Path, ops: tuple[str, ...], uuid: str = "t1", size: int = SIZE
+    ) -> None:
+        self.service.registry.add(
+            {
+                "uuid": uuid,
+                "size": size,
+                "ops": list(ops),
+                "timeout": 300,
+                "url": path.as_uri(),
+                "transfer_id": f"tr-{uuid}",
+            }
+        )
+
+    def newImage(self, name: str = "target.raw", size: int = SIZE) -> Path:
+        path = self.dir / name
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
+    @inlineCallbacks
+    def curl(self, *args: str) -> Any:
+        """
+        Run curl, failing the test unless it exits 0.
+
+        @return: Its standard output.
+        """
+        if CURL is None:
+            raise SkipTest("curl is not installed")
+        out, err, code = yield getProcessOutputAndValue(
+            CURL, ["-sS", "--fail", "--max-time", "60", *args], env=dict(os.environ)
+        )
+        if code != 0:
+            self.fail(f"curl {' '.join(args)} exited {code}: {err.decode(errors='replace')}")
+        return out
+
+    @inlineCallbacks
+    def test_downloadHTTPS(self) -> Any:
+        """
+        C{curl --cacert} downloads the whole image over HTTPS.
+        """
+        self.addTicket(self.source, ("read",))
+        out = self.dir / "out.raw"
+        yield self.curl("--cacert", self.pki.caFile, "-o", str(out), self.url + "t1")
+        self.assertEqual(out.read_bytes(), self.source.read_bytes())
+        info = self.service.registry.get("t1").info(0)
+        self.assertEqual((info["transferred"], info["active"]), (SIZE, False))
+
+    @inlineCallbacks
+    def test_resumeDownload(self) -> Any:
+        """
+        C{curl -C -} resumes a partial download with a Range request.
+        """
+        self.addTicket(self.source, ("read",))
+        out = self.dir / "out.raw"
+        data = self.source.read_bytes()
+        out.write_bytes(data[: 5 * MiB + 17])
+        yield self.curl("--cacert", self.pki.caFile, "-C", "-", "-o", str(out), self.url + "t1")
+        self.assertEqual(out.read_bytes(), data)
+
+    @inlineCallbacks
+    def test_uploadHTTPS(self) -> Any:
+        """
+        C{curl -T} uploads a file over HTTPS (with C{Expect: 100-continue}),
+        and the image on disk equals it.
+        """
+        target = self.newImage()
+        self.addTicket(target, ("write",))
+        yield self.curl("--cacert", self.pki.caFile, "-T", str(self.source), self.url + "t1")
+        self.assertEqual(target.read_bytes(), self.source.read_bytes())
+        ticket = self.service.registry.get("t1")
+        self.assertEqual(ticket.writtenRanges(), [(0, SIZE)])
+        self.assertEqual(ticket.flushedRanges(), [(0, SIZE)])
+
+    @inlineCallbacks
+    def test_uploadForbidden(self) -> Any:
+        """
+        An upload with an unknown ticket gets 403 at once: curl sees the
+        status, not a connection reset.
+        """
+        if CURL is None:
+            raise SkipTest("curl is not installed")
+        out, err, code = yield getProcessOutputAndValue(
+            CURL,
+            [
+                "-sS",
+                "--max-time",
+                "30",
+                "--cacert",
+                self.pki.caFile,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-T",
+                str(self.source),
+                self.url + "nope",
+            ],
+            env=dict(os.environ),
+        )
+        self.assertEqual((out, code), (b"403", 0), err)
+
+    @inlineCallbacks
+    def test_unixSocket(self) -> Any:
+        """
+        Upload and download over the local UNIX socket with
+        C{curl --unix-socket}.
+        """
+        target = self.newImage()
+        self.addTicket(target, ("read", "write"))
+        url = "http://localhost/images/t1"
+        yield self.curl("--unix-socket", self.local, "-T", str(self.source), url)
+        self.assertEqual(target.read_bytes(), self.source.read_bytes())
+        out = self.dir / "out.raw"
+        yield self.curl("--unix-socket", self.local, "-o", str(out), url)
+        self.assertEqual(out.read_bytes(), self.source.read_bytes())
+        options = yield self.curl("--unix-socket", self.local, "-X", "OPTIONS", url)
+        body = json.loads(options)
+        self.assertEqual(body["unix_socket"], self.local)
+        self.assertEqual(body["max_writers"], 1)
+
+    @inlineCallbacks
+    def test_httpClientRanges(self) -> Any:
+        """
+        C{http.client} on one keep-alive TLS connection: PUT pieces with
+        Content-Range at unaligned offsets, flush, then ranged GETs return the
+        same bytes.
+        """
+        target = self.newImage()
+        self.addTicket(target, ("read", "write"))
+        data = self.source.read_bytes()
+        context = ssl.create_default_context(cafile=self.pki.caFile)
+        port = self.port
+
+        def client() -> list[tuple[int, bytes]]:
+            conn = http.client.HTTPSConnection("localhost", port, context=context)
+            results = []
+            try:
+                pieces = [(0, 4097), (4097, 3 * MiB), (3 * MiB + 4097, SIZE - 3 * MiB - 4097)]
+                for offset, length in pieces:
+                    conn.request(
+                        "PUT",
+                        "/images/t1?flush=n",
+                        body=data[offset : offset + length],
+                        headers={"Content-Range": f"bytes {offset}-{offset + length - 1}/*"},
+                    )
+                    r = conn.getresponse()
+                    results.append((r.status, r.read()))
+                conn.request(
+                    "PATCH",
+                    "/images/t1",
+                    body=b'{"op": "flush"}',
+                    headers={"Content-Type": "application/json"},
+                )
+                r = conn.getresponse()
+                results.append((r.status, r.read()))
+                for first, last in ((0, 0), (511, 8 * MiB + 3), (SIZE - 10, SIZE - 1)):
+                    conn.request("GET", "/images/t1", headers={"Range": f"bytes={first}-{last}"})
+                    r = conn.getresponse()
+                    results.append((r.status, r.read()))
+            finally:
+                conn.close()
+            return results
+
+        results = yield deferToThread(client)
+        self.assertEqual([status for status, _ in results], [200] * 4 + [206] * 3)
+        self.assertEqual([body for _, body in results[:4]], [b""] * 4)
+        self.assertEqual(results[4][1], data[0:1])
+        self.assertEqual(results[5][1], data[511 : 8 * MiB + 4])
+        self.assertEqual(results[6][1], data[SIZE - 10 :])
+        self.assertEqual(target.read_bytes(), data)
+
+    @inlineCallbacks
+    def test_httpClientUnixSocket(self) -> Any:
+        """
+        C{http.client} over the UNIX socket: a ranged GET of the source.
+        """
+        self.addTicket(self.source, ("read",))
+        data = self.source.read_bytes()
+        path = self.local
+
+        def client() -> tuple[int, str | None, bytes]:
+            conn = _UnixHTTPConnection(path)
+            try:
+                conn.request("GET", "/images/t1", headers={"Range": "bytes=-100"})
+                r = conn.getresponse()
+                return r.status, r.getheader("content-range"), r.read()
+            finally:
+                conn.close()
+
+        status, contentRange, body = yield deferToThread(client)
+        self.assertEqual((status, body), (206, data[-100:]))
+        self.assertEqual(contentRange, f"bytes {SIZE - 100}-{SIZE - 1}/{SIZE}")
