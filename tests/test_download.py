@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import alsoProvides
 from zope.interface.verify import verifyObject
 
 from imageio import _buffers
@@ -26,11 +26,14 @@ from tests._http import FakeBackend
 BUFFER = 4096
 
 
-@implementer(ISSLTransport)  # type: ignore[misc]
 class TLSStringTransport(StringTransport):
     """
     A transport that says it is TLS, and accepts views like TLS transports.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        alsoProvides(self, ISSLTransport)
 
     def write(self, data: Any) -> None:
         super().write(bytes(data))
