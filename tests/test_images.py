@@ -767,6 +767,41 @@ class PutTests(ImagesTestCase):
         response, conn = self.put(b"abc", path=b"/images/")
         self.assertError(response, 400, "Ticket id is required")
 
+    def test_transferEncodings(self) -> None:
+        """
+        Transfer codings other than one C{chunked}, and C{Transfer-Encoding}
+        with C{Content-Length}, are 400 and close; nothing is written.
+        """
+        for headers in (
+            [(b"Transfer-Encoding", b"gzip")],
+            [(b"Transfer-Encoding", b"chunked, identity")],
+            [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")],
+        ):
+            conn = self.h.connect()
+            conn.send(
+                request(b"PUT", b"/images/t1", headers, contentLength=False)
+                + b"3\r\nabc\r\n0\r\n\r\n"
+            )
+            response = conn.response()
+            self.assertEqual(response.status, 400, headers)
+            self.assertTrue(conn.closed)
+        self.assertEqual(self.image(), bytes(100))
+
+    def test_openFailure(self) -> None:
+        """
+        A backend that cannot be opened fails the PUT with the generic 500
+        before the body is read, and closes.
+        """
+        name = self.ticket.url.split(":", 1)[1]
+        memory.failNext(name, "open", ValueError("/secret/path"))
+        conn = self.h.connect()
+        conn.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n")
+        response = conn.response()
+        self.assertError(response, 500, INTERNAL_ERROR, close=True)
+        self.assertTrue(conn.closed)
+        self.assertFalse(self.ticket.active)
+        self.assertTrue(self.flushLoggedErrors(ValueError))
+
     def test_bodyNotSpooled(self) -> None:
         """
         A PUT body streams to storage: when the handler runs,

@@ -279,3 +279,27 @@ class ImagesIntegrationTests(TestCase):
         status, contentRange, body = yield deferToThread(client)
         self.assertEqual((status, body), (206, data[-100:]))
         self.assertEqual(contentRange, f"bytes {SIZE - 100}-{SIZE - 1}/{SIZE}")
+
+    @inlineCallbacks
+    def test_checksum(self) -> Any:
+        """
+        The checksum of a file with data and a hole, through the file
+        backend, equals a direct blkhash computation.
+        """
+        from imageio._blkhash import Hasher
+
+        image = self.newImage("sparse.raw", 9 * MiB + 100)
+        with open(image, "r+b") as f:
+            f.seek(MiB + 7)
+            f.write(b"data" * 1000)
+            f.seek(9 * MiB)
+            f.write(b"t" * 100)
+        self.addTicket(image, ("read",), size=9 * MiB + 100)
+        out = yield self.curl(
+            "--cacert", self.pki.caFile, self.url + "t1/checksum?block_size=1048576"
+        )
+        hasher = Hasher("blake2b", MiB)
+        data = image.read_bytes()
+        for i in range(0, len(data), MiB):
+            hasher.update(data[i : i + MiB])
+        self.assertEqual(json.loads(out)["checksum"], hasher.hexdigest())

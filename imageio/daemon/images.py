@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 import imageio
-from imageio import _blkhash
+from imageio import _blkhash, _buffers
 from imageio._log import Logger
 from imageio.interfaces import IBackend, IBackendOpener, IBodySink, UnsupportedOperation
 from imageio.ranges import (
@@ -678,7 +678,8 @@ class ChecksumHandler:
             size = yield backend.size()
             size = min(size, ticket.size)
             hasher = _blkhash.Hasher(algorithm, blockSize)
-            buf = memoryview(bytearray(blockSize))
+            # Page-aligned: O_DIRECT reads go straight into it.
+            buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
             extents: list[Any] = []
             position = 0
             while position < size:
