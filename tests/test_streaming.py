@@ -237,6 +237,33 @@ class BackpressureTests(StreamingTestCase):
         self.assertEqual((info["active"], info["transferred"]), (False, 4 * BUFFER))
 
 
+class GetProgressTests(StreamingTestCase):
+    """
+    C{transferred} while a download runs.
+    """
+
+    def test_transferredDuringGet(self) -> None:
+        """
+        A running GET counts the bytes sent so far; once done, its range.
+        """
+        ticket = self.ticket(ops=("read",))
+        conn = self.h.connect()
+        conn.send(
+            request(b"GET", b"/images/t1", {b"Range": b"bytes=100-%d" % (100 + 3 * BUFFER - 1)})
+        )
+        self.assertEqual(ticket.transferred(), 0)
+        self.backend.completeRead()
+        info = ticket.info(self.clock.seconds())
+        self.assertEqual(
+            (info["active"], info["transferred"], info["idle_time"]), (True, BUFFER, 0)
+        )
+        self.backend.completeRead()
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        info = ticket.info(self.clock.seconds())
+        self.assertEqual((info["active"], info["transferred"]), (False, 3 * BUFFER))
+
+
 class DisconnectTests(StreamingTestCase):
     """
     Clients that go away mid-transfer.
