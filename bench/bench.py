@@ -1154,7 +1154,6 @@ def environment(opts: argparse.Namespace, images: Images, servers: list[Server])
                 break
     with open("/proc/meminfo") as f:
         memTotal = int(f.readline().split()[1]) * KiB
-    dirty = first(["sh", "-c", "git status --porcelain -- imageio twisted | wc -l"])
     env = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "kernel": platform.release(),
@@ -1172,7 +1171,6 @@ def environment(opts: argparse.Namespace, images: Images, servers: list[Server])
         "bigSize": images.bigSize or None,
         "curl": first(["curl", "--version"]),
         "python": sys.version.split()[0],
-        "oursCommit": first(["git", "rev-parse", "--short", "HEAD"]) + f" (+{dirty} dirty files)",
         "runs": opts.runs,
         "warmup": opts.warmup,
     }
@@ -1240,11 +1238,19 @@ def ensureUpstreamVenv(venv: Path) -> str:
 
 
 def oursVersion() -> str:
+    """
+    The commit our daemon is started from, and whether its code differs from
+    it: others edit the same working tree, so what runs is whatever is on
+    disk when the server starts.
+    """
     try:
         commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).stdout.strip()
+        status = run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "imageio", "twisted"])
+        dirty = len(status.stdout.splitlines())
     except BenchError:
-        commit = "?"
-    return f"imageio (Twisted) {commit}"
+        return "imageio (Twisted), commit unknown"
+    suffix = f" + {dirty} uncommitted files under imageio/ and twisted/" if dirty else ""
+    return f"imageio (Twisted) {commit}{suffix}"
 
 
 def checkSpace(directory: Path, needed: int, what: str) -> None:
