@@ -19,12 +19,14 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from imageio import _pki
 from imageio import config as _config
 from imageio.tap import ImageioService
+from tests import engine
 
 MiB = 1024**2
 
@@ -206,12 +208,15 @@ class HTTPSClient:
         self,
         method: str,
         path: str,
-        body: bytes | None = None,
+        body: Any = None,
         headers: Mapping[str, str] | None = None,
+        chunked: bool = False,
     ) -> Reply:
         conn = self._connection()
         try:
-            conn.request(method, path, body=body, headers=dict(headers or {}))
+            conn.request(
+                method, path, body=body, headers=dict(headers or {}), encode_chunked=chunked
+            )
             response = conn.getresponse()
             data = response.read()
         except Exception:
@@ -230,12 +235,81 @@ class HTTPSClient:
         self,
         method: str,
         path: str,
-        body: bytes | None = None,
+        body: Any = None,
         headers: Mapping[str, str] | None = None,
+        chunked: bool = False,
     ) -> Deferred[Reply]:
-        return deferToThread(self.requestSync, method, path, body, headers)
+        return deferToThread(self.requestSync, method, path, body, headers, chunked)
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def proxyConfig(
+    directory: Path, pki: _pki.TestPKI, daemonCAFile: str | None = None
+) -> _config.Config:
+    """
+    A C{[proxy]} configuration with the test engine's certificates written
+    to C{directory}, trusting daemons signed by C{pki}'s CA (or
+    C{daemonCAFile}).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    engineCert = directory / "engine.pem"
+    engineCert.write_bytes(engine.engine().pem)
+    engineCA = directory / "engine-ca.pem"
+    engineCA.write_bytes(engine.engineCA().pem)
+    config = _config.Config()
+    config.daemon.systemd_enable = False
+    config.proxy.enable = True
+    config.proxy.host = "127.0.0.1"
+    config.proxy.port = 0
+    config.proxy.cert_file = pki.certFile
+    config.proxy.key_file = pki.keyFile
+    config.proxy.engine_cert_file = str(engineCert)
+    config.proxy.engine_ca_cert_file = str(engineCA)
+    config.proxy.daemon_ca_file = pki.caFile if daemonCAFile is None else daemonCAFile
+    return config
+
+
+@define
+class Proxy:
+    """
+    A proxy site listening with TLS on 127.0.0.1.
+    """
+
+    site: Any
+    port: Any
+    reactor: Any
+
+    @classmethod
+    @inlineCallbacks
+    def start(cls, reactor: Any, config: _config.Config, allowLoopback: bool = True) -> Any:
+        from imageio.proxy import makeProxySite
+        from imageio.web._tls import TLSServerEndpoint, makeServerContext
+
+        site = makeProxySite(config, reactor, None, None, None, allowLoopback=allowLoopback)
+        context = makeServerContext(config.proxy.cert_file, config.proxy.key_file)
+        endpoint = TLSServerEndpoint(
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), context, reactor
+        )
+        port = yield endpoint.listen(site)
+        return cls(site, port, reactor)
+
+    @property
+    def portNumber(self) -> int:
+        address: Any = self.port.getHost()
+        return int(address.port)
+
+    @property
+    def service(self) -> Any:
+        return self.site.service
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        dropServerConnections(self.reactor)
+        yield deferLater(self.reactor, 0.05, lambda: None)

@@ -57,6 +57,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -186,6 +187,15 @@ class VerifyingPolicy:
         return creator
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    """
+    The pool's connection factory without "Starting factory" log lines for
+    every connection.
+    """
+
+    noisy = False
+
+
 def makePool(reactor: Any, maxPerHost: int, idleTimeout: int) -> HTTPConnectionPool:
     """
     A persistent connection pool.
@@ -194,6 +204,7 @@ def makePool(reactor: Any, maxPerHost: int, idleTimeout: int) -> HTTPConnectionP
     connection, by Twisted's pool; an upload is never replayed.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = maxPerHost
     pool.cachedConnectionTimeout = idleTimeout
     return pool
