@@ -435,17 +435,19 @@ def makeImages(directory: Path, size: int) -> Images:
     return Images(directory, size, image, pieces, ranges, targetMode=mode)
 
 
-def makeBigSource(images: Images, targetDirectory: Path, size: int) -> None:
+def makeBigSource(images: Images, sourceDirectory: Path, targetDirectory: Path, size: int) -> None:
     """
     A sparse C{size} file with C{BIG_DATA_BLOCKS} random MiB spread over it,
-    next to the image.  On tmpfs its holes read as the shared zero page, so
-    curl reads it at memory speed and the upload measures the server (on
-    ext4 every hole read allocates and zeroes page cache: 0.6 s/GiB of the
-    client's CPU, and 8 GiB of page cache).  The target goes to
-    C{targetDirectory}, on disk by default.
+    in C{sourceDirectory} (tmpfs when there is one).  On tmpfs its holes
+    read as the shared zero page, so curl reads it at memory speed and the
+    upload measures the server (on ext4 every hole read allocates and zeroes
+    page cache: 0.6 s/GiB or more of the client's CPU, enough to make curl
+    the bottleneck).  The target goes to C{targetDirectory}, on disk by
+    default.
     """
+    sourceDirectory.mkdir(parents=True, exist_ok=True)
     targetDirectory.mkdir(parents=True, exist_ok=True)
-    source = images.directory / "big-source.raw"
+    source = sourceDirectory / "big-source.raw"
     say(f"creating sparse {humanSize(size)} big-upload source {source}")
     offsets = sorted({(size * i // BIG_DATA_BLOCKS) // MiB * MiB for i in range(BIG_DATA_BLOCKS)})
     offsets = [o for o in offsets if o + MiB <= size]
@@ -1403,15 +1405,19 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
         checkSpace(opts.big_dir, opts.big_size + 64 * MiB, "--big-dir")
 
     loadAtStart = open("/proc/loadavg").read().split()[:3]
-    for directory in {opts.dir, opts.big_dir, Path(tempfile.gettempdir())}:
+    for directory in {opts.dir, opts.big_dir, Path("/dev/shm"), Path(tempfile.gettempdir())}:
         removeStale(directory)
     work = workspace.add(Path(tempfile.mkdtemp(prefix=f"imageio-bench-{os.getpid()}-")))
     certs = makeCertificates(work / "pki")
     images = makeImages(workspace.add(opts.dir / f"imageio-bench-{os.getpid()}"), opts.size)
     if "big" in opts.groups:
-        makeBigSource(
-            images, workspace.add(opts.big_dir / f"imageio-bench-{os.getpid()}"), opts.big_size
-        )
+        shm = Path("/dev/shm")
+        if shm.is_dir() and fsType(shm).startswith("tmpfs"):
+            sourceDirectory = workspace.add(shm / f"imageio-bench-{os.getpid()}-big")
+        else:
+            sourceDirectory = images.directory
+        targetDirectory = workspace.add(opts.big_dir / f"imageio-bench-{os.getpid()}")
+        makeBigSource(images, sourceDirectory, targetDirectory, opts.big_size)
 
     for name in names:
         template = opts.ours_cmd if name == "ours" else opts.upstream_cmd
