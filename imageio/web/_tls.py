@@ -1,0 +1,796 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+Server-side TLS on the standard library's C{ssl} module.
+
+Twisted's own TLS layer (L{twisted.protocols.tls}) drives pyOpenSSL from
+Python in 16 KiB steps and costs about twice the CPU per GiB of the stdlib's
+C{ssl.SSLObject}. Image transfers move many GiB over HTTPS on small hosts, so
+the server side uses this module instead: L{TLSServerProtocol} wraps an
+application protocol and encrypts and decrypts with an C{SSLObject} over two
+C{MemoryBIO}s, in large pieces, handing ciphertext to the TCP transport
+unchanged. Producers pass straight through to the TCP transport, so
+backpressure behaves exactly as it does without TLS.
+
+L{makeServerContext} builds the C{ssl.SSLContext} (TLS 1.2 minimum, no
+renegotiation, ALPN C{http/1.1}) and refuses missing, mismatched or expired
+certificates with a L{TLSConfigError} naming the file;
+L{TLSServerEndpoint} puts it all in front of any stream server endpoint.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, NoReturn, Protocol, cast
+
+from attrs import frozen
+from cryptography import x509
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone, ConnectionLost, TimeoutError
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IHandshakeListener,
+    INegotiated,
+    IProducer,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    IStreamServerEndpoint,
+    ITCPTransport,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol as _Protocol
+from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IAddress, IListeningPort
+
+log = Logger()
+
+#: Plaintext is decrypted into a per-factory buffer of this size and handed
+#: to the application in pieces of up to this size. OpenSSL returns one
+#: 16 KiB record per read; gathering them into one preallocated buffer halves
+#: the CPU cost of a fresh C{bytes} per record.
+READ_SIZE = 256 * 1024
+
+#: Plaintext is encrypted in pieces of this size, so one huge write does not
+#: hold its whole ciphertext in the outgoing BIO and a copy of it at once.
+WRITE_SIZE = 256 * 1024
+
+#: Seconds a client gets to complete the TLS handshake (reliability F.29;
+#: QEMU's NBD server uses the same deadline).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+#: Warn at startup when the certificate expires sooner than this.
+EXPIRY_WARNING = timedelta(days=30)
+
+# OpenSSL 3 allows TLS 1.0/1.1 only at security level 0, which also accepts
+# weak keys and SHA-1 signatures; it is only used when an operator enables
+# TLS 1.1. Forward-secret AEAD and CBC suites only; TLS 1.1 needs the CBC ones.
+_TLS11_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES:DHE+AES:!aNULL:!eNULL:!MD5:@SECLEVEL=0"
+
+
+class TLSConfigError(Exception):
+    """
+    The TLS configuration cannot be used: a file is missing or unreadable,
+    the key does not match the certificate, or the certificate expired. The
+    message names the file.
+    """
+
+
+class _Transport(Protocol):
+    """
+    What L{TLSServerProtocol} needs from the transport under it: an
+    L{ITransport} that is also a consumer and a push producer, as every
+    stream transport in Twisted is.
+    """
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+    def getHost(self) -> IAddress: ...
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def stopProducing(self) -> None: ...
+
+
+def _refusePassword() -> NoReturn:
+    # Without a callback OpenSSL would prompt on the terminal and the daemon
+    # would hang at startup; the caller turns this into a TLSConfigError.
+    raise _EncryptedKey()
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _readPEM(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"Cannot read {what} file {path}: {e.strerror}") from e
+
+
+def _checkCertificates(path: str, pem: bytes, now: datetime) -> None:
+    """
+    Refuse a certificate file holding no certificate or an expired one; warn
+    about one that is not valid yet or expires soon.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise TLSConfigError(f"No valid PEM certificate in {path}: {e}") from e
+    for cert in certs:
+        subject = cert.subject.rfc4514_string() or "(empty subject)"
+        notAfter = cert.not_valid_after_utc
+        if notAfter <= now:
+            raise TLSConfigError(
+                f"Certificate {subject} in {path} expired on {notAfter.isoformat()}"
+            )
+        if cert.not_valid_before_utc > now:
+            log.warn(
+                "Certificate {subject} in {path} is not valid until {notBefore};"
+                " is the clock right?",
+                subject=subject,
+                path=path,
+                notBefore=cert.not_valid_before_utc.isoformat(),
+            )
+        if notAfter - now < EXPIRY_WARNING:
+            log.warn(
+                "Certificate {subject} in {path} expires on {notAfter}",
+                subject=subject,
+                path=path,
+                notAfter=notAfter.isoformat(),
+            )
+
+
+def makeServerContext(
+    certFile: str, keyFile: str, *, caFile: str = "", enableTLS11: bool = False
+) -> ssl.SSLContext:
+    """
+    Build the TLS context for a listening port.
+
+    TLS 1.2 is the minimum; renegotiation and compression are off; ALPN
+    offers C{http/1.1}; no client certificate is requested.
+
+    @param certFile: PEM file with the server certificate, optionally
+        followed by its chain (intermediates), sent to clients as is.
+    @param keyFile: PEM file with the unencrypted private key.
+    @param caFile: Optional PEM file with the CA certificates. It goes into
+        the context's trust store, from which OpenSSL completes the chain it
+        sends when C{certFile} holds only the server certificate. It is not
+        used to verify clients.
+    @param enableTLS11: Also accept TLS 1.1, for legacy clients. OpenSSL 3
+        refuses TLS 1.1 at its default security level, so this also lowers
+        the security level to 0 (C{@SECLEVEL=0} in the cipher string), which
+        accepts weaker keys and SHA-1 signatures for every protocol version.
+        Only forward-secret AES and ChaCha20 suites are offered.
+
+    @return: A server-side context.
+
+    @raise TLSConfigError: A file is missing or unreadable, holds no
+        certificate or key, the key does not match the certificate, the key
+        is encrypted, or a certificate in C{certFile} has expired.
+    """
+    certPEM = _readPEM(certFile, "certificate")
+    _readPEM(keyFile, "private key")
+    _checkCertificates(certFile, certPEM, datetime.now(UTC))
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if enableTLS11:
+        context.minimum_version = ssl.TLSVersion.TLSv1_1
+        context.set_ciphers(_TLS11_CIPHERS)
+    else:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= (
+        ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    )
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+
+    try:
+        context.load_cert_chain(certFile, keyFile, password=_refusePassword)
+    except _EncryptedKey:
+        raise TLSConfigError(
+            f"Private key {keyFile} is encrypted; an unencrypted key is required"
+        ) from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise TLSConfigError(
+                f"Private key {keyFile} does not match certificate {certFile}"
+            ) from e
+        raise TLSConfigError(
+            f"Cannot load certificate {certFile} with private key {keyFile}: {e.reason or e}"
+        ) from e
+
+    if caFile:
+        _readPEM(caFile, "CA certificate")
+        try:
+            context.load_verify_locations(cafile=caFile)
+        except ssl.SSLError as e:
+            raise TLSConfigError(
+                f"No valid PEM certificate in CA file {caFile}: {e.reason or e}"
+            ) from e
+    return context
+
+
+def _describePeer(address: IAddress) -> str:
+    if isinstance(address, IPv4Address | IPv6Address):
+        return f"{address.host}:{address.port}"
+    return str(address)
+
+
+def _describeError(error: BaseException) -> str:
+    # One line, no traceback: "HTTP_REQUEST", "UNSUPPORTED_PROTOCOL", ...
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return str(error.reason)
+    return str(error) or type(error).__name__
+
+
+@implementer(ITCPTransport, ISSLTransport, INegotiated, IPushProducer, IConsumer)
+class TLSServerProtocol(_Protocol):
+    """
+    The server side of one TLS connection: decrypts what the TCP transport
+    delivers for the wrapped protocol and encrypts what the wrapped protocol
+    writes; to the wrapped protocol it is the transport.
+
+    Providing L{INegotiated} (and so L{ISSLTransport
+    <twisted.internet.interfaces.ISSLTransport>}) makes
+    C{twisted.web}'s C{Request.isSecure()} true.
+
+    How the connection ended, as the wrapped protocol's C{connectionLost}
+    sees it:
+        - L{ConnectionDone}: the peer sent C{close_notify}, or this side
+          closed with L{loseConnection}.
+        - L{ConnectionLost}: the peer closed TCP without C{close_notify}
+          (after the handshake this means the data may be truncated).
+        - C{ssl.SSLError}: the handshake failed or a record did not decrypt.
+        - L{TimeoutError}: the handshake did not complete in time.
+        - Otherwise what the TCP transport reported.
+
+    @ivar wrappedProtocol: The application protocol.
+    @ivar disconnecting: L{loseConnection} or L{abortConnection} was called.
+    """
+
+    def __init__(self, factory: TLSServerFactory, wrappedProtocol: IProtocol) -> None:
+        self.factory = factory
+        self.wrappedProtocol = wrappedProtocol
+        self.disconnecting = False
+        self._factory = factory
+        self._tcp: _Transport | None = None
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = factory.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._handshakeDone = False
+        self._handshakeTimer: IDelayedCall | None = None
+        # Plaintext the wrapped protocol wrote before the handshake completed.
+        self._pending: list[bytes] = []
+        self._producer: IProducer | None = None
+        self._readPaused = False
+        self._delivering = False
+        # The peer's close_notify arrived: no more plaintext will come.
+        self._peerClosed = False
+        # Our close_notify was sent: no more plaintext may be written.
+        self._closeNotifySent = False
+        self._aborted = False
+        # The first failure (handshake, decryption, timeout) wins.
+        self._reason: Failure | None = None
+
+    # IProtocol, as seen from the TCP transport
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """
+        Start the handshake deadline and connect the wrapped protocol, which
+        may write at once; such writes wait for the handshake.
+        """
+        self._tcp = cast(_Transport, transport)
+        _Protocol.makeConnection(self, transport)
+
+    def connectionMade(self) -> None:
+        self._factory.registerProtocol(self)
+        self._handshakeTimer = self._factory.clock.callLater(
+            self._factory.handshakeTimeout, self._handshakeTimedOut
+        )
+        self.wrappedProtocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Feed ciphertext to TLS, advance the handshake, and deliver whatever
+        plaintext it yields.
+        """
+        if self._peerClosed or self._aborted or self._reason is not None:
+            return
+        self._incoming.write(data)
+        if not self._handshakeDone and not self._doHandshake():
+            return
+        self._deliverPlaintext()
+        # Reading may have produced records to send (TLS 1.3 key updates,
+        # alerts).
+        self._flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """
+        Tell the wrapped protocol how the connection ended.
+        """
+        self._cancelHandshakeTimer()
+        self.connected = False
+        self._factory.unregisterProtocol(self)
+        if self._reason is not None:
+            reason = self._reason
+        elif self._peerClosed:
+            reason = Failure(ConnectionDone("TLS close_notify received"))
+        elif self._closeNotifySent or self._aborted:
+            pass
+        elif reason.check(ConnectionDone):
+            reason = Failure(ConnectionLost("Connection closed without TLS close_notify"))
+        wrapped = self.wrappedProtocol
+        self._producer = None
+        wrapped.connectionLost(reason)
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedProtocol
+        prefix = wrapped.logPrefix() if hasattr(wrapped, "logPrefix") else type(wrapped).__name__
+        return f"{prefix} (TLS)"
+
+    # The handshake
+
+    def _doHandshake(self) -> bool:
+        """
+        Advance the handshake.
+
+        @return: C{True} once it completed.
+        """
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return False
+        except ssl.SSLError as e:
+            self._handshakeFailed(e)
+            return False
+        self._handshakeDone = True
+        self._cancelHandshakeTimer()
+        # TLS 1.3 session tickets go out after the handshake.
+        self._flush()
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._encrypt(data)
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+        if self.disconnecting and self._producer is None and not self._aborted:
+            self._sendCloseNotify()
+        return True
+
+    def _handshakeFailed(self, error: ssl.SSLError) -> None:
+        self._reason = Failure(error)
+        log.info(
+            "TLS handshake with {peer} failed: {reason}",
+            peer=_describePeer(self.getPeer()),
+            reason=_describeError(error),
+        )
+        # Send the alert OpenSSL prepared ("protocol version", ...) so the
+        # client can say what went wrong; the handshake deadline still runs
+        # and aborts a close that stalls.
+        self._flush()
+        self._transport().loseConnection()
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        if self._reason is None:
+            log.info(
+                "TLS handshake with {peer} timed out after {timeout} s",
+                peer=_describePeer(self.getPeer()),
+                timeout=self._factory.handshakeTimeout,
+            )
+            self._reason = Failure(TimeoutError("TLS handshake timed out"))
+        self._abort()
+
+    def _cancelHandshakeTimer(self) -> None:
+        if self._handshakeTimer is not None:
+            if self._handshakeTimer.active():
+                self._handshakeTimer.cancel()
+            self._handshakeTimer = None
+
+    # Reading
+
+    def _deliverPlaintext(self) -> None:
+        """
+        Decrypt everything available and hand it to the wrapped protocol,
+        up to L{READ_SIZE} at a time, until TLS needs more ciphertext, the
+        peer closes, or the wrapped protocol pauses or closes this transport.
+        """
+        if self._delivering:
+            # Called again from inside the wrapped protocol (resumeProducing);
+            # the loop below picks up where it was.
+            return
+        self._delivering = True
+        try:
+            self._deliverLoop()
+        finally:
+            self._delivering = False
+
+    def _deliverLoop(self) -> None:
+        view = self._factory.readView
+        size = len(view)
+        while not (self._readPaused or self.disconnecting or self._peerClosed):
+            filled = 0
+            error: ssl.SSLError | None = None
+            wantRead = False
+            while filled < size:
+                try:
+                    # With a buffer, read() returns a count.
+                    n = cast(int, self._tls.read(size - filled, view[filled:]))
+                except ssl.SSLWantReadError:
+                    wantRead = True
+                    break
+                except ssl.SSLZeroReturnError:
+                    self._peerClosed = True
+                    break
+                except ssl.SSLError as e:
+                    error = e
+                    break
+                if n == 0:
+                    # CPython returns 0 instead of raising SSLZeroReturnError
+                    # once the peer's close_notify arrived: the peer closed.
+                    # (Looping here would spin the reactor forever.)
+                    self._peerClosed = True
+                    break
+                filled += n
+            if filled:
+                # Copy out before calling foreign code: the buffer is shared
+                # by every connection of the factory.
+                self.wrappedProtocol.dataReceived(bytes(view[:filled]))
+            if error is not None:
+                self._readFailed(error)
+                return
+            if self._peerClosed:
+                self._closedByPeer()
+                return
+            if wantRead:
+                return
+
+    def _readFailed(self, error: ssl.SSLError) -> None:
+        if self._reason is None:
+            self._reason = Failure(error)
+        log.info(
+            "TLS error from {peer}: {reason}",
+            peer=_describePeer(self.getPeer()),
+            reason=_describeError(error),
+        )
+        self._abort()
+
+    def _closedByPeer(self) -> None:
+        """
+        The peer sent close_notify: answer with ours and close TCP once the
+        data already written is sent.
+        """
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        self._sendCloseNotify()
+
+    # Writing
+
+    def _transport(self) -> _Transport:
+        assert self._tcp is not None, "not connected"
+        return self._tcp
+
+    def _flush(self) -> None:
+        if self._outgoing.pending:
+            self._transport().write(self._outgoing.read())
+
+    def _encrypt(self, data: bytes | memoryview) -> None:
+        tls = self._tls
+        try:
+            if len(data) <= WRITE_SIZE:
+                tls.write(data)
+                self._flush()
+                return
+            with memoryview(data) as view:
+                offset = 0
+                while offset < len(view):
+                    offset += tls.write(view[offset : offset + WRITE_SIZE])
+                    self._flush()
+        except ssl.SSLError as e:
+            if self._reason is None:
+                self._reason = Failure(e)
+            self._abort()
+
+    def _writable(self) -> bool:
+        return bool(self.connected) and not (
+            self._closeNotifySent or self._aborted or self._reason is not None
+        )
+
+    def write(self, data: bytes) -> None:
+        """
+        Encrypt C{data} and send it; before the handshake completed, keep it
+        until then. Data written after the connection closed is dropped.
+        """
+        if not data or not self._writable():
+            return
+        if not self._handshakeDone:
+            self._pending.append(bytes(data))
+            return
+        self._encrypt(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        """
+        Write each of C{data}; small pieces are joined into one record.
+        """
+        seq = list(data)
+        if sum(map(len, seq)) <= WRITE_SIZE:
+            self.write(b"".join(seq))
+        else:
+            for item in seq:
+                self.write(item)
+
+    # Closing
+
+    def _sendCloseNotify(self) -> None:
+        """
+        Send close_notify once, then close TCP after everything written.
+        """
+        if self._closeNotifySent:
+            return
+        self._closeNotifySent = True
+        try:
+            self._tls.unwrap()
+        except ssl.SSLError:
+            # SSLWantReadError: the peer's close_notify has not arrived; we
+            # do not wait for it.
+            pass
+        self._flush()
+        self._transport().loseConnection()
+
+    def _abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        self.disconnecting = True
+        self._cancelHandshakeTimer()
+        self._transport().abortConnection()
+
+    def loseConnection(self) -> None:
+        """
+        Close cleanly: send close_notify after all data written, then close
+        TCP once it is sent. With a producer registered, wait until it is
+        unregistered, as a TCP transport does. Before the handshake completed
+        (and with nothing written) there is nothing to close cleanly, so the
+        connection is aborted.
+        """
+        if self.disconnecting or not self.connected:
+            return
+        self.disconnecting = True
+        if not self._handshakeDone:
+            if not self._pending:
+                self._abort()
+            return
+        if self._producer is None:
+            self._sendCloseNotify()
+
+    def abortConnection(self) -> None:
+        """
+        Close at once: no close_notify, unsent data is dropped.
+        """
+        if not self.connected:
+            return
+        self._abort()
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send close_notify and half-close TCP; keep reading.
+        """
+        if self._closeNotifySent or not self._handshakeDone:
+            return
+        self._closeNotifySent = True
+        try:
+            self._tls.unwrap()
+        except ssl.SSLError:
+            pass
+        self._flush()
+        tcp = ITCPTransport(self._tcp, None)
+        if tcp is not None:
+            tcp.loseWriteConnection()
+
+    # ITCPTransport, ISSLTransport, INegotiated
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return cast("IPv4Address | IPv6Address", self._transport().getPeer())
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return cast("IPv4Address | IPv6Address", self._transport().getHost())
+
+    def getTcpNoDelay(self) -> bool:
+        tcp = ITCPTransport(self._tcp, None)
+        return bool(tcp.getTcpNoDelay()) if tcp is not None else False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        tcp = ITCPTransport(self._tcp, None)
+        if tcp is not None:
+            tcp.setTcpNoDelay(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        tcp = ITCPTransport(self._tcp, None)
+        return bool(tcp.getTcpKeepAlive()) if tcp is not None else False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        tcp = ITCPTransport(self._tcp, None)
+        if tcp is not None:
+            tcp.setTcpKeepAlive(enabled)
+
+    def getPeerCertificate(self) -> object:
+        """
+        @return: L{None}: clients are not asked for certificates.
+        """
+        return None
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        """
+        The ALPN protocol selected in the handshake (C{b"http/1.1"}), or
+        L{None} before the handshake or if the client did not use ALPN.
+        """
+        if not self._handshakeDone:
+            return None
+        selected = self._tls.selected_alpn_protocol()
+        return selected.encode("ascii") if selected else None
+
+    @property
+    def sslObject(self) -> ssl.SSLObject:
+        """
+        The C{ssl.SSLObject} of this connection, for C{version()},
+        C{cipher()} and the like.
+        """
+        return self._tls
+
+    # IConsumer: producers pass through to the TCP transport. Plaintext is
+    # encrypted as it is written and ciphertext is about the same size, so
+    # the TCP transport's buffer pauses and resumes them as it would
+    # without TLS.
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        if self._aborted or not self.connected:
+            producer.stopProducing()
+            return
+        self._transport().registerProducer(producer, streaming)
+        self._producer = producer
+
+    def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
+        self._transport().unregisterProducer()
+        if self.disconnecting and self._handshakeDone and not self._aborted:
+            self._sendCloseNotify()
+
+    # IPushProducer: the wrapped protocol pausing and resuming its input.
+
+    def pauseProducing(self) -> None:
+        """
+        Stop delivering plaintext and stop reading from TCP.
+        """
+        if self._readPaused:
+            return
+        self._readPaused = True
+        if not self.disconnecting:
+            self._transport().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        Deliver plaintext decrypted while paused, then read from TCP again.
+        """
+        if not self._readPaused:
+            return
+        self._readPaused = False
+        if self._handshakeDone and not self.disconnecting:
+            self._deliverPlaintext()
+            self._flush()
+        if not (self._readPaused or self.disconnecting):
+            self._transport().resumeProducing()
+
+    def stopProducing(self) -> None:
+        """
+        Stop reading for good: the TCP transport closes the connection.
+        """
+        self._transport().stopProducing()
+
+
+class TLSServerFactory(ServerFactory[TLSServerProtocol]):
+    """
+    Wraps a server factory so its protocols talk TLS, with the stdlib's
+    C{ssl} module, to their clients.
+
+    @ivar wrappedFactory: The application's factory.
+    @ivar context: The server context; connections made from now on use it.
+        Calling C{context.load_cert_chain()} again replaces the certificate
+        for new connections.
+    @ivar clock: Schedules the handshake deadline.
+    @ivar handshakeTimeout: Seconds a client gets to complete the handshake.
+    @ivar protocols: The open connections.
+    @ivar readView: Where connections decrypt into; shared, since the reactor
+        runs one connection at a time and each copies out before delivering.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        context: ssl.SSLContext,
+        clock: IReactorTime,
+        handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.wrappedFactory = wrappedFactory
+        self.context = context
+        self.clock = clock
+        self.handshakeTimeout = handshakeTimeout
+        self.protocols: set[TLSServerProtocol] = set()
+        self.readView = memoryview(bytearray(READ_SIZE))
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedFactory
+        prefix = wrapped.logPrefix() if hasattr(wrapped, "logPrefix") else type(wrapped).__name__
+        return f"{prefix} (TLS)"
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+        super().doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+        super().doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> TLSServerProtocol | None:
+        """
+        @return: A TLS wrapper around the wrapped factory's protocol, or
+            L{None} (refusing the connection) if it returned L{None}.
+        """
+        wrapped = self.wrappedFactory.buildProtocol(cast("IAddress", addr))
+        if wrapped is None:
+            return None
+        return TLSServerProtocol(self, wrapped)
+
+    def registerProtocol(self, protocol: TLSServerProtocol) -> None:
+        self.protocols.add(protocol)
+
+    def unregisterProtocol(self, protocol: TLSServerProtocol) -> None:
+        self.protocols.discard(protocol)
+
+
+@implementer(IStreamServerEndpoint)
+@frozen
+class TLSServerEndpoint:
+    """
+    Listens on C{wrapped} and speaks TLS to every client.
+
+    @ivar wrapped: The plain stream endpoint, usually TCP.
+    @ivar context: From L{makeServerContext}.
+    @ivar clock: Schedules handshake deadlines.
+    @ivar handshakeTimeout: Seconds a client gets to complete the handshake.
+    """
+
+    wrapped: IStreamServerEndpoint
+    context: ssl.SSLContext
+    clock: IReactorTime
+    handshakeTimeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """
+        @return: The wrapped endpoint's C{listen} result, listening with
+            C{protocolFactory} behind TLS.
+        """
+        return self.wrapped.listen(
+            TLSServerFactory(protocolFactory, self.context, self.clock, self.handshakeTimeout)
+        )
