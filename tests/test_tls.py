@@ -42,7 +42,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imageio._pki import TestPKI, makeTestPKI
+from imageio._pki import TestPKI, ensureSelfSigned, makeTestPKI
 from imageio.web import _tls
 from imageio.web._tls import (
     READ_SIZE,
@@ -1213,6 +1213,18 @@ class IntegrationTests(TestCase):
             self.assertIn(b"New, " + name + b", Cipher", output)
             self.assertIn(b"ALPN protocol: http/1.1", output)
             self.assertIn(b"Verify return code: 0 (ok)", output)
+
+    @inlineCallbacks
+    def test_curlPinsSelfSigned(self) -> Any:
+        """
+        curl pinning the daemon's self-signed certificate as its CA file
+        accepts the server.
+        """
+        curl = _need("curl")
+        certFile, keyFile = ensureSelfSigned(self.mktemp())
+        server = Server(self, makeServerContext(certFile, keyFile), Site(self.resource))
+        output, code = yield _run(curl, ["-sS", "--cacert", certFile, server.url()])
+        self.assertEqual((code, output), (0, BODY))
 
     @inlineCallbacks
     def test_endpoint(self) -> Any:
