@@ -351,6 +351,15 @@ class GetTests(ImagesTestCase):
         """
         response = self.get(b"bytes=5-4")
         self.assertError(response, 416, "Cannot satisfy range 'bytes=5-4', first > last")
+        self.assertEqual(response.header(b"content-range"), b"bytes */10240")
+
+    def test_badRangeUnknownTicket(self) -> None:
+        """
+        A bad Range on an unknown ticket is 403: the ticket is checked
+        before answering what is satisfiable.
+        """
+        response = self.get(b"bytes=5-4", path=b"/images/nope")
+        self.assertError(response, 403, FORBIDDEN + "No such ticket nope")
 
     def test_badRanges(self) -> None:
         """
@@ -371,6 +380,7 @@ class GetTests(ImagesTestCase):
             self.assertEqual(response.status, 416, value)
             self.assertIn("Cannot satisfy range", response.text)
             self.assertTrue(response.text.endswith("invalid range or multiple ranges\n"), value)
+            self.assertEqual(response.header(b"content-range"), b"bytes */10240")
 
     def test_bytesDash(self) -> None:
         """

@@ -45,7 +45,7 @@ from imageio.tickets import (
     TicketRegistry,
     shortID,
 )
-from imageio.web._download import DownloadProducer
+from imageio.web._download import DownloadProducer, ReaderStalled
 from imageio.web._response import (
     INTERNAL_ERROR,
     HTTPError,
@@ -356,7 +356,12 @@ class ImageHandler:
             try:
                 byteRange = parseRange(rangeHeader)
             except RangeError as e:
-                raise _rangeError(e) from None
+                # Every 416 says what is satisfiable (RFC 9110 15.5.17): the
+                # ticket size, known once the ticket is (a bad ticket is 403).
+                ticket = self.service.authorize(ticketID, READ)
+                raise HTTPError(
+                    e.status, e.message, [(b"content-range", b"bytes */%d" % ticket.size)]
+                ) from None
         ticket = self.service.authorize(ticketID, READ)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._startRead, request, ticket, byteRange)
@@ -419,6 +424,13 @@ class ImageHandler:
                 f.raiseException()
             if f.check(OperationCanceled):
                 log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
+            elif f.check(ReaderStalled):
+                # A client that stopped reading is cut as planned: not an error.
+                log.info(
+                    "Download for ticket {ticketID} cut: {reason}",
+                    ticketID=shortID(ticket.uuid),
+                    reason=f.getErrorMessage(),
+                )
             elif not f.check(ConnectionError):
                 log.failure(
                     "Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
@@ -254,11 +254,41 @@ class ImageioChannel(http.HTTPChannel):
 
     closingEarly = False
     site: Any
+    _headDeadline: IDelayedCall | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.contexts: dict[object, Any] = {}
         self._closeHooks: list[Callable[[], object]] = []
+
+    # Request head deadline: Twisted's idle timeout restarts on every byte,
+    # so a client sending one header byte at a time (slowloris) would never
+    # be cut. The whole head must arrive within the listener's timeout.
+
+    def _startHeadDeadline(self) -> None:
+        timeout = getattr(self.site, "timeOut", None)
+        if self._headDeadline is None and timeout:
+            self._headDeadline = self.callLater(timeout, self._headTimedOut)  # type: ignore[attr-defined]
+
+    def _cancelHeadDeadline(self) -> None:
+        if self._headDeadline is not None:
+            if self._headDeadline.active():
+                self._headDeadline.cancel()
+            self._headDeadline = None
+
+    def _headTimedOut(self) -> None:
+        self._headDeadline = None
+        transport: Any = self.transport
+        log.info("Request head not complete in time from {client}", client=str(transport.getPeer()))
+        body = b"Request Timeout\n"
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nserver: %s\r\n"
+            b"content-type: text/plain; charset=UTF-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (SERVER, len(body), body)
+        )
+        self.closingEarly = True
+        # Closes, and aborts if the client does not read the answer.
+        self.timeoutConnection()
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -319,6 +349,7 @@ class ImageioChannel(http.HTTPChannel):
         super()._send100Continue()  # type: ignore[misc]
 
     def allHeadersReceived(self) -> None:
+        self._cancelHeadDeadline()
         super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
         if isinstance(request, StreamingRequest):
@@ -329,6 +360,8 @@ class ImageioChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.closingEarly:
             return
+        if data and self._HTTPChannel__first_line and not self._handlingRequest:  # type: ignore[attr-defined]
+            self._startHeadDeadline()
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
@@ -340,6 +373,7 @@ class ImageioChannel(http.HTTPChannel):
         metrics = getattr(getattr(self, "site", None), "metrics", None)
         if metrics is not None:
             metrics.connectionClosed(self.site.name)
+        self._cancelHeadDeadline()
         hooks, self._closeHooks = self._closeHooks, []
         try:
             super().connectionLost(reason)
