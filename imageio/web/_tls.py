@@ -707,7 +707,7 @@ class TLSServerProtocol(_Protocol):
         self._transport().stopProducing()
 
 
-class TLSServerFactory(ServerFactory[TLSServerProtocol]):
+class TLSServerFactory(ServerFactory):
     """
     Wraps a server factory so its protocols talk TLS, with the stdlib's
     C{ssl} module, to their clients.
