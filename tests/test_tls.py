@@ -501,6 +501,10 @@ class CloseTests(ContextMixin, SynchronousTestCase):
         c.server.registerProducer(producer, True)
         c.server.loseConnection()
         self.assertFalse(c.transport.disconnecting)
+        # Reading stops at once.
+        self.assertEqual(c.transport.producerState, "paused")
+        c.send(b"ignored")
+        self.assertEqual(c.wrapped.received, [])
         c.server.write(b"tail")
         c.server.unregisterProducer()
         self.assertTrue(c.transport.disconnecting)

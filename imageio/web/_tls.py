@@ -310,7 +310,10 @@ class TLSServerProtocol(_Protocol):
         Feed ciphertext to TLS, advance the handshake, and deliver whatever
         plaintext it yields.
         """
-        if self._peerClosed or self._aborted or self._reason is not None:
+        if self._aborted or self._reason is not None:
+            return
+        if self._handshakeDone and self.disconnecting:
+            # Closing (either side): like a TCP transport, read nothing more.
             return
         self._incoming.write(data)
         if not self._handshakeDone and not self._doHandshake():
@@ -579,6 +582,9 @@ class TLSServerProtocol(_Protocol):
             return
         if self._producer is None:
             self._sendCloseNotify()
+        else:
+            # Stop reading now, as TCP does; close when the producer is done.
+            self._transport().pauseProducing()
 
     def abortConnection(self) -> None:
         """
