@@ -329,17 +329,24 @@ class CancelTests(StreamingTestCase):
     DELETE /tickets (L{TicketRegistry.remove}) while transfers run.
     """
 
+    def assertCanceled(self, conn: Connection) -> None:
+        response = conn.response()
+        self.assertEqual(response.status, 403)
+        self.assertIn("was canceled", response.text)
+        self.assertEqual(response.header(b"connection"), b"close")
+        self.assertTrue(conn.closed)
+
     def test_cancelPut(self) -> None:
         """
-        Removing a ticket during a PUT aborts the connection at once; the
-        removal completes once the connection is gone and the write in
-        flight returned.
+        Removing a ticket during a PUT answers 403 and closes the connection
+        at once, as upstream; the removal completes once the connection is
+        gone and the write in flight returned.
         """
         ticket = self.ticket()
         conn = self.startPut(4 * BUFFER)
         conn.send(b"x" * (BUFFER + 10))
         d = self.registry.remove("t1")
-        self.assertTrue(conn.aborted)
+        self.assertCanceled(conn)
         self.assertNoResult(d)
         conn.lose()
         self.assertNoResult(d)
@@ -351,14 +358,14 @@ class CancelTests(StreamingTestCase):
 
     def test_cancelPutWaitingForClient(self) -> None:
         """
-        A PUT waiting for a slow client is aborted, and the removal completes
-        as soon as the connection is gone.
+        A PUT waiting for a slow client is answered 403 and closed at once,
+        and the removal completes as soon as the connection is gone.
         """
         self.ticket()
         conn = self.startPut(4 * BUFFER)
         conn.send(b"x" * 10)
         d = self.registry.remove("t1")
-        self.assertTrue(conn.aborted)
+        self.assertCanceled(conn)
         conn.lose()
         self.successResultOf(d)
 
@@ -405,12 +412,14 @@ class CancelTests(StreamingTestCase):
         conn = self.startPut(4 * BUFFER)
         conn.send(b"x" * (BUFFER + 10))
         d = self.registry.remove("t1")
+        # The write in flight never returns; the canceled client is gone.
+        self.assertCanceled(conn)
+        conn.lose()
         self.clock.advance(60)
         self.failureResultOf(d)
         response = self.h.roundTrip(request(b"OPTIONS", b"/images/t1"))
         self.assertEqual(response.status, 403)
         self.assertIn("was canceled", response.text)
-        conn.lose()
         self.backend.completeWrite()
         self.successResultOf(self.registry.remove("t1"))
 

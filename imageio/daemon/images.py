@@ -25,7 +25,13 @@ from twisted.web.server import Request
 import imageio
 from imageio import _blkhash, _buffers
 from imageio._log import Logger
-from imageio.interfaces import IBackend, IBackendOpener, IBodySink, UnsupportedOperation
+from imageio.interfaces import (
+    Extent,
+    IBackend,
+    IBackendOpener,
+    IBodySink,
+    UnsupportedOperation,
+)
 from imageio.ranges import (
     RangeError,
     RangeNotSatisfiable,
@@ -230,11 +236,12 @@ class ImagesService:
                 w.callback(backend)
 
         def failed(reason: Failure) -> None:
-            log.failure(
-                "Opening {url} for ticket {ticketID} failed",
-                reason,
+            # The traceback is logged once, where the failure becomes a response.
+            log.warn(
+                "Opening {url} for ticket {ticketID} failed: {error}",
                 url=ticket.url,
                 ticketID=shortID(ticket.uuid),
+                error=reason.getErrorMessage(),
             )
             waiters, ctx._opening = ctx._opening, []
             ctx.close()
@@ -255,12 +262,17 @@ class ImagesService:
     def finishOperation(self, ticket: Ticket, op: Operation) -> None:
         self.registry.finishOperation(ticket, op)
 
-    def flush(self, ticket: Ticket, backend: IBackend) -> Deferred[None]:
+    def flush(
+        self, ticket: Ticket, backend: IBackend, running: Operation | None = None
+    ) -> Deferred[None]:
         """
-        Flush C{backend}; ranges written before the flush started count as
+        Flush C{backend}; ranges written before the flush started, including
+        those of the C{running} operation that asks for the flush, count as
         durable for the ticket's written-ranges report.
         """
         pending = ticket.flushStarted()
+        if running is not None and running.done:
+            pending.add(running.offset, running.offset + running.done)
         d = backend.flush()
         d.addCallback(lambda _: ticket.flushed(pending))
         return d
@@ -487,8 +499,11 @@ class ImageHandler:
             bufferSize=self.service.bufferSize,
             onProgress=channel.resetTimeout,
         )
-        # Abort at once on cancel, even while waiting for a slow client.
-        op.onCancel = lambda: abortConnection(request)
+        # Answer 403 and close at once on cancel, even while waiting for a
+        # slow client, as upstream does for a PUT in progress.
+        op.onCancel = lambda: request.respondEarly(  # type: ignore[attr-defined]
+            _forbidden(AuthorizationError(f"Transfer {ticket.transferID} was canceled"))
+        )
         request.upload = _Upload(ticket, op, sink, backend, flush == "y")  # type: ignore[attr-defined]
         sink.whenDone().addBoth(self._uploadDone, ticket, op)
         sink.whenDone().addErrback(self._uploadFailedEarly, request, sink)
@@ -502,13 +517,10 @@ class ImageHandler:
         return sink
 
     def _uploadDone(self, result: object, ticket: Ticket, op: Operation) -> None:
-        # Runs before render on success; the flush (if any) is part of the
-        # operation only in effect: the ticket counts the bytes once written.
-        self.service.finishOperation(ticket, op)
-        if isinstance(result, Failure) and not result.check(ShortBody, OperationCanceled):
-            log.failure(
-                "Upload for ticket {ticketID} failed", result, ticketID=shortID(ticket.uuid)
-            )
+        # A failed upload ends here; a successful one ends in handlePUT after
+        # its flush, so the ticket stays active (and DELETE waits) until then.
+        if isinstance(result, Failure):
+            self.service.finishOperation(ticket, op)
 
     def _uploadFailedEarly(self, reason: Failure, request: Request, sink: UploadSink) -> None:
         # Storage failed while the body is still arriving: answer now and
@@ -520,6 +532,7 @@ class ImageHandler:
         if mapped.check(HTTPError):
             error: HTTPError = mapped.value  # type: ignore[assignment]
         else:
+            log.failure("Upload failed", reason)
             error = HTTPError(500, INTERNAL_ERROR)
         request.respondEarly(error)  # type: ignore[attr-defined]
 
@@ -530,7 +543,13 @@ class ImageHandler:
         d: Deferred[Any] = upload.sink.whenDone()
         if upload.flush:
             d.addCallback(lambda _: self.service.backendFor(request, upload.ticket))
-            d.addCallback(lambda backend: self.service.flush(upload.ticket, backend))
+            d.addCallback(lambda backend: self.service.flush(upload.ticket, backend, upload.op))
+
+        def done(result: object) -> object:
+            self.service.finishOperation(upload.ticket, upload.op)
+            return result
+
+        d.addBoth(done)
         d.addCallback(lambda _: sendEmpty(request))
         d.addErrback(_failureToHTTP)
         return d
@@ -589,7 +608,7 @@ class ImageHandler:
                 yield backend.zero(offset + op.done, step)
                 op.done += step
             if flush:
-                yield self.service.flush(ticket, backend)
+                yield self.service.flush(ticket, backend, op)
         finally:
             self.service.finishOperation(ticket, op)
 
@@ -638,13 +657,39 @@ class ExtentsHandler:
             end = size if length is None else min(size, start + length)
             if start > size:
                 raise HTTPError(416, f"Start {start} beyond image size {size}")
-            result = yield backend.extents(context, start, max(0, end - start))
-            sendJSON(request, [e.toJSON() for e in result])
+            # Backends may answer part of a window (the file backend caps
+            # one answer); ask again from where the answer ended.
+            result: list[Extent] = []
+            position = start
+            while position < end:
+                got = yield backend.extents(context, position, end - position)
+                if not got:
+                    break
+                result.extend(got)
+                position = got[-1].start + got[-1].length
+            sendJSON(request, [e.toJSON() for e in _merged(result)])
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
         d.addErrback(_failureToHTTP)
         return d
+
+
+def _merged(extents: list[Extent]) -> list[Extent]:
+    """
+    @return: C{extents} with neighbours of the same kind joined.
+    """
+    merged: list[Extent] = []
+    for e in extents:
+        if merged:
+            last = merged[-1]
+            if (last.zero, last.hole, last.dirty) == (e.zero, e.hole, e.dirty) and (
+                last.start + last.length == e.start
+            ):
+                merged[-1] = Extent(last.start, last.length + e.length, e.zero, e.hole, e.dirty)
+                continue
+        merged.append(e)
+    return merged
 
 
 def _queryInt(request: Request, name: str, default: int | None) -> Any:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -218,6 +219,12 @@ class StreamingRequest(server.Request):
         channel.closingEarly = True
         self.setHeader(b"server", SERVER)
         sendHTTPError(self, HTTPError(error.status, error.message, error.headers, close=True))
+        sink = self.bodySink
+        if sink is not None:
+            # The rest of the body will never be read, and the finished
+            # request has left the channel's queue, so the channel will not
+            # tell the sink when the connection closes: tell it now.
+            sink.connectionLost(Failure(ConnectionDone("Answered before the body was read")))
 
     def _earlyResource(self) -> Any:
         # Private HTTPChannel attributes, pinned by a test; missing on HTTP/2
