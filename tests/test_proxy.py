@@ -16,12 +16,17 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import DNSLookupError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 import imageio
 from imageio import _pki
+from imageio.backends.http import collectBody, hostError
+from imageio.proxy._guard import isAllowedAddress
+from imageio.proxy._relay import DaemonClient
 from imageio.tap import ImageioService
 from tests import engine
 from tests.test_proxy_helpers import (
@@ -878,3 +883,48 @@ class ServiceTests(TestCase):
         )
         # No [proxy] allow_loopback option: loopback daemons are refused.
         self.assertEqual(reply.status, 401)
+
+
+class GuardTests(TestCase):
+    timeout = 30
+
+    def test_addresses(self) -> None:
+        """
+        Loopback is refused unless allowed; link-local, multicast and
+        unspecified addresses always.
+        """
+        for host, loopback, expected in (
+            ("192.0.2.10", False, True),
+            ("2001:db8::1", False, True),
+            ("127.0.0.1", False, False),
+            ("127.0.0.1", True, True),
+            ("::1", False, False),
+            ("::ffff:127.0.0.1", False, False),
+            ("169.254.169.254", True, False),
+            ("fe80::1%eth0", True, False),
+            ("224.0.0.1", True, False),
+            ("0.0.0.0", True, False),
+            ("not-an-address", True, False),
+        ):
+            self.assertEqual(isAllowedAddress(host, loopback), expected, (host, loopback))
+
+    @inlineCallbacks
+    def test_nameResolvingToLoopback(self) -> Any:
+        """
+        A daemon host name that resolves to a loopback address is refused
+        (no connection is made) unless loopback is allowed.
+        """
+        directory = Path(self.mktemp()).resolve()
+        pki = _pki.makeTestPKI(str(directory / "pki"))
+        daemon = Daemon.start(reactor, daemonConfig(pki), directory / "daemon")
+        self.addCleanup(daemon.stop)
+        url = f"https://localhost:{daemon.port}/info/".encode()
+        refused = DaemonClient.create(reactor, pki.caFile, allowLoopback=False)
+        self.addCleanup(refused.close)
+        failure = yield self.assertFailure(refused.request(b"GET", url, {}), DNSLookupError)
+        self.assertEqual(hostError(Failure(failure)).status, 503)
+        allowed = DaemonClient.create(reactor, pki.caFile, allowLoopback=True)
+        self.addCleanup(allowed.close)
+        response = yield allowed.request(b"GET", url, {})
+        self.assertEqual(response.code, 200)
+        yield collectBody(response, 1024)

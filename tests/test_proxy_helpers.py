@@ -133,8 +133,38 @@ def stopService(service: Any, reactor: Any) -> Any:
     """
     if service.running:
         yield service.stopService()
-    dropServerConnections(reactor)
-    yield deferLater(reactor, 0.05, lambda: None)
+    yield dropAll(reactor)
+
+
+def _channelsWithTimers(reactor: Any) -> list[Any]:
+    from imageio.web._streaming import ImageioChannel
+
+    channels = []
+    for call in reactor.getDelayedCalls():
+        owner = getattr(call.func, "__self__", None)
+        if isinstance(owner, ImageioChannel) and call.active():
+            channels.append(owner)
+    return channels
+
+
+@inlineCallbacks
+def dropAll(reactor: Any) -> Any:
+    """
+    Abort server connections until none is left with a pending idle timer
+    (connections closing cleanly may wait for their peer outside the
+    reactor's readers and writers).
+    """
+    for _ in range(40):
+        dropServerConnections(reactor)
+        yield deferLater(reactor, 0.05, lambda: None)
+        channels = _channelsWithTimers(reactor)
+        if not channels:
+            return
+        for channel in channels:
+            transport = getattr(channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            channel.setTimeout(None)
 
 
 def makeImage(path: Path, data: bytes, size: int | None = None) -> str:
@@ -311,5 +341,4 @@ class Proxy:
         if self.port is not None:
             port, self.port = self.port, None
             yield port.stopListening()
-        dropServerConnections(self.reactor)
-        yield deferLater(self.reactor, 0.05, lambda: None)
+        yield dropAll(self.reactor)

@@ -456,27 +456,41 @@ def raiseRemoteError(response: IResponse) -> Generator[Deferred[Any], Any, None]
 class Watchdog:
     """
     Calls C{expired} when C{timeout} seconds pass without L{kick}.
+
+    L{kick} runs for every piece of data, so it only sets a flag; a timer
+    looks at the flag twice per C{timeout}. Silence is noticed after
+    C{timeout} to C{1.5 * timeout} seconds.
     """
 
     clock: IReactorTime
     timeout: float
     expired: Callable[[], object]
     _call: IDelayedCall | None = field(default=None, init=False)
+    _active: bool = field(default=False, init=False)
+    _idleChecks: int = field(default=0, init=False)
 
     def kick(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.reset(self.timeout)
-        else:
-            self._call = self.clock.callLater(self.timeout, self._fire)
+        self._active = True
+        if self._call is None:
+            self._idleChecks = 0
+            self._call = self.clock.callLater(self.timeout / 2, self._check)
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
 
-    def _fire(self) -> None:
-        self._call = None
-        self.expired()
+    def _check(self) -> None:
+        if self._active:
+            self._active = False
+            self._idleChecks = 0
+        else:
+            self._idleChecks += 1
+            if self._idleChecks >= 2:
+                self._call = None
+                self.expired()
+                return
+        self._call = self.clock.callLater(self.timeout / 2, self._check)
 
 
 class _ReadInto(Protocol):

@@ -24,7 +24,7 @@ from attrs import define, field
 from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -44,17 +44,20 @@ from zope.interface import implementer
 
 from imageio._log import Logger
 from imageio.backends.http import (
+    CONNECT_TIMEOUT,
     BadResponse,
     BodyTooLarge,
     ReadTimeout,
+    VerifyingPolicy,
     Watchdog,
     collectBody,
     hostError,
-    makeAgent,
+    loadTrustRoot,
     makePool,
     remoteError,
 )
 from imageio.interfaces import IBodySink
+from imageio.proxy._guard import GuardedEndpointFactory
 from imageio.web._response import HTTPError, isGone, sendEmpty, sendHTTPError
 
 log = Logger()
@@ -76,6 +79,9 @@ CACHED_CONNECTION_TIMEOUT = 30
 #: long a client may stop reading a download. Upstream's 1.x proxy used
 #: 120 seconds.
 READ_TIMEOUT = 120.0
+
+#: Downloads write to the client in pieces of about this size.
+COALESCE_SIZE = 256 * 1024
 
 #: Largest small daemon answer read (OPTIONS, PATCH, PUT bodies).
 MAX_SMALL_RESPONSE = 64 * 1024
@@ -115,12 +121,19 @@ class DaemonClient:
     pool: HTTPConnectionPool
 
     @classmethod
-    def create(cls, reactor: Any, caFile: str) -> DaemonClient:
+    def create(cls, reactor: Any, caFile: str, allowLoopback: bool = False) -> DaemonClient:
         """
+        @param allowLoopback: Connect to daemons on loopback addresses;
+            link-local, multicast and unspecified addresses are always
+            refused (L{imageio.proxy._guard}).
         @raise ValueError: If C{caFile} is unusable.
         """
         pool = makePool(reactor, MAX_PERSISTENT_PER_HOST, CACHED_CONNECTION_TIMEOUT)
-        return cls(reactor, makeAgent(reactor, caFile, pool), pool)
+        endpoints = GuardedEndpointFactory(
+            reactor, VerifyingPolicy(loadTrustRoot(caFile)), CONNECT_TIMEOUT, allowLoopback
+        )
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        return cls(reactor, agent, pool)
 
     def request(
         self,
@@ -464,8 +477,15 @@ class ResponseRelay(Protocol):
         self.done: Deferred[None] = Deferred()
         self.received = 0
         self._request = request
+        self._clock = clock
         self._stopped = False
         self._watchdog = Watchdog(clock, timeout, self._timedOut)
+        # Pieces of at most 16 KiB (TLS records) are gathered and written
+        # in fewer, larger writes: the client side encrypts and sends per
+        # write.
+        self._pending: list[bytes] = []
+        self._pendingSize = 0
+        self._flushCall: IDelayedCall | None = None
 
     # Protocol: the daemon side
 
@@ -478,13 +498,43 @@ class ResponseRelay(Protocol):
         if self._stopped:
             return
         self.received += len(data)
-        self._request.write(data)
+        self._pending.append(data)
+        self._pendingSize += len(data)
+        if self._pendingSize >= COALESCE_SIZE:
+            self._flush()
+        elif self._flushCall is None:
+            self._flushCall = self._clock.callLater(0, self._flush)
         self._watchdog.kick()
+
+    def _flush(self) -> None:
+        if self._flushCall is not None:
+            if self._flushCall.active():
+                self._flushCall.cancel()
+            self._flushCall = None
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        self._pendingSize = 0
+        if not self._stopped:
+            self._request.write(data)
+
+    def _dropPending(self) -> None:
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        self._pending = []
+        self._pendingSize = 0
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._watchdog.stop()
         if self._stopped:
+            self._dropPending()
             return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._flush()
+        else:
+            self._dropPending()
         self._stopped = True
         if self._request.producer is self:
             self._request.unregisterProducer()
@@ -516,6 +566,7 @@ class ResponseRelay(Protocol):
         if self._stopped:
             return
         self._stopped = True
+        self._dropPending()
         self._watchdog.stop()
         self._stopDaemon()
         self.done.callback(None)
@@ -524,6 +575,7 @@ class ResponseRelay(Protocol):
         if self._stopped:
             return
         self._stopped = True
+        self._dropPending()
         self._stopDaemon()
         self._abortClient()
         self.done.errback(ReadTimeout(f"No progress for {self._watchdog.timeout} seconds"))

@@ -636,7 +636,7 @@ def makeProxySite(
     caFile = proxy.daemon_ca_file or config.backend_http.ca_file or config.tls.ca_file
     try:
         loadTrustRoot(caFile)
-        client = DaemonClient.create(reactor, caFile)
+        client = DaemonClient.create(reactor, caFile, allowLoopback)
     except ValueError as e:
         raise _config.ConfigError(f"[proxy] daemon_ca_file: {e}") from e
     if not caFile:
