@@ -46,6 +46,14 @@ from imageio.web._streaming import ImageioSite
 
 log = Logger()
 
+#: Connections the kernel queues for each listener before we accept them.
+#: Twisted's default of 50 makes a non-blocking connect to a UNIX socket
+#: fail with EAGAIN when a burst of clients (many connections per
+#: transfer, many transfers) arrives while the reactor is busy, and makes
+#: TCP clients wait for a SYN retransmit. Linux caps this at
+#: C{net.core.somaxconn} (4096 by default).
+LISTEN_BACKLOG = 4096
+
 
 class Options(usage.Options):
     """
@@ -116,8 +124,8 @@ def _tcpEndpoint(reactor: Any, host: str, port: int) -> IStreamServerEndpoint:
     if host == "":
         host = "0.0.0.0"
     if ":" in host:
-        return endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
-    return endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
+        return endpoints.TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
+    return endpoints.TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
 
 
 def _removeStaleSocket(path: str) -> None:
@@ -229,7 +237,9 @@ class ImageioService(MultiService):
         if unixSocket is not None:
             _removeStaleSocket(unixSocket)
             site = self._site(imagesResource(images, info=False), "local", timeout)
-            endpoint = endpoints.UNIXServerEndpoint(self.reactor, unixSocket, wantPID=False)
+            endpoint = endpoints.UNIXServerEndpoint(
+                self.reactor, unixSocket, backlog=LISTEN_BACKLOG, wantPID=False
+            )
             self._listeners.append(("local", endpoint, site))
         if config.control.enable:
             site = self._site(controlResource(self.registry, self.metrics), "control", timeout)
@@ -241,7 +251,7 @@ class ImageioService(MultiService):
                 Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 _removeStaleSocket(path)
                 endpoint = endpoints.UNIXServerEndpoint(
-                    self.reactor, path, mode=0o660, wantPID=False
+                    self.reactor, path, backlog=LISTEN_BACKLOG, mode=0o660, wantPID=False
                 )
             site.accessLevel = "info"
             self._listeners.append(("control", endpoint, site))
