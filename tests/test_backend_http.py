@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -467,3 +467,25 @@ class OpenBackendTests(TestCase):
             self.assertIn("No such ticket unknown", e.message)
         else:
             self.fail("open succeeded")
+
+    @inlineCallbacks
+    def test_closeDuringOperation(self) -> Any:
+        """
+        Closing the backend while an operation runs lets it finish, then
+        closes its connection instead of keeping it in the pool.
+        """
+        path = self.dir / "img"
+        ticket = self.daemon.addTicket(makeImage(path, pattern(MiB)), MiB)
+        backend = yield self.open(f"{self.daemon.url('localhost')}/images/{ticket}")
+        buf = bytearray(MiB)
+        reading = backend.readInto(0, memoryview(buf))
+        yield backend.close()
+        n = yield reading
+        self.assertEqual(n, MiB)
+        self.assertEqual(bytes(buf), pattern(MiB))
+        connections = self.daemon.registry.get(ticket).connections
+        for _ in range(100):
+            if not connections:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(connections), 0)

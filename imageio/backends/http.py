@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Generator, Iterable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from attrs import define, field, frozen
@@ -70,6 +70,8 @@ from imageio.interfaces import Extent, IBackend, UnsupportedOperation
 from imageio.web._response import HTTPError
 
 log = Logger()
+
+T = TypeVar("T")
 
 #: Seconds to wait for a TCP connection to the daemon (upstream's default).
 CONNECT_TIMEOUT = 10.0
@@ -640,7 +642,7 @@ class HTTPBackend:
     readTimeout: float = READ_TIMEOUT
     name: str = "http"
     blockSize: int = 1
-    _size: int | None = field(default=None, init=False)
+    _cachedSize: int | None = field(default=None, init=False)
     _zeroExtents: list[Extent] | None = field(default=None, init=False)
     _closed: bool = field(default=False, init=False)
 
@@ -653,8 +655,6 @@ class HTTPBackend:
         headers: dict[bytes, bytes] | None = None,
         body: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
-        if self._closed:
-            return defer.fail(BackendClosed("Backend http is closed"))
         raw = Headers({k: [v] for k, v in (headers or {}).items()})
         d: Deferred[IResponse] = self.agent.request(method, url, raw, body)
         d.addTimeout(self.readTimeout, self.reactor)
@@ -688,10 +688,46 @@ class HTTPBackend:
 
     # IBackend
 
+    def size(self) -> Deferred[int]:
+        return self._run(self._getSize)
+
+    def readInto(self, offset: int, buf: memoryview) -> Deferred[int]:
+        return self._run(self._readInto, offset, buf)
+
+    def write(self, offset: int, data: memoryview) -> Deferred[int]:
+        return self._run(self._write, offset, data)
+
+    def zero(self, offset: int, length: int) -> Deferred[None]:
+        return self._run(self._zero, offset, length)
+
+    def flush(self) -> Deferred[None]:
+        return self._run(self._flush)
+
+    def extents(self, context: str, start: int, length: int) -> Deferred[list[Extent]]:
+        return self._run(self._extents, context, start, length)
+
+    def _run(self, operation: Callable[..., Deferred[T]], *args: Any) -> Deferred[T]:
+        """
+        Start an operation, unless the backend is closed. An operation in
+        flight when the backend is closed completes; then the connection it
+        gave back to the pool is closed.
+        """
+        if self._closed:
+            return defer.fail(BackendClosed("Backend http is closed"))
+
+        def release(result: object) -> object:
+            if self._closed:
+                self.pool.closeCachedConnections()
+            return result
+
+        d = operation(*args)
+        d.addBoth(release)
+        return d
+
     @inlineCallbacks
-    def size(self) -> Generator[Deferred[Any], Any, int]:
-        if self._size is not None:
-            return self._size
+    def _getSize(self) -> Generator[Deferred[Any], Any, int]:
+        if self._cachedSize is not None:
+            return self._cachedSize
         if "extents" in self.features:
             extents = yield self._zeroExtentsCached()
             size = extents[-1].start + extents[-1].length if extents else 0
@@ -704,12 +740,12 @@ class HTTPBackend:
             if not isinstance(length, int):
                 raise HTTPError(502, "Invalid response from host: no Content-Length")
             size = length
-        self._size = size
+        self._cachedSize = size
         return size
 
     @inlineCallbacks
-    def readInto(self, offset: int, buf: memoryview) -> Generator[Deferred[Any], Any, int]:
-        size: int = yield self.size()
+    def _readInto(self, offset: int, buf: memoryview) -> Generator[Deferred[Any], Any, int]:
+        size: int = yield self._getSize()
         length = min(len(buf), size - offset)
         if length <= 0:
             return 0
@@ -733,7 +769,7 @@ class HTTPBackend:
         return length
 
     @inlineCallbacks
-    def write(self, offset: int, data: memoryview) -> Generator[Deferred[Any], Any, int]:
+    def _write(self, offset: int, data: memoryview) -> Generator[Deferred[Any], Any, int]:
         producer = BytesProducer(data)
         n = producer.length
         yield self._put(offset, producer)
@@ -752,7 +788,7 @@ class HTTPBackend:
         self._wrote(offset, n)
 
     @inlineCallbacks
-    def zero(self, offset: int, length: int) -> Generator[Deferred[Any], Any, None]:
+    def _zero(self, offset: int, length: int) -> Generator[Deferred[Any], Any, None]:
         if length == 0:
             return
         if "zero" in self.features:
@@ -774,7 +810,7 @@ class HTTPBackend:
             done += step
 
     @inlineCallbacks
-    def flush(self) -> Generator[Deferred[Any], Any, None]:
+    def _flush(self) -> Generator[Deferred[Any], Any, None]:
         if "flush" in self.features:
             yield self._patch({"op": "flush"})
 
@@ -787,12 +823,12 @@ class HTTPBackend:
         yield self._readSmall(response, MAX_ERROR_TEXT)
 
     @inlineCallbacks
-    def extents(
+    def _extents(
         self, context: str, start: int, length: int
     ) -> Generator[Deferred[Any], Any, list[Extent]]:
         if context == "zero":
             if "extents" not in self.features:
-                size = yield self.size()
+                size = yield self._getSize()
                 end = min(size, start + length)
                 return [Extent(start, end - start, zero=False)] if end > start else []
             extents = yield self._zeroExtentsCached()
@@ -809,7 +845,7 @@ class HTTPBackend:
         if self._zeroExtents is None:
             extents = yield self._fetchExtents("zero")
             self._zeroExtents = extents
-            self._size = extents[-1].start + extents[-1].length if extents else 0
+            self._cachedSize = extents[-1].start + extents[-1].length if extents else 0
         return self._zeroExtents
 
     @inlineCallbacks
@@ -826,10 +862,10 @@ class HTTPBackend:
     def _wrote(self, offset: int, length: int) -> None:
         # Written bytes are not zero any more, and the image may have grown.
         self._zeroExtents = None
-        if self._size is not None and "extents" in self.features:
-            self._size = None
-        elif self._size is not None:
-            self._size = max(self._size, offset + length)
+        if self._cachedSize is not None and "extents" in self.features:
+            self._cachedSize = None
+        elif self._cachedSize is not None:
+            self._cachedSize = max(self._cachedSize, offset + length)
 
     def close(self) -> Deferred[None]:
         if self._closed:
