@@ -9,7 +9,7 @@ for both servers in alternation (A B A B ...) with curl as the client, stops
 both servers, prints a table of medians and ours/upstream ratios and writes
 the raw samples as JSON under C{bench/results/}.
 
-Standard library only, so any Python 3.9+ can run it.  See C{bench/README.rst}.
+Standard library only, so any Python 3.10+ can run it.  See C{bench/README.rst}.
 """
 
 from __future__ import annotations
@@ -1462,9 +1462,9 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
     # recorded: first connections, first buffers, first touch of memory.
     retried = 0
     for i in range(-opts.warmup, opts.runs):
-        run = "warm-up" if i < 0 else f"run {i + 1}/{opts.runs}"
+        roundName = "warm-up" if i < 0 else f"run {i + 1}/{opts.runs}"
         for m in selected:
-            pair = measurePair(m, servers, images, opts, run, retry=i >= 0)
+            pair = measurePair(m, servers, images, opts, roundName, retry=i >= 0)
             retried += pair["retries"]
             if i >= 0:
                 for server in servers:
@@ -1512,7 +1512,7 @@ def measurePair(
     servers: list[Server],
     images: Images,
     opts: argparse.Namespace,
-    run: str,
+    roundName: str,
     retry: bool,
 ) -> dict[str, Any]:
     """
@@ -1528,9 +1528,9 @@ def measurePair(
             try:
                 sample = m.run(server, images, opts)
             except BenchError as e:
-                raise server.failure(f"{run} {m.label}: {e}") from None
+                raise server.failure(f"{roundName} {m.label}: {e}") from None
             pair[server.name] = sample
-            label = f"{run}, again" if attempt else run
+            label = f"{roundName}, again" if attempt else roundName
             say(f"{label} {m.label:<15} {server.name:<8} {brief(m, sample)}")
         attempts.append(pair)
         if pairNoise(pair) <= opts.max_foreign:
