@@ -159,6 +159,14 @@ class RelayMemoryTests(SynchronousTestCase):
             },
         )
         self.addCleanup(self.proxy.stop)
+        # A daemon in proxy mode (2.x): plain tickets, same ids, URLs naming
+        # the daemon above.
+        relayed = [
+            dict(ticket, url=f"https://localhost:{self.daemon.port}/images/{ticket['uuid']}")
+            for ticket in tickets
+        ]
+        self.relay = Child("daemon", {"dir": str(self.dir), "pki": pki, "tickets": relayed})
+        self.addCleanup(self.relay.stop)
 
     def ticket(self, ticketID: str) -> str:
         from tests.test_proxy import signedTicket
@@ -167,8 +175,8 @@ class RelayMemoryTests(SynchronousTestCase):
 
     def test_relayMemory(self) -> None:
         """
-        The proxy's peak RSS stays under 100 MiB while 4 GiB go through it
-        each way.
+        The proxy's peak RSS, and that of a daemon in proxy mode, stay under
+        100 MiB while 4 GiB go through each of them each way.
         """
         base = ["--cacert", self.pki.caFile]
         proxy = f"https://localhost:{self.proxy.port}"
@@ -198,7 +206,27 @@ class RelayMemoryTests(SynchronousTestCase):
         )
         results["proxy_upload_peak_rss_mib"] = procStatus(self.proxy.pid, "VmHWM") / 1024
 
-        for name in ("direct_download", "direct_upload", "proxy_download", "proxy_upload"):
+        relay = f"https://localhost:{self.relay.port}"
+        results["proxy_mode_rss_idle_mib"] = procStatus(self.relay.pid, "VmRSS") / 1024
+        resetPeak(self.relay.pid)
+        results["proxy_mode_download_s"] = curl(
+            [*base, "-o", "/dev/null", f"{relay}/images/{self.readTicket}"]
+        )
+        results["proxy_mode_download_peak_rss_mib"] = procStatus(self.relay.pid, "VmHWM") / 1024
+        resetPeak(self.relay.pid)
+        results["proxy_mode_upload_s"] = curl(
+            [*base, "-T", str(self.source), f"{relay}/images/{self.writeTicket}?flush=n"]
+        )
+        results["proxy_mode_upload_peak_rss_mib"] = procStatus(self.relay.pid, "VmHWM") / 1024
+
+        for name in (
+            "direct_download",
+            "direct_upload",
+            "proxy_download",
+            "proxy_upload",
+            "proxy_mode_download",
+            "proxy_mode_upload",
+        ):
             results[name + "_mib_s"] = round(SIZE / MiB / results[name + "_s"], 1)
         print("\n" + json.dumps(results, indent=2))
         (Path(os.environ.get("IMAGEIO_SLOW_RESULTS", self.dir / "results.json"))).write_text(
@@ -206,6 +234,8 @@ class RelayMemoryTests(SynchronousTestCase):
         )
         self.assertLess(results["proxy_download_peak_rss_mib"] * 1024, RSS_LIMIT_KIB)
         self.assertLess(results["proxy_upload_peak_rss_mib"] * 1024, RSS_LIMIT_KIB)
+        self.assertLess(results["proxy_mode_download_peak_rss_mib"] * 1024, RSS_LIMIT_KIB)
+        self.assertLess(results["proxy_mode_upload_peak_rss_mib"] * 1024, RSS_LIMIT_KIB)
 
 
 # Child process entry points
