@@ -746,15 +746,103 @@ class StorageFaultTests(DaemonTestCase):
         await deferToThread(scenario)
         self.flushLoggedErrors(OSError)
 
-    def test_ioError(self) -> None:
+    async def test_ioError(self) -> None:
         """
-        EIO from the device is a 500 and the daemon survives.
+        EIO from a device (a dm-error target) on GET and PUT is a 500 saying
+        "Input/output error", and the daemon keeps serving.
         """
-        if not os.path.exists("/dev/mapper/control"):
-            raise SkipTest(
-                "device-mapper is not available in this kernel: no dm-error device for EIO"
+        if not os.path.exists("/dev/mapper/control") or not shutil.which("dmsetup"):
+            raise SkipTest("device-mapper is not available here: no dm-error device for EIO")
+        name = f"imageio-eio-{os.getpid()}"
+        sectors = 2048
+        run("dmsetup", "create", name, "--table", f"0 {sectors} error")
+        self.addCleanup(subprocess.run, ["dmsetup", "remove", name], capture_output=True)
+        ticket = self.addTicket(self.daemon, f"/dev/mapper/{name}", sectors * 512)
+
+        def scenario() -> None:
+            with connect(self.daemon.addresses) as conn:
+                r = conn.request("GET", f"/images/{ticket}", [("Range", "bytes=0-4095")])
+                self.assertEqual(r.status, 500)
+                self.assertIn("Input/output error", r.text)
+            with connect(self.daemon.addresses) as conn:
+                r = conn.request("PUT", f"/images/{ticket}", body=b"x" * 4096)
+                self.assertEqual(r.status, 500)
+                self.assertIn("Input/output error", r.text)
+            self.assertStillServing()
+
+        await deferToThread(scenario)
+        self.flushLoggedErrors(OSError)
+
+    async def test_nbdServerKilled(self) -> None:
+        """
+        With the NBD server killed in the middle of a PUT, the PUT and the
+        next request get a 500 naming the NBD failure without hanging; once
+        the server is back, resending the upload works.
+        """
+        qemuNBD = shutil.which("qemu-nbd")
+        if qemuNBD is None:
+            raise SkipTest("qemu-nbd is not installed")
+        image = self.makeImage(self.daemon, 64 * MiB, name="nbd-image")
+        sock = str(self.daemon.runDir / "nbd.sock")
+
+        def serve() -> subprocess.Popen[bytes]:
+            process = subprocess.Popen(
+                [qemuNBD, "--socket", sock, "--format", "raw", "--shared", "8", "--persistent"]
+                + ["--cache", "none", str(image)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
-        raise SkipTest("dm-error test not written: device-mapper was never available here")
+
+            def stop() -> None:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+            self.addCleanup(stop)
+            if not waitFor(lambda: os.path.exists(sock), 10):
+                raise SkipTest("qemu-nbd did not start")
+            return process
+
+        data = pattern(32 * MiB, b"nbd")
+
+        def scenario() -> None:
+            server = serve()
+            ticket = f"nbd-{os.getpid()}"
+            body = ticketBody(ticket, f"nbd:unix:{sock}", 64 * MiB)
+            self.assertEqual(control(self.daemon.addresses, "PUT", "/tickets/x", body).status, 200)
+            with connect(self.daemon.addresses) as conn:
+                conn.send(
+                    rawRequest("PUT", f"/images/{ticket}", [("Content-Length", str(len(data)))])
+                )
+                conn.send(data[: 12 * MiB])
+                self.assertTrue(waitFor(lambda: ticketInfo(self.daemon, ticket)["active"], 5))
+                server.kill()
+                server.wait()
+                os.unlink(sock)
+                started = time.monotonic()
+                try:
+                    conn.send(data[12 * MiB :])
+                except OSError:
+                    pass
+                r = conn.response(timeout=10)
+                self.assertEqual(r.status, 500)
+                self.assertIn("NBD", r.text)
+                self.assertLess(time.monotonic() - started, 5)
+            with connect(self.daemon.addresses) as conn:
+                r = conn.request("GET", f"/images/{ticket}", [("Range", "bytes=0-9")])
+                self.assertEqual(r.status, 500)
+                self.assertIn("NBD", r.text)
+            serve()
+            with connect(self.daemon.addresses) as conn:
+                self.assertEqual(conn.request("PUT", f"/images/{ticket}", body=data).status, 200)
+                r = conn.request(
+                    "GET", f"/images/{ticket}", [("Range", f"bytes=0-{len(data) - 1}")]
+                )
+                self.assertEqual(r.body, data)
+            self.assertStillServing()
+
+        await deferToThread(scenario)
+        self.flushLoggedErrors(ConnectionError, OSError)
 
 
 class SignalTests(DaemonTestCase):
