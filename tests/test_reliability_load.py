@@ -245,3 +245,54 @@ class LoadSmokeTests(DaemonTestCase):
         self.assertEqual(summary["upload"]["status"], 200)
         self.assertEqual(summary["idle_closed_by_daemon"], 0)
         self.assertGreater(summary["requests"], 0)
+
+
+class ControlChurnTests(DaemonTestCase):
+    """
+    Checklist D.22: tickets added and deleted for a minute. Slow, so only
+    with C{IMAGEIO_SLOW=1}.
+    """
+
+    timeout = 300
+
+    async def test_addDeleteForAMinute(self) -> None:
+        """
+        Adding and deleting tickets as fast as one client can for a minute,
+        one connection per request, leaves the daemon's file descriptors
+        and memory where they started.
+        """
+        if os.environ.get("IMAGEIO_SLOW") != "1":
+            raise SkipTest("slow: set IMAGEIO_SLOW=1")
+        seconds = float(os.environ.get("IMAGEIO_CHURN_SECONDS", "60"))
+
+        def scenario() -> None:
+            daemon = SubprocessDaemon.start()
+            self.addCleanup(daemon.stop)
+            image = daemon.runDir / "image"
+            image.write_bytes(b"\0" * 4096)
+
+            def cycle(i: int) -> None:
+                body = ticketBody(f"churn-{i}", f"file://{image}", 4096)
+                self.assertEqual(control(daemon.addresses, "PUT", "/tickets/x", body).status, 200)
+                r = control(daemon.addresses, "DELETE", f"/tickets/churn-{i}")
+                self.assertEqual(r.status, 204)
+
+            for i in range(200):
+                cycle(i)
+            fds, memory = daemon.fdCount(), daemon.rssKiB()
+            started, count = time.monotonic(), 0
+            while time.monotonic() - started < seconds:
+                cycle(count)
+                count += 1
+            elapsed = time.monotonic() - started
+            self.assertTrue(waitFor(lambda: daemon.fdCount() <= fds, 5))
+            self.assertLess(daemon.rssKiB() - memory, 10 * 1024)
+            self.assertEqual(
+                control(daemon.addresses, "GET", f"/tickets/churn-{count - 1}").status, 404
+            )
+            print(
+                f"\n{count / elapsed:.0f} add+delete per second for {elapsed:.0f} s; "
+                f"RSS {memory} -> {daemon.rssKiB()} KiB; fds {fds} -> {daemon.fdCount()}"
+            )
+
+        await deferToThread(scenario)
