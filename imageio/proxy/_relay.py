@@ -569,7 +569,8 @@ class ResponseRelay(Protocol):
         self._dropPending()
         self._watchdog.stop()
         self._stopDaemon()
-        self.done.callback(None)
+        if not self.done.called:
+            self.done.callback(None)
 
     def _timedOut(self) -> None:
         if self._stopped:

@@ -218,7 +218,7 @@ class ProxyService:
         Relay a GET (or HEAD) and stream the daemon's answer to the client.
         """
         d = self.client.request(method, url, headers)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        cancelOnClientLoss(request, d)
 
         def gotResponse(response: IResponse) -> Deferred[None] | None:
             if not 200 <= response.code < 300:
@@ -230,6 +230,19 @@ class ProxyService:
 
         result: Deferred[None] = d.addCallback(gotResponse)
         return result.addErrback(relayError, request, "Download relay")
+
+
+def cancelOnClientLoss(request: Request, d: Deferred[IResponse]) -> None:
+    """
+    Cancel the daemon request if the client goes away before the daemon
+    answered (afterwards the relay itself stops the daemon connection).
+    """
+
+    def cancel(_: object) -> None:
+        if not d.called:
+            d.cancel()
+
+    request.notifyFinish().addErrback(cancel)
 
 
 def _sessionID(request: Request) -> str | None:
@@ -277,7 +290,7 @@ class ImageHandler:
             return None
         claims = self.service.authorize(request, ticketID)
         d = self.service.client.request(b"OPTIONS", self.service.daemonURL(claims), {})
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        cancelOnClientLoss(request, d)
         result: Deferred[None] = d.addCallback(self._gotOptions, request)
         return result.addErrback(relayError, request, "OPTIONS relay")
 
@@ -392,7 +405,7 @@ class ImageHandler:
         d = self.service.client.request(
             b"PATCH", self.service.daemonURL(claims), headers, body, timeout=None
         )
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        cancelOnClientLoss(request, d)
         result: Deferred[None] = d.addCallback(_relaySmall, request)
         return result.addErrback(relayError, request, "PATCH relay")
 
