@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import DNSLookupError
@@ -790,6 +791,58 @@ class DisconnectTests(ProxyTestCase):
         yield self.waitIdle(ticketID)
         ticket = self.daemon.registry.get(ticketID)
         self.assertLess(ticket.transferred(), 512 * MiB)
+
+
+class DaemonGoneTests(ProxyTestCase):
+    @inlineCallbacks
+    def test_daemonGoneMidDownload(self) -> Any:
+        """
+        A daemon connection that breaks in the middle of a download aborts
+        the client connection: the client never gets a short body that
+        looks complete.
+        """
+        ticketID, _ = self.addImage(b"", 512 * MiB)
+        auth = self.signed(ticketID)
+        started: defer.Deferred[None] = defer.Deferred()
+
+        def download() -> tuple[int, int]:
+            sock = rawTLS(self.proxy.portNumber, self.pki.caFile)
+            with sock:
+                sock.sendall(
+                    f"GET /images/{ticketID} HTTP/1.1\r\nHost: localhost\r\n"
+                    f"Authorization: {auth}\r\n\r\n".encode()
+                )
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                lengths = [
+                    line.split(b":")[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                length = int(lengths[0])
+                received = len(body)
+                reactor.callFromThread(started.callback, None)
+                try:
+                    while chunk := sock.recv(MiB):
+                        received += len(chunk)
+                except (ConnectionResetError, ssl.SSLError):
+                    pass
+                return received, length
+
+        result = deferToThread(download)
+        yield started
+        # Break the daemon's side of the relay.
+        daemonSite = self.daemon.service._listeners[0][2]
+        for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
+            protocol = getattr(selectable, "protocol", None)
+            wrapped = getattr(getattr(protocol, "factory", None), "wrappedFactory", None)
+            if wrapped is daemonSite:
+                selectable.abortConnection()
+        received, length = yield result
+        self.assertEqual(length, 512 * MiB)
+        self.assertLess(received, length)
 
 
 class CORSTests(ProxyTestCase):
