@@ -299,6 +299,10 @@ class SubprocessDaemon:
             process.kill()
             process.wait()
             reader.join(5)
+            if process.stdout is not None:
+                process.stdout.close()
+            if owns:
+                shutil.rmtree(runDir, ignore_errors=True)
             raise RuntimeError("imageio did not start:\n" + "".join(lines))
         remote = ("", 0)
         for line in lines:
