@@ -272,6 +272,8 @@ class ImagesHarness:
     opener: Any = None
     unixSocket: str | None = "\0/org/ovirt/imageio"
     info: bool = True
+    #: The size of each transfer buffer (chunk); the service's buffer_size
+    #: is twice that, split between the two buffers of a transfer.
     bufferSize: int = 8 * 1024**2
     removeTimeout: float = 60
     registry: TicketRegistry = field(init=False)
@@ -293,7 +295,7 @@ class ImagesHarness:
             opener=self.opener,
             clock=self.clock,
             runInPool=self.diskio.run,
-            bufferSize=self.bufferSize,
+            bufferSize=2 * self.bufferSize,
             unixSocket=self.unixSocket,
         )
         root: IResource = imagesResource(self.service, info=self.info)

@@ -191,6 +191,15 @@ class ImagesService:
     bufferSize: int = 8 * 1024**2
     unixSocket: str | None = None
 
+    @property
+    def chunkSize(self) -> int:
+        """
+        Size of each of the two buffers a transfer uses (one being filled
+        while the other is on the wire or on the disk): a connection holds
+        at most C{bufferSize} bytes, as upstream's single buffer.
+        """
+        return max(_buffers.ALIGNMENT, self.bufferSize // 2)
+
     def authorize(self, ticketID: str, op: str, close: bool = True) -> Ticket:
         try:
             return self.registry.authorize(ticketID, op)
@@ -416,7 +425,7 @@ class ImageHandler:
             length,
             op,
             self.service.clock,
-            bufferSize=self.service.bufferSize,
+            bufferSize=self.service.chunkSize,
             idleTimeout=ticket.inactivityTimeout,
         )
         op.onCancel = lambda: producer.cancel(
@@ -496,7 +505,7 @@ class ImageHandler:
             length,
             pushProducerOf(request),
             op,
-            bufferSize=self.service.bufferSize,
+            bufferSize=self.service.chunkSize,
             onProgress=channel.resetTimeout,
         )
         # Answer 403 and close at once on cancel, even while waiting for a
