@@ -505,7 +505,9 @@ class TLSServerProtocol(_Protocol):
                 offset = 0
                 while offset < len(view):
                     offset += tls.write(view[offset : offset + WRITE_SIZE])
-                    self._flush()
+            # One block of ciphertext per write: Twisted sends a single
+            # buffered block as is, but joins (copies) several.
+            self._flush()
         except ssl.SSLError as e:
             if self._reason is None:
                 self._reason = Failure(e)
