@@ -11,7 +11,6 @@ connection or the ticket.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -52,6 +51,7 @@ from imageio.tickets import (
     shortID,
 )
 from imageio.web._download import DownloadProducer, ReaderStalled
+from imageio.web._json import loadJSON
 from imageio.web._response import (
     INTERNAL_ERROR,
     HTTPError,
@@ -106,29 +106,16 @@ def contentDisposition(filename: str | None) -> bytes:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}".encode("ascii")
 
 
-def _strictJSON(data: bytes) -> Any:
+def _outOfTicket(ticket: Ticket, close: bool = False) -> HTTPError:
     """
-    Parse a JSON message rejecting NaN, Infinity and duplicate keys.
-
-    @raise HTTPError: 400 with upstream's C{Invalid JSON message} prefix.
+    @return: Upstream's 416 for a request past the ticket size.
     """
-
-    def noConstants(name: str) -> None:
-        raise ValueError(f"Invalid constant {name}")
-
-    def noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise ValueError(f"Duplicate key {key!r}")
-            result[key] = value
-        return result
-
-    try:
-        text = data.decode("utf-8")
-        return json.loads(text, parse_constant=noConstants, object_pairs_hook=noDuplicates)
-    except (ValueError, RecursionError) as e:
-        raise HTTPError(400, f"Invalid JSON message {e}") from None
+    return HTTPError(
+        416,
+        "Requested range out of allowed range",
+        [(b"content-range", b"bytes */%d" % ticket.size)],
+        close=close,
+    )
 
 
 def _integer(msg: dict[str, Any], name: str, default: int | None = None) -> int:
@@ -489,12 +476,7 @@ class ImageHandler:
         flush = enumArg(request, "flush", ("y", "n"), "y")
         ticket = self.service.authorize(ticketID, WRITE)
         if offset + length > ticket.size:
-            raise HTTPError(
-                416,
-                "Requested range out of allowed range",
-                [(b"content-range", b"bytes */%d" % ticket.size)],
-                close=True,
-            )
+            raise _outOfTicket(ticket, close=True)
         op = Operation("write", offset)
         self.service.startOperation(ticket, op)
         backend = self.service.backendFor(request, ticket)
@@ -574,7 +556,7 @@ class ImageHandler:
 
     def handlePATCH(self, request: Request, ticketID: str) -> Deferred[Any]:
         _ticketID(ticketID)
-        msg = _strictJSON(requestBody(request))
+        msg = loadJSON(requestBody(request), "Invalid JSON message ")
         if not isinstance(msg, dict):
             raise HTTPError(400, "Invalid JSON message: expecting an object")
         op = msg.get("op")
@@ -590,11 +572,7 @@ class ImageHandler:
             flush = _boolean(msg, "flush", False)
             ticket = self.service.authorize(ticketID, WRITE)
             if offset + size > ticket.size:
-                raise HTTPError(
-                    416,
-                    "Requested range out of allowed range",
-                    [(b"content-range", b"bytes */%d" % ticket.size)],
-                )
+                raise _outOfTicket(ticket)
             d = self.service.backendFor(request, ticket)
             d.addCallback(self._zero, ticket, offset, size, flush)
         else:
