@@ -119,6 +119,8 @@ class ProxySection:
     allowed_skew_seconds: int = 0
     #: Key shared by proxy replicas to sign session ids (ours).
     session_key_file: str = ""
+    #: Relay to daemons on loopback addresses (all-in-one labs only; ours).
+    allow_loopback: bool = False
 
 
 @define

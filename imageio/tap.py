@@ -256,11 +256,14 @@ class ImageioService(MultiService):
             site.accessLevel = "info"
             self._listeners.append(("control", endpoint, site))
         if config.proxy.enable:
-            from imageio.proxy import makeProxySite  # type: ignore[attr-defined]
+            from imageio.proxy import makeProxySite
 
-            proxySite = makeProxySite(
-                config, self.reactor, self.registry, self.diskio, self.metrics
-            )
+            try:
+                proxySite = makeProxySite(
+                    config, self.reactor, self.registry, self.diskio, self.metrics
+                )
+            except _config.ConfigError as e:
+                raise SystemExit(f"Proxy configuration error: {e}") from None
             endpoint = _tcpEndpoint(self.reactor, config.proxy.host, config.proxy.port)
             endpoint = self._tlsEndpoint(endpoint, config.proxy.cert_file, config.proxy.key_file)
             self._listeners.append(("proxy", endpoint, proxySite))

@@ -89,6 +89,19 @@ class OperationCanceled(AuthorizationError):
     """
 
 
+def redactURL(url: str) -> str:
+    """
+    @return: C{url} safe for logs: an C{http(s)} URL's last path segment (a
+        ticket id in proxy mode) is shortened; other URLs name paths or
+        sockets, which are not secret.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return url
+    head, _, last = parts.path.rpartition("/")
+    return urlunsplit(parts._replace(path=f"{head}/{shortID(last)}", query="", fragment=""))
+
+
 def shortID(uuid: str) -> str:
     """
     @return: A prefix of a ticket id, safe for INFO logs: ticket ids are

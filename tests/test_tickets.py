@@ -20,6 +20,7 @@ from imageio.tickets import (
     TicketNotFound,
     TicketRegistry,
     parseTicket,
+    redactURL,
     shortID,
     validateURL,
 )
@@ -388,6 +389,18 @@ class RegistryTests(SynchronousTestCase):
         t.flushed(snapshot)
         self.assertEqual(t.writtenRanges(), [(0, 200), (500, 510)])
         self.assertEqual(t.flushedRanges(), [(0, 200)])
+
+    def test_redactURL(self) -> None:
+        """
+        Logged URLs keep paths and sockets but shorten the ticket id of a
+        proxy-mode URL.
+        """
+        self.assertEqual(
+            redactURL("https://host:54322/images/0123456789abcdef"),
+            "https://host:54322/images/01234567...",
+        )
+        self.assertEqual(redactURL("file:///var/tmp/disk.raw"), "file:///var/tmp/disk.raw")
+        self.assertEqual(redactURL("nbd:unix:/run/x.sock"), "nbd:unix:/run/x.sock")
 
     def test_shortID(self) -> None:
         """

@@ -48,6 +48,7 @@ from imageio.tickets import (
     OperationCanceled,
     Ticket,
     TicketRegistry,
+    redactURL,
     shortID,
 )
 from imageio.web._download import DownloadProducer, ReaderStalled
@@ -235,7 +236,7 @@ class ImagesService:
             # The traceback is logged once, where the failure becomes a response.
             log.warn(
                 "Opening {url} for ticket {ticketID} failed: {error}",
-                url=ticket.url,
+                url=redactURL(ticket.url),
                 ticketID=shortID(ticket.uuid),
                 error=reason.getErrorMessage(),
             )
