@@ -41,6 +41,8 @@ setup(
             "mypy-zope",
             "ruff",
             "coverage",
+            # The packaging test builds a wheel without build isolation.
+            "wheel",
             # Conformance tests run upstream's own client against us.
             "ovirt-imageio==2.5.1",
         ],

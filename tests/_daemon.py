@@ -481,8 +481,15 @@ class Connection:
     ) -> Response:
         """
         Send one request and read its response.
+
+        A server may answer before the body is sent (storage failed, request
+        refused) and close; like curl, read that answer rather than fail on
+        the broken pipe.
         """
-        self.send(rawRequest(method, target, headers, body, contentLength))
+        try:
+            self.send(rawRequest(method, target, headers, body, contentLength))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         return self.response(head=method == "HEAD")
 
     def _fill(self) -> None:
