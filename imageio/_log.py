@@ -44,6 +44,14 @@ def setLevel(name: str) -> None:
     _enabled.update(_ORDER[_ORDER.index(level) :])
 
 
+def enabled(level: LogLevel) -> bool:
+    """
+    @return: Whether events at C{level} are emitted; lets hot paths skip
+        building the arguments of a disabled event.
+    """
+    return level in _enabled
+
+
 def currentLevel() -> LogLevel:
     return min(_enabled, key=_ORDER.index)
 

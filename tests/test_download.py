@@ -145,6 +145,26 @@ class DownloadProducerTests(SynchronousTestCase):
         self.assertIsNone(self.request.producer)
         self.assertEqual(self.op.done, 10000)
 
+    def test_poolReusedAcrossRequests(self) -> None:
+        """
+        With a connection pool, finished downloads leave their buffers there
+        and the next download on the connection maps no new memory.
+        """
+        self.backend.manual = False
+        pool: list[memoryview] = []
+        first = self.producer(0, 100)
+        first.pool = pool
+        self.successResultOf(first.start())
+        self.assertEqual(len(pool), 1)
+        self.assertEqual(self.allocations, [BUFFER])
+        self.request = FakeRequest(FakeChannel(self.transport))
+        second = self.producer(200, 100)
+        second.pool = pool
+        self.successResultOf(second.start())
+        self.assertEqual(self.request.body, bytes(self.image[200:300]))
+        self.assertEqual(self.allocations, [BUFFER])
+        self.assertEqual(len(pool), 1)
+
     def test_bytesOnPlainTransports(self) -> None:
         """
         Plain transports get bytes (Twisted's sockets refuse anything else).

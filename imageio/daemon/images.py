@@ -18,11 +18,12 @@ from urllib.parse import quote
 from attrs import define, field
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 import imageio
-from imageio import _blkhash, _buffers
+from imageio import _blkhash, _buffers, _log
 from imageio._log import Logger
 from imageio.interfaces import (
     Extent,
@@ -148,6 +149,8 @@ class _Context:
     ticket: Ticket
     channel: ImageioChannel
     backend: IBackend | None = None
+    #: Download buffers kept between this connection's requests.
+    buffers: list[memoryview] = field(factory=list)
     _opening: list[Deferred[IBackend]] = field(factory=list)
     closed: bool = False
 
@@ -249,6 +252,15 @@ class ImagesService:
             ticket.url, write=WRITE in ticket.ops, sparse=ticket.sparse, dirty=ticket.dirty
         ).addCallbacks(opened, failed)
         return d
+
+    def buffersFor(self, request: Request, ticket: Ticket) -> list[memoryview] | None:
+        """
+        @return: The spare download buffers of this connection's context for
+            C{ticket}, if it has one.
+        """
+        contexts = getattr(request.channel, "contexts", None)
+        ctx: _Context | None = contexts.get(ticket) if contexts is not None else None
+        return ctx.buffers if ctx is not None else None
 
     def startOperation(self, ticket: Ticket, op: Operation) -> None:
         try:
@@ -406,12 +418,13 @@ class ImageHandler:
             return
         op = Operation("read", offset)
         self.service.startOperation(ticket, op)
-        log.debug(
-            "READ ticket={ticketID} offset={offset} size={size}",
-            ticketID=shortID(ticket.uuid),
-            offset=offset,
-            size=length,
-        )
+        if _log.enabled(LogLevel.debug):
+            log.debug(
+                "READ ticket={ticketID} offset={offset} size={size}",
+                ticketID=shortID(ticket.uuid),
+                offset=offset,
+                size=length,
+            )
         producer = DownloadProducer(
             request,
             backend,
@@ -421,6 +434,7 @@ class ImageHandler:
             self.service.clock,
             bufferSize=self.service.chunkSize,
             idleTimeout=ticket.inactivityTimeout,
+            pool=self.service.buffersFor(request, ticket),
         )
         op.onCancel = lambda: producer.cancel(
             OperationCanceled(f"Transfer {ticket.transferID} was canceled")

@@ -58,6 +58,10 @@ class DownloadProducer:
     clock: IReactorTime
     bufferSize: int = 8 * 1024**2
     idleTimeout: float | None = None
+    #: Spare buffers of C{bufferSize} kept by the connection between
+    #: requests (as upstream keeps one buffer per connection), so small
+    #: reads do not map fresh memory each time.
+    pool: list[memoryview] | None = None
     done: Deferred[None] = field(factory=Deferred, init=False)
     _free: list[memoryview] = field(factory=list, init=False)
     _buffers: int = field(default=0, init=False)
@@ -162,6 +166,8 @@ class DownloadProducer:
             return self._free.pop()
         if self._buffers < 2:
             self._buffers += 1
+            if self.pool is not None:
+                return self.pool.pop() if self.pool else _pooled(self.bufferSize)
             size = min(self.bufferSize, max(self.length, 1))
             return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
         return None
@@ -194,6 +200,10 @@ class DownloadProducer:
         self._cancelStall()
         self.request.unregisterProducer()
         self.request.finish()
+        if self.pool is not None:
+            # Buffers in the free list are neither being read into nor held
+            # by the transport (it copied or encrypted them).
+            self.pool.extend(self._free[: 2 - len(self.pool)])
         self._release()
         self.done.callback(None)
 
@@ -227,6 +237,10 @@ class DownloadProducer:
     def _release(self) -> None:
         self._free.clear()
         self._ready = None
+
+
+def _pooled(size: int) -> memoryview:
+    return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
 
 
 def noop() -> Callable[[], None]:

@@ -27,12 +27,14 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 from twisted.web.server import unquote  # type: ignore[attr-defined]
 from zope.interface import implementer
 
+from imageio import _log
 from imageio._log import Logger
 from imageio.control._metrics import Metrics
 from imageio.interfaces import IBodySink, IStreamingUpload
@@ -450,10 +452,13 @@ class ImageioSite(server.Site):
         method = request.method.decode("ascii", "replace")
         if self.metrics is not None:
             self.metrics.requestDone(self.name, method, request.code, request.sentLength, received)
+        level = LogLevel.info if self.accessLevel == "info" else LogLevel.debug
+        if not _log.enabled(level):
+            return
         started = getattr(request, "started", 0.0)
         elapsed = time.monotonic() - started if started else 0.0
-        emit = log.info if self.accessLevel == "info" else log.debug
-        emit(
+        log.emit(
+            level,
             "{site} {client} {method} {path} {status} sent={sent} received={received} "
             "{elapsed:.3f}s",
             site=self.name,
