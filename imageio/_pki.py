@@ -142,9 +142,9 @@ def _writeAtomically(path: str, data: bytes, mode: int, sync: bool = True) -> No
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(fd, view) :]  # off-reactor: runs at start-up
             if sync:
-                os.fsync(fd)
+                os.fsync(fd)  # off-reactor: runs at start-up
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -158,7 +158,7 @@ def _writeAtomically(path: str, data: bytes, mode: int, sync: bool = True) -> No
         return
     dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dirfd)
+        os.fsync(dirfd)  # off-reactor: runs at start-up
     finally:
         os.close(dirfd)
 
