@@ -538,7 +538,7 @@ class ImageHandler:
         op.onCancel = lambda: request.respondEarly(  # type: ignore[attr-defined]
             _forbidden(AuthorizationError(f"Transfer {ticket.transferID} was canceled"))
         )
-        request.upload = _Upload(ticket, op, sink, backend, flush == "y")  # type: ignore[attr-defined]
+        request.upload = _Upload(ticket, op, sink, flush == "y")  # type: ignore[attr-defined]
         sink.whenDone().addBoth(self._uploadDone, ticket, op)
         sink.whenDone().addErrback(self._uploadFailedEarly, request, sink)
         log.debug(
@@ -657,7 +657,6 @@ class _Upload:
     ticket: Ticket
     op: Operation
     sink: UploadSink
-    backend: Deferred[IBackend]
     flush: bool
 
 

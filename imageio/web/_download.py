@@ -11,8 +11,6 @@ Memory per download is two buffers, whatever the image size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
@@ -242,6 +240,3 @@ class DownloadProducer:
 def _pooled(size: int) -> memoryview:
     return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
 
-
-def noop() -> Callable[[], None]:
-    return lambda: None
