@@ -239,4 +239,3 @@ class DownloadProducer:
 
 def _pooled(size: int) -> memoryview:
     return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
-
