@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _http import LoopbackHTTPSConnection, UnixHTTPConnection  # bench/ is sys.path[0]
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -150,36 +152,6 @@ def fsType(path: Path) -> str:
             if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
                 best, kind = mnt, parts[2]
     return f"{kind} ({best})"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """
-    HTTP over a UNIX stream socket (control and local services).
-    """
-
-    def __init__(self, path: str, timeout: float = 10) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unixPath = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unixPath)
-        self.sock = sock
-
-
-class LoopbackHTTPSConnection(http.client.HTTPConnection):
-    """
-    HTTPS to 127.0.0.1, verifying the server certificate for C{localhost}.
-    """
-
-    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = 10) -> None:
-        super().__init__("127.0.0.1", port, timeout=timeout)
-        self.context = context
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock = self.context.wrap_socket(self.sock, server_hostname="localhost")
 
 
 # ---------------------------------------------------------------------------

@@ -14,40 +14,11 @@ import http.client
 import json
 import os
 import random
-import socket
 import ssl
 import sys
 import time
 
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """
-    HTTP over a UNIX stream socket (the daemon's local service).
-    """
-
-    def __init__(self, path: str, timeout: float = 30) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unixPath = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unixPath)
-        self.sock = sock
-
-
-class LoopbackHTTPSConnection(http.client.HTTPConnection):
-    """
-    HTTPS to 127.0.0.1, verifying the server certificate for C{localhost}.
-    """
-
-    def __init__(self, port: int, context: ssl.SSLContext, timeout: float = 30) -> None:
-        super().__init__("127.0.0.1", port, timeout=timeout)
-        self.context = context
-
-    def connect(self) -> None:
-        super().connect()
-        self.sock = self.context.wrap_socket(self.sock, server_hostname="localhost")
+from _http import LoopbackHTTPSConnection, UnixHTTPConnection  # bench/ is sys.path[0]
 
 
 def main() -> int:

@@ -211,6 +211,20 @@ def dropServerConnections(reactor: Any) -> int:
     return count
 
 
+def writeSparseImage(
+    path: Path, size: int, dataAt: tuple[int, ...] = (0, 5 * 2**20 + 512, 12 * 2**20)
+) -> None:
+    """
+    Write a sparse raw image of C{size} bytes with 1 MiB of random data at
+    each offset of C{dataAt} and holes elsewhere.
+    """
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in dataAt:
+            f.seek(offset)
+            f.write(os.urandom(2**20))
+
+
 # Subprocess daemon
 
 

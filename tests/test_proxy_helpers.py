@@ -27,6 +27,7 @@ from imageio import _pki
 from imageio import config as _config
 from imageio.tap import ImageioService
 from tests import engine
+from tests._daemon import dropServerConnections
 
 MiB = 1024**2
 
@@ -106,23 +107,6 @@ class Daemon:
 
     def stop(self) -> Deferred[None]:
         return stopService(self.service, self.reactor)
-
-
-def dropServerConnections(reactor: Any) -> int:
-    """
-    Abort every server-side imageio connection on C{reactor}, so the
-    reactor is clean when a test ends.
-    """
-    from imageio.web._streaming import ImageioChannel
-    from imageio.web._tls import TLSServerProtocol
-
-    count = 0
-    for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
-        protocol = getattr(selectable, "protocol", None)
-        if isinstance(protocol, ImageioChannel | TLSServerProtocol):
-            selectable.abortConnection()
-            count += 1
-    return count
 
 
 @inlineCallbacks

@@ -6,7 +6,6 @@ and the signed-ticket proxy with a ticket the engine stored.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import uuid
@@ -19,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from imageio import _pki
+from tests._daemon import writeSparseImage
 from tests.test_proxy import signedTicket
 from tests.test_proxy_helpers import (
     Daemon,
@@ -141,11 +141,7 @@ class UpstreamClientTests(TestCase):
             raise SkipTest("qemu-img and qemu-nbd are needed (Debian: qemu-utils)")
         size = 16 * MiB
         source = self.dir / "source.raw"
-        with open(source, "wb") as f:
-            f.truncate(size)
-            for offset in (0, 5 * MiB + 512, 12 * MiB):
-                f.seek(offset)
-                f.write(os.urandom(MiB))
+        writeSparseImage(source, size)
         ticketID, target = self.image(size)
         url = yield self.signedProxyURL(ticketID)
         yield deferToThread(upstream.upload, str(source), url, self.pki.caFile)

@@ -26,6 +26,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from imageio import _pki
 from imageio import config as _config
 from imageio.tap import ImageioService
+from tests._daemon import writeSparseImage
 
 try:
     from ovirt_imageio import client as upstream
@@ -131,11 +132,7 @@ class UpstreamClientTests(TestCase):
             raise SkipTest("qemu-img and qemu-nbd are needed (Debian: qemu-utils)")
         size = 16 * MiB
         source = self.dir / "source.raw"
-        with open(source, "wb") as f:
-            f.truncate(size)
-            for offset in (0, 5 * MiB + 512, 12 * MiB):
-                f.seek(offset)
-                f.write(os.urandom(MiB))
+        writeSparseImage(source, size)
         target = self.dir / "target.raw"
         with open(target, "wb") as f:
             f.truncate(size)
