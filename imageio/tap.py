@@ -219,6 +219,15 @@ class ImageioService(MultiService):
                 "http": {"bufferSize": config.backend_http.buffer_size},
             },
         )
+        if backendCtx.caFile:
+            # Read the CA for proxy-mode tickets now, before the reactor runs,
+            # rather than on the reactor thread at the first https: ticket.
+            from imageio.backends.http import loadTrustRoot
+
+            try:
+                loadTrustRoot(backendCtx.caFile)
+            except ValueError as e:
+                log.warn("https: tickets will fail until fixed: {error}", error=str(e))
         images = ImagesService(
             registry=self.registry,
             opener=BackendOpener(backendCtx),
