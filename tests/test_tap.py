@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import imageio
 from imageio import tap
+from tests._daemon import shortTempDir
 
 ROOT = Path(imageio.__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; run()"]
@@ -107,7 +109,10 @@ class PluginInstallTests(SynchronousTestCase):
 
 class TwistdTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = Path(self.mktemp()).resolve()
+        # UNIX socket paths must stay under 108 bytes; trial's temporary
+        # directory under a deep checkout does not.
+        self.dir = shortTempDir("iio-tap-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         (self.dir / "conf.d").mkdir(parents=True)
         self.state = self.dir / "state"
 
