@@ -189,3 +189,29 @@ class IStreamingUpload(Interface):
         @return: A sink for the body, or C{None} to let twisted.web buffer it
             as usual (small JSON bodies).
         """
+
+
+class IZeroCopyTransport(Interface):
+    """
+    A stream transport whose C{write} takes any buffer, a C{memoryview} of a
+    reused read buffer too, and keeps a reference to it instead of a copy
+    until the kernel took it.
+    """
+
+    def write(data: bytes | memoryview) -> None:
+        """
+        Send C{data}; a mutable buffer must not change until
+        L{whenDrained} fires.
+        """
+
+    def pendingBytes() -> int:
+        """
+        @return: Bytes written and not yet handed to the kernel.
+        """
+
+    def whenDrained() -> Deferred[None]:
+        """
+        @return: A Deferred firing once every buffer written so far was
+            sent or the connection closed: from then on the writer may reuse
+            them.
+        """

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python import usage
@@ -43,6 +42,7 @@ from imageio.control.tickets import controlResource
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
 from imageio.web._streaming import ImageioSite
+from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
 
 log = Logger()
 
@@ -123,9 +123,7 @@ def _describe(name: str, port: IListeningPort) -> str:
 def _tcpEndpoint(reactor: Any, host: str, port: int) -> IStreamServerEndpoint:
     if host == "":
         host = "0.0.0.0"
-    if ":" in host:
-        return endpoints.TCP6ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
-    return endpoints.TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
+    return TCPServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
 
 
 def _removeStaleSocket(path: str) -> None:
@@ -246,9 +244,7 @@ class ImageioService(MultiService):
         if unixSocket is not None:
             _removeStaleSocket(unixSocket)
             site = self._site(imagesResource(images, info=False), "local", timeout)
-            endpoint = endpoints.UNIXServerEndpoint(
-                self.reactor, unixSocket, backlog=LISTEN_BACKLOG, wantPID=False
-            )
+            endpoint = UNIXServerEndpoint(self.reactor, unixSocket, backlog=LISTEN_BACKLOG)
             self._listeners.append(("local", endpoint, site))
         if config.control.enable:
             site = self._site(controlResource(self.registry, self.metrics), "control", timeout)
@@ -259,8 +255,8 @@ class ImageioService(MultiService):
                 path = config.control.socket or str(self.stateDir / "sock")
                 Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 _removeStaleSocket(path)
-                endpoint = endpoints.UNIXServerEndpoint(
-                    self.reactor, path, backlog=LISTEN_BACKLOG, mode=0o660, wantPID=False
+                endpoint = UNIXServerEndpoint(
+                    self.reactor, path, backlog=LISTEN_BACKLOG, mode=0o660
                 )
             site.accessLevel = "info"
             self._listeners.append(("control", endpoint, site))

@@ -4,9 +4,11 @@ Download producer: a byte range of a backend streamed to a response.
 
 A push producer with two reusable, page-aligned buffers: while one chunk
 waits for the transport (paused because the socket is full), the next is
-read on the disk-io pool. A buffer is free again as soon as it was
-written: TLS transports encrypt it at once and plain ones get a copy.
-Memory per download is two buffers, whatever the image size.
+read on the disk-io pool. TLS transports encrypt a buffer at once, so it is
+free again when C{write} returns; our socket transports
+(L{imageio.interfaces.IZeroCopyTransport}) send it without a copy and give
+it back once sent. Memory per download is two buffers, whatever the image
+size.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ from zope.interface import implementer
 
 from imageio import _buffers
 from imageio._log import Logger
-from imageio.interfaces import IBackend
+from imageio.interfaces import IBackend, IZeroCopyTransport
 from imageio.tickets import Operation, OperationCanceled
 
 log = Logger()
+
+#: Chunks smaller than this are copied for transports that would hold the
+#: buffer: cheaper than keeping the buffer out of the connection's pool.
+HOLD_MIN = 256 * 1024
+
+# How a transport treats a written buffer.
+_COPY, _CONSUMED, _HELD = range(3)
 
 
 class TruncatedImage(Exception):
@@ -70,7 +79,9 @@ class DownloadProducer:
     _position: int = field(default=0, init=False)
     _delivered: int = field(default=0, init=False)
     _stall: IDelayedCall | None = field(default=None, init=False)
-    _zeroCopy: bool = field(default=False, init=False)
+    _mode: int = field(default=_COPY, init=False)
+    _held: list[memoryview] = field(factory=list, init=False)
+    _draining: bool = field(default=False, init=False)
 
     def start(self) -> Deferred[None]:
         """
@@ -80,10 +91,13 @@ class DownloadProducer:
             when it was cut.
         """
         self._position = self.offset
-        # TLS transports encrypt what they are given at once, so a view of
-        # our buffer is safe and saves a copy. Plain sockets keep the object
-        # until the kernel took it and accept only bytes.
-        self._zeroCopy = ISSLTransport.providedBy(getattr(self.request.channel, "transport", None))
+        # TLS transports encrypt what they are given at once; ours hold the
+        # buffer until sent; others (Twisted's) accept only bytes.
+        transport = getattr(self.request.channel, "transport", None)
+        if ISSLTransport.providedBy(transport):
+            self._mode = _CONSUMED
+        elif IZeroCopyTransport.providedBy(transport):
+            self._mode = _HELD
         self.request.registerProducer(self, True)
         # A real transport calls stopProducing on disconnect; notifyFinish
         # also covers test transports.
@@ -134,9 +148,7 @@ class DownloadProducer:
             self._ready = None
             self._delivered += n
             self.op.done = self._delivered
-            self.request.write(buf[:n] if self._zeroCopy else bytes(buf[:n]))  # type: ignore[arg-type]
-            # The transport encrypted or copied it: reuse.
-            self._free.append(buf)
+            self._write(buf, n)
             if self._delivered == self.length:
                 self._finish()
                 return
@@ -158,6 +170,30 @@ class DownloadProducer:
         # A bug after the read (writing to the transport) must cut the
         # response, not leave it hanging with an unhandled error.
         d.addErrback(self._abort)
+
+    def _write(self, buf: memoryview, n: int) -> None:
+        if self._mode == _COPY or (self._mode == _HELD and n < HOLD_MIN):
+            self.request.write(bytes(buf[:n]))
+        else:
+            self.request.write(buf[:n])  # type: ignore[arg-type]
+            if self._mode == _HELD:
+                transport = IZeroCopyTransport(self.request.channel.transport)  # type: ignore[attr-defined]
+                if transport.pendingBytes():
+                    self._held.append(buf)
+                    if not self._draining:
+                        self._draining = True
+                        transport.whenDrained().addCallback(self._drained)
+                    return
+        # The transport encrypted, copied or sent it: reuse.
+        self._free.append(buf)
+
+    def _drained(self, _: None) -> None:
+        self._draining = False
+        if self._stopped:
+            return
+        self._free.extend(self._held)
+        self._held.clear()
+        self._pump()
 
     def _buffer(self) -> memoryview | None:
         if self._free:
@@ -234,6 +270,8 @@ class DownloadProducer:
 
     def _release(self) -> None:
         self._free.clear()
+        # The transport keeps its references until sent.
+        self._held.clear()
         self._ready = None
 
 

@@ -49,6 +49,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio.interfaces import IZeroCopyTransport
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from twisted.internet.interfaces import IAddress, IListeningPort
@@ -501,12 +503,16 @@ class TLSServerProtocol(_Protocol):
                 tls.write(data)
                 self._flush()
                 return
+            # Our socket transports send each piece of ciphertext at once,
+            # while it is in the CPU cache; Twisted's join (copy) several
+            # buffered pieces, so they get one block per write.
+            piecewise = IZeroCopyTransport.providedBy(self._tcp)
             with memoryview(data) as view:
                 offset = 0
                 while offset < len(view):
                     offset += tls.write(view[offset : offset + WRITE_SIZE])
-            # One block of ciphertext per write: Twisted sends a single
-            # buffered block as is, but joins (copies) several.
+                    if piecewise:
+                        self._flush()
             self._flush()
         except ssl.SSLError as e:
             if self._reason is None:

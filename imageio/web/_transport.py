@@ -1,0 +1,265 @@
+# -*- test-case-name: tests.test_transport -*-
+"""
+Socket transports for the data listeners that send buffers without copying.
+
+Twisted's TCP and UNIX transports accept only C{bytes} and keep two output
+buffers that they join (copy) whenever a send was partial: moving a 4 MiB
+chunk costs a C{bytes} copy of the producer's buffer plus copies of every
+partially sent tail. Image downloads move gigabytes, so our listeners use
+L{ZeroCopyTCPServer} and L{ZeroCopyUNIXServer} instead: C{write} takes any
+buffer (a C{memoryview} of a reused read buffer too), keeps a reference to
+it until the kernel took all of it, and sends queued buffers with one
+gathering C{sendmsg}. A large write to an idle socket is sent at once, while
+its bytes (ciphertext just encrypted) are still in the CPU cache.
+
+Writers that pass a mutable buffer must leave it alone until
+L{IZeroCopyTransport.whenDrained} fires.
+
+The transports are Twisted's own with C{write}, C{writeSequence} and
+C{doWrite} replaced; L{TCPServerEndpoint} and L{UNIXServerEndpoint} listen
+with them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from errno import EAGAIN, ENOBUFS, EWOULDBLOCK
+from typing import Any
+
+from attrs import frozen
+from twisted.internet import defer, main, tcp, unix
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imageio.interfaces import IZeroCopyTransport
+
+#: Most bytes handed to the kernel per send call.
+SEND_LIMIT = 4 * 1024 * 1024
+
+#: Writes at least this large go to an idle socket at once; smaller ones
+#: (response headers, small bodies) wait for the reactor's write pass so
+#: headers and body leave in one send.
+IMMEDIATE_SEND = 64 * 1024
+
+#: At most this many buffers per gathering send (well under IOV_MAX).
+MAX_IOVEC = 64
+
+_WOULD_BLOCK = (EAGAIN, EWOULDBLOCK, ENOBUFS)
+
+
+class _ZeroCopyMixin:
+    """
+    Replaces the output buffering of a L{twisted.internet.abstract.FileDescriptor}
+    socket transport with a queue of buffers sent as they are.
+    """
+
+    # Provided by the Twisted transport this is mixed into.
+    socket: Any
+    connected: int
+    disconnecting: int
+    disconnected: int
+    _writeDisconnecting: bool
+    _writeDisconnected: bool
+    producer: Any
+    producerPaused: bool
+    streamingProducer: bool
+    bufferSize: int
+    dataBuffer: bytes
+
+    _queue: deque[memoryview] | None = None
+    _queued = 0
+    _drainWaiters: list[Deferred[None]] | None = None
+
+    def pendingBytes(self) -> int:
+        return self._queued
+
+    def whenDrained(self) -> Deferred[None]:
+        if not self._queued or self.disconnected:
+            return succeed(None)
+        if self._drainWaiters is None:
+            self._drainWaiters = []
+        d: Deferred[None] = Deferred()
+        self._drainWaiters.append(d)
+        return d
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not self.connected or self._writeDisconnected or not len(data):
+            return
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        if not self._queued and len(view) >= IMMEDIATE_SEND:
+            sent = self._send(view)
+            if sent == len(view):
+                return
+            view = view[sent:]
+        self._enqueue(view)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        items = list(data)
+        if sum(map(len, items)) < IMMEDIATE_SEND:
+            # Response headers come as a dozen small pieces: one buffer.
+            self.write(b"".join(items))
+            return
+        for item in items:
+            self.write(item)
+
+    def doWrite(self) -> Any:
+        while self._queue:
+            views = []
+            size = 0
+            for view in self._queue:
+                views.append(view[: SEND_LIMIT - size])
+                size += len(views[-1])
+                if size >= SEND_LIMIT or len(views) == MAX_IOVEC:
+                    break
+            try:
+                sent = self.socket.sendmsg(views) if len(views) > 1 else self.socket.send(views[0])
+            except OSError as e:
+                if e.errno in _WOULD_BLOCK:
+                    return None
+                return main.CONNECTION_LOST
+            self._consume(sent)
+            if sent < size:
+                # The socket is full: wait for the next write pass.
+                return None
+        return self._drained()
+
+    # Internals
+
+    def _send(self, view: memoryview) -> int:
+        try:
+            sent: int = self.socket.send(view[:SEND_LIMIT])
+        except OSError:
+            # Queue it all: doWrite meets the same error (or the socket
+            # became writable) and reports a lost connection the way
+            # Twisted does.
+            return 0
+        return sent
+
+    def _enqueue(self, view: memoryview) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(view)
+        self._queued += len(view)
+        self._maybePauseProducer()  # type: ignore[attr-defined]
+        self.startWriting()  # type: ignore[attr-defined]
+
+    def _consume(self, sent: int) -> None:
+        queue = self._queue
+        assert queue is not None
+        self._queued -= sent
+        while sent:
+            head = queue[0]
+            if sent >= len(head):
+                sent -= len(head)
+                queue.popleft()
+            else:
+                queue[0] = head[sent:]
+                sent = 0
+
+    def _isSendBufferFull(self) -> bool:
+        return self._queued > self.bufferSize
+
+    def _drained(self) -> Failure | Exception | None:
+        # Everything is sent: what Twisted's doWrite does at this point.
+        self.stopWriting()  # type: ignore[attr-defined]
+        waiters, self._drainWaiters = self._drainWaiters, None
+        for d in waiters or ():
+            d.callback(None)
+        if self._queued:
+            # A waiter wrote again.
+            self.startWriting()  # type: ignore[attr-defined]
+            return None
+        if self.producer is not None and ((not self.streamingProducer) or self.producerPaused):
+            self.producerPaused = False
+            self.producer.resumeProducing()
+        elif self.disconnecting:
+            return self._postLoseConnection()  # type: ignore[attr-defined,no-any-return]
+        elif self._writeDisconnecting:
+            self._writeDisconnected = True
+            return self._closeWriteConnection()  # type: ignore[attr-defined,no-any-return]
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._queue = None
+        self._queued = 0
+        waiters, self._drainWaiters = self._drainWaiters, None
+        # Nothing more will be sent: the buffers are free again.
+        for d in waiters or ():
+            d.callback(None)
+        super().connectionLost(reason)  # type: ignore[misc]
+
+
+@implementer(IZeroCopyTransport)
+class ZeroCopyTCPServer(_ZeroCopyMixin, tcp.Server):
+    """
+    A TCP server connection whose writes are not copied.
+    """
+
+
+@implementer(IZeroCopyTransport)
+class ZeroCopyUNIXServer(_ZeroCopyMixin, unix.Server):
+    """
+    A UNIX socket server connection whose writes are not copied.
+    """
+
+
+class TCPPort(tcp.Port):
+    transport = ZeroCopyTCPServer
+
+
+class UNIXPort(unix.Port):
+    transport = ZeroCopyUNIXServer
+
+
+@implementer(IStreamServerEndpoint)
+@frozen
+class TCPServerEndpoint:
+    """
+    Listens on TCP (IPv4 or IPv6, by the interface address) with
+    L{ZeroCopyTCPServer} connections.
+    """
+
+    reactor: Any
+    port: int
+    backlog: int = 50
+    interface: str = ""
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return defer.execute(self._listen, protocolFactory)
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        port = TCPPort(self.port, factory, self.backlog, self.interface, self.reactor)
+        port.startListening()
+        return port
+
+
+@implementer(IStreamServerEndpoint)
+@frozen
+class UNIXServerEndpoint:
+    """
+    Listens on a UNIX socket with L{ZeroCopyUNIXServer} connections.
+    """
+
+    reactor: Any
+    address: str
+    backlog: int = 50
+    mode: int = 0o666
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return defer.execute(self._listen, protocolFactory)
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        # Twisted's stubs say bytes; it takes str paths too.
+        path: Any = self.address
+        port = UNIXPort(path, factory, self.backlog, self.mode, self.reactor, False)
+        port.startListening()
+        return port
