@@ -174,6 +174,55 @@ class IBodySink(Interface):
         """
 
 
+class IDirectBodySink(IBodySink):
+    """
+    A body sink that lets the transport read the body straight into its
+    buffers, saving a copy per byte.
+    """
+
+    def bodyBuffer() -> memoryview | None:
+        """
+        @return: Where the next body bytes go, or C{None} when the sink
+            cannot take them now (they then arrive through C{dataReceived}).
+        """
+
+    def bodyFilled(n: int) -> None:
+        """
+        C{n} body bytes were read into the start of the last L{bodyBuffer}.
+        """
+
+
+class IDirectReader(Interface):
+    """
+    Takes bytes a transport reads into a buffer it provides: an HTTP
+    connection receiving a request body.
+    """
+
+    def readBuffer() -> memoryview | None:
+        """
+        @return: Where the next bytes from the connection go, at most as
+            many as the reader expects, or C{None} to deliver them to
+            C{dataReceived} as usual.
+        """
+
+    def bufferFilled(n: int) -> None:
+        """
+        C{n} bytes were read into the start of the last L{readBuffer}.
+        """
+
+
+class IDirectReadTransport(Interface):
+    """
+    A transport that can read into a reader's buffers.
+    """
+
+    def setDirectReader(reader: IDirectReader | None) -> None:
+        """
+        Read into C{reader}'s buffers from now on, or as usual again with
+        C{None}.
+        """
+
+
 class IStreamingUpload(Interface):
     """
     A resource that takes request bodies as a stream instead of letting

@@ -175,14 +175,16 @@ class UploadSinkTests(SynchronousTestCase):
         client at the watermark) and written once it opens.
         """
         opened: Deferred[IBackend] = Deferred()
-        sink = self.sink(2 * BUFFER, backend=opened)
-        sink.dataReceived(b"a" * 2 * BUFFER)
+        sink = self.sink(3 * BUFFER, backend=opened)
+        sink.dataReceived(b"a" * 3 * BUFFER)
         self.assertEqual(self.producer.producerState, "paused")
         opened.callback(self.backend)  # type: ignore[arg-type]
+        self.backend.completeWrite()
+        self.assertEqual(self.producer.producerState, "producing")
         sink.bodyComplete()
         self.drain()
         self.successResultOf(sink.whenDone())
-        self.assertEqual(bytes(self.backend.image[: 2 * BUFFER]), b"a" * 2 * BUFFER)
+        self.assertEqual(bytes(self.backend.image[: 3 * BUFFER]), b"a" * 3 * BUFFER)
 
     def test_openFailure(self) -> None:
         """

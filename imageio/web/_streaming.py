@@ -37,7 +37,13 @@ from zope.interface import implementer
 from imageio import _log
 from imageio._log import Logger
 from imageio.control._metrics import Metrics
-from imageio.interfaces import IBodySink, IStreamingUpload
+from imageio.interfaces import (
+    IBodySink,
+    IDirectBodySink,
+    IDirectReader,
+    IDirectReadTransport,
+    IStreamingUpload,
+)
 from imageio.web._response import (
     SERVER,
     HTTPError,
@@ -276,6 +282,7 @@ def _tuneTransport(transport: Any) -> None:
         transport = getattr(transport, "transport", None)
 
 
+@implementer(IDirectReader)
 class ImageioChannel(http.HTTPChannel):
     """
     An HTTP connection with per-connection state for the images API.
@@ -391,6 +398,63 @@ class ImageioChannel(http.HTTPChannel):
             error = request.takeEarlyError()
             if error is not None:
                 request.respondEarly(error)
+            else:
+                self._startDirectReads(request)
+
+    # Request bodies read straight into the sink's buffers (IDirectReader):
+    # the transport reads with recv_into (or decrypts) into the upload
+    # buffer instead of handing us bytes to copy. Only Content-Length
+    # bodies; twisted.web's decoder is told the bytes arrived.
+
+    _directSink: IDirectBodySink | None = None
+
+    def _startDirectReads(self, request: StreamingRequest) -> None:
+        sink = request.bodySink
+        decoder = self._transferDecoder  # type: ignore[has-type]
+        if (
+            IDirectBodySink.providedBy(sink)
+            and IDirectReadTransport.providedBy(self.transport)
+            and isinstance(decoder, http._IdentityTransferDecoder)  # type: ignore[attr-defined]
+            and decoder.contentLength
+        ):
+            self._directSink = sink
+            IDirectReadTransport(self.transport).setDirectReader(self)
+
+    def _stopDirectReads(self) -> None:
+        if self._directSink is not None:
+            self._directSink = None
+            transport = IDirectReadTransport(self.transport, None)
+            if transport is not None:
+                transport.setDirectReader(None)
+
+    def readBuffer(self) -> memoryview | None:
+        decoder = self._transferDecoder  # type: ignore[has-type]
+        if (
+            self._directSink is None
+            or self.closingEarly
+            or decoder is None
+            or decoder.dataCallback is None
+            or not decoder.contentLength
+        ):
+            self._stopDirectReads()
+            return None
+        view = self._directSink.bodyBuffer()
+        if view is None:
+            return None
+        return view[: decoder.contentLength]
+
+    def bufferFilled(self, n: int) -> None:
+        assert self._directSink is not None
+        self.resetTimeout()
+        decoder: Any = self._transferDecoder  # type: ignore[has-type]
+        decoder.contentLength -= n
+        self._directSink.bodyFilled(n)
+        if decoder.contentLength == 0:
+            # What the decoder does at the end of a body.
+            self._stopDirectReads()
+            finish = decoder.finishCallback
+            decoder.dataCallback = decoder.finishCallback = None
+            finish(b"")
 
     def dataReceived(self, data: bytes) -> None:
         if self.closingEarly:
@@ -409,6 +473,7 @@ class ImageioChannel(http.HTTPChannel):
         if metrics is not None:
             metrics.connectionClosed(self.site.name)
         self._cancelHeadDeadline()
+        self._directSink = None
         hooks, self._closeHooks = self._closeHooks, []
         try:
             super().connectionLost(reason)

@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imageio.interfaces import IZeroCopyTransport
+from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -241,7 +241,9 @@ def _describeError(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-@implementer(ITCPTransport, ISSLTransport, INegotiated, IPushProducer, IConsumer)
+@implementer(
+    ITCPTransport, ISSLTransport, INegotiated, IPushProducer, IConsumer, IDirectReadTransport
+)
 class TLSServerProtocol(_Protocol):
     """
     The server side of one TLS connection: decrypts what the TCP transport
@@ -289,6 +291,8 @@ class TLSServerProtocol(_Protocol):
         self._aborted = False
         # The first failure (handshake, decryption, timeout) wins.
         self._reason: Failure | None = None
+        # Decrypt into this reader's buffers (a request body) when set.
+        self._directReader: IDirectReader | None = None
 
     # IProtocol, as seen from the TCP transport
 
@@ -426,10 +430,20 @@ class TLSServerProtocol(_Protocol):
         finally:
             self._delivering = False
 
+    def setDirectReader(self, reader: IDirectReader | None) -> None:
+        """
+        Decrypt into C{reader}'s buffers from now on (saving two copies per
+        byte of a request body), or as usual again with C{None}.
+        """
+        self._directReader = reader
+
     def _deliverLoop(self) -> None:
-        view = self._factory.readView
-        size = len(view)
+        shared = self._factory.readView
         while not (self._readPaused or self.disconnecting or self._peerClosed):
+            reader = self._directReader
+            target = reader.readBuffer() if reader is not None else None
+            view = shared if target is None else target
+            size = len(view)
             filled = 0
             error: ssl.SSLError | None = None
             wantRead = False
@@ -454,9 +468,13 @@ class TLSServerProtocol(_Protocol):
                     break
                 filled += n
             if filled:
-                # Copy out before calling foreign code: the buffer is shared
-                # by every connection of the factory.
-                self.wrappedProtocol.dataReceived(bytes(view[:filled]))
+                if target is not None:
+                    assert reader is not None
+                    reader.bufferFilled(filled)
+                else:
+                    # Copy out before calling foreign code: the buffer is
+                    # shared by every connection of the factory.
+                    self.wrappedProtocol.dataReceived(bytes(view[:filled]))
             if error is not None:
                 self._readFailed(error)
                 return

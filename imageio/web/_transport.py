@@ -15,6 +15,10 @@ its bytes (ciphertext just encrypted) are still in the CPU cache.
 Writers that pass a mutable buffer must leave it alone until
 L{IZeroCopyTransport.whenDrained} fires.
 
+For uploads they read the other way round: an HTTP connection receiving a
+request body sets itself as the L{IDirectReader}, and the body is read with
+C{recv_into} straight into the upload's buffer.
+
 The transports are Twisted's own with C{write}, C{writeSequence} and
 C{doWrite} replaced; L{TCPServerEndpoint} and L{UNIXServerEndpoint} listen
 with them.
@@ -38,7 +42,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imageio.interfaces import IZeroCopyTransport
+from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
 
 #: Most bytes handed to the kernel per send call.
 SEND_LIMIT = 4 * 1024 * 1024
@@ -76,6 +80,33 @@ class _ZeroCopyMixin:
     _queue: deque[memoryview] | None = None
     _queued = 0
     _drainWaiters: list[Deferred[None]] | None = None
+    _directReader: IDirectReader | None = None
+
+    def setDirectReader(self, reader: IDirectReader | None) -> None:
+        self._directReader = reader
+
+    def doRead(self) -> Any:
+        # Twisted's doRead, plus reading straight into a reader's buffer;
+        # on UNIX sockets also plain recv instead of recvmsg (we pass no
+        # file descriptors).
+        reader = self._directReader
+        view = reader.readBuffer() if reader is not None else None
+        try:
+            if view is None:
+                data = self.socket.recv(self.bufferSize)
+            else:
+                n = self.socket.recv_into(view)
+        except OSError as e:
+            if e.errno in _WOULD_BLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if view is None:
+            return self._dataReceived(data)  # type: ignore[attr-defined]
+        if n == 0:
+            return self._dataReceived(b"")  # type: ignore[attr-defined]
+        assert reader is not None
+        reader.bufferFilled(n)
+        return None
 
     def pendingBytes(self) -> int:
         return self._queued
@@ -189,6 +220,7 @@ class _ZeroCopyMixin:
         return None
 
     def connectionLost(self, reason: Failure) -> None:
+        self._directReader = None
         self._queue = None
         self._queued = 0
         waiters, self._drainWaiters = self._drainWaiters, None
@@ -198,14 +230,14 @@ class _ZeroCopyMixin:
         super().connectionLost(reason)  # type: ignore[misc]
 
 
-@implementer(IZeroCopyTransport)
+@implementer(IZeroCopyTransport, IDirectReadTransport)
 class ZeroCopyTCPServer(_ZeroCopyMixin, tcp.Server):
     """
     A TCP server connection whose writes are not copied.
     """
 
 
-@implementer(IZeroCopyTransport)
+@implementer(IZeroCopyTransport, IDirectReadTransport)
 class ZeroCopyUNIXServer(_ZeroCopyMixin, unix.Server):
     """
     A UNIX socket server connection whose writes are not copied.

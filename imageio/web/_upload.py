@@ -2,12 +2,13 @@
 """
 Upload sink: a request body streamed into a backend with backpressure.
 
-Body pieces (up to 64 KiB each, as the socket delivers them) are copied
-into one reusable, page-aligned buffer; a full buffer is written to the
-backend (on the disk-io pool) while the next pieces wait in a small queue.
-When the queue reaches the high watermark the client connection is paused,
-and it is resumed once a write completes, so memory per upload is bounded
-by two buffers whatever the request size.
+The body fills two reusable, page-aligned buffers in turn: while one is
+written to the backend (on the disk-io pool), the client fills the other.
+Our transports read the body straight into the buffer
+(L{imageio.interfaces.IDirectReader}); others deliver pieces that are
+copied in. When both buffers are taken the client connection is paused, and
+it is resumed once a write completes, so memory per upload is two buffers
+whatever the request size.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from zope.interface import implementer
 
 from imageio import _buffers
 from imageio._log import Logger
-from imageio.interfaces import IBackend, IBodySink
+from imageio.interfaces import IBackend, IBodySink, IDirectBodySink
 from imageio.tickets import Operation, OperationCanceled
 
 log = Logger()
@@ -35,7 +36,7 @@ class ShortBody(Exception):
     """
 
 
-@implementer(IBodySink)
+@implementer(IBodySink, IDirectBodySink)
 @define
 class UploadSink:
     """
@@ -44,6 +45,7 @@ class UploadSink:
 
     @ivar producer: Pauses reading from the client (the transport).
     @ivar op: Progress (C{done}) and cancellation of this upload.
+    @ivar bufferSize: Size of each of the two buffers.
     @ivar onProgress: Called after each completed write (resets the
         connection's idle timeout while the transport is paused).
     """
@@ -55,12 +57,19 @@ class UploadSink:
     op: Operation
     bufferSize: int = 8 * 1024**2
     onProgress: Callable[[], None] = lambda: None
+    # Buffers not in use, and how many were allocated (at most two).
+    _free: list[memoryview] = field(factory=list, init=False)
+    _allocated: int = field(default=0, init=False)
+    # The buffer being filled: bytes in it and how many it takes.
     _buf: memoryview | None = field(default=None, init=False)
-    _mmap: object = field(default=None, init=False)
     _fill: int = field(default=0, init=False)
     _limit: int = field(default=0, init=False)
+    # Filled buffers waiting for the backend: (buffer, image offset, size).
+    _full: deque[tuple[memoryview, int, int]] = field(factory=deque, init=False)
+    # Body bytes placed in buffers so far.
+    _assigned: int = field(default=0, init=False)
+    # Pieces delivered while no buffer had room (copying transports).
     _queue: deque[memoryview] = field(factory=deque, init=False)
-    _queued: int = field(default=0, init=False)
     _received: int = field(default=0, init=False)
     _written: int = field(default=0, init=False)
     _writing: bool = field(default=False, init=False)
@@ -77,23 +86,19 @@ class UploadSink:
     # IBodySink
 
     def dataReceived(self, data: bytes) -> None:
-        if self._failure is not None or self._result is not None:
+        if self._stopped():
             return
-        self._received += len(data)
-        if self._received > self.length:
-            # Twisted frames bodies by Content-Length, so this is a bug.
-            self._fail(Failure(ValueError("Body longer than Content-Length")))
+        if not self._count(len(data)):
             return
         self._queue.append(memoryview(data))
-        self._queued += len(data)
-        if self._queued >= self.bufferSize and not self._paused:
-            self._paused = True
-            self.producer.pauseProducing()
-        self._pump()
+        self._drainQueue()
+        self._flowControl()
+        self._startWrite()
 
     def bodyComplete(self) -> None:
         self._complete = True
-        self._pump()
+        self._startWrite()
+        self._maybeFinish()
 
     def connectionLost(self, reason: Failure) -> None:
         if self._result is None and not (self._complete and self._received == self.length):
@@ -102,6 +107,25 @@ class UploadSink:
                     ShortBody(f"Client disconnected after {self._received} of {self.length} bytes")
                 )
             )
+
+    # IDirectBodySink
+
+    def bodyBuffer(self) -> memoryview | None:
+        if self._stopped() or self._queue:
+            return None
+        if not self._takeBuffer():
+            return None
+        assert self._buf is not None
+        return self._buf[self._fill : self._limit]
+
+    def bodyFilled(self, n: int) -> None:
+        if self._stopped() or not self._count(n):
+            return
+        self._fill += n
+        self._assigned += n
+        self._bufferDone()
+        self._flowControl()
+        self._startWrite()
 
     # Results
 
@@ -133,66 +157,112 @@ class UploadSink:
 
     # Internals
 
-    def _gotBackend(self, backend: IBackend) -> None:
-        self._backend = backend
-        self._pump()
+    def _stopped(self) -> bool:
+        return self._failure is not None or self._result is not None
 
-    def _pump(self) -> None:
+    def _count(self, n: int) -> bool:
+        self._received += n
+        if self._received > self.length:
+            # Twisted frames bodies by Content-Length, so this is a bug.
+            self._fail(Failure(ValueError("Body longer than Content-Length")))
+            return False
+        return True
+
+    def _takeBuffer(self) -> bool:
+        """
+        Make sure a buffer with room is being filled.
+
+        @return: C{False} when both buffers are taken.
+        """
+        if self._buf is not None:
+            return True
+        if self._assigned == self.length:
+            return False
+        if self._free:
+            buf = self._free.pop()
+        elif self._allocated < 2:
+            self._allocated += 1
+            size = min(self.bufferSize, max(self.length, 1))
+            buf = memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
+        else:
+            return False
+        # Fill the first buffer only up to a 4 KiB boundary of the image, so
+        # every later write is aligned and O_DIRECT needs no read-modify-write.
+        head = (self.offset + self._assigned) % _buffers.ALIGNMENT
+        size = len(buf) - head if head else len(buf)
+        self._buf = buf
+        self._fill = 0
+        self._limit = min(size, self.length - self._assigned)
+        return True
+
+    def _bufferDone(self) -> None:
+        # A full buffer (or the end of the body) goes to the write queue.
+        if self._buf is not None and self._fill == self._limit:
+            start = self.offset + self._assigned - self._fill
+            self._full.append((self._buf, start, self._fill))
+            self._buf = None
+
+    def _drainQueue(self) -> None:
+        while self._queue and self._takeBuffer():
+            assert self._buf is not None
+            piece = self._queue[0]
+            n = min(len(piece), self._limit - self._fill)
+            self._buf[self._fill : self._fill + n] = piece[:n]
+            self._fill += n
+            self._assigned += n
+            if n == len(piece):
+                self._queue.popleft()
+            else:
+                self._queue[0] = piece[n:]
+            self._bufferDone()
+
+    def _flowControl(self) -> None:
+        # Pause while no buffer has room: the client fills the next buffer
+        # while the previous one is written, and no further.
+        # Once the whole body is in, the connection reads on: the next
+        # request may follow.
+        room = self._assigned == self.length or (
+            not self._queue and (self._buf is not None or bool(self._free) or self._allocated < 2)
+        )
+        if not room and not self._paused:
+            self._paused = True
+            self.producer.pauseProducing()
+        elif room and self._paused:
+            self._paused = False
+            self.producer.resumeProducing()
+
+    def _startWrite(self) -> None:
         if self._writing or self._backend is None or self._failure is not None:
+            self._maybeFinish()
+            return
+        if not self._full:
             self._maybeFinish()
             return
         if self.op.canceled:
             self._fail(Failure(OperationCanceled("Transfer was canceled")))
             return
-        if self._written == self.length:
-            self._maybeFinish()
-            return
-        if self._buf is None:
-            self._mmap = _buffers.allocate(min(self.bufferSize, max(self.length, 1)))
-            self._buf = memoryview(self._mmap)  # type: ignore[arg-type]
-            self._startBuffer()
-        buf = self._buf
-        while self._queue and self._fill < self._limit:
-            piece = self._queue[0]
-            n = min(len(piece), self._limit - self._fill)
-            buf[self._fill : self._fill + n] = piece[:n]
-            self._fill += n
-            self._queued -= n
-            if n == len(piece):
-                self._queue.popleft()
-            else:
-                self._queue[0] = piece[n:]
-        # Resume once the queue drained into the buffer, so the client
-        # sends the next buffer while this one is written.
-        if self._paused and self._queued < self.bufferSize // 2:
-            self._paused = False
-            self.producer.resumeProducing()
-        remaining = self.length - self._written
-        if self._fill and (self._fill == self._limit or self._fill == remaining):
-            self._writing = True
-            offset = self.offset + self._written
-            d = self._backend.write(offset, buf[: self._fill])
-            d.addCallbacks(self._wrote, self._writeFailed)
-            return
-        self._maybeFinish()
+        buf, offset, size = self._full[0]
+        self._writing = True
+        d = self._backend.write(offset, buf[:size])
+        d.addCallbacks(self._wrote, self._writeFailed)
 
-    def _startBuffer(self) -> None:
-        # Fill the first buffer only up to a 4 KiB boundary of the image, so
-        # every later write is aligned and O_DIRECT needs no read-modify-write.
-        assert self._buf is not None
-        position = self.offset + self._written
-        head = position % _buffers.ALIGNMENT
-        size = len(self._buf) - head if head else len(self._buf)
-        self._limit = min(size, self.length - self._written)
-        self._fill = 0
+    def _gotBackend(self, backend: IBackend) -> None:
+        self._backend = backend
+        self._startWrite()
 
     def _wrote(self, n: int) -> None:
         self._writing = False
-        self._written += self._fill
+        buf, _, size = self._full.popleft()
+        self._written += size
         self.op.done = self._written
-        self._startBuffer()
+        self._free.append(buf)
         self.onProgress()
-        self._pump()
+        if self._stopped():
+            self._maybeFinish()
+            return
+        self._drainQueue()
+        self._flowControl()
+        self._startWrite()
 
     def _writeFailed(self, reason: Failure) -> None:
         self._writing = False
@@ -202,7 +272,6 @@ class UploadSink:
         if self._failure is None:
             self._failure = reason
         self._queue.clear()
-        self._queued = 0
         if self._paused:
             # Keep draining so the client gets an answer.
             self._paused = False
@@ -219,7 +288,8 @@ class UploadSink:
         else:
             return
         self._buf = None
-        self._mmap = None
+        self._free.clear()
+        self._full.clear()
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             if self._result is True:
