@@ -641,10 +641,3 @@ class DownloadProducerHeldTests(SynchronousTestCase):
         self.runToEnd(done)
         self.transport.send()
         self.assertTrue(self.transport.sent == self.image, "The client got other bytes")
-
-    test_laterHeldBufferCoveredByItsOwnDrain.todo = (  # type: ignore[attr-defined]
-        "_write asks for whenDrained only for the first held buffer and its callback frees "
-        "every held buffer; IZeroCopyTransport.whenDrained only promises the buffers "
-        "written before it was called (the socket transports happen to wait until nothing "
-        "is pending)"
-    )

@@ -411,12 +411,6 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         self.protocol.reason.trap(ConnectionDone)  # type: ignore[union-attr]
         self.assertTrue(await reading == data)
 
-    test_pullProducerLargeWrites.todo = (  # type: ignore[attr-defined]
-        "write() sends a large chunk to an idle socket without startWriting(); when the "
-        "kernel takes all of it doWrite never runs, so nothing calls the pull producer's "
-        "resumeProducing again and the transfer stalls"
-    )
-
     async def test_loseConnectionAfterQueuedWrites(self) -> None:
         """
         loseConnection with large writes queued sends all of them, then
@@ -534,12 +528,6 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         [second] = again
         self.assertTrue(second.called, "whenDrained never fires")
         self.assertEqual(transport.pendingBytes(), 0)
-
-    test_drainWaiterWritesWhileLost.todo = (  # type: ignore[attr-defined]
-        "connectionLost fires the drain waiters before Twisted marks the transport "
-        "disconnected: a waiter's write is queued again and its whenDrained() is added "
-        "to a fresh waiter list that nothing fires"
-    )
 
 
 class ZeroCopyTCPServerTests(_ZeroCopyServerTestsMixin, TestCase):

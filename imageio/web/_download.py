@@ -81,7 +81,7 @@ class DownloadProducer:
     _stall: IDelayedCall | None = field(default=None, init=False)
     _mode: int = field(default=_COPY, init=False)
     _held: list[memoryview] = field(factory=list, init=False)
-    _draining: bool = field(default=False, init=False)
+    _finished: bool = field(default=False, init=False)
 
     def start(self) -> Deferred[None]:
         """
@@ -180,19 +180,25 @@ class DownloadProducer:
                 transport = IZeroCopyTransport(self.request.channel.transport)  # type: ignore[attr-defined]
                 if transport.pendingBytes():
                     self._held.append(buf)
-                    if not self._draining:
-                        self._draining = True
-                        transport.whenDrained().addCallback(self._drained)
+                    transport.whenDrained().addCallback(self._drained, buf)
                     return
         # The transport encrypted, copied or sent it: reuse.
         self._free.append(buf)
 
-    def _drained(self, _: None) -> None:
-        self._draining = False
+    def _drained(self, _: None, buf: memoryview) -> None:
+        # The transport sent (or dropped) buf.
+        for i, held in enumerate(self._held):
+            if held is buf:
+                del self._held[i]
+                break
+        if self._finished:
+            # Sent after the response completed: back to the connection.
+            if self.pool is not None and len(self.pool) < 2:
+                self.pool.append(buf)
+            return
         if self._stopped:
             return
-        self._free.extend(self._held)
-        self._held.clear()
+        self._free.append(buf)
         self._pump()
 
     def _buffer(self) -> memoryview | None:
@@ -231,6 +237,7 @@ class DownloadProducer:
 
     def _finish(self) -> None:
         self._stopped = True
+        self._finished = True
         self._cancelStall()
         self.request.unregisterProducer()
         self.request.finish()

@@ -129,6 +129,9 @@ class _ZeroCopyMixin:
         if not self._queued and len(view) >= IMMEDIATE_SEND:
             sent = self._send(view)
             if sent == len(view):
+                if self.producer is not None and not self.streamingProducer:
+                    # A pull producer is asked for more from doWrite.
+                    self.startWriting()  # type: ignore[attr-defined]
                 return
             view = view[sent:]
         self._enqueue(view)
@@ -223,11 +226,12 @@ class _ZeroCopyMixin:
         self._directReader = None
         self._queue = None
         self._queued = 0
+        super().connectionLost(reason)  # type: ignore[misc]
+        # Nothing more will be sent: the buffers are free again. After the
+        # protocol heard of the loss, so writers do not write again.
         waiters, self._drainWaiters = self._drainWaiters, None
-        # Nothing more will be sent: the buffers are free again.
         for d in waiters or ():
             d.callback(None)
-        super().connectionLost(reason)  # type: ignore[misc]
 
 
 @implementer(IZeroCopyTransport, IDirectReadTransport)
