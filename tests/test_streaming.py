@@ -8,15 +8,35 @@ rely on are pinned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
+from twisted.web.resource import Resource
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from imageio.interfaces import (
+    IBodySink,
+    IDirectBodySink,
+    IDirectReader,
+    IDirectReadTransport,
+    IStreamingUpload,
+)
 from imageio.tickets import Ticket
-from imageio.web._streaming import MAX_REQUEST_LINE, ImageioChannel, StreamingRequest, redactPath
+from imageio.web._response import HTTPError
+from imageio.web._streaming import (
+    MAX_REQUEST_LINE,
+    ImageioChannel,
+    ImageioSite,
+    StreamingRequest,
+    redactPath,
+)
 from tests._http import (
     Connection,
     FakeBackend,
@@ -689,3 +709,426 @@ class RedactTests(SynchronousTestCase):
         )
         self.assertEqual(redactPath(b"/tickets/abcdefghijkl"), "/tickets/abcdefgh...")
         self.assertEqual(redactPath(b"/info/"), "/info/")
+
+
+@implementer(IDirectReadTransport)
+class DirectReadTransport(StringTransport):
+    """
+    A L{StringTransport} that can read into a direct reader's buffers, and
+    records the readers it was given and the buffer sizes it was offered.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(lenient=True)
+        self.reader: IDirectReader | None = None
+        self.readers: list[IDirectReader | None] = []
+        self.offered: list[int] = []
+
+    def setDirectReader(self, reader: IDirectReader | None) -> None:
+        self.reader = reader
+        self.readers.append(reader)
+
+
+@implementer(IBodySink)
+class CopySink:
+    """
+    Collects a body delivered in pieces, noting how each piece came.
+    """
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.pieces: list[tuple[str, int]] = []
+        self.complete = False
+        self.lost: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.body += data
+        self.pieces.append(("copied", len(data)))
+
+    def bodyComplete(self) -> None:
+        self.complete = True
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
+
+
+@implementer(IDirectBodySink)
+class DirectSink(CopySink):
+    """
+    Collects a body, offering a buffer of C{size} bytes to read it into.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.buffer = bytearray(size)
+
+    def bodyBuffer(self) -> memoryview | None:
+        return memoryview(self.buffer)
+
+    def bodyFilled(self, n: int) -> None:
+        self.body += self.buffer[:n]
+        self.pieces.append(("filled", n))
+
+
+@implementer(IStreamingUpload)
+class SinkResource(Resource):
+    """
+    Streams PUT bodies to a new L{DirectSink} per request (a L{CopySink}
+    when not C{direct} or for C{/copy}) and answers with the body size;
+    answers GET with C{hello}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, direct: bool = True, size: int = 4 * KiB) -> None:
+        super().__init__()
+        self.direct = direct
+        self.size = size
+        self.sinks: list[CopySink] = []
+        self.rendered = 0
+        self.refuse: HTTPError | None = None
+
+    def bodySink(self, request: Any, length: int | None) -> IBodySink:
+        if self.refuse is not None:
+            raise self.refuse
+        direct = self.direct and request.path != b"/copy"
+        sink = DirectSink(self.size) if direct else CopySink()
+        self.sinks.append(sink)
+        return sink
+
+    def render_PUT(self, request: Any) -> bytes:
+        self.rendered += 1
+        sink: CopySink = request.bodySink
+        return b"got %d" % len(sink.body)
+
+    def render_GET(self, request: Any) -> bytes:
+        return b"hello"
+
+
+def connectDirect(site: Any) -> tuple[Connection, DirectReadTransport]:
+    """
+    @return: A channel of C{site} connected to a L{DirectReadTransport}.
+    """
+    channel: ImageioChannel = site.buildProtocol(None)
+    transport = DirectReadTransport()
+    channel.makeConnection(transport)
+    return Connection(channel, transport), transport
+
+
+def receive(
+    conn: Connection,
+    transport: DirectReadTransport,
+    data: bytes,
+    most: int = 3000,
+    whilePaused: Callable[[], object] | None = None,
+) -> None:
+    """
+    Deliver C{data} as our socket transports read it: into the reader's
+    buffer when one is offered, else through C{dataReceived}; at most
+    C{most} bytes a read, calling C{whilePaused} while the transport is
+    paused.
+    """
+    while data:
+        if transport.producerState == "paused":
+            if whilePaused is None:
+                raise AssertionError("Transport paused")
+            whilePaused()
+            continue
+        reader = transport.reader
+        view = reader.readBuffer() if reader is not None else None
+        if view is None:
+            conn.send(data[:most])
+            data = data[most:]
+            continue
+        assert reader is not None
+        if not len(view):
+            raise AssertionError("readBuffer offered no room")
+        transport.offered.append(len(view))
+        n = min(len(view), len(data), most)
+        view[:n] = data[:n]
+        data = data[n:]
+        reader.bufferFilled(n)
+
+
+def putHead(length: int, path: bytes = b"/x") -> bytes:
+    return b"PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, length)
+
+
+class DirectReadTests(SynchronousTestCase):
+    """
+    L{ImageioChannel} as an L{IDirectReader}: a Content-Length body for a
+    sink that provides L{IDirectBodySink} is read straight into the sink's
+    buffers by a transport that provides L{IDirectReadTransport}.
+    """
+
+    def setUp(self) -> None:
+        self.resource = SinkResource()
+        self.site = ImageioSite(self.resource, "test", reactor=Clock())
+        self.conn, self.transport = connectDirect(self.site)
+
+    def test_channelProvidesDirectReader(self) -> None:
+        """
+        L{ImageioChannel} provides L{IDirectReader}.
+        """
+        self.assertTrue(verifyObject(IDirectReader, self.conn.channel))
+
+    def test_readerSetAfterHeaders(self) -> None:
+        """
+        The channel becomes the transport's reader once the headers of a
+        PUT with a body for a direct sink are complete, not before.
+        """
+        head = putHead(100)
+        self.conn.send(head[:-2])
+        self.assertEqual(self.transport.readers, [])
+        self.conn.send(head[-2:])
+        self.assertEqual(self.transport.readers, [self.conn.channel])
+
+    def test_headPacketBodyCopied(self) -> None:
+        """
+        Body bytes that came with the headers go through C{dataReceived};
+        the reader then offers buffer space for the rest only.
+        """
+        self.conn.send(putHead(100) + b"abc")
+        self.assertEqual(self.transport.readers, [self.conn.channel])
+        sink = self.resource.sinks[0]
+        self.assertEqual((sink.pieces, bytes(sink.body)), ([("copied", 3)], b"abc"))
+        view = self.conn.channel.readBuffer()
+        assert view is not None
+        self.assertEqual(len(view), 97)
+
+    def test_bodyIntoReaderBuffers(self) -> None:
+        """
+        The rest of the body fills the sink's buffers through
+        C{bufferFilled}; after the last byte the request is rendered and
+        answered and the reader unset.
+        """
+        body = bytes(range(256)) * 40
+        self.conn.send(putHead(len(body)) + body[:10])
+        receive(self.conn, self.transport, body[10:])
+        sink = self.resource.sinks[0]
+        self.assertEqual(bytes(sink.body), body)
+        self.assertEqual(sink.pieces[0], ("copied", 10))
+        self.assertEqual({how for how, _ in sink.pieces[1:]}, {"filled"})
+        self.assertTrue(sink.complete)
+        self.assertEqual(self.resource.rendered, 1)
+        [response] = self.conn.responses()
+        self.assertEqual((response.status, response.body), (200, b"got %d" % len(body)))
+        self.assertEqual(self.transport.readers, [self.conn.channel, None])
+        self.assertFalse(self.conn.closed)
+
+    def test_readBufferLimitedToContentLength(self) -> None:
+        """
+        C{readBuffer} offers the sink's buffer cut to the body bytes still
+        to come, and the sink's own limit when that is smaller.
+        """
+        self.conn.send(putHead(100))
+        channel = self.conn.channel
+        view = channel.readBuffer()
+        assert view is not None
+        self.assertEqual(len(view), 100)
+        view[:30] = b"x" * 30
+        channel.bufferFilled(30)
+        view = channel.readBuffer()
+        assert view is not None
+        self.assertEqual(len(view), 70)
+        resource = SinkResource(size=64)
+        conn, _ = connectDirect(ImageioSite(resource, "test", reactor=Clock()))
+        conn.send(putHead(100))
+        view = conn.channel.readBuffer()
+        assert view is not None
+        self.assertEqual(len(view), 64)
+
+    def test_pipelinedAfterDirectBody(self) -> None:
+        """
+        Requests pipelined behind a body read into the sink's buffers are
+        parsed from the same stream: no byte of theirs lands in the body,
+        and each direct body starts and ends its own direct reads.
+        """
+        first = b"a" * 5000
+        second = b"b" * 7000
+        stream = first + request(b"GET", b"/x") + putHead(len(second)) + second
+        self.conn.send(putHead(len(first)))
+        receive(self.conn, self.transport, stream, most=4000)
+        self.assertEqual(
+            [(r.status, r.body) for r in self.conn.responses()],
+            [(200, b"got 5000"), (200, b"hello"), (200, b"got 7000")],
+        )
+        self.assertEqual([bytes(s.body) for s in self.resource.sinks], [first, second])
+        channel = self.conn.channel
+        self.assertEqual(self.transport.readers, [channel, None, channel, None])
+        # Each buffer offered was cut to what was left of its body.
+        left = [len(first), len(second)]
+        for size in self.transport.offered:
+            if not left[0]:
+                left.pop(0)
+            self.assertLessEqual(size, left[0])
+            left[0] -= min(size, 4000)
+
+    def test_chunkedNotDirect(self) -> None:
+        """
+        A chunked body is parsed by twisted.web: the channel does not
+        become the transport's reader.
+        """
+        self.conn.send(
+            b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        self.assertEqual(self.transport.readers, [])
+        self.assertEqual(self.conn.response().body, b"got 5")
+
+    def test_copySinkNotDirect(self) -> None:
+        """
+        A sink that does not provide L{IDirectBodySink} gets its body
+        through C{dataReceived}: no reader is set.
+        """
+        self.resource.direct = False
+        self.conn.send(putHead(5))
+        self.assertEqual(self.transport.readers, [])
+        receive(self.conn, self.transport, b"hello")
+        self.assertEqual(self.resource.sinks[0].pieces, [("copied", 5)])
+        self.assertEqual(self.conn.response().body, b"got 5")
+
+    def test_plainTransport(self) -> None:
+        """
+        On a transport that cannot read into buffers the body arrives
+        through C{dataReceived} as before.
+        """
+        channel: ImageioChannel = self.site.buildProtocol(None)  # type: ignore[assignment]
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(putHead(5) + b"hel")
+        self.assertIsNone(channel.readBuffer())
+        channel.dataReceived(b"lo")
+        self.assertEqual(self.resource.sinks[0].pieces, [("copied", 3), ("copied", 2)])
+        self.assertIn(b"got 5", transport.value())
+
+    def test_refusedFromHeadersNotDirect(self) -> None:
+        """
+        A request refused from its headers is answered at once and its
+        body is never read into buffers.
+        """
+        self.resource.refuse = HTTPError(403, "No", close=True)
+        self.conn.send(putHead(100))
+        self.assertEqual(self.transport.readers, [])
+        self.assertIsNone(self.conn.channel.readBuffer())
+        self.assertEqual(self.conn.response().status, 403)
+        self.assertTrue(self.conn.closed)
+
+    def test_respondEarlyStopsDirectReads(self) -> None:
+        """
+        A request answered early while its body is read directly unsets
+        the reader at the next read, and the rest of the body is dropped.
+        """
+        self.conn.send(putHead(100))
+        channel = self.conn.channel
+        receive(self.conn, self.transport, b"x" * 10)
+        request: StreamingRequest = channel.requests[-1]
+        request.respondEarly(HTTPError(403, "Canceled", close=True))
+        self.assertIsNone(channel.readBuffer())
+        self.assertEqual(self.transport.readers, [channel, None])
+        receive(self.conn, self.transport, b"y" * 90)
+        sink = self.resource.sinks[0]
+        self.assertEqual(bytes(sink.body), b"x" * 10)
+        self.assertIsNotNone(sink.lost)
+        self.assertEqual(self.resource.rendered, 0)
+        self.assertEqual(self.conn.response().status, 403)
+
+    def test_staleReaderAfterCopiedBody(self) -> None:
+        """
+        A body that arrived whole with its head leaves no reader behind for
+        a chunked request pipelined after it.
+        """
+        self.conn.send(
+            putHead(3)
+            + b"abc"
+            + b"PUT /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        self.assertEqual(self.conn.response().body, b"got 3")
+        receive(self.conn, self.transport, b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(self.conn.response().body, b"got 5")
+        self.assertIsNone(self.transport.reader)
+
+    test_staleReaderAfterCopiedBody.todo = (  # type: ignore[attr-defined]
+        "ImageioChannel leaves itself as the transport's reader when a body ends "
+        "through dataReceived; readBuffer then reads contentLength of the next "
+        "request's _ChunkedTransferDecoder: AttributeError"
+    )
+
+    def test_staleSinkAfterCopiedBody(self) -> None:
+        """
+        The body of a request pipelined behind one whose body came with its
+        head goes to its own sink, not into the previous request's buffers.
+        """
+        self.conn.send(putHead(3) + b"abc" + putHead(5, b"/copy") + b"hel")
+        receive(self.conn, self.transport, b"lo")
+        self.assertEqual([bytes(s.body) for s in self.resource.sinks], [b"abc", b"hello"])
+        self.assertEqual([r.body for r in self.conn.responses()], [b"got 3", b"got 5"])
+
+    test_staleSinkAfterCopiedBody.todo = (  # type: ignore[attr-defined]
+        "The stale _directSink of the first request still offers its buffer: "
+        "readBuffer hands it out for the second request's body"
+    )
+
+
+class DirectUploadTests(StreamingTestCase):
+    """
+    Uploads through the images API read straight into the L{UploadSink}'s
+    buffers.
+    """
+
+    def test_uploadIntoSinkBuffers(self) -> None:
+        """
+        A PUT body is read into the sink's buffers, pausing while storage is
+        behind, and reaches storage intact; the reader is unset at the end.
+        """
+        self.ticket()
+        data = bytes(range(256)) * (4 * BUFFER // 256) + b"end"
+        conn, transport = connectDirect(self.h.site)
+        conn.send(putHead(len(data), b"/images/t1?flush=n"))
+        self.assertEqual(transport.readers, [conn.channel])
+        receive(conn, transport, data, most=5000, whilePaused=self.backend.completeWrite)
+        self.assertEqual(sum(min(n, 5000) for n in transport.offered), len(data))
+        self.assertLessEqual(max(transport.offered), BUFFER)
+        self.assertEqual(transport.readers, [conn.channel, None])
+        while self.backend.pendingWrites():
+            self.backend.completeWrite()
+        self.assertEqual(conn.response().status, 200)
+        self.assertEqual(bytes(self.backend.image[: len(data)]), data)
+
+    def test_cancelStopsDirectReads(self) -> None:
+        """
+        Removing the ticket during a PUT read into buffers answers 403 and
+        stops direct reads.
+        """
+        self.ticket()
+        conn, transport = connectDirect(self.h.site)
+        conn.send(putHead(4 * BUFFER, b"/images/t1?flush=n"))
+        receive(conn, transport, b"x" * 100)
+        self.registry.remove("t1")
+        self.assertEqual(conn.response().status, 403)
+        self.assertIsNone(conn.channel.readBuffer())
+        self.assertEqual(transport.readers, [conn.channel, None])
+
+    def test_pipelinedChunkedPatch(self) -> None:
+        """
+        A chunked PATCH pipelined in the packet of a small PUT is read and
+        answered like any other request.
+        """
+        self.ticket()
+        self.backend.manual = False
+        conn, transport = connectDirect(self.h.site)
+        conn.send(
+            putHead(3, b"/images/t1?flush=n")
+            + b"abc"
+            + b"PATCH /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        self.assertEqual(conn.response().status, 200)
+        body = b'{"op": "flush"}'
+        receive(conn, transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertEqual(conn.response().status, 200)
+        self.assertEqual(len(self.backend.flushes), 1)
+
+    test_pipelinedChunkedPatch.todo = (  # type: ignore[attr-defined]
+        "The PUT's stale direct reader makes the next read raise AttributeError "
+        "(no contentLength on _ChunkedTransferDecoder), dropping the connection"
+    )

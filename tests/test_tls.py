@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -43,6 +44,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from imageio._pki import TestPKI, ensureSelfSigned, makeTestPKI
+from imageio.interfaces import IDirectReader, IDirectReadTransport
 from imageio.web import _tls
 from imageio.web._tls import (
     READ_SIZE,
@@ -52,6 +54,7 @@ from imageio.web._tls import (
     TLSServerProtocol,
     makeServerContext,
 )
+from tests._http import FakeBackend, FakeOpener, ImagesHarness, parseResponses, request
 
 reactor: Any = _reactor
 
@@ -1252,3 +1255,205 @@ class IntegrationTests(TestCase):
         # Let the server see the close before the reactor is checked.
         while port.factory.protocols:
             yield deferLater(reactor, 0.01, lambda: None)
+
+
+@implementer(IDirectReader)
+class BufferReader:
+    """
+    Takes plaintext into a buffer of C{size} bytes, at most C{limit} bytes
+    in all, recording each fill; offers nothing while C{offer} is false or
+    once C{limit} bytes came.
+
+    @ivar onFilled: Called after each fill with its size.
+    """
+
+    def __init__(self, size: int, limit: int | None = None) -> None:
+        self.buffer = bytearray(size)
+        self.limit = limit
+        self.filled: list[bytes] = []
+        self.offer = True
+        self.asked = 0
+        self.onFilled: Callable[[int], object] = lambda n: None
+
+    def readBuffer(self) -> memoryview | None:
+        self.asked += 1
+        if not self.offer:
+            return None
+        view = memoryview(self.buffer)
+        if self.limit is not None:
+            left = self.limit - len(self.data)
+            if not left:
+                return None
+            view = view[:left]
+        return view
+
+    def bufferFilled(self, n: int) -> None:
+        self.filled.append(bytes(self.buffer[:n]))
+        self.onFilled(n)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.filled)
+
+
+class DirectReaderTests(ContextMixin, SynchronousTestCase):
+    """
+    With a direct reader set, plaintext is decrypted into the reader's
+    buffers instead of the shared buffer and C{dataReceived}.
+    """
+
+    def test_directReadTransport(self) -> None:
+        """
+        The wrapper provides L{IDirectReadTransport}.
+        """
+        c = self.connect()
+        self.assertTrue(verifyObject(IDirectReadTransport, c.server))
+
+    def test_plaintextIntoReaderBuffer(self) -> None:
+        """
+        Plaintext lands in the reader's buffer, each fill as large as the
+        buffer but the last, and nothing reaches C{dataReceived}.
+        """
+        c = self.connect()
+        c.handshake()
+        reader = BufferReader(64 * 1024)
+        c.server.setDirectReader(reader)
+        c.send(BODY)
+        self.assertEqual(reader.data, BODY)
+        self.assertEqual({len(f) for f in reader.filled[:-1]}, {64 * 1024})
+        self.assertEqual(len(reader.filled), len(BODY) // (64 * 1024) + 1)
+        self.assertEqual(c.wrapped.received, [])
+
+    def test_limitedByReaderBuffer(self) -> None:
+        """
+        A fill is bounded by the reader's buffer, not by L{READ_SIZE}:
+        a small buffer takes many fills, a large one everything at once.
+        """
+        c = self.connect()
+        c.handshake()
+        small = BufferReader(1000)
+        c.server.setDirectReader(small)
+        c.send(BODY[:10_500])
+        self.assertEqual([len(f) for f in small.filled], [1000] * 10 + [500])
+        self.assertEqual(small.data, BODY[:10_500])
+        large = BufferReader(2 * len(BODY))
+        c.server.setDirectReader(large)
+        c.send(BODY)
+        self.assertEqual([len(f) for f in large.filled], [len(BODY)])
+        self.assertGreater(len(BODY), READ_SIZE)
+        self.assertEqual(large.data, BODY)
+
+    def test_unsetReader(self) -> None:
+        """
+        After C{setDirectReader(None)} plaintext goes to C{dataReceived}
+        again.
+        """
+        c = self.connect()
+        c.handshake()
+        reader = BufferReader(4096)
+        c.server.setDirectReader(reader)
+        c.send(b"one")
+        c.server.setDirectReader(None)
+        c.send(b"two")
+        self.assertEqual((reader.data, c.wrapped.data), (b"one", b"two"))
+
+    def test_readerOffersNothing(self) -> None:
+        """
+        A reader whose C{readBuffer} is C{None} is asked, and the plaintext
+        goes to C{dataReceived}; once it offers a buffer again it gets the
+        plaintext.
+        """
+        c = self.connect()
+        c.handshake()
+        reader = BufferReader(4096)
+        reader.offer = False
+        c.server.setDirectReader(reader)
+        c.send(b"copied")
+        self.assertGreater(reader.asked, 0)
+        self.assertEqual((reader.filled, c.wrapped.data), ([], b"copied"))
+        reader.offer = True
+        c.send(b"direct")
+        self.assertEqual((reader.data, c.wrapped.data), (b"direct", b"copied"))
+
+    def test_readerUnsetsItself(self) -> None:
+        """
+        A reader that takes a fixed number of bytes and then unsets itself
+        (an HTTP body) gets exactly those; plaintext decrypted after them in
+        the same delivery goes to C{dataReceived}, in order.
+        """
+        c = self.connect()
+        c.handshake()
+        reader = BufferReader(4096, limit=10_000)
+
+        def filled(n: int) -> None:
+            if len(reader.data) == 10_000:
+                c.server.setDirectReader(None)
+
+        reader.onFilled = filled
+        c.server.setDirectReader(reader)
+        c.send(BODY[:30_000])
+        self.assertEqual(reader.data, BODY[:10_000])
+        self.assertEqual(c.wrapped.data, BODY[10_000:30_000])
+
+    def test_readerPausesTransport(self) -> None:
+        """
+        A reader that pauses the transport from C{bufferFilled} gets no
+        more until it resumes it, even with plaintext already decrypted.
+        """
+        c = self.connect()
+        c.handshake()
+        reader = BufferReader(1000)
+        reader.onFilled = lambda n: c.server.pauseProducing()
+        c.server.setDirectReader(reader)
+        c.send(BODY[:5000])
+        self.assertEqual(len(reader.filled), 1)
+        while len(reader.data) < 5000:
+            count = len(reader.filled)
+            c.server.resumeProducing()
+            self.assertEqual(len(reader.filled), count + 1)
+        self.assertEqual(reader.data, BODY[:5000])
+        self.assertEqual(c.wrapped.received, [])
+
+
+class InMemoryDirectUploadTests(ContextMixin, SynchronousTestCase):
+    """
+    An upload over TLS to the images API is decrypted straight into the
+    upload buffers.
+    """
+
+    def test_uploadDecryptedIntoSink(self) -> None:
+        """
+        The channel becomes the TLS transport's reader for a PUT body: the
+        body bypasses C{dataReceived}, reaches storage intact, and a
+        request pipelined behind it is answered; the reader is unset.
+        """
+        backend = FakeBackend(bytearray(256 * 1024), manual=False)
+        h = ImagesHarness(opener=FakeOpener(backend), bufferSize=8192)
+        h.addTicket(None, size=len(backend.image))
+        c = self.connect(wrappedFactory=h.site)
+        readers: list[IDirectReader | None] = []
+        setDirectReader = c.server.setDirectReader
+
+        def recording(reader: IDirectReader | None) -> None:
+            readers.append(reader)
+            setDirectReader(reader)
+
+        self.patch(c.server, "setDirectReader", recording)
+        copied: list[int] = []
+        dataReceived = c.wrapped.dataReceived
+
+        def counting(data: bytes) -> None:
+            copied.append(len(data))
+            dataReceived(data)
+
+        self.patch(c.wrapped, "dataReceived", counting)
+        c.handshake()
+        data = BODY[: 3 * 8192 + 123]
+        head = request(b"PUT", b"/images/t1?flush=n", {b"Content-Length": b"%d" % len(data)})
+        c.send(head)
+        self.assertEqual(readers, [c.wrapped])
+        c.send(data + request(b"OPTIONS", b"/images/t1"))
+        self.assertEqual(readers, [c.wrapped, None])
+        self.assertEqual(sum(copied), len(head) + len(request(b"OPTIONS", b"/images/t1")))
+        self.assertEqual([r.status for r in parseResponses(c.receive())], [200, 200])
+        self.assertEqual(bytes(backend.image[: len(data)]), data)

@@ -5,6 +5,9 @@ Tests for L{imageio.web._upload.UploadSink}.
 
 from __future__ import annotations
 
+import ctypes
+
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -12,7 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from imageio.interfaces import IBackend, IBodySink
+from imageio import _buffers
+from imageio.interfaces import IBackend, IBodySink, IDirectBodySink
 from imageio.tickets import Operation, OperationCanceled
 from imageio.web._upload import ShortBody, UploadSink
 from tests._http import FakeBackend
@@ -204,3 +208,304 @@ class UploadSinkTests(SynchronousTestCase):
         sink.bodyComplete()
         self.successResultOf(sink.whenDone())
         self.assertEqual(self.backend.writes, [])
+
+
+@define
+class InFlightBackend(FakeBackend):
+    """
+    A L{FakeBackend} that notes every write whose buffer changed between the
+    write call and its completion: storage reads the buffer meanwhile.
+    """
+
+    clobbered: list[int] = field(factory=list)
+
+    def write(self, offset: int, data: memoryview) -> Deferred[int]:
+        d = super().write(offset, data)
+        started = self.writes[-1][1]
+
+        def check(n: int) -> int:
+            if bytes(data) != started:
+                self.clobbered.append(offset)
+            return n
+
+        d.addCallback(check)
+        return d
+
+
+def address(view: memoryview) -> int:
+    """
+    @return: The memory address of the first byte of a writable C{view}.
+    """
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class DirectBodyTests(SynchronousTestCase):
+    """
+    The transport reads the body straight into the sink's two aligned
+    buffers (L{IDirectBodySink}), one filled while the other is written.
+    """
+
+    def setUp(self) -> None:
+        self.backend = InFlightBackend(bytearray(1024 * 1024))
+        self.producer = StringTransport()
+        self.op = Operation("write", 0)
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.backend.clobbered, [])
+
+    def sink(
+        self, length: int, offset: int = 0, backend: Deferred[IBackend] | None = None
+    ) -> UploadSink:
+        self.op.offset = offset
+        return UploadSink(
+            backend if backend is not None else succeed(self.backend),  # type: ignore[arg-type]
+            offset,
+            length,
+            self.producer,
+            self.op,
+            bufferSize=BUFFER,
+        )
+
+    def fill(self, sink: UploadSink, data: bytes, most: int | None = None) -> None:
+        """
+        Read C{data} into the sink as a transport does, C{most} bytes at a
+        time at most, completing a write whenever no buffer is free.
+        """
+        position = 0
+        while position < len(data):
+            view = sink.bodyBuffer()
+            if view is None:
+                self.assertEqual(self.producer.producerState, "paused")
+                self.backend.completeWrite()
+                continue
+            self.assertTrue(len(view), "bodyBuffer offered no room")
+            n = min(len(view), len(data) - position, most or len(view))
+            view[:n] = data[position : position + n]
+            position += n
+            sink.bodyFilled(n)
+
+    def drain(self) -> None:
+        while self.backend.pendingWrites():
+            self.backend.completeWrite()
+
+    def test_directInterface(self) -> None:
+        """
+        L{UploadSink} provides L{IDirectBodySink}.
+        """
+        self.assertTrue(verifyObject(IDirectBodySink, self.sink(10)))
+
+    def test_firstBufferEndsAligned(self) -> None:
+        """
+        At an unaligned offset, the first buffer starts page-aligned in
+        memory and takes the bytes up to the next 4 KiB boundary of the
+        image.
+        """
+        sink = self.sink(3 * BUFFER, offset=1000)
+        view = sink.bodyBuffer()
+        assert view is not None
+        self.assertEqual(len(view), BUFFER - 1000)
+        self.assertEqual(address(view) % _buffers.ALIGNMENT, 0)
+        sink.bodyFilled(len(view))
+        second = sink.bodyBuffer()
+        assert second is not None
+        self.assertEqual(len(second), BUFFER)
+        self.assertEqual(address(second) % _buffers.ALIGNMENT, 0)
+
+    def test_bodyBufferLimitedByLength(self) -> None:
+        """
+        C{bodyBuffer} offers no more than the body bytes still to come, and
+        after a partial fill starts right after the bytes filled.
+        """
+        sink = self.sink(BUFFER + 100, offset=4096)
+        view = sink.bodyBuffer()
+        assert view is not None
+        self.assertEqual(len(view), BUFFER)
+        sink.bodyFilled(BUFFER - 10)
+        rest = sink.bodyBuffer()
+        assert rest is not None
+        self.assertEqual((len(rest), address(rest)), (10, address(view) + BUFFER - 10))
+        sink.bodyFilled(10)
+        last = sink.bodyBuffer()
+        assert last is not None
+        self.assertEqual(len(last), 100)
+        small = self.sink(100, offset=10).bodyBuffer()
+        assert small is not None
+        self.assertEqual(len(small), 100)
+
+    def test_bodyFilledWrites(self) -> None:
+        """
+        Bytes filled in pieces reach the backend intact, at their image
+        offsets: up to the first 4 KiB boundary, then whole buffers.
+        """
+        data = bytes(range(256)) * (3 * BUFFER // 256) + b"tail"
+        sink = self.sink(len(data), offset=1000)
+        done = sink.whenDone()
+        self.fill(sink, data, most=3000)
+        sink.bodyComplete()
+        self.drain()
+        self.successResultOf(done)
+        self.assertEqual(bytes(self.backend.image[1000 : 1000 + len(data)]), data)
+        writes = [(o, len(d)) for o, d, _ in self.backend.writes]
+        self.assertEqual(
+            writes,
+            [(1000, BUFFER - 1000), (BUFFER, BUFFER), (2 * BUFFER, BUFFER), (3 * BUFFER, 1004)],
+        )
+        self.assertEqual((sink.bytesWritten, self.op.done), (len(data), len(data)))
+
+    def test_twoBuffersAlternate(self) -> None:
+        """
+        While one buffer is written the other is offered; with both taken
+        C{bodyBuffer} is C{None} and the client is paused until the write
+        completes, which frees the first buffer again.
+        """
+        sink = self.sink(4 * BUFFER)
+        first = sink.bodyBuffer()
+        assert first is not None
+        first[:] = b"a" * BUFFER
+        sink.bodyFilled(BUFFER)
+        self.assertEqual(self.backend.pendingWrites(), 1)
+        second = sink.bodyBuffer()
+        assert second is not None
+        self.assertIsNot(second.obj, first.obj)
+        self.assertEqual(self.producer.producerState, "producing")
+        second[:] = b"b" * BUFFER
+        sink.bodyFilled(BUFFER)
+        self.assertIsNone(sink.bodyBuffer())
+        self.assertEqual(self.producer.producerState, "paused")
+        self.backend.completeWrite()
+        self.assertEqual(self.producer.producerState, "producing")
+        self.assertEqual(
+            [(o, d[:1]) for o, d, _ in self.backend.writes], [(0, b"a"), (BUFFER, b"b")]
+        )
+        third = sink.bodyBuffer()
+        assert third is not None
+        self.assertIs(third.obj, first.obj)
+        third[:] = b"c" * BUFFER
+        sink.bodyFilled(BUFFER)
+        self.assertIsNone(sink.bodyBuffer())
+        self.assertEqual(self.producer.producerState, "paused")
+
+    def test_mixedDelivery(self) -> None:
+        """
+        Pieces copied in through C{dataReceived} and bytes read straight
+        into the buffers keep their order, also when copied pieces wait for
+        a free buffer (C{bodyBuffer} is C{None} meanwhile).
+        """
+        sink = self.sink(3 * BUFFER)
+        sink.dataReceived(b"a" * 100)
+        view = sink.bodyBuffer()
+        assert view is not None
+        self.assertEqual(len(view), BUFFER - 100)
+        view[:200] = b"b" * 200
+        sink.bodyFilled(200)
+        sink.dataReceived(b"c" * (BUFFER - 300))
+        sink.dataReceived(b"d" * (BUFFER + 50))
+        # Both buffers taken and 50 bytes waiting: the rest must not jump
+        # ahead of them.
+        self.assertIsNone(sink.bodyBuffer())
+        self.assertEqual(self.producer.producerState, "paused")
+        self.backend.completeWrite()
+        view = sink.bodyBuffer()
+        assert view is not None
+        self.assertEqual(len(view), BUFFER - 50)
+        view[:] = b"e" * (BUFFER - 50)
+        sink.bodyFilled(BUFFER - 50)
+        sink.bodyComplete()
+        self.drain()
+        self.successResultOf(sink.whenDone())
+        expected = (
+            b"a" * 100 + b"b" * 200 + b"c" * (BUFFER - 300) + b"d" * (BUFFER + 50)
+        ) + b"e" * (BUFFER - 50)
+        self.assertEqual(bytes(self.backend.image[: 3 * BUFFER]), expected)
+
+    def test_noBufferAfterWriteFailure(self) -> None:
+        """
+        After a failed write C{bodyBuffer} is C{None}, so the rest of the
+        body is dropped through C{dataReceived}.
+        """
+        sink = self.sink(4 * BUFFER)
+        done = sink.whenDone()
+        self.fill(sink, b"a" * BUFFER)
+        self.backend.writes[0][2].errback(OSError(28, "No space left on device"))
+        self.failureResultOf(done, OSError)
+        self.assertIsNone(sink.bodyBuffer())
+        sink.dataReceived(b"x" * BUFFER)
+        self.assertEqual(self.backend.pendingWrites(), 0)
+
+    def test_bodyFilledBeyondLength(self) -> None:
+        """
+        More bytes reported through C{bodyFilled} than C{Content-Length}
+        fail the upload.
+        """
+        sink = self.sink(10)
+        done = sink.whenDone()
+        view = sink.bodyBuffer()
+        assert view is not None
+        sink.bodyFilled(6)
+        sink.bodyFilled(5)
+        self.drain()
+        failure = self.failureResultOf(done, ValueError)
+        self.assertEqual(str(failure.value), "Body longer than Content-Length")
+        self.assertEqual(self.backend.writes, [])
+
+    def test_notPausedOnceBodyPlaced(self) -> None:
+        """
+        Once the last body byte is in a buffer the client is not paused,
+        even with both buffers taken, so a next request can be read; no
+        more buffer is offered.
+        """
+        sink = self.sink(2 * BUFFER)
+        self.fill(sink, b"a" * BUFFER)
+        self.assertEqual(self.backend.pendingWrites(), 1)
+        self.fill(sink, b"b" * BUFFER)
+        self.assertEqual(self.producer.producerState, "producing")
+        self.assertIsNone(sink.bodyBuffer())
+        sink.bodyComplete()
+        self.drain()
+        self.successResultOf(sink.whenDone())
+        self.assertEqual(bytes(self.backend.image[: 2 * BUFFER]), b"a" * BUFFER + b"b" * BUFFER)
+
+    def test_resumedForLastBytes(self) -> None:
+        """
+        A client paused with both buffers taken is resumed by the write
+        that frees one, and stays producing after the last byte.
+        """
+        sink = self.sink(2 * BUFFER + 100)
+        self.fill(sink, b"a" * 2 * BUFFER)
+        self.assertEqual(self.producer.producerState, "paused")
+        self.backend.completeWrite()
+        self.assertEqual(self.producer.producerState, "producing")
+        self.fill(sink, b"z" * 100)
+        self.assertEqual(self.producer.producerState, "producing")
+        self.assertIsNone(sink.bodyBuffer())
+        sink.bodyComplete()
+        self.drain()
+        self.successResultOf(sink.whenDone())
+        self.assertEqual(
+            bytes(self.backend.image[2 * BUFFER : 2 * BUFFER + 101]), b"z" * 100 + b"\0"
+        )
+
+    def test_directBackendOpensLater(self) -> None:
+        """
+        Before the backend opens, both buffers can be filled, then the
+        client is paused; the writes start once it opens.
+        """
+        opened: Deferred[IBackend] = Deferred()
+        sink = self.sink(3 * BUFFER, backend=opened)
+        for _ in range(2):
+            view = sink.bodyBuffer()
+            assert view is not None
+            view[:] = b"q" * len(view)
+            sink.bodyFilled(len(view))
+        self.assertIsNone(sink.bodyBuffer())
+        self.assertEqual(self.producer.producerState, "paused")
+        self.assertEqual(self.backend.writes, [])
+        opened.callback(self.backend)  # type: ignore[arg-type]
+        self.assertEqual(self.backend.pendingWrites(), 1)
+        self.backend.completeWrite()
+        self.assertEqual(self.producer.producerState, "producing")
+        self.fill(sink, b"r" * BUFFER)
+        sink.bodyComplete()
+        self.drain()
+        self.successResultOf(sink.whenDone())
+        self.assertEqual(bytes(self.backend.image[: 3 * BUFFER]), b"q" * 2 * BUFFER + b"r" * BUFFER)
