@@ -1048,12 +1048,6 @@ class DirectReadTests(SynchronousTestCase):
         self.assertEqual(self.conn.response().body, b"got 5")
         self.assertIsNone(self.transport.reader)
 
-    test_staleReaderAfterCopiedBody.todo = (  # type: ignore[attr-defined]
-        "ImageioChannel leaves itself as the transport's reader when a body ends "
-        "through dataReceived; readBuffer then reads contentLength of the next "
-        "request's _ChunkedTransferDecoder: AttributeError"
-    )
-
     def test_staleSinkAfterCopiedBody(self) -> None:
         """
         The body of a request pipelined behind one whose body came with its
@@ -1063,11 +1057,6 @@ class DirectReadTests(SynchronousTestCase):
         receive(self.conn, self.transport, b"lo")
         self.assertEqual([bytes(s.body) for s in self.resource.sinks], [b"abc", b"hello"])
         self.assertEqual([r.body for r in self.conn.responses()], [b"got 3", b"got 5"])
-
-    test_staleSinkAfterCopiedBody.todo = (  # type: ignore[attr-defined]
-        "The stale _directSink of the first request still offers its buffer: "
-        "readBuffer hands it out for the second request's body"
-    )
 
 
 class DirectUploadTests(StreamingTestCase):
@@ -1127,8 +1116,3 @@ class DirectUploadTests(StreamingTestCase):
         receive(conn, transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         self.assertEqual(conn.response().status, 200)
         self.assertEqual(len(self.backend.flushes), 1)
-
-    test_pipelinedChunkedPatch.todo = (  # type: ignore[attr-defined]
-        "The PUT's stale direct reader makes the next read raise AttributeError "
-        "(no contentLength on _ChunkedTransferDecoder), dropping the connection"
-    )

@@ -464,6 +464,9 @@ class ImageioChannel(http.HTTPChannel):
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
+        # However the body ended (the last bytes may have come with the
+        # headers), the next request must not read into this one's sink.
+        self._stopDirectReads()
         if self.closingEarly:
             return
         super().allContentReceived()

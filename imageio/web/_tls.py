@@ -442,6 +442,9 @@ class TLSServerProtocol(_Protocol):
         while not (self._readPaused or self.disconnecting or self._peerClosed):
             reader = self._directReader
             target = reader.readBuffer() if reader is not None else None
+            if target is not None and not len(target):
+                # Nothing would ever fill an empty buffer.
+                target = None
             view = shared if target is None else target
             size = len(view)
             filled = 0

@@ -91,6 +91,9 @@ class _ZeroCopyMixin:
         # file descriptors).
         reader = self._directReader
         view = reader.readBuffer() if reader is not None else None
+        if view is not None and not len(view):
+            # recv_into an empty buffer returns 0, which means EOF.
+            view = None
         try:
             if view is None:
                 data = self.socket.recv(self.bufferSize)
