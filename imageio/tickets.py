@@ -307,6 +307,10 @@ class Ticket:
         Record a finished operation and touch the ticket. Canceled
         operations do not count as transferred.
         """
+        # The hook refers to the data path (producer, request), which refers
+        # to the operation: drop it so the request is freed by reference
+        # counting instead of waiting for the cyclic garbage collector.
+        op.onCancel = None
         try:
             self._running.remove(op)
         except ValueError:

@@ -327,6 +327,21 @@ class RegistryTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIsNone(self.registry.lookup("t1"))
 
+    def test_finishDropsCancelHook(self) -> None:
+        """
+        A finished operation lets go of its cancel hook, which refers back
+        to the request serving it, and a late cancel calls nothing.
+        """
+        t = self.registry.add(ticketBody())
+        op = Operation("read", 0)
+        hooked: list[bool] = []
+        op.onCancel = lambda: hooked.append(True)
+        self.registry.startOperation(t, op)
+        self.registry.finishOperation(t, op)
+        self.assertIsNone(op.onCancel)
+        op.cancel()
+        self.assertEqual(hooked, [])
+
     def test_removeTimesOutThenSucceeds(self) -> None:
         """
         When operations outlive the deadline, remove fails with upstream's 409
