@@ -82,21 +82,38 @@ def peer(port: int, direction: str, size: int) -> None:
     with socket.create_connection(("127.0.0.1", port)) as raw:
         with clientContext().wrap_socket(raw, server_hostname="localhost") as s:
             buf = memoryview(bytearray(4 * MiB))
-            done = 0
             if direction == "send":
-                while done < size:
-                    n = s.recv_into(buf)
-                    if not n:
-                        raise SystemExit("short stream")
-                    done += n
-                s.sendall(b"k")
+                receiveAll(s, buf, size)
             else:
                 buf[:] = os.urandom(len(buf))
-                while done < size:
-                    n = min(len(buf), size - done)
-                    s.sendall(buf[:n])
-                    done += n
-                s.recv(1)
+                sendAll(s, buf, size, len(buf))
+
+
+def sendAll(s: ssl.SSLSocket, buf: memoryview, size: int, piece: int) -> None:
+    """
+    Send C{size} bytes, C{buf} over and over in C{piece}s, then wait for
+    the peer's one-byte acknowledgement.
+    """
+    done = 0
+    while done < size:
+        n = min(len(buf), size - done)
+        for i in range(0, n, piece):
+            s.sendall(buf[i : min(n, i + piece)])
+        done += n
+    s.recv(1)
+
+
+def receiveAll(s: ssl.SSLSocket, buf: memoryview, size: int) -> None:
+    """
+    Receive C{size} bytes into C{buf} over and over, then acknowledge.
+    """
+    done = 0
+    while done < size:
+        n = s.recv_into(buf)
+        if not n:
+            raise SystemExit("short stream")
+        done += n
+    s.sendall(b"k")
 
 
 def measure(direction: str, mode: str, size: int, cert: str, key: str) -> float:
@@ -115,21 +132,10 @@ def measure(direction: str, mode: str, size: int, cert: str, key: str) -> float:
         if mode == "socket-bio":
             s = ctx.wrap_socket(conn, server_side=True)
             start = cpu()
-            done = 0
             if direction == "send":
-                while done < size:
-                    n = min(len(buf), size - done)
-                    for i in range(0, n, PIECE):
-                        s.sendall(buf[i : min(n, i + PIECE)])
-                    done += n
-                s.recv(1)
+                sendAll(s, buf, size, PIECE)
             else:
-                while done < size:
-                    n = s.recv_into(buf)
-                    if not n:
-                        raise SystemExit("short stream")
-                    done += n
-                s.sendall(b"k")
+                receiveAll(s, buf, size)
             used = cpu() - start
             s.close()
         else:

@@ -27,6 +27,23 @@ from tests._http import FakeBackend
 BUFFER = 4096
 
 
+def countAllocations(test: SynchronousTestCase) -> list[int]:
+    """
+    Record the size of every buffer allocated during C{test}.
+
+    @return: The list the sizes are appended to.
+    """
+    sizes: list[int] = []
+    allocate = _buffers.allocate
+
+    def counting(size: int) -> Any:
+        sizes.append(size)
+        return allocate(size)
+
+    test.patch(_buffers, "allocate", counting)
+    return sizes
+
+
 class TLSStringTransport(StringTransport):
     """
     A transport that says it is TLS, and accepts views like TLS transports.
@@ -100,14 +117,7 @@ class DownloadProducerTests(SynchronousTestCase):
         self.request = FakeRequest(FakeChannel(self.transport))
         self.clock = Clock()
         self.op = Operation("read", 0)
-        self.allocations: list[int] = []
-        allocate = _buffers.allocate
-
-        def counting(size: int) -> Any:
-            self.allocations.append(size)
-            return allocate(size)
-
-        self.patch(_buffers, "allocate", counting)
+        self.allocations = countAllocations(self)
 
     def producer(
         self, offset: int = 0, length: int | None = None, idleTimeout: float | None = None
@@ -426,14 +436,7 @@ class DownloadProducerHeldTests(SynchronousTestCase):
         self.transport = ZeroCopyStringTransport()
         self.request = TransportRequest(FakeChannel(self.transport))
         self.op = Operation("read", 0)
-        self.allocations: list[int] = []
-        allocate = _buffers.allocate
-
-        def counting(size: int) -> Any:
-            self.allocations.append(size)
-            return allocate(size)
-
-        self.patch(_buffers, "allocate", counting)
+        self.allocations = countAllocations(self)
 
     def producer(self, length: int | None = None, bufferSize: int = HOLD_MIN) -> DownloadProducer:
         return DownloadProducer(

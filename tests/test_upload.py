@@ -6,6 +6,8 @@ Tests for L{imageio.web._upload.UploadSink}.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
@@ -24,6 +26,29 @@ from tests._http import FakeBackend
 BUFFER = 8192
 
 
+def makeSink(
+    test: Any,
+    length: int,
+    offset: int,
+    backend: Deferred[IBackend] | None,
+    onProgress: Callable[[], None] = lambda: None,
+) -> UploadSink:
+    """
+    @return: A sink of C{BUFFER}-byte buffers writing to C{test.backend}
+        (or C{backend} once it fires), paused through C{test.producer}.
+    """
+    test.op.offset = offset
+    return UploadSink(
+        backend if backend is not None else succeed(test.backend),
+        offset,
+        length,
+        test.producer,
+        test.op,
+        bufferSize=BUFFER,
+        onProgress=onProgress,
+    )
+
+
 class UploadSinkTests(SynchronousTestCase):
     """
     The sink writes the body to the backend in aligned buffers, one write in
@@ -39,16 +64,7 @@ class UploadSinkTests(SynchronousTestCase):
     def sink(
         self, length: int, offset: int = 0, backend: Deferred[IBackend] | None = None
     ) -> UploadSink:
-        self.op.offset = offset
-        return UploadSink(
-            backend if backend is not None else succeed(self.backend),  # type: ignore[arg-type]
-            offset,
-            length,
-            self.producer,
-            self.op,
-            bufferSize=BUFFER,
-            onProgress=lambda: self.progress.append(1),
-        )
+        return makeSink(self, length, offset, backend, onProgress=lambda: self.progress.append(1))
 
     def drain(self) -> None:
         while self.backend.pendingWrites():
@@ -256,15 +272,7 @@ class DirectBodyTests(SynchronousTestCase):
     def sink(
         self, length: int, offset: int = 0, backend: Deferred[IBackend] | None = None
     ) -> UploadSink:
-        self.op.offset = offset
-        return UploadSink(
-            backend if backend is not None else succeed(self.backend),  # type: ignore[arg-type]
-            offset,
-            length,
-            self.producer,
-            self.op,
-            bufferSize=BUFFER,
-        )
+        return makeSink(self, length, offset, backend)
 
     def fill(self, sink: UploadSink, data: bytes, most: int | None = None) -> None:
         """
