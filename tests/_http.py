@@ -14,9 +14,11 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from imageio import _buffers
 from imageio._diskio import SynchronousDiskIO
 from imageio.backends import BackendContext, BackendOpener, memory
 from imageio.daemon.images import ImagesService, imagesResource
@@ -409,3 +411,20 @@ class Connection:
 def chunks(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
+
+
+def countAllocations(test: SynchronousTestCase) -> list[int]:
+    """
+    Record the size of every buffer allocated during C{test}.
+
+    @return: The list the sizes are appended to.
+    """
+    sizes: list[int] = []
+    allocate = _buffers.allocate
+
+    def counting(size: int) -> Any:
+        sizes.append(size)
+        return allocate(size)
+
+    test.patch(_buffers, "allocate", counting)
+    return sizes

@@ -18,30 +18,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
-from imageio import _buffers
 from imageio.interfaces import IBackend, IZeroCopyTransport
 from imageio.tickets import Operation, OperationCanceled
 from imageio.web._download import HOLD_MIN, DownloadProducer, ReaderStalled, TruncatedImage
-from tests._http import FakeBackend
+from tests._http import FakeBackend, countAllocations
 
 BUFFER = 4096
-
-
-def countAllocations(test: SynchronousTestCase) -> list[int]:
-    """
-    Record the size of every buffer allocated during C{test}.
-
-    @return: The list the sizes are appended to.
-    """
-    sizes: list[int] = []
-    allocate = _buffers.allocate
-
-    def counting(size: int) -> Any:
-        sizes.append(size)
-        return allocate(size)
-
-    test.patch(_buffers, "allocate", counting)
-    return sizes
 
 
 class TLSStringTransport(StringTransport):

@@ -42,6 +42,7 @@ from tests._http import (
     FakeBackend,
     FakeOpener,
     ImagesHarness,
+    countAllocations,
     parseResponses,
     request,
 )
@@ -498,26 +499,13 @@ class DownloadBufferTests(StreamingTestCase):
     Downloads keep at most two buffers and stop reading while paused.
     """
 
-    def countAllocations(self) -> list[int]:
-        from imageio import _buffers
-
-        sizes: list[int] = []
-        allocate = _buffers.allocate
-
-        def counting(size: int) -> Any:
-            sizes.append(size)
-            return allocate(size)
-
-        self.patch(_buffers, "allocate", counting)
-        return sizes
-
     def test_pausedStopsReading(self) -> None:
         """
         While the transport is paused, at most one chunk is read ahead;
         resuming sends it and reads on; the body arrives intact with at most
         two buffers allocated.
         """
-        sizes = self.countAllocations()
+        sizes = countAllocations(self)
         self.backend.image[:] = bytes(range(256)) * 4 * KiB
         self.ticket()
         conn = self.h.connect()
@@ -545,7 +533,7 @@ class DownloadBufferTests(StreamingTestCase):
         """
         A long download never allocates more than two buffers.
         """
-        sizes = self.countAllocations()
+        sizes = countAllocations(self)
         self.backend.manual = False
         self.ticket()
         response = self.h.roundTrip(request(b"GET", b"/images/t1"))
