@@ -105,15 +105,9 @@ def makeService(options: Options) -> IService:
 def _describe(name: str, port: IListeningPort) -> str:
     address: Any = port.getHost()
     if hasattr(address, "port"):
-        return (
-            f"{name} https://{address.host}:{address.port}"
-            if name
-            in (
-                "remote",
-                "proxy",
-            )
-            else f"{name} http://{address.host}:{address.port}"
-        )
+        scheme = "https" if name in ("remote", "proxy") else "http"
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"{name} {scheme}://{host}:{address.port}"
     path = getattr(address, "name", b"")
     if isinstance(path, bytes):
         path = path.decode("utf-8", "surrogateescape")

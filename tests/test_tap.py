@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -69,6 +71,50 @@ class OptionsTests(SynchronousTestCase):
         """
         options = tap.Options()
         self.assertRaises(usage.UsageError, options.parseOptions, ["--log-level", "loud"])
+
+
+class DescribeTests(SynchronousTestCase):
+    """
+    Start-up log lines name each listener by a URL a client can use.
+    """
+
+    def port(self, address: object) -> Any:
+        class Port:
+            def getHost(self) -> object:
+                return address
+
+        return Port()
+
+    def test_tcp(self) -> None:
+        """
+        Data listeners are https, others http; IPv6 hosts are bracketed.
+        """
+        describe = tap._describe  # type: ignore[attr-defined]
+        self.assertEqual(
+            describe("remote", self.port(IPv4Address("TCP", "0.0.0.0", 54322))),
+            "remote https://0.0.0.0:54322",
+        )
+        self.assertEqual(
+            describe("remote", self.port(IPv6Address("TCP", "::", 54322))),
+            "remote https://[::]:54322",
+        )
+        self.assertEqual(
+            describe("control", self.port(IPv6Address("TCP", "::1", 54324))),
+            "control http://[::1]:54324",
+        )
+
+    def test_unix(self) -> None:
+        """
+        UNIX listeners show their path; abstract ones quoted, with the NUL.
+        """
+        describe = tap._describe  # type: ignore[attr-defined]
+        self.assertEqual(
+            describe("control", self.port(UNIXAddress(b"/run/x/sock"))), "control unix:/run/x/sock"
+        )
+        self.assertEqual(
+            describe("local", self.port(UNIXAddress(b"\0/org/ovirt/imageio"))),
+            "local unix:'\\x00/org/ovirt/imageio'",
+        )
 
 
 class PluginInstallTests(SynchronousTestCase):
