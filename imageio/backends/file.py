@@ -76,12 +76,6 @@ _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallo
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
 
-# Our own prototypes, so we never change the shared ctypes.pythonapi ones.
-_get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)(
-    ("PyObject_GetBuffer", ctypes.pythonapi)
-)
-_release_buffer = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("PyBuffer_Release", ctypes.pythonapi))
-
 
 @define(eq=False)
 class _ImageLock:
@@ -296,20 +290,6 @@ def _roundUp(n: int, size: int) -> int:
     return (n + size - 1) // size * size
 
 
-def _address(view: memoryview) -> int:
-    """
-    @return: The memory address of C{view}'s first byte, to check O_DIRECT
-        alignment of buffers that are slices of larger ones.
-    """
-    # Larger than Py_buffer on any platform; we only read its first field.
-    pybuf = (ctypes.c_void_p * 16)()
-    _get_buffer(view, pybuf, 0)
-    try:
-        return pybuf[0] or 0
-    finally:
-        _release_buffer(pybuf)
-
-
 def _byteView(data: memoryview) -> memoryview:
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1:
@@ -498,7 +478,7 @@ class FileBackend:
         end = offset + len(view)
         head = min(end, _roundUp(offset, bs))
         tail = max(head, end - end % bs)
-        if tail == head or (_address(view) + head - offset) % bs:
+        if tail == head:
             # Nothing aligned to read in place.
             return self._readBounced(offset, view)
         done = 0
@@ -506,7 +486,14 @@ class FileBackend:
             done = self._readBounced(offset, view[: head - offset])
             if done < head - offset:
                 return done
-        n = self._preadFull(head, view[head - offset : tail - offset])
+        try:
+            n = self._preadFull(head, view[head - offset : tail - offset])
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The memory is not aligned for O_DIRECT (asking the address
+            # first costs more than this rare failed call).
+            return done + self._readBounced(head, view[head - offset :])
         done += n
         if n == tail - head and end > tail:
             done += self._readBounced(tail, view[tail - offset :])
@@ -521,12 +508,20 @@ class FileBackend:
         end = offset + len(view)
         head = min(end, _roundUp(offset, bs))
         tail = max(head, end - end % bs)
-        if tail == head or (_address(view) + head - offset) % bs:
+        if tail == head:
             self._writeBounced(offset, view)
             return len(view)
         if head > offset:
             self._writeBounced(offset, view[: head - offset])
-        self._pwriteFull(head, view[head - offset : tail - offset])
+        try:
+            self._pwriteFull(head, view[head - offset : tail - offset])
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Memory not aligned for O_DIRECT: O_DIRECT fails before
+            # writing anything.
+            self._writeBounced(head, view[head - offset :])
+            return len(view)
         if end > tail:
             self._writeBounced(tail, view[tail - offset :])
         return len(view)
