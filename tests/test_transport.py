@@ -316,6 +316,14 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         self.assertEqual(len(received), LARGE)
         self.assertTrue(received == expected, "Received bytes differ from the buffer")
 
+    async def test_startTLSRefused(self) -> None:
+        """
+        C{startTLS} is refused: it would write through buffers this
+        transport never sends.
+        """
+        transport, client = await self.connect()
+        self.assertRaises(NotImplementedError, transport.startTLS, None)
+
     async def test_whenDrainedAtOnce(self) -> None:
         """
         With nothing pending L{whenDrained} has fired already; a small

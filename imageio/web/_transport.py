@@ -225,6 +225,11 @@ class _ZeroCopyMixin:
             return self._closeWriteConnection()  # type: ignore[attr-defined,no-any-return]
         return None
 
+    def startTLS(self, ctx: object, normal: bool = True) -> None:
+        # Twisted's startTLS writes through buffers our doWrite never sends;
+        # our listeners put TLS in front instead (imageio.web._tls).
+        raise NotImplementedError("startTLS is not supported; use imageio.web._tls")
+
     def connectionLost(self, reason: Failure) -> None:
         self._directReader = None
         self._queue = None
