@@ -15,6 +15,7 @@ from imageio.control._metrics import Metrics
 from imageio.control.tickets import controlResource
 from imageio.tickets import Operation, TicketRegistry
 from imageio.web._streaming import ImageioSite
+from tests.test_tickets import ticketBody
 
 
 class Response:
@@ -47,15 +48,7 @@ def request(method: str, path: str, body: bytes | None = None, headers: str = ""
 
 
 def ticketJSON(**kw: Any) -> bytes:
-    body: dict[str, Any] = {
-        "uuid": "t1",
-        "size": 1000,
-        "url": "file:///var/tmp/disk.raw",
-        "timeout": 300,
-        "ops": ["read"],
-    }
-    body.update(kw)
-    return json.dumps(body).encode()
+    return json.dumps(ticketBody(**kw)).encode()
 
 
 class ControlAPITests(SynchronousTestCase):

@@ -29,6 +29,7 @@ from tests.test_proxy_helpers import (
     makeImage,
     proxyConfig,
 )
+from tests.test_upstream_client import checkReadWriteZeroFlush, readWriteZeroFlush
 
 try:
     from ovirt_imageio import client as upstream
@@ -81,35 +82,11 @@ class UpstreamClientTests(TestCase):
         self.assertEqual(reply.status, 200, reply.text)
         return f"https://localhost:{self.proxy.portNumber}/images/{ticketID}"
 
-    def readWrite(self, url: str) -> tuple[int, bytes, int, int, int]:
-        pattern = _pattern()
-        with upstream.ImageioClient(url, cafile=self.pki.caFile) as c:
-            c.write(4097, pattern)
-            c.zero(4097 + 100, 4096)
-            c.flush()
-            buf = bytearray(len(pattern))
-            c.read(4097, buf)
-            extents = list(c.extents())
-            return (
-                c.size(),
-                bytes(buf),
-                sum(e.length for e in extents),
-                c.max_readers,
-                c.max_writers,
-            )
-
     @inlineCallbacks
     def checkReadWrite(self, url: str, path: Path, size: int) -> Any:
-        imageSize, data, covered, readers, writers = yield deferToThread(self.readWrite, url)
-        expected = bytearray(_pattern())
-        expected[100 : 100 + 4096] = bytes(4096)
-        self.assertEqual(imageSize, size)
-        self.assertEqual(data, bytes(expected))
-        self.assertEqual(covered, size)
-        self.assertEqual((readers, writers), (8, 1))
-        with open(path, "rb") as f:
-            f.seek(4097)
-            self.assertEqual(f.read(len(expected)), bytes(expected))
+        pattern = _pattern()
+        result = yield deferToThread(readWriteZeroFlush, url, self.pki.caFile, pattern)
+        checkReadWriteZeroFlush(self, result, pattern, path, size)
 
     def test_proxyMode(self) -> Any:
         """

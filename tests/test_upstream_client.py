@@ -100,27 +100,8 @@ class UpstreamClientTests(TestCase):
             f.truncate(size)
         url = self.addTicket(image, size, ["read", "write"])
         pattern = os.urandom(3 * MiB + 17)
-
-        def work() -> tuple[int, bytes, list[Any], int, int]:
-            with upstream.ImageioClient(url, cafile=self.pki.caFile) as c:
-                c.write(4097, pattern)
-                c.zero(4097 + 100, 4096)
-                c.flush()
-                buf = bytearray(len(pattern))
-                c.read(4097, buf)
-                extents = list(c.extents())
-                return c.size(), bytes(buf), extents, c.max_readers, c.max_writers
-
-        imageSize, data, extents, readers, writers = yield deferToThread(work)
-        expected = bytearray(pattern)
-        expected[100 : 100 + 4096] = bytes(4096)
-        self.assertEqual(imageSize, size)
-        self.assertEqual(data, bytes(expected))
-        self.assertEqual(sum(e.length for e in extents), size)
-        self.assertEqual((readers, writers), (8, 1))
-        with open(image, "rb") as f:
-            f.seek(4097)
-            self.assertEqual(f.read(len(expected)), bytes(expected))
+        result = yield deferToThread(readWriteZeroFlush, url, self.pki.caFile, pattern)
+        checkReadWriteZeroFlush(self, result, pattern, image, size)
 
     @inlineCallbacks
     def test_uploadAndDownload(self) -> Any:
@@ -158,3 +139,44 @@ class UpstreamClientTests(TestCase):
         # the data only.
         self.assertLess(info["transferred"], size)
         self.assertGreaterEqual(info["transferred"], 3 * MiB)
+
+
+def readWriteZeroFlush(url: str, caFile: str, pattern: bytes) -> tuple[int, bytes, int, int, int]:
+    """
+    With upstream's C{ImageioClient} (blocking: call in a thread), write
+    C{pattern} at an unaligned offset, zero 4 KiB inside it, flush and read
+    it back.
+
+    @return: The image size, the bytes read back, the bytes the extents
+        cover, and the advertised C{max_readers} and C{max_writers}.
+    """
+    with upstream.ImageioClient(url, cafile=caFile) as c:
+        c.write(4097, pattern)
+        c.zero(4097 + 100, 4096)
+        c.flush()
+        buf = bytearray(len(pattern))
+        c.read(4097, buf)
+        covered = sum(e.length for e in c.extents())
+        return c.size(), bytes(buf), covered, c.max_readers, c.max_writers
+
+
+def checkReadWriteZeroFlush(
+    test: TestCase,
+    result: tuple[int, bytes, int, int, int],
+    pattern: bytes,
+    path: Path,
+    size: int,
+) -> None:
+    """
+    Assert what L{readWriteZeroFlush} should have seen and left in C{path}.
+    """
+    imageSize, data, covered, readers, writers = result
+    expected = bytearray(pattern)
+    expected[100 : 100 + 4096] = bytes(4096)
+    test.assertEqual(imageSize, size)
+    test.assertEqual(data, bytes(expected))
+    test.assertEqual(covered, size)
+    test.assertEqual((readers, writers), (8, 1))
+    with open(path, "rb") as f:
+        f.seek(4097)
+        test.assertEqual(f.read(len(expected)), bytes(expected))
