@@ -386,11 +386,7 @@ class TLSServerProtocol(_Protocol):
 
     def _handshakeFailed(self, error: ssl.SSLError) -> None:
         self._reason = Failure(error)
-        log.info(
-            "TLS handshake with {peer} failed: {reason}",
-            peer=_describePeer(self.getPeer()),
-            reason=_describeError(error),
-        )
+        self._logError("TLS handshake with {peer} failed: {reason}", error)
         # Send the alert OpenSSL prepared ("protocol version", ...) so the
         # client can say what went wrong; the handshake deadline still runs
         # and aborts a close that stalls.
@@ -492,12 +488,12 @@ class TLSServerProtocol(_Protocol):
     def _readFailed(self, error: ssl.SSLError) -> None:
         if self._reason is None:
             self._reason = Failure(error)
-        log.info(
-            "TLS error from {peer}: {reason}",
-            peer=_describePeer(self.getPeer()),
-            reason=_describeError(error),
-        )
+        self._logError("TLS error from {peer}: {reason}", error)
         self._abort()
+
+    def _logError(self, format: str, error: ssl.SSLError) -> None:
+        # One line, at info: clients failing TLS are not our errors.
+        log.info(format, peer=_describePeer(self.getPeer()), reason=_describeError(error))
 
     def _closedByPeer(self) -> None:
         """
