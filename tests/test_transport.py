@@ -576,6 +576,20 @@ class ZeroCopyUNIXServerTests(_ZeroCopyServerTestsMixin, TestCase):
         return sock
 
 
+class _CountingSocket:
+    """
+    A socket wrapper that records which methods were called.
+    """
+
+    def __init__(self, sock: socket.socket, calls: list[str]) -> None:
+        self._sock = sock
+        self._calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        self._calls.append(name)
+        return getattr(self._sock, name)
+
+
 class EndpointTests(TestCase):
     """
     The endpoints listen where asked, and their connections are zero-copy
@@ -621,6 +635,26 @@ class EndpointTests(TestCase):
         port, transport = await self.accept(endpoint, socket.AF_INET, None)
         self.assertEqual(port.getHost().host, "127.0.0.1")  # type: ignore[attr-defined]
         self.assertIsInstance(transport, ZeroCopyTCPServer)
+
+    async def test_addressesAskedOnce(self) -> None:
+        """
+        A connection's host and peer addresses are the socket's, and the
+        kernel is asked for the host address once, not on every request.
+        """
+        endpoint = TCPServerEndpoint(reactor, 0, interface="127.0.0.1")
+        port, transport = await self.accept(endpoint, socket.AF_INET, None)
+        listening: Any = port.getHost()
+        sock = transport.getHandle()
+        calls = []
+        # socket.socket's methods are read-only; wrap the handle instead.
+        transport.socket = _CountingSocket(sock, calls)
+        self.addCleanup(setattr, transport, "socket", sock)
+        host, peer = transport.getHost(), transport.getPeer()
+        self.assertEqual((host.host, host.port), ("127.0.0.1", listening.port))
+        self.assertEqual((peer.host, peer.port), sock.getpeername())
+        self.assertIs(transport.getHost(), host)
+        self.assertIs(transport.getPeer(), peer)
+        self.assertLessEqual(calls.count("getsockname"), 1)
 
     async def test_tcp6(self) -> None:
         """

@@ -81,6 +81,21 @@ class _ZeroCopyMixin:
     _queued = 0
     _drainWaiters: list[Deferred[None]] | None = None
     _directReader: IDirectReader | None = None
+    _host: Any = None
+    _peer: Any = None
+
+    def getHost(self) -> Any:
+        # twisted.web asks on every request, and Twisted's transports ask
+        # the kernel (getsockname) every time; a connection's addresses
+        # never change.
+        if self._host is None:
+            self._host = super().getHost()  # type: ignore[misc]
+        return self._host
+
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = super().getPeer()  # type: ignore[misc]
+        return self._peer
 
     def setDirectReader(self, reader: IDirectReader | None) -> None:
         self._directReader = reader
