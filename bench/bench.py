@@ -232,6 +232,28 @@ def cpuTimes(pids: list[int]) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
+def threadTimes(pids: list[int]) -> dict[tuple[int, int], float]:
+    """
+    CPU seconds (user + system) of every live thread of C{pids}, by
+    C{(pid, tid)}.
+    """
+    times = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            fields = data[data.rindex(")") + 2 :].split()
+            times[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return times
+
+
 def rssBytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -277,17 +299,34 @@ class RssSampler:
     Sample the summed VmRSS of some processes every C{RSS_INTERVAL} seconds
     in a thread and keep the maximum.  (VmHWM is a lifetime high-water mark,
     useless for telling one transfer from the previous one.)
+
+    Also keeps the last CPU time seen of every thread (L{threadTimes}), so
+    threads that end during the sample (upstream's per-connection threads)
+    still count.
     """
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.peak = rssBytes(pids)
+        self.threadsBefore = threadTimes(pids)
+        self.threads = dict(self.threadsBefore)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def _sample(self) -> None:
+        self.peak = max(self.peak, rssBytes(self.pids))
+        self.threads.update(threadTimes(self.pids))
+
     def _loop(self) -> None:
         while not self._stop.wait(RSS_INTERVAL):
-            self.peak = max(self.peak, rssBytes(self.pids))
+            self._sample()
+
+    def busiestThread(self) -> float:
+        """
+        CPU seconds of the thread that used the most since the start.
+        """
+        before = self.threadsBefore
+        return max((t - before.get(key, 0.0) for key, t in self.threads.items()), default=0.0)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -296,7 +335,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rssBytes(self.pids))
+        self._sample()
 
 
 # ---------------------------------------------------------------------------
@@ -849,6 +888,8 @@ class Metric:
     unit: str
     higherIsBetter: bool
     fmt: str
+    #: False for diagnostics, whose ours/upstream ratio means nothing.
+    compared: bool = True
 
 
 MIBPS = Metric("mibps", "MiB/s", True, "{:.0f}")
@@ -857,6 +898,8 @@ PEAK_RSS = Metric("peakRssMiB", "peak RSS MiB", False, "{:.0f}")
 REQS = Metric("reqPerSec", "req/s", True, "{:.0f}")
 CPU_PER_REQ = Metric("cpuMsPerReq", "CPU ms/req", False, "{:.3f}")
 IDLE_RSS = Metric("idleRssMiB", "RSS MiB", False, "{:.0f}")
+#: How close one thread (our reactor) came to being the limit.
+BUSIEST = Metric("busiestThreadPct", "busiest thread %", False, "{:.0f}", compared=False)
 
 
 @dataclass(frozen=True)
@@ -895,7 +938,9 @@ def measureProcess(server: Server, body: Callable[[], Any]) -> tuple[Any, dict[s
 
     @return: C{body}'s result and a dict of C{seconds}, C{cpuSeconds}
         (server), C{peakRss} (bytes), C{clientCpuSeconds},
-        C{foreignCpuFraction}.
+        C{foreignCpuFraction} and C{busiestThreadFraction}: the CPU time of
+        the server's busiest thread over the elapsed time (near 1: that one
+        thread is the limit).
     """
     pids = server.refreshPids()
     with RssSampler(pids) as sampler:
@@ -911,6 +956,7 @@ def measureProcess(server: Server, body: Callable[[], Any]) -> tuple[Any, dict[s
         harness = _rusageSeconds(resource.RUSAGE_SELF) - self0
         busy = systemBusySeconds() - busy0
     server.checkAlive()
+    busiest = sampler.busiestThread()
     user, system = user1 - user0, system1 - system0
     cpu = user + system
     foreign = max(0.0, busy - cpu - clients - harness)
@@ -923,6 +969,7 @@ def measureProcess(server: Server, body: Callable[[], Any]) -> tuple[Any, dict[s
         "clientCpuSeconds": clients,
         "harnessCpuSeconds": harness,
         "foreignCpuFraction": foreign / (elapsed * (os.cpu_count() or 1)),
+        "busiestThreadFraction": busiest / elapsed,
     }
 
 
@@ -939,6 +986,7 @@ def transferSample(nbytes: int, stats: dict[str, float]) -> dict[str, Any]:
         "peakRssMiB": stats["peakRss"] / MiB,
         "clientCpuPerGiB": stats["clientCpuSeconds"] / gib,
         "foreignCpuFraction": stats["foreignCpuFraction"],
+        "busiestThreadPct": stats["busiestThreadFraction"] * 100,
     }
 
 
@@ -1010,6 +1058,7 @@ def makeRandom(transport: str) -> Callable[..., dict[str, Any]]:
             "peakRssMiB": stats["peakRss"] / MiB,
             "clientCpuMsPerReq": stats["clientCpuSeconds"] * 1000 / requests,
             "foreignCpuFraction": stats["foreignCpuFraction"],
+            "busiestThreadPct": stats["busiestThreadFraction"] * 100,
             "verifiedReads": result["verified"],
         }
 
@@ -1034,8 +1083,8 @@ def measureBig(server: Server, images: Images, opts: argparse.Namespace) -> dict
         target.unlink(missing_ok=True)
 
 
-TRANSFER = (MIBPS, CPU_PER_GIB, PEAK_RSS)
-RANDOM = (REQS, CPU_PER_REQ, PEAK_RSS)
+TRANSFER = (MIBPS, CPU_PER_GIB, PEAK_RSS, BUSIEST)
+RANDOM = (REQS, CPU_PER_REQ, PEAK_RSS, BUSIEST)
 
 MEASUREMENTS = [
     Measurement("get-https", "GET HTTPS", "get", TRANSFER, makeGet("https", 1)),
@@ -1084,7 +1133,7 @@ def summaryRows(
             }
             for name in ("ours", "upstream"):
                 row[name] = summarize(samples.get(name, {}).get(m.key, []), metric)
-            if row["ours"] and row["upstream"] and row["upstream"]["median"]:
+            if metric.compared and row["ours"] and row["upstream"] and row["upstream"]["median"]:
                 row["ratio"] = row["ours"]["median"] / row["upstream"]["median"]
             else:
                 row["ratio"] = None
@@ -1102,9 +1151,15 @@ def formatTable(rows: list[dict[str, Any]], metrics: dict[str, Metric]) -> str:
     header = ["measurement", "metric", "ours", "upstream", "ours/upstream"]
     lines = [header]
     for row in rows:
-        fmt = metrics[row["metric"]].fmt
+        metric = metrics[row["metric"]]
+        fmt = metric.fmt
         better = "higher is better" if row["higherIsBetter"] else "lower is better"
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}  ({better})"
+        if not metric.compared:
+            ratio = "-     (diagnostic)"
+        elif row["ratio"] is None:
+            ratio = "-"
+        else:
+            ratio = f"{row['ratio']:.2f}  ({better})"
         lines.append(
             [row["label"], row["metric"], cell(row["ours"], fmt), cell(row["upstream"], fmt), ratio]
         )
@@ -1459,7 +1514,9 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
     env["loadavgAtStart"] = loadAtStart
     env["foreignLoad"] = foreignLoad(samples)
     env["retried"] = f"{retried} (threshold {opts.max_foreign:.0%}, up to {opts.retries} per pair)"
-    metrics = {m.unit: m for m in (MIBPS, CPU_PER_GIB, PEAK_RSS, REQS, CPU_PER_REQ, IDLE_RSS)}
+    metrics = {
+        m.unit: m for m in (MIBPS, CPU_PER_GIB, PEAK_RSS, REQS, CPU_PER_REQ, IDLE_RSS, BUSIEST)
+    }
     table = formatTable(rows, metrics)
     report = f"{formatEnvironment(env)}\n\n{table}\n"
     print(report)

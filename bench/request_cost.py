@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""
+What one small request costs the daemon, in parts.
+
+C{bench/run} measures 4 KiB random reads end to end: ours cost about twice
+upstream's CPU per request. Upstream reads in place on the connection's own
+thread; our reactor must hand every storage call to the disk-io pool and
+take the result back (never block the reactor). This script measures the
+two parts of our cost that upstream does not have, each in isolation:
+
+    - C{http stack}: one keep-alive 4 KiB C{GET /images/<ticket>} with a
+      C{Range}, parsed, routed, authorized and answered by the real images
+      site (twisted.web, tickets, the download producer) over the
+      C{memory:} backend, with storage calls run inline and no sockets:
+      the Python cost per request;
+    - C{pool round trip}: one 4 KiB C{preadv} through L{DiskIO.run} on the
+      real reactor and disk-io pool, started when the last one's result
+      came back: the cost of the hand-off alone, with the reactor and pool
+      threads free to run on any CPU, then all pinned to one CPU;
+    - C{inline}: the same C{preadv} called on the reactor thread (what the
+      daemon must not do), for reference.
+
+CPU is the process's user + system time per request or round trip
+(C{getrusage}), so it includes the kernel's wake-ups and the threads'
+waiting for the GIL.
+
+Usage::
+
+    .venv/bin/python bench/request_cost.py [--requests N] [--round-trips N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def cpuSeconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def httpStack(requests: int) -> dict[str, float]:
+    """
+    CPU per 4 KiB range GET through the images site, in process.
+    """
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from imageio._diskio import SynchronousDiskIO
+    from imageio.backends import BackendContext, BackendOpener, memory
+    from imageio.daemon.images import ImagesService, imagesResource
+    from imageio.tickets import TicketRegistry
+    from imageio.web._streaming import ImageioSite
+
+    size = 64 * MiB
+    clock = MemoryReactorClock()
+    diskio = SynchronousDiskIO()
+    registry = TicketRegistry(now=clock.seconds, scheduler=clock)
+    service = ImagesService(
+        registry=registry,
+        opener=BackendOpener(BackendContext(reactor=clock, diskio=diskio)),
+        clock=clock,
+        runInPool=diskio.run,
+        unixSocket=None,
+    )
+    site = ImageioSite(imagesResource(service), "remote", reactor=clock)
+    memory.createImage("request-cost", bytes(size))
+    ticket = registry.add(
+        {
+            "uuid": "t1",
+            "size": size,
+            "ops": ["read"],
+            "timeout": 300,
+            "url": "file:///var/tmp/request-cost.raw",
+        }
+    )
+    # The control API accepts only production schemes.
+    ticket.url = "memory:request-cost"
+
+    channel: Any = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    rnd = random.Random(1)
+    raw = []
+    for _ in range(requests):
+        offset = rnd.randrange(size // (4 * KiB)) * 4 * KiB
+        raw.append(
+            b"GET /images/t1 HTTP/1.1\r\nHost: localhost\r\nRange: bytes=%d-%d\r\n\r\n"
+            % (offset, offset + 4 * KiB - 1)
+        )
+
+    def send(batch: list[bytes]) -> None:
+        for data in batch:
+            channel.dataReceived(data)
+            if not transport.value().startswith(b"HTTP/1.1 206 "):
+                raise SystemExit(f"unexpected response: {transport.value()[:200]!r}")
+            transport.clear()
+
+    send(raw[: requests // 10])  # warm up
+    t0, c0 = time.perf_counter(), cpuSeconds()
+    send(raw)
+    elapsed, cpu = time.perf_counter() - t0, cpuSeconds() - c0
+    memory.removeImage("request-cost")
+    return {"cpuMicroseconds": cpu / requests * 1e6, "wallMicroseconds": elapsed / requests * 1e6}
+
+
+def roundTrips(count: int, inline: bool) -> dict[str, float]:
+    """
+    CPU and wall time per 4 KiB preadv handed to the disk-io pool (or, with
+    C{inline}, called on the reactor thread).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, fail, succeed
+    from twisted.python.failure import Failure
+
+    from imageio._diskio import DiskIO, createPool
+
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
+        f.write(os.urandom(4 * MiB))
+        f.flush()
+        fd = f.fileno()
+        buf = bytearray(4 * KiB)
+
+        def read(offset: int) -> int:
+            return os.preadv(fd, [buf], offset)
+
+        pool = createPool()
+        diskio = DiskIO(reactor, pool)
+
+        def call(offset: int) -> Deferred[int]:
+            if not inline:
+                return diskio.run(read, offset)
+            try:
+                return succeed(read(offset))
+            except Exception:
+                return fail(Failure())
+
+        result: dict[str, float] = {}
+        state = {"n": 0}
+
+        def step(_: object = None) -> None:
+            state["n"] += 1
+            if state["n"] == count:
+                result["wall"] = time.perf_counter() - t0
+                result["cpu"] = cpuSeconds() - c0
+                reactor.stop()
+                return
+            # From the reactor's next pass, so inline calls do not recurse.
+            d = call((state["n"] % 1024) * 4 * KiB)
+            d.addCallback(lambda _: reactor.callLater(0, step))  # type: ignore[attr-defined]
+
+        pool.start()
+        t0, c0 = time.perf_counter(), cpuSeconds()
+        reactor.callWhenRunning(step)  # type: ignore[attr-defined]
+        reactor.run()  # type: ignore[attr-defined]
+        pool.stop()
+    return {
+        "cpuMicroseconds": result["cpu"] / count * 1e6,
+        "wallMicroseconds": result["wall"] / count * 1e6,
+    }
+
+
+def child(args: list[str]) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    ).stdout
+    result: dict[str, float] = json.loads(out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--round-trips", type=int, default=20000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--part", choices=["http", "pool", "pinned", "inline"], help=argparse.SUPPRESS
+    )
+    opts = parser.parse_args()
+
+    if opts.part is not None:
+        # One measurement in a fresh process (one reactor each).
+        if opts.part == "http":
+            result = httpStack(opts.requests)
+        else:
+            if opts.part == "pinned":
+                # Threads started from now on inherit the mask.
+                os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+            result = roundTrips(opts.round_trips, inline=opts.part == "inline")
+        print(json.dumps(result))
+        return
+
+    cpus = len(os.sched_getaffinity(0))
+    print(f"{cpus} CPUs; medians of {opts.runs} runs (min-max)\n")
+    rows = [
+        ("http", "http stack, per 4 KiB GET", ["--requests", str(opts.requests)]),
+        ("pool", "pool round trip, any CPU", ["--round-trips", str(opts.round_trips)]),
+        ("pinned", "pool round trip, one CPU", ["--round-trips", str(opts.round_trips)]),
+        ("inline", "inline preadv (reference)", ["--round-trips", str(opts.round_trips)]),
+    ]
+    print(f"{'part':28}  {'CPU us':>18}  {'wall us':>18}")
+    for part, label, extra in rows:
+        results = [child(["--part", part, *extra]) for _ in range(opts.runs)]
+        cells = []
+        for key in ("cpuMicroseconds", "wallMicroseconds"):
+            values = sorted(r[key] for r in results)
+            cells.append(f"{values[len(values) // 2]:.1f} ({values[0]:.1f}-{values[-1]:.1f})")
+        print(f"{label:28}  {cells[0]:>18}  {cells[1]:>18}")
+
+
+if __name__ == "__main__":
+    main()
