@@ -23,10 +23,13 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
+    IConsumer,
     IListeningPort,
     IPullProducer,
     IPushProducer,
     IStreamServerEndpoint,
+    ITCPTransport,
+    ITLSTransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -319,10 +322,15 @@ class _ZeroCopyServerTestsMixin(_Mixin):
     async def test_startTLSRefused(self) -> None:
         """
         C{startTLS} is refused: it would write through buffers this
-        transport never sends.
+        transport never sends. The transport does not claim
+        L{ITLSTransport}, and still is a full TCP transport.
         """
         transport, client = await self.connect()
         self.assertRaises(NotImplementedError, transport.startTLS, None)
+        self.assertFalse(ITLSTransport.providedBy(transport))
+        self.assertTrue(verifyObject(ITCPTransport, transport))
+        self.assertTrue(IPushProducer.providedBy(transport))
+        self.assertTrue(IConsumer.providedBy(transport))
 
     async def test_whenDrainedAtOnce(self) -> None:
         """

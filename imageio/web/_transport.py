@@ -38,9 +38,12 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IStreamServerEndpoint,
+    ITCPTransport,
+    ITLSTransport,
 )
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import implementedBy, implementer, implementer_only
+from zope.interface.interface import InterfaceClass
 
 from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
 
@@ -242,7 +245,8 @@ class _ZeroCopyMixin:
 
     def startTLS(self, ctx: object, normal: bool = True) -> None:
         # Twisted's startTLS writes through buffers our doWrite never sends;
-        # our listeners put TLS in front instead (imageio.web._tls).
+        # our listeners put TLS in front instead (imageio.web._tls). The
+        # class does not declare ITLSTransport; this guards direct calls.
         raise NotImplementedError("startTLS is not supported; use imageio.web._tls")
 
     def connectionLost(self, reason: Failure) -> None:
@@ -257,14 +261,22 @@ class _ZeroCopyMixin:
             d.callback(None)
 
 
-@implementer(IZeroCopyTransport, IDirectReadTransport)
+def _withoutTLS(base: type) -> list[InterfaceClass]:
+    # What Twisted's transport declares, less ITLSTransport (startTLS is
+    # refused), so nobody checking for it tries.
+    return [i for i in implementedBy(base).interfaces() if i is not ITLSTransport]
+
+
+@implementer_only(IZeroCopyTransport, IDirectReadTransport, ITCPTransport, *_withoutTLS(tcp.Server))
 class ZeroCopyTCPServer(_ZeroCopyMixin, tcp.Server):
     """
     A TCP server connection whose writes are not copied.
     """
 
 
-@implementer(IZeroCopyTransport, IDirectReadTransport)
+@implementer_only(
+    IZeroCopyTransport, IDirectReadTransport, ITCPTransport, *_withoutTLS(unix.Server)
+)
 class ZeroCopyUNIXServer(_ZeroCopyMixin, unix.Server):
     """
     A UNIX socket server connection whose writes are not copied.
