@@ -135,8 +135,8 @@ def roundTrips(count: int, inline: bool) -> dict[str, float]:
         def read(offset: int) -> int:
             return os.preadv(fd, [buf], offset)
 
-        pool = createPool()
-        diskio = DiskIO(reactor, pool)
+        pool = createPool(reactor)
+        diskio = DiskIO(pool)
 
         def call(offset: int) -> Deferred[int]:
             if not inline:

@@ -173,9 +173,9 @@ class ImageioService(MultiService):
             "Tickets with a transfer running.",
             lambda: self.registry.activeCount(),
         )
-        self.pool = createPool(config.daemon.io_threads)
+        self.pool = createPool(reactor, config.daemon.io_threads)
         DiskIOService(self.pool).setServiceParent(self)
-        self.diskio = DiskIO(reactor, self.pool)
+        self.diskio = DiskIO(self.pool)
         self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
         self._prepared = False
 

@@ -1134,12 +1134,10 @@ class ThreadPoolTests(TestCase):
     def setUp(self) -> None:
         from twisted.internet import reactor
 
-        pool = createPool(4)
+        pool = createPool(cast(IReactorFromThreads, reactor), 4)
         pool.start()
         self.addCleanup(pool.stop)
-        self.ctx = BackendContext(
-            reactor=reactor, diskio=DiskIO(cast(IReactorFromThreads, reactor), pool)
-        )
+        self.ctx = BackendContext(reactor=reactor, diskio=DiskIO(pool))
 
     async def roundTrip(self, path: str, chunk: int, total: int) -> None:
         backend = await openBackend(
