@@ -28,13 +28,10 @@ from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-log = Logger()
 
 #: Default number of disk-io threads: enough for a few concurrent transfers
 #: to keep storage busy; more threads only add contention on 2 cores.
