@@ -220,6 +220,13 @@ class FakeBackend:
     def pendingWrites(self) -> int:
         return sum(1 for _, _, d in self.writes if not d.called)
 
+    def completeWrites(self) -> None:
+        """
+        Fire every pending write, and those the firing starts, in order.
+        """
+        while self.pendingWrites():
+            self.completeWrite()
+
     def zero(self, offset: int, length: int) -> Deferred[None]:
         self.zeros.append((offset, length))
         end = offset + length

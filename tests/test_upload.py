@@ -66,10 +66,6 @@ class UploadSinkTests(SynchronousTestCase):
     ) -> UploadSink:
         return makeSink(self, length, offset, backend, onProgress=lambda: self.progress.append(1))
 
-    def drain(self) -> None:
-        while self.backend.pendingWrites():
-            self.backend.completeWrite()
-
     def test_interface(self) -> None:
         """
         L{UploadSink} provides L{IBodySink}.
@@ -101,7 +97,7 @@ class UploadSinkTests(SynchronousTestCase):
         sink = self.sink(3 * BUFFER, offset=1000)
         sink.dataReceived(b"x" * 3 * BUFFER)
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         writes = [(o, len(d)) for o, d, _ in self.backend.writes]
         self.assertEqual(writes[0], (1000, BUFFER - 1000))
         self.assertEqual(writes[1], (BUFFER, BUFFER))
@@ -129,7 +125,7 @@ class UploadSinkTests(SynchronousTestCase):
         first = sink.whenDone()
         sink.dataReceived(b"abc")
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(first)
         self.successResultOf(sink.whenDone())
 
@@ -173,7 +169,7 @@ class UploadSinkTests(SynchronousTestCase):
         sink.dataReceived(b"abc")
         sink.bodyComplete()
         sink.connectionLost(Failure(ConnectionDone()))
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(done)
 
     def test_canceled(self) -> None:
@@ -202,7 +198,7 @@ class UploadSinkTests(SynchronousTestCase):
         self.backend.completeWrite()
         self.assertEqual(self.producer.producerState, "producing")
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(sink.whenDone())
         self.assertEqual(bytes(self.backend.image[: 3 * BUFFER]), b"a" * 3 * BUFFER)
 
@@ -292,10 +288,6 @@ class DirectBodyTests(SynchronousTestCase):
             position += n
             sink.bodyFilled(n)
 
-    def drain(self) -> None:
-        while self.backend.pendingWrites():
-            self.backend.completeWrite()
-
     def test_directInterface(self) -> None:
         """
         L{UploadSink} provides L{IDirectBodySink}.
@@ -350,7 +342,7 @@ class DirectBodyTests(SynchronousTestCase):
         done = sink.whenDone()
         self.fill(sink, data, most=3000)
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(done)
         self.assertEqual(bytes(self.backend.image[1000 : 1000 + len(data)]), data)
         writes = [(o, len(d)) for o, d, _ in self.backend.writes]
@@ -419,7 +411,7 @@ class DirectBodyTests(SynchronousTestCase):
         view[:] = b"e" * (BUFFER - 50)
         sink.bodyFilled(BUFFER - 50)
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(sink.whenDone())
         expected = (
             b"a" * 100 + b"b" * 200 + b"c" * (BUFFER - 300) + b"d" * (BUFFER + 50)
@@ -451,7 +443,7 @@ class DirectBodyTests(SynchronousTestCase):
         assert view is not None
         sink.bodyFilled(6)
         sink.bodyFilled(5)
-        self.drain()
+        self.backend.completeWrites()
         failure = self.failureResultOf(done, ValueError)
         self.assertEqual(str(failure.value), "Body longer than Content-Length")
         self.assertEqual(self.backend.writes, [])
@@ -469,7 +461,7 @@ class DirectBodyTests(SynchronousTestCase):
         self.assertEqual(self.producer.producerState, "producing")
         self.assertIsNone(sink.bodyBuffer())
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(sink.whenDone())
         self.assertEqual(bytes(self.backend.image[: 2 * BUFFER]), b"a" * BUFFER + b"b" * BUFFER)
 
@@ -487,7 +479,7 @@ class DirectBodyTests(SynchronousTestCase):
         self.assertEqual(self.producer.producerState, "producing")
         self.assertIsNone(sink.bodyBuffer())
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(sink.whenDone())
         self.assertEqual(
             bytes(self.backend.image[2 * BUFFER : 2 * BUFFER + 101]), b"z" * 100 + b"\0"
@@ -514,6 +506,6 @@ class DirectBodyTests(SynchronousTestCase):
         self.assertEqual(self.producer.producerState, "producing")
         self.fill(sink, b"r" * BUFFER)
         sink.bodyComplete()
-        self.drain()
+        self.backend.completeWrites()
         self.successResultOf(sink.whenDone())
         self.assertEqual(bytes(self.backend.image[: 3 * BUFFER]), b"q" * 2 * BUFFER + b"r" * BUFFER)
