@@ -41,6 +41,8 @@ setup(
             "mypy-zope",
             "ruff",
             "coverage",
+            # Release notes: newsfragments/ are checked by .ci/run.
+            "towncrier",
             # The packaging test builds a wheel without build isolation.
             "wheel",
             # Conformance tests run upstream's own client against us.

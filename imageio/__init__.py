@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_layers -*-
 """
 imageio: move virtual-machine disk images between storage and clients.
 

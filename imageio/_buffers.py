@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_buffers -*-
+# -*- test-case-name: tests.test_upload -*-
 """
 Page-aligned buffers for O_DIRECT I/O.
 """

@@ -68,6 +68,62 @@ class UnsupportedOperation(Exception):
     """
 
 
+class RemoteError(Exception):
+    """
+    The image is served by another daemon (a ticket in proxy mode, the
+    signed-ticket proxy), and it refused the request: the client hears the
+    same status and text (C{Content-Range} too, for 416).
+
+    @ivar status: The daemon's HTTP status (4xx, 5xx).
+    @ivar text: The daemon's error text, capped.
+    @ivar contentRange: The daemon's C{Content-Range}, or C{None}.
+    """
+
+    def __init__(self, status: int, text: str, contentRange: bytes | None = None) -> None:
+        super().__init__(status, text)
+        self.status = status
+        self.text = text
+        self.contentRange = contentRange
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.text}"
+
+
+class HostError(Exception):
+    """
+    The daemon behind a backend or the proxy could not be used. Subclasses
+    say how; the web layer picks the status (L{imageio.web.httpErrorFor}).
+
+    @ivar message: What the client is told.
+    @ivar close: The client connection must close after the answer (its
+        request body may be unread).
+    """
+
+    def __init__(self, message: str, close: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.close = close
+
+
+class HostUnavailable(HostError):
+    """
+    The daemon could not be reached: refused, reset, unknown host (503).
+    """
+
+
+class HostTimedOut(HostError):
+    """
+    Connecting to the daemon, or waiting for its answer, took too long (504).
+    """
+
+
+class HostInvalid(HostError):
+    """
+    The daemon's certificate did not verify, or its answer does not follow
+    the images API (502).
+    """
+
+
 class IBackend(Interface):
     """
     One open image, owned by one client connection.
@@ -237,6 +293,31 @@ class IStreamingUpload(Interface):
             chunked bodies.
         @return: A sink for the body, or C{None} to let twisted.web buffer it
             as usual (small JSON bodies).
+        """
+
+
+class IMetrics(Interface):
+    """
+    Where listeners count requests, bytes and connections (the control
+    socket's C{/metrics} renders them).
+
+    @see: L{imageio.control.Metrics}
+    """
+
+    def requestDone(listener: str, method: str, code: int, sent: int, received: int) -> None:
+        """
+        A request on C{listener} was answered with C{code}, after receiving
+        C{received} body bytes and sending C{sent}.
+        """
+
+    def connectionOpened(listener: str) -> None:
+        """
+        A client connected to C{listener}.
+        """
+
+    def connectionClosed(listener: str) -> None:
+        """
+        A client connection of C{listener} closed.
         """
 
 

@@ -37,12 +37,10 @@ from imageio import config as _config
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
 from imageio.backends import BackendContext, BackendOpener
-from imageio.control._metrics import Metrics
-from imageio.control.tickets import controlResource
+from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
-from imageio.web._streaming import ImageioSite
-from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
+from imageio.web import ImageioSite, TCPServerEndpoint, UNIXServerEndpoint
 
 log = Logger()
 
@@ -214,7 +212,7 @@ class ImageioService(MultiService):
         if backendCtx.caFile:
             # Read the CA for proxy-mode tickets now, before the reactor runs,
             # rather than on the reactor thread at the first https: ticket.
-            from imageio.backends.http import loadTrustRoot
+            from imageio.backends.httpclient import loadTrustRoot
 
             try:
                 loadTrustRoot(backendCtx.caFile)
@@ -276,7 +274,7 @@ class ImageioService(MultiService):
         self, endpoint: IStreamServerEndpoint, certFile: str = "", keyFile: str = ""
     ) -> IStreamServerEndpoint:
         from imageio import _pki
-        from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
+        from imageio.web import TLSConfigError, TLSServerEndpoint, makeServerContext
 
         tls = self.config.tls
         certFile = certFile or tls.cert_file

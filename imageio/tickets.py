@@ -22,7 +22,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from imageio._log import Logger
-from imageio.backends import TICKET_SCHEMES
 from imageio.ranges import RangeSet
 
 log = Logger()
@@ -38,6 +37,10 @@ MAX_TIMEOUT = 30 * 24 * 3600
 MAX_SIZE = 2**63 - 1
 #: Longest C{inactivity_timeout}.
 MAX_INACTIVITY_TIMEOUT = 24 * 3600
+
+#: URL schemes a ticket may name over the control API, each validated by
+#: L{validateURL}; every one has a backend (C{memory:} is for tests only).
+TICKET_SCHEMES = frozenset({"file", "nbd", "https", "http"})
 
 # Ticket ids appear in URL paths and logs: no path separators, no
 # percent-escapes, no whitespace or control characters.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_backend_http -*-
 """
 Tests for L{imageio.backends.http}: the daemon in "proxy mode", relaying a
 ticket whose C{url} is another daemon's C{https://.../images/<id>}.
@@ -9,28 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import Clock, deferLater
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from imageio import _pki
 from imageio.backends import BackendContext
 from imageio.backends import http as httpbackend
-from imageio.backends.http import (
-    BadResponse,
-    BytesProducer,
-    ReadTimeout,
-    clipExtents,
-    hostError,
-    parseExtents,
-)
-from imageio.interfaces import Extent
-from imageio.web._response import HTTPError
+from imageio.backends.http import BadResponse, clipExtents, parseExtents
+from imageio.interfaces import Extent, HostError, RemoteError
 from tests.test_proxy_helpers import (
     Daemon,
     HTTPSClient,
@@ -91,103 +80,6 @@ class ParseExtentsTests(SynchronousTestCase):
             clipExtents(extents, 5, 10), [Extent(5, 5, zero=False), Extent(10, 5, zero=True)]
         )
         self.assertEqual(clipExtents(extents, 20, 5), [])
-
-
-class HostErrorTests(SynchronousTestCase):
-    def test_connectTimeout(self) -> None:
-        """
-        A connect timeout is 504 C{Timed out connecting to host}.
-        """
-        e = hostError(Failure(error.TimeoutError()))
-        self.assertEqual((e.status, e.message), (504, "Timed out connecting to host"))
-
-    def test_readTimeout(self) -> None:
-        """
-        A read timeout, ours or a Deferred's, is 504 C{Timed out waiting for host}.
-        """
-        for exc in (ReadTimeout("x"), defer.TimeoutError()):
-            e = hostError(Failure(ResponseFailed([Failure(exc)])))
-            self.assertEqual((e.status, e.message), (504, "Timed out waiting for host"))
-
-    def test_refused(self) -> None:
-        """
-        A refused connection is 503.
-        """
-        e = hostError(Failure(error.ConnectionRefusedError()))
-        self.assertEqual(e.status, 503)
-        self.assertTrue(e.message.startswith("Failed communicating with host: "))
-
-    def test_wrapped(self) -> None:
-        """
-        Failures wrapped by the HTTP client are unwrapped.
-        """
-        wrapped = ResponseNeverReceived([Failure(error.ConnectionLost("gone"))])
-        self.assertEqual(hostError(Failure(wrapped)).status, 503)
-
-    def test_httpErrorKept(self) -> None:
-        """
-        An L{HTTPError} is passed through.
-        """
-        original = HTTPError(403, "no")
-        self.assertIs(hostError(Failure(original)), original)
-
-
-class BytesProducerTests(SynchronousTestCase):
-    def test_pauseAndResume(self) -> None:
-        """
-        The producer writes in pieces, stops while paused, and finishes
-        once everything was written.
-        """
-        data = bytes(range(256)) * 4096  # 1 MiB
-        producer = BytesProducer(memoryview(data))
-        self.assertEqual(producer.length, len(data))
-        consumer = StringTransport()
-        writes: list[int] = []
-
-        def write(chunk: bytes) -> None:
-            writes.append(len(chunk))
-            StringTransport.write(consumer, chunk)
-            producer.pauseProducing()
-
-        consumer.write = write  # type: ignore[method-assign]
-        done = producer.startProducing(consumer)
-        self.assertEqual(writes, [httpbackend.WRITE_CHUNK])
-        self.assertNoResult(done)
-        while not done.called:
-            producer.resumeProducing()
-        self.successResultOf(done)
-        self.assertEqual(consumer.value(), data)
-
-    def test_stopped(self) -> None:
-        """
-        A stopped producer writes nothing more and never fires.
-        """
-        producer = BytesProducer(b"x" * (3 * httpbackend.WRITE_CHUNK))
-        consumer = StringTransport()
-        consumer.write = lambda chunk: producer.pauseProducing()  # type: ignore[method-assign]
-        done = producer.startProducing(consumer)
-        producer.stopProducing()
-        producer.resumeProducing()
-        self.assertNoResult(done)
-
-
-class WatchdogTests(SynchronousTestCase):
-    def test_fires(self) -> None:
-        """
-        The watchdog fires once the timeout (and at most half as much again)
-        passed without kicks, not before.
-        """
-        clock = Clock()
-        fired: list[bool] = []
-        dog = httpbackend.Watchdog(clock, 10, lambda: fired.append(True))
-        dog.kick()
-        clock.pump([1] * 9)
-        dog.kick()
-        clock.pump([1] * 10)
-        self.assertEqual(fired, [])
-        clock.pump([1] * 5)
-        self.assertEqual(fired, [True])
-        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class ProxyModeTests(TestCase):
@@ -322,7 +214,7 @@ class ProxyModeTests(TestCase):
         ticket = self.daemonB.addTicket(f"{self.daemonA.url('localhost')}/images/nope", 100)
         reply = yield self.client.request("GET", f"/images/{ticket}")
         self.assertEqual(reply.status, 403)
-        self.flushLoggedErrors(HTTPError)
+        self.flushLoggedErrors(RemoteError, HostError)
         self.assertEqual(
             reply.text, "You are not allowed to access this resource: No such ticket nope\n"
         )
@@ -348,7 +240,7 @@ class ProxyModeTests(TestCase):
         path.unlink()
         reply = yield self.client.request("GET", f"/images/{ticket}")
         self.assertEqual(reply.status, 500)
-        self.flushLoggedErrors(HTTPError, FileNotFoundError)
+        self.flushLoggedErrors(RemoteError, HostError, FileNotFoundError)
 
     @inlineCallbacks
     def test_remoteDown(self) -> Any:
@@ -359,7 +251,7 @@ class ProxyModeTests(TestCase):
         yield self.daemonA.stop()
         reply = yield self.client.request("GET", f"/images/{ticket}")
         self.assertEqual(reply.status, 503, reply.text)
-        self.flushLoggedErrors(HTTPError)
+        self.flushLoggedErrors(RemoteError, HostError)
         self.assertIn("Failed communicating with host", reply.text)
 
     @inlineCallbacks
@@ -379,7 +271,7 @@ class ProxyModeTests(TestCase):
         reply = yield client.request("GET", f"/images/{ticket}")
         self.assertEqual(reply.status, 502, reply.text)
         self.assertNotIn(b"secret", reply.body)
-        self.flushLoggedErrors(HTTPError)
+        self.flushLoggedErrors(RemoteError, HostError)
 
     @inlineCallbacks
     def test_wrongHostName(self) -> Any:
@@ -401,7 +293,7 @@ class ProxyModeTests(TestCase):
         reply = yield self.client.request("GET", f"/images/{ticket}")
         self.assertEqual(reply.status, 502, reply.text)
         self.assertNotIn(b"secret", reply.body)
-        self.flushLoggedErrors(HTTPError)
+        self.flushLoggedErrors(RemoteError, HostError)
 
 
 class OpenBackendTests(TestCase):
@@ -462,9 +354,9 @@ class OpenBackendTests(TestCase):
         """
         try:
             yield self.open(f"{self.daemon.url('localhost')}/images/unknown")
-        except HTTPError as e:
+        except RemoteError as e:
             self.assertEqual(e.status, 403)
-            self.assertIn("No such ticket unknown", e.message)
+            self.assertIn("No such ticket unknown", e.text)
         else:
             self.fail("open succeeded")
 

@@ -17,7 +17,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from imageio.backends.http import ReadTimeout
+from imageio.backends.httpclient import ReadTimeout
 from imageio.proxy import _tickets
 from imageio.proxy._relay import COALESCE_SIZE, READ_TIMEOUT, Pipe, ResponseRelay
 from imageio.proxy._signedticket import Claims

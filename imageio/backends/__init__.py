@@ -32,9 +32,6 @@ SCHEMES = {
     "memory": "memory",
 }
 
-#: Schemes a ticket may name over the control API (C{memory:} is for tests).
-TICKET_SCHEMES = frozenset({"file", "nbd", "https", "http"})
-
 
 @frozen
 class BackendContext:

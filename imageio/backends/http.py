@@ -11,18 +11,18 @@ of one client reuse one TLS connection to the daemon.
 
 TLS is verified against the configured CA file (the system trust store
 when empty) with host name checks, TLS 1.2 at least. Connecting times out
-after L{CONNECT_TIMEOUT} seconds, and a daemon that sends nothing for
-L{READ_TIMEOUT} seconds is given up on.
+after C{CONNECT_TIMEOUT} seconds, and a daemon that sends nothing for
+C{READ_TIMEOUT} seconds is given up on (L{imageio.backends.httpclient}).
 
-Errors keep their meaning for the client: a daemon's non-2xx answer is
-raised as L{HTTPError} with the daemon's status and (the first 512 bytes
-of) its text, so a client of the proxy sees the daemon's 403 or 416; a
-daemon that cannot be reached is 503, a timeout 504, a daemon whose
-certificate does not verify 502.
+Errors keep their meaning for the client: a daemon's non-2xx answer fails
+with a L{imageio.interfaces.RemoteError} carrying the daemon's status and
+text, so a client of the proxy sees the daemon's 403 or 416; a daemon that
+cannot be reached, times out or misbehaves is a
+L{imageio.interfaces.HostError} (the web layer answers 503, 504, 502).
 
-The HTTP client plumbing here (TLS policy, small-body collection, error
-mapping, a body producer over a buffer) is shared with the signed-ticket
-proxy (L{imageio.proxy}).
+The HTTP client plumbing (TLS policy, timeouts, small-body collection,
+error mapping, a body producer over a buffer) is
+L{imageio.backends.httpclient}, shared with the signed-ticket proxy.
 """
 
 from __future__ import annotations
@@ -32,56 +32,41 @@ from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from attrs import define, field, frozen
-from OpenSSL import SSL
-from twisted.internet import defer, error
+from attrs import define, field
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IOpenSSLClientConnectionCreator,
-    IReactorTime,
-)
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    TLSVersion,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-    _HTTP11ClientFactory,
-)
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from imageio._log import Logger
 from imageio.backends import BackendContext
-from imageio.interfaces import Extent, IBackend, UnsupportedOperation
-from imageio.web._response import HTTPError
+from imageio.backends.httpclient import (
+    CACHED_CONNECTION_TIMEOUT,
+    MAX_ERROR_TEXT,
+    READ_TIMEOUT,
+    BadResponse,
+    BodyTooLarge,
+    BytesProducer,
+    ReadTimeout,
+    Watchdog,
+    collectBody,
+    discardBody,
+    hostError,
+    makeAgent,
+    makePool,
+    raiseRemoteError,
+    stopTransport,
+)
+from imageio.interfaces import Extent, HostInvalid, IBackend, UnsupportedOperation
 
 log = Logger()
 
 T = TypeVar("T")
-
-#: Seconds to wait for a TCP connection to the daemon (upstream's default).
-CONNECT_TIMEOUT = 10.0
-
-#: Seconds the daemon may stay silent: before its response headers, and
-#: between pieces of a response body (upstream's default).
-READ_TIMEOUT = 60.0
-
-#: Bytes of a daemon's error text relayed to the client.
-MAX_ERROR_TEXT = 512
 
 #: Largest OPTIONS answer read.
 MAX_OPTIONS_BODY = 64 * 1024
@@ -89,410 +74,15 @@ MAX_OPTIONS_BODY = 64 * 1024
 #: Largest extents answer read: about a million extents.
 MAX_EXTENTS_BODY = 64 * 1024**2
 
-#: Pieces a body producer hands to the transport, so one 8 MiB write does
-#: not become 8 MiB of ciphertext queued at once.
-WRITE_CHUNK = 256 * 1024
-
 #: Cached idle connections per backend: one operation runs at a time, so
 #: one connection is in use; a second absorbs a late return to the pool.
 CONNECTIONS_PER_BACKEND = 2
-
-#: Seconds an idle connection stays in a pool. Daemons close idle
-#: connections after 60 seconds; reusing one they are closing would fail a
-#: request, so we let go first.
-CACHED_CONNECTION_TIMEOUT = 30
 
 #: Advertised concurrency when the daemon does not say (upstream's default).
 DEFAULT_MAX_CONNECTIONS = 1
 
 #: Largest C{max_readers}/C{max_writers} believed from a daemon.
 MAX_CONNECTIONS = 64
-
-
-class ReadTimeout(Exception):
-    """
-    The daemon sent nothing for too long.
-    """
-
-
-class BadResponse(Exception):
-    """
-    The daemon's answer does not follow the images API.
-    """
-
-
-class BodyTooLarge(Exception):
-    """
-    A response body was larger than the caller allows.
-    """
-
-
-# TLS
-
-
-_TRUST_ROOTS: dict[str, Any] = {}
-
-
-def loadTrustRoot(caFile: str) -> Any:
-    """
-    The trust root for verifying daemons: the certificates of C{caFile}, or
-    the platform's trust store when C{caFile} is empty. Loaded once per
-    process and path (a restart picks up a changed file).
-
-    @raise ValueError: If C{caFile} cannot be read or holds no certificate.
-    """
-    if not caFile:
-        return platformTrust()
-    root = _TRUST_ROOTS.get(caFile)
-    if root is not None:
-        return root
-    try:
-        with open(caFile, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        raise ValueError(f"Cannot read CA file {caFile}: {e.strerror}") from e
-    certificates = []
-    marker = b"-----END CERTIFICATE-----"
-    for block in pem.split(marker)[:-1]:
-        begin = block.find(b"-----BEGIN CERTIFICATE-----")
-        if begin < 0:
-            continue
-        try:
-            certificates.append(Certificate.loadPEM(block[begin:] + marker + b"\n"))
-        except SSL.Error as e:
-            raise ValueError(f"Invalid certificate in CA file {caFile}: {e}") from e
-    if not certificates:
-        raise ValueError(f"No certificate in CA file {caFile}")
-    root = trustRootFromCertificates(certificates)
-    _TRUST_ROOTS[caFile] = root
-    return root
-
-
-@implementer(IPolicyForHTTPS)
-@frozen
-class VerifyingPolicy:
-    """
-    Verify daemons' certificates against C{trustRoot} and their host names
-    (DNS names and IP addresses), TLS 1.2 at least.
-
-    @ivar trustRoot: From L{loadTrustRoot}.
-    """
-
-    trustRoot: Any
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
-        creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self.trustRoot,
-            extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
-        )
-        return creator
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
-    """
-    The pool's connection factory without "Starting factory" log lines for
-    every connection.
-    """
-
-    noisy = False
-
-
-def makePool(reactor: Any, maxPerHost: int, idleTimeout: int) -> HTTPConnectionPool:
-    """
-    A persistent connection pool.
-
-    Only requests without a body (GET, OPTIONS) are ever retried on a fresh
-    connection, by Twisted's pool; an upload is never replayed.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = _QuietClientFactory
-    pool.maxPersistentPerHost = maxPerHost
-    pool.cachedConnectionTimeout = idleTimeout
-    return pool
-
-
-def makeAgent(reactor: Any, caFile: str, pool: HTTPConnectionPool) -> Agent:
-    """
-    An HTTP client verifying daemons against C{caFile}.
-
-    @raise ValueError: If C{caFile} is unusable.
-    """
-    return Agent(
-        reactor,
-        contextFactory=VerifyingPolicy(loadTrustRoot(caFile)),
-        connectTimeout=CONNECT_TIMEOUT,
-        pool=pool,
-    )
-
-
-# Bodies
-
-
-@implementer(IBodyProducer)
-@define
-class BytesProducer:
-    """
-    A request body from a buffer, handed to the transport in
-    L{WRITE_CHUNK} pieces as it asks for them.
-
-    @ivar data: The body; not copied, so the caller must not change it until
-        the request completes.
-    """
-
-    data: bytes | memoryview
-    length: int = field(init=False)
-    _view: memoryview = field(init=False)
-    _position: int = field(default=0, init=False)
-    _consumer: IConsumer | None = field(default=None, init=False)
-    _done: Deferred[None] | None = field(default=None, init=False)
-    _paused: bool = field(default=False, init=False)
-    _stopped: bool = field(default=False, init=False)
-    _pumping: bool = field(default=False, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._view = memoryview(self.data).cast("B")
-        self.length = len(self._view)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        self._consumer = consumer
-        self._done = Deferred()
-        self._pump()
-        return self._done
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        # The request failed; its Deferred need not fire.
-        self._stopped = True
-        self._view = memoryview(b"")
-
-    def _pump(self) -> None:
-        if self._pumping or self._consumer is None or self._done is None:
-            return
-        self._pumping = True
-        try:
-            while not self._paused and not self._stopped and self._position < self.length:
-                end = min(self._position + WRITE_CHUNK, self.length)
-                chunk = bytes(self._view[self._position : end])
-                self._position = end
-                self._consumer.write(chunk)
-        finally:
-            self._pumping = False
-        if self._position == self.length and not self._stopped and not self._done.called:
-            self._done.callback(None)
-
-
-class _Collector(Protocol):
-    """
-    Collects a small response body, failing with L{BodyTooLarge} (and
-    closing the connection) beyond C{limit} bytes, or keeping only the first
-    C{limit} bytes when C{truncate}.
-    """
-
-    def __init__(self, limit: int, truncate: bool) -> None:
-        self.done: Deferred[bytes] = Deferred()
-        self._limit = limit
-        self._truncate = truncate
-        self._data: list[bytes] = []
-        self._size = 0
-        self._stopped = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._stopped:
-            return
-        room = self._limit - self._size
-        if len(data) > room:
-            self._stopped = True
-            self._data.append(data[:room])
-            self._size += min(room, len(data))
-            _stopTransport(self)
-            if self._truncate:
-                self.done.callback(b"".join(self._data))
-            else:
-                self._data.clear()
-                self.done.errback(BodyTooLarge(f"Response body larger than {self._limit} bytes"))
-            return
-        self._data.append(data)
-        self._size += len(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if reason.check(ResponseDone, PotentialDataLoss) or self._truncate:
-            self.done.callback(b"".join(self._data))
-        else:
-            self.done.errback(reason)
-
-
-def _stopTransport(protocol: Protocol) -> None:
-    """
-    Stop a response body: closes the connection it arrives on.
-    """
-    transport: Any = protocol.transport
-    if transport is not None:
-        transport.stopProducing()
-
-
-def collectBody(response: IResponse, limit: int, truncate: bool = False) -> Deferred[bytes]:
-    """
-    Read a small response body.
-
-    @param limit: Most bytes read.
-    @param truncate: Return the first C{limit} bytes of a larger body
-        (and of a body cut short) instead of failing.
-    @return: A Deferred firing with the body; failing with L{BodyTooLarge}
-        or the reason the body was cut.
-    """
-    collector = _Collector(limit, truncate)
-    response.deliverBody(collector)
-    return collector.done
-
-
-class _Discard(Protocol):
-    """
-    Closes the connection at once instead of reading a body.
-    """
-
-    def connectionMade(self) -> None:
-        _stopTransport(self)
-
-
-def discardBody(response: IResponse) -> None:
-    """
-    Close the response's connection without reading its body (a whole image,
-    say). The connection is not reused.
-    """
-    response.deliverBody(_Discard())
-
-
-# Errors
-
-
-def _innerFailures(reason: Failure) -> list[Failure]:
-    """
-    @return: The failures wrapped in Twisted's client errors
-        (L{ResponseNeverReceived}, L{ResponseFailed}, ...), or C{reason}.
-    """
-    value = reason.value
-    reasons = getattr(value, "reasons", None)
-    if isinstance(value, ResponseNeverReceived | ResponseFailed) or (
-        reasons and all(isinstance(r, Failure) for r in reasons)
-    ):
-        inner: list[Failure] = []
-        for r in reasons or []:
-            inner.extend(_innerFailures(r))
-        return inner or [reason]
-    return [reason]
-
-
-def _describe(reason: Failure) -> str:
-    value = reason.value
-    text = str(value).strip() or type(value).__name__
-    return text.splitlines()[0][:200]
-
-
-def hostError(reason: Failure) -> HTTPError:
-    """
-    Map a failure to reach the daemon or to read its answer to the error
-    the client gets.
-
-      - connect timeout: 504 C{Timed out connecting to host};
-      - read timeout: 504 C{Timed out waiting for host};
-      - certificate verification: 502;
-      - refused, reset, DNS, anything else on the network: 503.
-    """
-    if reason.check(HTTPError):
-        httpError: HTTPError = reason.value  # type: ignore[assignment]
-        return httpError
-    failures = _innerFailures(reason)
-    for f in failures:
-        if f.check(error.TimeoutError, error.ConnectingCancelledError):
-            return HTTPError(504, "Timed out connecting to host")
-        if f.check(ReadTimeout, defer.TimeoutError):
-            return HTTPError(504, "Timed out waiting for host")
-        if f.check(SSL.Error) or type(f.value).__name__ == "VerificationError":
-            return HTTPError(502, f"Cannot verify the host's TLS certificate: {_describe(f)}")
-        if f.check(BadResponse):
-            return HTTPError(502, f"Invalid response from host: {_describe(f)}")
-    return HTTPError(503, f"Failed communicating with host: {_describe(failures[0])}")
-
-
-def remoteError(response: IResponse, body: bytes) -> HTTPError:
-    """
-    The daemon's error answer as an L{HTTPError} with its status, text and
-    C{Content-Range} (416); 403 closes the connection as the daemon does.
-    """
-    text = body[:MAX_ERROR_TEXT].decode("utf-8", "replace").rstrip("\r\n")
-    if not text:
-        text = response.phrase.decode("latin-1", "replace") or f"Error {response.code}"
-    headers = []
-    contentRange = response.headers.getRawHeaders(b"content-range")
-    if contentRange:
-        headers.append((b"content-range", contentRange[0]))
-    return HTTPError(response.code, text, headers, close=response.code == 403)
-
-
-@inlineCallbacks
-def raiseRemoteError(response: IResponse) -> Generator[Deferred[Any], Any, None]:
-    """
-    Read the first bytes of an error answer and raise it as L{HTTPError}.
-    """
-    try:
-        body = yield collectBody(response, MAX_ERROR_TEXT, truncate=True)
-    except Exception:
-        body = b""
-    raise remoteError(response, body)
-
-
-# Timeouts
-
-
-@define
-class Watchdog:
-    """
-    Calls C{expired} when C{timeout} seconds pass without L{kick}.
-
-    L{kick} runs for every piece of data, so it only sets a flag; a timer
-    looks at the flag twice per C{timeout}. Silence is noticed after
-    C{timeout} to C{1.5 * timeout} seconds.
-    """
-
-    clock: IReactorTime
-    timeout: float
-    expired: Callable[[], object]
-    _call: IDelayedCall | None = field(default=None, init=False)
-    _active: bool = field(default=False, init=False)
-    _idleChecks: int = field(default=0, init=False)
-
-    def kick(self) -> None:
-        self._active = True
-        if self._call is None:
-            self._idleChecks = 0
-            self._call = self.clock.callLater(self.timeout / 2, self._check)
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _check(self) -> None:
-        if self._active:
-            self._active = False
-            self._idleChecks = 0
-        else:
-            self._idleChecks += 1
-            if self._idleChecks >= 2:
-                self._call = None
-                self.expired()
-                return
-        self._call = self.clock.callLater(self.timeout / 2, self._check)
 
 
 class _ReadInto(Protocol):
@@ -537,7 +127,7 @@ class _ReadInto(Protocol):
     def _fail(self, exc: Exception) -> None:
         self._failed = True
         self._watchdog.stop()
-        _stopTransport(self)
+        stopTransport(self)
         self.done.errback(exc)
 
 
@@ -673,7 +263,7 @@ class HTTPBackend:
         if response.code not in codes:
             if 200 <= response.code < 300:
                 discardBody(response)
-                raise HTTPError(502, f"Unexpected response from host: {response.code}", close=True)
+                raise HostInvalid(f"Unexpected response from host: {response.code}", close=True)
             yield raiseRemoteError(response)
 
     @inlineCallbacks
@@ -681,7 +271,7 @@ class HTTPBackend:
         try:
             body: bytes = yield collectBody(response, limit)
         except BodyTooLarge as e:
-            raise HTTPError(502, f"Invalid response from host: {e}") from None
+            raise HostInvalid(f"Invalid response from host: {e}") from None
         except Exception:
             raise hostError(Failure()) from None
         return body
@@ -738,7 +328,7 @@ class HTTPBackend:
             length = response.length
             discardBody(response)
             if not isinstance(length, int):
-                raise HTTPError(502, "Invalid response from host: no Content-Length")
+                raise HostInvalid("Invalid response from host: no Content-Length")
             size = length
         self._cachedSize = size
         return size
@@ -754,9 +344,8 @@ class HTTPBackend:
         yield self._expect(response, (206,))
         if response.length != length:
             discardBody(response)
-            raise HTTPError(
-                502,
-                f"Invalid response from host: expected {length} bytes, got {response.length}",
+            raise HostInvalid(
+                f"Invalid response from host: expected {length} bytes, got {response.length}"
             )
         reader = _ReadInto(memoryview(buf).cast("B")[:length], self.reactor, self.readTimeout)
         response.deliverBody(reader)
@@ -765,7 +354,7 @@ class HTTPBackend:
         except Exception:
             raise hostError(Failure()) from None
         if n != length:
-            raise HTTPError(502, f"Invalid response from host: expected {length} bytes, got {n}")
+            raise HostInvalid(f"Invalid response from host: expected {length} bytes, got {n}")
         return length
 
     @inlineCallbacks
@@ -857,7 +446,7 @@ class HTTPBackend:
         try:
             return parseExtents(body, context)
         except BadResponse as e:
-            raise HTTPError(502, f"Invalid response from host: {e}") from None
+            raise HostInvalid(f"Invalid response from host: {e}") from None
 
     def _wrote(self, offset: int, length: int) -> None:
         # Written bytes are not zero any more, and the image may have grown.
@@ -957,16 +546,7 @@ def openBackend(
 __all__ = [
     "openBackend",
     "HTTPBackend",
-    "VerifyingPolicy",
-    "loadTrustRoot",
-    "makeAgent",
-    "makePool",
-    "BytesProducer",
-    "collectBody",
-    "discardBody",
-    "hostError",
-    "remoteError",
-    "Watchdog",
-    "CONNECT_TIMEOUT",
-    "READ_TIMEOUT",
+    "BackendClosed",
+    "parseExtents",
+    "clipExtents",
 ]

@@ -9,6 +9,9 @@ from collections import Counter
 from collections.abc import Callable
 
 from attrs import define, field
+from zope.interface import implementer
+
+from imageio.interfaces import IMetrics
 
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
@@ -21,6 +24,7 @@ def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     return "{" + inner + "}"
 
 
+@implementer(IMetrics)
 @define
 class Metrics:
     """

@@ -19,9 +19,7 @@ from twisted.web.server import Request
 from imageio._log import Logger
 from imageio.control._metrics import Metrics
 from imageio.tickets import InvalidTicket, TicketBusy, TicketNotFound, TicketRegistry
-from imageio.web._json import loadJSON
-from imageio.web._response import HTTPError, sendEmpty, sendJSON
-from imageio.web._router import Router, requestBody
+from imageio.web import HTTPError, Router, loadJSON, requestBody, sendEmpty, sendJSON
 
 log = Logger()
 

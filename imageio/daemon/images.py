@@ -52,21 +52,30 @@ from imageio.tickets import (
     redactURL,
     shortID,
 )
-from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
-from imageio.web._json import loadJSON
-from imageio.web._response import (
+from imageio.web import (
     INTERNAL_ERROR,
+    CollectSink,
+    DownloadProducer,
     HTTPError,
+    ImageioChannel,
+    ReaderStalled,
+    Router,
+    ShortBody,
+    TruncatedImage,
+    UploadSink,
     abortConnection,
     closeAfterResponse,
+    cors,
+    enumArg,
     isGone,
+    loadJSON,
+    pushProducerOf,
+    queryArg,
+    requestBody,
     sendEmpty,
     sendError,
     sendJSON,
 )
-from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import CollectSink, ImageioChannel, pushProducerOf
-from imageio.web._upload import ShortBody, UploadSink
 
 log = Logger()
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proxy -*-
 """
 The engine-side proxy: signed tickets, sessions and a streaming relay to
 the host daemons.

@@ -21,20 +21,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import define, field
-from OpenSSL import SSL
-from twisted.internet import defer, error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
-    RequestGenerationFailed,
-    RequestTransmissionFailed,
     ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -43,10 +38,12 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from imageio._log import Logger
-from imageio.backends.http import (
+from imageio.backends.httpclient import (
+    CACHED_CONNECTION_TIMEOUT,
     CONNECT_TIMEOUT,
-    BadResponse,
-    BodyTooLarge,
+    MAX_ERROR_TEXT,
+    NETWORK_ERRORS,
+    READ_TIMEOUT,
     ReadTimeout,
     VerifyingPolicy,
     Watchdog,
@@ -58,7 +55,14 @@ from imageio.backends.http import (
 )
 from imageio.interfaces import IBodySink
 from imageio.proxy._guard import GuardedEndpointFactory
-from imageio.web._response import HTTPError, isGone, sendEmpty, sendHTTPError
+from imageio.web import (
+    HTTPError,
+    httpErrorFor,
+    isGone,
+    pushProducerOf,
+    sendEmpty,
+    sendHTTPError,
+)
 
 log = Logger()
 
@@ -69,44 +73,11 @@ PIPE_HIGH_WATER = 1024 * 1024
 #: Idle daemon connections kept for reuse, per daemon.
 MAX_PERSISTENT_PER_HOST = 8
 
-#: Seconds an idle daemon connection is kept. Daemons close idle
-#: connections after 60 seconds; reusing one they are closing would fail an
-#: upload (which is never replayed), so we let go well before.
-CACHED_CONNECTION_TIMEOUT = 30
-
-#: Seconds the daemon may stay silent before its response headers (after
-#: an upload's body was sent), and between pieces of a download; also how
-#: long a client may stop reading a download. Upstream's 1.x proxy used
-#: 120 seconds.
-READ_TIMEOUT = 120.0
-
 #: Downloads write to the client in pieces of about this size.
 COALESCE_SIZE = 256 * 1024
 
 #: Largest small daemon answer read (OPTIONS, PATCH, PUT bodies).
 MAX_SMALL_RESPONSE = 64 * 1024
-
-#: Bytes of a daemon's error text relayed.
-MAX_ERROR_TEXT = 4096
-
-#: Failures that mean the daemon could not be reached or read; anything
-#: else is a bug and is logged as one.
-NETWORK_ERRORS = (
-    error.ConnectError,
-    error.ConnectionLost,
-    error.ConnectionDone,
-    error.ConnectingCancelledError,
-    ResponseFailed,
-    ResponseNeverReceived,
-    RequestTransmissionFailed,
-    RequestGenerationFailed,
-    CancelledError,
-    defer.TimeoutError,
-    SSL.Error,
-    ReadTimeout,
-    BadResponse,
-    BodyTooLarge,
-)
 
 
 @define
@@ -169,10 +140,11 @@ def relayError(reason: Failure, request: Request, what: str) -> None:
     connection is aborted if the response had started. Bugs are logged with
     their traceback; network trouble at info.
     """
-    if reason.check(HTTPError):
-        e: HTTPError = reason.value  # type: ignore[assignment]
+    known = httpErrorFor(reason.value)
+    if known is not None:
+        e = known
     elif reason.check(*NETWORK_ERRORS):
-        e = hostError(reason)
+        e = _httpError(hostError(reason))
         log.info("{what} failed: {status} {message}", what=what, status=e.status, message=e.message)
     else:
         log.failure("{what} failed", reason, what=what)
@@ -193,7 +165,17 @@ def readError(response: IResponse) -> Deferred[HTTPError]:
     """
     d = collectBody(response, MAX_ERROR_TEXT, truncate=True)
     d.addErrback(lambda _: b"")
-    return d.addCallback(lambda body: remoteError(response, body))
+    return d.addCallback(lambda body: _httpError(remoteError(response, body)))
+
+
+def _httpError(error: Exception) -> HTTPError:
+    """
+    @return: The answer for a daemon's error or a failure to reach it
+        (L{imageio.web.httpErrorFor}).
+    """
+    mapped = httpErrorFor(error)
+    assert mapped is not None, error
+    return mapped
 
 
 # Upload
@@ -355,8 +337,6 @@ class UploadRelay:
     _watchdog: Watchdog = field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        from imageio.web._streaming import pushProducerOf
-
         channel = self.request.channel
         self._watchdog = Watchdog(self.clock, self.readTimeout, self._expired)
         self.pipe = Pipe(
@@ -423,7 +403,10 @@ class UploadRelay:
 
     def _answer(self, result: IResponse | Failure) -> Deferred[None]:
         if isinstance(result, Failure):
-            self._send(hostError(result) if result.check(*NETWORK_ERRORS) else None, result)
+            mapped = httpErrorFor(result.value)
+            if mapped is None and result.check(*NETWORK_ERRORS):
+                mapped = _httpError(hostError(result))
+            self._send(mapped, result)
             return defer.succeed(None)
         response: IResponse = result
         if 200 <= response.code < 300:

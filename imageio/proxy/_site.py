@@ -42,9 +42,8 @@ from twisted.web.server import Request
 import imageio
 from imageio import config as _config
 from imageio._log import Logger
-from imageio.backends.http import BytesProducer, collectBody, loadTrustRoot
-from imageio.control._metrics import Metrics
-from imageio.interfaces import IBodySink
+from imageio.backends.httpclient import BytesProducer, collectBody, loadTrustRoot
+from imageio.interfaces import IBodySink, IMetrics
 from imageio.proxy._relay import (
     MAX_SMALL_RESPONSE,
     DaemonClient,
@@ -76,9 +75,18 @@ from imageio.proxy._signedticket import (
 from imageio.proxy._tickets import ProxyTickets, TooManyTickets
 from imageio.ranges import RangeError, parseContentLength
 from imageio.tickets import shortID
-from imageio.web._response import HTTPError, isGone, sendEmpty, sendHTTPError, sendJSON
-from imageio.web._router import Router, queryArg, requestBody
-from imageio.web._streaming import CollectSink, ImageioSite
+from imageio.web import (
+    CollectSink,
+    HTTPError,
+    ImageioSite,
+    Router,
+    isGone,
+    queryArg,
+    requestBody,
+    sendEmpty,
+    sendHTTPError,
+    sendJSON,
+)
 
 log = Logger()
 
@@ -595,7 +603,7 @@ def makeProxySite(
     reactor: Any,
     registry: object,
     diskio: object,
-    metrics: Metrics | None,
+    metrics: IMetrics | None,
     *,
     allowLoopback: bool | None = None,
 ) -> ImageioSite:

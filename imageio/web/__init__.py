@@ -1,0 +1,70 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+The HTTP layer: streaming requests and body sinks, the download producer
+and upload sink, routing, upstream-format responses, TLS and zero-copy
+socket transports.
+
+This module is the layer's surface: C{imageio.daemon}, C{imageio.proxy},
+C{imageio.control} and C{imageio.tap} import from here, never from
+C{imageio.web._*} (C{tests/test_layers.py} checks). Domain errors from the
+layers below become HTTP statuses here, in L{httpErrorFor}, and nowhere
+else.
+"""
+
+from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
+from imageio.web._json import loadJSON
+from imageio.web._response import (
+    INTERNAL_ERROR,
+    HTTPError,
+    abortConnection,
+    closeAfterResponse,
+    httpErrorFor,
+    isGone,
+    sendEmpty,
+    sendError,
+    sendHTTPError,
+    sendJSON,
+)
+from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
+from imageio.web._streaming import CollectSink, ImageioChannel, ImageioSite, pushProducerOf
+from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
+from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
+from imageio.web._upload import ShortBody, UploadSink
+
+__all__ = [
+    # Responses and errors
+    "HTTPError",
+    "INTERNAL_ERROR",
+    "httpErrorFor",
+    "abortConnection",
+    "closeAfterResponse",
+    "isGone",
+    "sendEmpty",
+    "sendError",
+    "sendHTTPError",
+    "sendJSON",
+    "loadJSON",
+    # Routing
+    "Router",
+    "cors",
+    "enumArg",
+    "queryArg",
+    "requestBody",
+    # Requests, connections, sites
+    "CollectSink",
+    "ImageioChannel",
+    "ImageioSite",
+    "pushProducerOf",
+    # Bodies
+    "DownloadProducer",
+    "ReaderStalled",
+    "TruncatedImage",
+    "ShortBody",
+    "UploadSink",
+    # Listeners
+    "TCPServerEndpoint",
+    "UNIXServerEndpoint",
+    "TLSConfigError",
+    "TLSServerEndpoint",
+    "makeServerContext",
+]

@@ -15,6 +15,7 @@ from twisted.web.server import Request
 
 import imageio
 from imageio._log import Logger
+from imageio.interfaces import HostError, HostInvalid, HostTimedOut, RemoteError
 
 log = Logger()
 
@@ -48,6 +49,36 @@ class HTTPError(Exception):
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
+
+
+def httpErrorFor(error: BaseException | None) -> HTTPError | None:
+    """
+    The answer for a domain error from the layers below: the one place
+    they become HTTP statuses.
+
+      - L{RemoteError} (another daemon refused): its status, text and
+        C{Content-Range}; 403 closes the connection, as the daemon does;
+      - L{HostTimedOut}: 504; L{HostInvalid}: 502; any other L{HostError}
+        (unreachable): 503.
+
+    @return: The L{HTTPError} to answer with (C{error} itself if it is
+        one), or C{None} if C{error} is none of these (a bug, or an error
+        the caller maps itself).
+    """
+    if isinstance(error, HTTPError):
+        return error
+    if isinstance(error, RemoteError):
+        headers = [(b"content-range", error.contentRange)] if error.contentRange else []
+        return HTTPError(error.status, error.text, headers, close=error.status == 403)
+    if isinstance(error, HostError):
+        if isinstance(error, HostTimedOut):
+            status = 504
+        elif isinstance(error, HostInvalid):
+            status = 502
+        else:
+            status = 503
+        return HTTPError(status, error.message, close=error.close)
+    return None
 
 
 def isGone(request: Request) -> bool:

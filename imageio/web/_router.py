@@ -29,6 +29,7 @@ from imageio.interfaces import IBodySink, IStreamingUpload
 from imageio.web._response import (
     HTTPError,
     abortConnection,
+    httpErrorFor,
     isGone,
     sendError,
     sendHTTPError,
@@ -113,10 +114,11 @@ class Router(Resource):
             handler, groups, path = self._match(request)
             fn = self._method(request, handler, path, "handle")
             result = fn(request, *groups)
-        except HTTPError as e:
-            sendHTTPError(request, e)
-            return NOT_DONE_YET
-        except Exception:
+        except Exception as e:
+            error = httpErrorFor(e)
+            if error is not None:
+                sendHTTPError(request, error)
+                return NOT_DONE_YET
             log.failure(
                 "{method} {path} failed",
                 method=request.method.decode("ascii", "replace"),
@@ -129,8 +131,8 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _failed(self, reason: Failure, request: Request) -> None:
-        if reason.check(HTTPError):
-            error: HTTPError = reason.value  # type: ignore[assignment]
+        error = httpErrorFor(reason.value)
+        if error is not None:
             if isGone(request):
                 return
             if request.startedWriting:

@@ -36,7 +36,6 @@ from zope.interface import implementer
 
 from imageio import _log
 from imageio._log import Logger
-from imageio.control._metrics import Metrics
 from imageio.interfaces import (
     IBodySink,
     IDirectBodySink,
@@ -44,6 +43,7 @@ from imageio.interfaces import (
     IDirectReadTransport,
     IStreamingUpload,
 )
+from imageio.interfaces import IMetrics as Metrics  # issue 11 phase 2: spell it IMetrics
 from imageio.web._response import (
     SERVER,
     HTTPError,

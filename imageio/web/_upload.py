@@ -26,6 +26,7 @@ from imageio import _buffers
 from imageio._log import Logger
 from imageio.interfaces import IBackend, IBodySink, IDirectBodySink
 from imageio.tickets import Operation, OperationCanceled
+from imageio.web._response import httpErrorFor
 
 log = Logger()
 
@@ -270,7 +271,11 @@ class UploadSink:
 
     def _fail(self, reason: Failure) -> None:
         if self._failure is None:
-            self._failure = reason
+            # A backend's domain error (a remote daemon's 403 in proxy
+            # mode) reaches the client as its status, even when the upload
+            # is answered before its body is complete.
+            error = httpErrorFor(reason.value)
+            self._failure = reason if error in (None, reason.value) else Failure(error)
         self._queue.clear()
         if self._paused:
             # Keep draining so the client gets an answer.

@@ -1,0 +1,91 @@
+# -*- test-case-name: tests.test_project -*-
+"""
+Tests for the project's housekeeping: every module names an existing test
+module in its C{test-case-name} header, and every release note fragment is
+named so that towncrier picks it up.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HEADER = re.compile(r"^# -\*- test-case-name: (?P<names>[\w., ]+) -\*-$")
+
+#: towncrier's fragment types, as configured in pyproject.toml.
+FRAGMENT_TYPES = ("security", "feature", "bugfix", "removal", "doc", "misc")
+FRAGMENT = re.compile(rf"^\d+\.({'|'.join(FRAGMENT_TYPES)})\.\d+\.rst$")
+
+
+def testModuleExists(name: str) -> bool:
+    """
+    @return: Whether C{name} (C{tests.test_x}) is a module of this checkout.
+    """
+    parts = name.split(".")
+    return len(parts) == 2 and parts[0] == "tests" and (ROOT / "tests" / f"{parts[1]}.py").is_file()
+
+
+class TestCaseNameTests(SynchronousTestCase):
+    """
+    The C{test-case-name} headers of C{imageio/} point at real tests.
+    """
+
+    def test_everyModuleHasAValidHeader(self) -> None:
+        """
+        Every non-empty module under C{imageio/} starts with a
+        C{test-case-name} header naming test modules that exist, so
+        C{trial --testmodule} and editors find its tests.
+        """
+        problems = []
+        for path in sorted((ROOT / "imageio").rglob("*.py")):
+            text = path.read_text()
+            where = path.relative_to(ROOT)
+            if not text.strip():
+                continue
+            m = HEADER.match(text.splitlines()[0])
+            if m is None:
+                problems.append(f"{where}: no test-case-name header on the first line")
+                continue
+            for name in (n.strip() for n in m.group("names").split(",")):
+                if not testModuleExists(name):
+                    problems.append(f"{where}: test-case-name {name} does not exist")
+        self.assertEqual(problems, [], "\n" + "\n".join(problems))
+
+
+class NewsFragmentTests(SynchronousTestCase):
+    """
+    Release note fragments follow C{newsfragments/README.rst}.
+    """
+
+    def test_fragmentNames(self) -> None:
+        """
+        Every file in C{newsfragments/} but the README is named
+        C{<issue>.<type>.<n>.rst} with a configured type and is not empty:
+        towncrier silently skips anything else.
+        """
+        directory = ROOT / "newsfragments"
+        problems = []
+        for path in sorted(directory.iterdir()):
+            if path.name == "README.rst":
+                continue
+            if not FRAGMENT.match(path.name):
+                problems.append(
+                    f"{path.name}: expected <issue>.<type>.<n>.rst, type one of "
+                    f"{', '.join(FRAGMENT_TYPES)}"
+                )
+            elif not path.read_text().strip():
+                problems.append(f"{path.name}: empty")
+        self.assertEqual(problems, [], "\n" + "\n".join(problems))
+
+    def test_typesMatchConfiguration(self) -> None:
+        """
+        The fragment types checked here are the ones towncrier is configured
+        with.
+        """
+        config = (ROOT / "pyproject.toml").read_text()
+        configured = re.findall(r'^directory = "(\w+)"$', config, re.M)
+        self.assertEqual([t for t in configured if t != "newsfragments"], list(FRAGMENT_TYPES))
