@@ -274,7 +274,7 @@ class TLSServerProtocol(_Protocol):
         self.factory = factory
         self.wrappedProtocol = wrappedProtocol
         self.disconnecting = False
-        self._factory = factory
+        self._tlsFactory = factory
         self._tcp: _Transport | None = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -307,9 +307,9 @@ class TLSServerProtocol(_Protocol):
         _Protocol.makeConnection(self, transport)
 
     def connectionMade(self) -> None:
-        self._factory.registerProtocol(self)
-        self._handshakeTimer = self._factory.clock.callLater(
-            self._factory.handshakeTimeout, self._handshakeTimedOut
+        self._tlsFactory.registerProtocol(self)
+        self._handshakeTimer = self._tlsFactory.clock.callLater(
+            self._tlsFactory.handshakeTimeout, self._handshakeTimedOut
         )
         self.wrappedProtocol.makeConnection(self)
 
@@ -337,7 +337,7 @@ class TLSServerProtocol(_Protocol):
         """
         self._cancelHandshakeTimer()
         self.connected = False
-        self._factory.unregisterProtocol(self)
+        self._tlsFactory.unregisterProtocol(self)
         if self._reason is not None:
             reason = self._reason
         elif self._peerClosed:
@@ -399,7 +399,7 @@ class TLSServerProtocol(_Protocol):
             log.info(
                 "TLS handshake with {peer} timed out after {timeout} s",
                 peer=_describePeer(self.getPeer()),
-                timeout=self._factory.handshakeTimeout,
+                timeout=self._tlsFactory.handshakeTimeout,
             )
             self._reason = Failure(TimeoutError("TLS handshake timed out"))
         self._abort()
@@ -436,7 +436,7 @@ class TLSServerProtocol(_Protocol):
         self._directReader = reader
 
     def _deliverLoop(self) -> None:
-        shared = self._factory.readView
+        shared = self._tlsFactory.readView
         while not (self._readPaused or self.disconnecting or self._peerClosed):
             reader = self._directReader
             target = reader.readBuffer() if reader is not None else None

@@ -46,6 +46,7 @@ from zope.interface import implementedBy, implementer, implementer_only
 from zope.interface.interface import InterfaceClass
 
 from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
+from imageio.web._twisted_transport import FileDescriptorSeam
 
 #: Most bytes handed to the kernel per send call.
 SEND_LIMIT = 4 * 1024 * 1024
@@ -61,7 +62,7 @@ MAX_IOVEC = 64
 _WOULD_BLOCK = (EAGAIN, EWOULDBLOCK, ENOBUFS)
 
 
-class _ZeroCopyMixin:
+class _ZeroCopyMixin(FileDescriptorSeam):
     """
     Replaces the output buffering of a L{twisted.internet.abstract.FileDescriptor}
     socket transport with a queue of buffers sent as they are.
@@ -72,8 +73,6 @@ class _ZeroCopyMixin:
     connected: int
     disconnecting: int
     disconnected: int
-    _writeDisconnecting: bool
-    _writeDisconnected: bool
     producer: Any
     producerPaused: bool
     streamingProducer: bool
@@ -122,9 +121,9 @@ class _ZeroCopyMixin:
                 return None
             return main.CONNECTION_LOST
         if view is None:
-            return self._dataReceived(data)  # type: ignore[attr-defined]
+            return self.deliverData(data)
         if n == 0:
-            return self._dataReceived(b"")  # type: ignore[attr-defined]
+            return self.deliverData(b"")
         assert reader is not None
         reader.bufferFilled(n)
         return None
@@ -142,7 +141,7 @@ class _ZeroCopyMixin:
         return d
 
     def write(self, data: bytes | memoryview) -> None:
-        if not self.connected or self._writeDisconnected or not len(data):
+        if not self.connected or self.writeDisconnected or not len(data):
             return
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
@@ -204,7 +203,7 @@ class _ZeroCopyMixin:
             self._queue = deque()
         self._queue.append(view)
         self._queued += len(view)
-        self._maybePauseProducer()  # type: ignore[attr-defined]
+        self.pauseProducerIfFull()
         self.startWriting()  # type: ignore[attr-defined]
 
     def _consume(self, sent: int) -> None:
@@ -220,7 +219,7 @@ class _ZeroCopyMixin:
                 queue[0] = head[sent:]
                 sent = 0
 
-    def _isSendBufferFull(self) -> bool:
+    def sendBufferFull(self) -> bool:
         return self._queued > self.bufferSize
 
     def _drained(self) -> Failure | Exception | None:
@@ -237,10 +236,9 @@ class _ZeroCopyMixin:
             self.producerPaused = False
             self.producer.resumeProducing()
         elif self.disconnecting:
-            return self._postLoseConnection()  # type: ignore[attr-defined,no-any-return]
-        elif self._writeDisconnecting:
-            self._writeDisconnected = True
-            return self._closeWriteConnection()  # type: ignore[attr-defined,no-any-return]
+            return self.finishLoseConnection()
+        elif self.writeDisconnecting:
+            return self.finishHalfClose()
         return None
 
     def startTLS(self, ctx: object, normal: bool = True) -> None:
