@@ -129,7 +129,8 @@ class ServerProtocol(Protocol):
         return self.transport
 
 
-class ServerFactory(Factory[ServerProtocol]):
+# Not Factory[ServerProtocol]: Factory is generic only from Twisted 25.
+class ServerFactory(Factory):
     """
     Queues its protocols as they connect.
     """
