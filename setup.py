@@ -29,7 +29,9 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
     package_data={"twisted.plugins": ["imageio_plugin.py"], "imageio": ["py.typed"]},
     install_requires=[
-        "twisted>=24.7",
+        # The oldest and newest releases .ci/run tests with; <27: the next
+        # major after the newest tested (26.10).
+        "twisted>=24.7,<27",
         "pyopenssl>=24",
         "service-identity>=24",
         "attrs>=23.1",

@@ -76,6 +76,10 @@ class Options(usage.Options):
         try:
             self["config"] = _config.loadDir(configDir, warn=not self["show-config"])
         except _config.ConfigError as e:
+            if getattr(self, "parent", None) is not None:
+                # Under twistd: exit non-zero. Twisted before 26.10 prints a
+                # UsageError and exits 0, which systemd takes for success.
+                raise SystemExit(f"imageio: {e}") from None
             raise usage.UsageError(str(e)) from None
         if self["log-level"]:
             try:
