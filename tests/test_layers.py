@@ -268,3 +268,27 @@ class CheckerTests(SynchronousTestCase):
                 (7, "imageio.backends.http"),
             ],
         )
+
+
+class LightImportTests(SynchronousTestCase):
+    """
+    Entry points load only what they need.
+    """
+
+    def test_ctlWithoutWeb(self) -> None:
+        """
+        C{imageio-ctl} (L{imageio.control.ctl}) starts without importing the
+        web layer or twisted.web: publishing C{imageio.control}'s surface
+        must not make the command line slow.
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import sys, imageio.control.ctl; "
+            "print(sorted(m for m in ('imageio.web', 'twisted.web.server') if m in sys.modules))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+        )
+        self.assertEqual(out.stdout.strip(), "[]")
