@@ -5,7 +5,8 @@ Storage backends: where a ticket's C{url} leads.
 Each backend module exposes C{openBackend(ctx, url, *, write, sparse, dirty)
 -> Deferred[IBackend]}; L{BackendOpener} picks the module by URL scheme.
 Modules are imported on first use so that, say, the proxy never loads the
-NBD client.
+NBD client. L{imageio.backends.httpclient} is not a backend: it is the HTTP
+client for daemons that the C{http} backend and the proxy share.
 """
 
 from __future__ import annotations
