@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import signal
+import socket as _socket
 import tempfile
 from typing import Any
 
@@ -385,6 +386,21 @@ class BackendTests(SynchronousTestCase):
 
 # Integration with qemu-nbd.
 
+
+def _accepting(path: str) -> bool:
+    """
+    @return: Whether a server accepts connections on UNIX socket C{path}.
+    """
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 QEMU_NBD = shutil.which("qemu-nbd")
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -470,7 +486,9 @@ class QemuNBDTests(TestCase):
 
         self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
         for _ in range(500):
-            if os.path.exists(socket):
+            # The socket file appears at bind(), before listen(): connecting
+            # in between is refused, so wait until a connection is taken.
+            if _accepting(socket):
                 return f"nbd:unix:{socket}", process
             if protocol.ended.called:
                 break
