@@ -563,8 +563,12 @@ class TicketRegistry:
         """
         PATCH /tickets: C{expires = now + timeout}, reviving expired tickets.
 
+        @raise ValueError: If C{timeout} is outside 0-L{MAX_TIMEOUT}, the
+            bound of a new ticket's timeout (callers check first).
         @raise TicketNotFound: With upstream's PATCH text.
         """
+        if not 0 <= timeout <= MAX_TIMEOUT:
+            raise ValueError(f"Invalid value {timeout}: expecting 0-{MAX_TIMEOUT}")
         ticket = self._tickets.get(uuid)
         if ticket is None:
             raise TicketNotFound(f"No such ticket: {uuid}")

@@ -82,6 +82,14 @@ class ParseExtentsTests(SynchronousTestCase):
             self.assertRaises(BadResponse, parseExtents, json.dumps(items).encode(), "zero")
         self.assertRaises(BadResponse, parseExtents, b"not json", "zero")
 
+    def test_hugeNumbersRefused(self) -> None:
+        """
+        A daemon answer with numbers of thousands of digits is refused before
+        they are converted.
+        """
+        body = b'[{"start": 0, "length": ' + b"9" * 4000 + b', "zero": false}]'
+        self.assertRaises(BadResponse, parseExtents, body, "zero")
+
     def test_clip(self) -> None:
         """
         Clipping keeps the parts of extents inside the window.

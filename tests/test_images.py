@@ -957,6 +957,14 @@ class PatchTests(ImagesTestCase):
             (b'{"op": "zero", "size": NaN}', "Invalid JSON message Invalid constant NaN"),
             (b'{"op": "zero", "size": Infinity}', "Invalid JSON message Invalid constant Infinity"),
             (b'{"op": "zero", "size": 1, "size": 2}', "Invalid JSON message Duplicate key 'size'"),
+            (
+                b'{"op": "zero", "size": ' + b"7" * 4000 + b"}",
+                "Invalid JSON message Number too long: 4000 digits, at most 32",
+            ),
+            (
+                b'{"op": "zero", "size": 1, "offset": -' + b"7" * 33 + b"}",
+                "Invalid JSON message Number too long: 33 digits, at most 32",
+            ),
             (b"[1]", "Invalid JSON message: expecting an object"),
             (
                 b'{"op": "zero", "size": 1}\xff',

@@ -308,6 +308,19 @@ class RegistryTests(SynchronousTestCase):
         e = self.assertRaises(TicketNotFound, self.registry.extend, "nope", 1)
         self.assertEqual(str(e), "No such ticket: nope")
 
+    def test_extendBounded(self) -> None:
+        """
+        Extending takes the bound of a new ticket's timeout.
+        """
+        t = self.registry.add(ticketBody())
+        expires = t.expires
+        self.assertRaises(ValueError, self.registry.extend, "t1", 10**18)
+        self.assertRaises(ValueError, self.registry.extend, "t1", MAX_TIMEOUT + 1)
+        self.assertRaises(ValueError, self.registry.extend, "t1", -1)
+        self.assertEqual(t.expires, expires)
+        self.registry.extend("t1", MAX_TIMEOUT)
+        self.assertEqual(t.expires, 1000 + MAX_TIMEOUT)
+
     def test_idleTime(self) -> None:
         """
         idle_time counts from the last completed operation and is 0 while active.

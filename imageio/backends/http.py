@@ -67,6 +67,7 @@ from zope.interface import implementer
 from imageio._log import Logger
 from imageio.backends import BackendContext
 from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from imageio.ranges import parseJSONInteger
 from imageio.web._response import HTTPError
 
 log = Logger()
@@ -550,7 +551,7 @@ def _parseOptions(body: bytes) -> tuple[frozenset[str], int, int] | None:
         or C{None} if it is not the JSON object we expect.
     """
     try:
-        msg = json.loads(body)
+        msg = json.loads(body, parse_int=parseJSONInteger)
     except ValueError:
         return None
     if not isinstance(msg, dict):
@@ -576,7 +577,7 @@ def parseExtents(body: bytes, context: str) -> list[Extent]:
     @raise BadResponse: For anything else.
     """
     try:
-        items = json.loads(body)
+        items = json.loads(body, parse_int=parseJSONInteger)
     except ValueError:
         raise BadResponse("extents are not JSON") from None
     if not isinstance(items, list):

@@ -74,7 +74,7 @@ from imageio.proxy._signedticket import (
     TicketVerifier,
 )
 from imageio.proxy._tickets import ProxyTickets, TooManyTickets
-from imageio.ranges import RangeError, parseContentLength
+from imageio.ranges import RangeError, parseContentLength, parseJSONInteger
 from imageio.tickets import shortID
 from imageio.web._response import HTTPError, isGone, sendEmpty, sendHTTPError, sendJSON
 from imageio.web._router import Router, queryArg, requestBody
@@ -310,7 +310,7 @@ class ImageHandler:
 
     def _sendOptions(self, body: bytes, response: IResponse, request: Request) -> None:
         try:
-            msg = json.loads(body)
+            msg = json.loads(body, parse_int=parseJSONInteger)
             daemonFeatures = msg["features"]
             if not isinstance(daemonFeatures, list):
                 raise TypeError(daemonFeatures)
