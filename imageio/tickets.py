@@ -644,7 +644,7 @@ class TicketRegistry:
         waits = [t.whenIdle() for t in retired]
         if ticket is not None:
             waits.append(ticket.whenIdle())
-        idle: Deferred[object] = gatherResults(waits)
+        idle: Deferred[list[None]] = gatherResults(waits)
 
         def timedOut() -> None:
             log.warn(
