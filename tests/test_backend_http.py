@@ -100,6 +100,22 @@ class ParseExtentsTests(SynchronousTestCase):
         )
         self.assertEqual(clipExtents(extents, 20, 5), [])
 
+    def test_clipLimit(self) -> None:
+        """
+        Clipping a long map returns at most C{limit} extents from the one
+        holding C{start}, found without scanning from the first.
+        """
+        extents = [Extent(i * 10, 10, zero=bool(i % 2)) for i in range(100_000)]
+        got = clipExtents(extents, 500_005, 10**9, limit=3)
+        self.assertEqual(
+            got,
+            [
+                Extent(500_005, 5, zero=False),
+                Extent(500_010, 10, zero=True),
+                Extent(500_020, 10, zero=False),
+            ],
+        )
+
 
 class HostErrorTests(SynchronousTestCase):
     def test_connectTimeout(self) -> None:

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from typing import Any
+from unittest import SkipTest
 
 from twisted.trial.unittest import SynchronousTestCase
 
 import imageio
 from imageio import _blkhash
+from imageio.backends import file as filebackend
 from imageio.backends import memory
+from imageio.web import _jsonlist
 from imageio.web._response import INTERNAL_ERROR
 from tests._http import (
     Connection,
@@ -1693,4 +1697,188 @@ class InactivityTests(ImagesTestCase):
         self.clock.advance(59)
         self.assertFalse(conn.closed)
         self.clock.advance(2)
+        self.assertTrue(conn.closed)
+
+
+def decodeChunked(data: bytes) -> tuple[Response, list[bytes], bool]:
+    """
+    Parse one response with a chunked body.
+
+    @return: The response (its body the joined chunks), the chunks, and
+        whether the terminating chunk arrived.
+    """
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, data[:200]
+    lines = head.split(b"\r\n")
+    version, status, reason = (lines[0].split(b" ", 2) + [b""])[:3]
+    headers = [
+        (name.strip().lower(), value.strip())
+        for name, _, value in (line.partition(b":") for line in lines[1:])
+    ]
+    chunks: list[bytes] = []
+    complete = False
+    while rest:
+        size, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            break
+        n = int(size, 16)
+        if n == 0:
+            complete = rest == b"\r\n"
+            break
+        chunks.append(rest[:n])
+        assert rest[n : n + 2] == b"\r\n"
+        rest = rest[n + 2 :]
+    return Response(version, int(status), reason, headers, b"".join(chunks)), chunks, complete
+
+
+class LargeExtentsTests(SynchronousTestCase):
+    """
+    Issue 10 item 10: the extents of a very fragmented image are answered
+    in bounded slices, under backpressure, merged and encoded on the pool.
+    """
+
+    RUNS = 1000
+
+    def setUp(self) -> None:
+        self.h = ImagesHarness()
+        self.addCleanup(self.h.cleanup)
+        # A small cap per backend call stands for the real one (10,000) on
+        # a map of millions of extents.
+        self.patch(filebackend, "MAX_EXTENTS", 50)
+        # Answers over 4 KiB are streamed (1 MiB in production).
+        self.patch(_jsonlist, "MAX_BUFFERED", 4096)
+        path = os.path.abspath(self.mktemp())
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(self.RUNS):
+                os.pwrite(fd, b"x" * 4096, i * 8192)
+            os.ftruncate(fd, self.RUNS * 8192)
+        finally:
+            os.close(fd)
+        if os.lseek(os.open(path, os.O_RDONLY), 0, os.SEEK_HOLE) != 4096:
+            raise SkipTest("The file system does not report holes")
+        ticket = self.h.addTicket(b"", size=self.RUNS * 8192, ops=("read",))
+        ticket.url = "file://" + path
+        self.calls: list[int] = []
+        original = filebackend.FileBackend.extents
+
+        def counting(backend: Any, context: str, start: int, length: int) -> Any:
+            d = original(backend, context, start, length)
+            d.addCallback(lambda got: self.calls.append(len(got)) or got)
+            return d
+
+        self.patch(filebackend.FileBackend, "extents", counting)
+        self.expected = []
+        for i in range(self.RUNS):
+            self.expected.append({"start": i * 8192, "length": 4096, "zero": False, "hole": False})
+            self.expected.append(
+                {"start": i * 8192 + 4096, "length": 4096, "zero": True, "hole": False}
+            )
+
+    def pauseOnWrite(self, conn: Connection) -> Any:
+        """
+        Make C{conn}'s transport full after each write, as a client that
+        reads slowly.
+        """
+        transport = conn.transport
+        write, writeSequence = transport.write, transport.writeSequence
+
+        def pausingWrite(data: bytes) -> None:
+            write(data)
+            transport.producer.pauseProducing()
+
+        def pausingWriteSequence(data: list[bytes]) -> None:
+            writeSequence(data)
+            transport.producer.pauseProducing()
+
+        self.patch(transport, "write", pausingWrite)
+        self.patch(transport, "writeSequence", pausingWriteSequence)
+        return transport
+
+    def test_streamedInSlices(self) -> None:
+        """
+        An answer longer than one slice is streamed in chunks of at most one
+        backend answer each, and holds the whole map, merged across slices.
+        """
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents?context=zero"))
+        response, pieces, complete = decodeChunked(conn.output())
+        self.assertTrue(complete)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-type"), b"application/json")
+        self.assertEqual(response.header(b"transfer-encoding"), b"chunked")
+        self.assertIsNone(response.header(b"content-length"))
+        self.assertEqual(json.loads(response.body), self.expected)
+        self.assertTrue(response.body.endswith(b"]\n"))
+        self.assertGreater(len(pieces), 10)
+        # Each chunk is one backend answer of at most 50 extents (about 64
+        # bytes each), the first one after what was buffered.
+        self.assertLess(len(pieces[0]), 4096 + 50 * 80)
+        self.assertTrue(all(len(p) < 50 * 80 for p in pieces[1:]), max(map(len, pieces)))
+        self.assertTrue(all(n <= 50 for n in self.calls))
+        self.assertFalse(conn.closed)
+
+    def test_windowStreamedToo(self) -> None:
+        """
+        A window wider than one slice is answered the same way; a window
+        within one slice keeps C{Content-Length}.
+        """
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents?start=4096&length=8192000"))
+        response, _, complete = decodeChunked(conn.output())
+        self.assertTrue(complete)
+        self.assertEqual(json.loads(response.body), self.expected[1:])
+        small = self.h.roundTrip(request(b"GET", b"/images/t1/extents?start=8192&length=16384"))
+        self.assertEqual(small.header(b"content-length"), b"%d" % len(small.body))
+        self.assertEqual(json.loads(small.body), self.expected[2:6])
+
+    def test_backpressure(self) -> None:
+        """
+        While the client does not read, no further part of the map is asked
+        of the backend: memory per answer stays at a slice or two.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        for _ in range(3):
+            self.assertLessEqual(len(self.calls), 3)
+            _, _, complete = decodeChunked(transport.value())
+            self.assertFalse(complete)
+        rounds = 0
+        while not decodeChunked(transport.value())[2]:
+            before = len(self.calls)
+            transport.producer.resumeProducing()
+            self.assertLessEqual(len(self.calls) - before, 1)
+            rounds += 1
+        self.assertGreater(rounds, 10)
+        response, _, complete = decodeChunked(transport.value())
+        self.assertTrue(complete)
+        self.assertEqual(json.loads(response.body), self.expected)
+
+    def test_clientGoneMidAnswer(self) -> None:
+        """
+        A client that leaves in the middle of a streamed answer stops it:
+        the backend is asked nothing more.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        calls = len(self.calls)
+        conn.lose()
+        transport.producer.resumeProducing()
+        self.assertEqual(len(self.calls), calls)
+        self.assertFalse(decodeChunked(transport.value())[2])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_http10(self) -> None:
+        """
+        An HTTP/1.0 client gets the streamed answer delimited by the end of
+        the connection.
+        """
+        conn = self.h.connect()
+        conn.send(b"GET /images/t1/extents HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        head, _, body = conn.output().partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(json.loads(body), self.expected)
         self.assertTrue(conn.closed)

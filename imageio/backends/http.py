@@ -27,8 +27,10 @@ proxy (L{imageio.proxy}).
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Generator, Iterable
+from bisect import bisect_right
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -89,6 +91,10 @@ MAX_OPTIONS_BODY = 64 * 1024
 
 #: Largest extents answer read: about a million extents.
 MAX_EXTENTS_BODY = 64 * 1024**2
+
+#: Most extents one C{extents} call returns (as the file backend); callers
+#: ask again from the end of the last one.
+MAX_EXTENTS = 10_000
 
 #: Pieces a body producer hands to the transport, so one 8 MiB write does
 #: not become 8 MiB of ciphertext queued at once.
@@ -601,13 +607,23 @@ def parseExtents(body: bytes, context: str) -> list[Extent]:
     return extents
 
 
-def clipExtents(extents: Iterable[Extent], start: int, length: int) -> list[Extent]:
+def clipExtents(
+    extents: Sequence[Extent], start: int, length: int, limit: int | None = None
+) -> list[Extent]:
     """
+    @param extents: Contiguous extents, in order.
+    @param limit: Most extents returned; the caller asks again from the end
+        of the last one.
     @return: The parts of C{extents} within C{[start, start + length)}.
     """
     end = start + length
     clipped: list[Extent] = []
-    for e in extents:
+    # Found by bisection: asking for a map piece by piece must not scan it
+    # from the start each time.
+    index = max(0, bisect_right(extents, start, key=lambda e: e.start) - 1)
+    for e in itertools.islice(extents, index, None):
+        if e.start >= end or limit is not None and len(clipped) >= limit:
+            break
         first, last = max(e.start, start), min(e.start + e.length, end)
         if first < last:
             clipped.append(Extent(first, last - first, zero=e.zero, hole=e.hole, dirty=e.dirty))
@@ -839,7 +855,7 @@ class HTTPBackend:
             extents = yield self._fetchExtents("dirty")
         else:
             raise UnsupportedOperation(f"Backend http does not support {context} extents")
-        return clipExtents(extents, start, length)
+        return clipExtents(extents, start, length, MAX_EXTENTS)
 
     @inlineCallbacks
     def _zeroExtentsCached(self) -> Generator[Deferred[Any], Any, list[Extent]]:
