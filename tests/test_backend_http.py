@@ -6,6 +6,7 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,45 @@ class ProxyModeTests(TestCase):
         url = f"{self.daemonA.url(host)}/images/{ticketA}"
         ticketB = self.daemonB.addTicket(url, size, **extra)
         return ticketB, path
+
+    @inlineCallbacks
+    def test_ticketNamingItsOwnDaemon(self) -> Any:
+        """
+        A proxy-mode ticket naming its own daemon is answered 508 Loop
+        Detected, after one relayed request, instead of relaying to itself
+        without end.
+        """
+        ticket = str(uuid.uuid4())
+        self.daemonB.addTicket(
+            f"{self.daemonB.url('localhost')}/images/{ticket}", 4096, ticketID=ticket
+        )
+        for method, path in (
+            ("OPTIONS", f"/images/{ticket}"),
+            ("GET", f"/images/{ticket}"),
+            ("GET", f"/images/{ticket}/extents"),
+        ):
+            reply = yield self.client.request(method, path)
+            self.assertEqual(reply.status, 508, reply.text)
+            self.assertIn("Loop detected", reply.text)
+        self.assertFalse(self.daemonB.registry.get(ticket).active)
+
+    @inlineCallbacks
+    def test_twoDaemonsNamingEachOther(self) -> Any:
+        """
+        Two daemons whose proxy-mode tickets name each other do not relay
+        round: the first relayed request that would be relayed again is
+        508.
+        """
+        ticket = str(uuid.uuid4())
+        self.daemonA.addTicket(
+            f"{self.daemonB.url('localhost')}/images/{ticket}", 4096, ticketID=ticket
+        )
+        self.daemonB.addTicket(
+            f"{self.daemonA.url('localhost')}/images/{ticket}", 4096, ticketID=ticket
+        )
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 508, reply.text)
+        self.assertIn("Loop detected", reply.text)
 
     @inlineCallbacks
     def test_options(self) -> Any:

@@ -1882,3 +1882,44 @@ class LargeExtentsTests(SynchronousTestCase):
         self.assertNotIn(b"content-length", head.lower())
         self.assertEqual(json.loads(body), self.expected)
         self.assertTrue(conn.closed)
+
+
+class RelayLoopTests(ImagesTestCase):
+    """
+    Issue 10 item 7: a request one of our relays sent is not relayed again.
+    """
+
+    def test_relayedRequestNotRelayedAgain(self) -> None:
+        """
+        A relayed request (C{Imageio-Relayed}) for a proxy-mode ticket is
+        508 Loop Detected, and nothing is opened.
+        """
+        ticket = self.h.addTicket(b"x" * 10)
+        ticket.url = "https://daemon.example.com:54322/images/t1"
+        opened: list[str] = []
+        self.patch(type(self.h.service.opener), "open", lambda self, url, **kw: opened.append(url))
+        for method, path in (
+            (b"OPTIONS", b"/images/t1"),
+            (b"GET", b"/images/t1"),
+            (b"GET", b"/images/t1/extents"),
+            (b"GET", b"/images/t1/checksum"),
+        ):
+            response = self.send(request(method, path, {b"imageio-relayed": b"1"}))
+            self.assertEqual(response.status, 508, path)
+            self.assertIn("Loop detected", response.text)
+            self.assertEqual(response.header(b"connection"), b"close")
+        response = self.send(
+            request(b"PUT", b"/images/t1", {b"imageio-relayed": b"1"}, body=b"y" * 10)
+        )
+        self.assertEqual(response.status, 508)
+        self.assertEqual(opened, [])
+        self.assertFalse(ticket.active)
+
+    def test_relayedRequestServedFromStorage(self) -> None:
+        """
+        A relayed request for a ticket on storage (the proxy talking to the
+        host's daemon) is served as any other.
+        """
+        self.h.addTicket(b"x" * 10)
+        response = self.send(request(b"GET", b"/images/t1", {b"imageio-relayed": b"1"}))
+        self.assertEqual((response.status, response.body), (200, b"x" * 10))

@@ -593,6 +593,36 @@ class LoopbackRefusedTests(ProxyTestCase):
             )
 
 
+class RelayLoopTests(ProxyTestCase):
+    @inlineCallbacks
+    def test_relayedRequestRefused(self) -> Any:
+        """
+        A request another imageio relay sent (a daemon's proxy-mode ticket
+        naming this proxy) is 508 Loop Detected, not relayed again.
+        """
+        ticketID, _ = self.addImage(b"x" * 10)
+        reply = yield self.client.request(
+            "GET",
+            f"/images/{ticketID}",
+            headers={**self.auth(ticketID), "Imageio-Relayed": "1"},
+        )
+        self.assertEqual(reply.status, 508, reply.text)
+        self.assertIn("Loop detected", reply.text)
+
+    @inlineCallbacks
+    def test_relayMarksRequests(self) -> Any:
+        """
+        The proxy marks what it relays: a daemon ticket that is itself a
+        proxy-mode ticket is refused by the daemon with 508, relayed as is.
+        """
+        ticketID = str(uuid.uuid4())
+        self.daemon.addTicket(
+            f"{self.daemon.url('localhost')}/images/{ticketID}", 10, ticketID=ticketID
+        )
+        reply = yield self.client.request("GET", f"/images/{ticketID}", headers=self.auth(ticketID))
+        self.assertEqual(reply.status, 508, reply.text)
+
+
 class DaemonErrorTests(ProxyTestCase):
     @inlineCallbacks
     def test_unknownTicket(self) -> Any:

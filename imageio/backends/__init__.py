@@ -35,6 +35,37 @@ SCHEMES = {
 #: Schemes a ticket may name over the control API (C{memory:} is for tests).
 TICKET_SCHEMES = frozenset({"file", "nbd", "https", "http"})
 
+#: Schemes whose backend relays to another daemon (proxy mode).
+RELAY_SCHEMES = frozenset({"https", "http"})
+
+#: Header our relays (the C{https:} backend, the signed-ticket proxy) put
+#: on every request they send. A listener that would relay such a request
+#: again refuses it (508): a ticket naming its own daemon, or two daemons
+#: naming each other, would otherwise open connections without end.
+RELAYED_HEADER = b"imageio-relayed"
+
+
+class LoopDetected(Exception):
+    """
+    A relayed request would be relayed again (508 Loop Detected).
+    """
+
+
+def relayLoop(url: str, relayed: bool) -> LoopDetected | None:
+    """
+    @param url: The URL of the ticket a request would use.
+    @param relayed: Whether the request carries L{RELAYED_HEADER}.
+    @return: The error to answer with if serving the request would relay
+        it a second time, else C{None}.
+    """
+    if relayed and urlsplit(url).scheme in RELAY_SCHEMES:
+        return LoopDetected(
+            "Loop detected: the request was relayed by an imageio daemon or proxy, "
+            "and this ticket would relay it again (does the ticket URL name this "
+            "daemon, or a daemon whose ticket names this one?)"
+        )
+    return None
+
 
 @frozen
 class BackendContext:

@@ -67,7 +67,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from imageio._log import Logger
-from imageio.backends import BackendContext
+from imageio.backends import RELAYED_HEADER, BackendContext
 from imageio.interfaces import Extent, IBackend, UnsupportedOperation
 from imageio.ranges import parseJSONInteger
 from imageio.web._response import HTTPError
@@ -673,6 +673,7 @@ class HTTPBackend:
         body: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         raw = Headers({k: [v] for k, v in (headers or {}).items()})
+        raw.setRawHeaders(RELAYED_HEADER, [b"1"])
         d: Deferred[IResponse] = self.agent.request(method, url, raw, body)
         d.addTimeout(self.readTimeout, self.reactor)
         d.addErrback(lambda f: Failure(hostError(f)))
@@ -897,7 +898,7 @@ def _open(
     reactor: Any, agent: Agent, pool: HTTPConnectionPool, url: str, bufferSize: int
 ) -> Generator[Deferred[Any], Any, IBackend]:
     raw = url.encode("ascii")
-    headers = Headers({b"cache-control": [b"no-cache"]})
+    headers = Headers({b"cache-control": [b"no-cache"], RELAYED_HEADER: [b"1"]})
     d = agent.request(b"OPTIONS", raw, headers)
     d.addTimeout(READ_TIMEOUT, reactor)
     try:

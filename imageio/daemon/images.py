@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
@@ -27,6 +27,7 @@ from twisted.web.server import Request
 import imageio
 from imageio import _blkhash, _buffers, _log
 from imageio._log import Logger
+from imageio.backends import RELAYED_HEADER, relayLoop
 from imageio.interfaces import (
     Extent,
     IBackend,
@@ -205,6 +206,15 @@ class ImagesService:
         @return: The backend of this connection for C{ticket}, opening it on
             the connection's first request for the ticket.
         """
+        loop = relayLoop(ticket.url, request.requestHeaders.hasHeader(RELAYED_HEADER))
+        if loop is not None:
+            log.warn(
+                "Refusing a relayed request for ticket {ticketID}: its URL {url} would relay "
+                "it again",
+                ticketID=shortID(ticket.uuid),
+                url=redactURL(ticket.url),
+            )
+            return fail(HTTPError(508, str(loop), close=True))
         channel: ImageioChannel = request.channel  # type: ignore[assignment]
         ctx: _Context | None = channel.contexts.get(ticket)
         if ctx is not None and ctx.backend is not None:
