@@ -498,6 +498,9 @@ class TicketRegistry:
     scheduler: IReactorTime
     removeTimeout: float = 60
     defaultInactivityTimeout: int = 60
+    #: Checks a new ticket's URL further (the service knows its own
+    #: listeners): returns why the URL is refused, or C{None}.
+    urlGuard: Callable[[str], str | None] | None = None
     _tickets: dict[str, Ticket] = field(factory=dict, init=False)
     #: Tickets replaced under an id while operations still ran on them:
     #: canceled, kept until idle so that DELETE of the id waits for them.
@@ -519,6 +522,10 @@ class TicketRegistry:
         @raise InvalidTicket: Nothing is changed then.
         """
         ticket = parseTicket(body, self.now(), self.defaultInactivityTimeout)
+        if self.urlGuard is not None:
+            reason = self.urlGuard(ticket.url)
+            if reason is not None:
+                raise InvalidTicket(f"Invalid value for 'url': {ticket.url!r}: {reason}")
         old = self._tickets.get(ticket.uuid)
         if old is not None and not old.canceled and old.compatibleWith(ticket):
             # The same transfer again (an agent retrying, or giving more

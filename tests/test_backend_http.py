@@ -6,6 +6,7 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from imageio import _pki
-from imageio.backends import BackendContext
+from imageio.backends import BackendContext, isLocalAddress, namesListener
 from imageio.backends import http as httpbackend
 from imageio.backends.http import (
     BadResponse,
@@ -31,6 +32,7 @@ from imageio.backends.http import (
     parseExtents,
 )
 from imageio.interfaces import Extent
+from imageio.tickets import InvalidTicket
 from imageio.web._response import HTTPError
 from tests.test_proxy_helpers import (
     Daemon,
@@ -215,6 +217,53 @@ class WatchdogTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+class NamesListenerTests(SynchronousTestCase):
+    def test_ownAddresses(self) -> None:
+        """
+        URLs naming a listener of ours, by C{localhost}, a loopback or
+        unspecified address, this host's name or one of its addresses, on
+        the listener's port, are recognized; other ports, hosts and schemes
+        are not.
+        """
+        wildcard = [("::", 54322)]
+        for url in (
+            "https://localhost:54322/images/x",
+            "https://LOCALHOST.:54322/images/x",
+            "https://127.0.0.1:54322/images/x",
+            "https://127.0.0.2:54322/images/x",
+            "https://[::1]:54322/images/x",
+            "https://[::ffff:127.0.0.1]:54322/images/x",
+            "https://0.0.0.0:54322/images/x",
+            "https://[::]:54322/images/x",
+            f"https://{socket.gethostname()}:54322/images/x",
+            "http://localhost:54322/images/x",
+        ):
+            self.assertTrue(namesListener(url, wildcard), url)
+        for url in (
+            "https://localhost:54323/images/x",
+            "https://localhost/images/x",
+            "https://192.0.2.1:54322/images/x",
+            "https://daemon.example.com:54322/images/x",
+            "file:///var/tmp/localhost:54322",
+            "nbd:unix:/run/sock",
+        ):
+            self.assertFalse(namesListener(url, wildcard), url)
+        self.assertTrue(namesListener("https://localhost/images/x", [("0.0.0.0", 443)]))
+        specific = [("127.0.0.1", 54322)]
+        self.assertTrue(namesListener("https://127.0.0.1:54322/images/x", specific))
+        self.assertFalse(namesListener("https://192.0.2.1:54322/images/x", specific))
+
+    def test_isLocalAddress(self) -> None:
+        """
+        Loopback, unspecified and this host's interface addresses are local;
+        others and names are not.
+        """
+        for host in ("127.0.0.1", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"):
+            self.assertTrue(isLocalAddress(host), host)
+        for host in ("192.0.2.1", "2001:db8::1", "localhost", "not an address"):
+            self.assertFalse(isLocalAddress(host), host)
+
+
 class ProxyModeTests(TestCase):
     """
     Daemon B serves a ticket whose URL points at daemon A's ticket; clients
@@ -252,14 +301,16 @@ class ProxyModeTests(TestCase):
     @inlineCallbacks
     def test_ticketNamingItsOwnDaemon(self) -> Any:
         """
-        A proxy-mode ticket naming its own daemon is answered 508 Loop
-        Detected, after one relayed request, instead of relaying to itself
-        without end.
+        A proxy-mode ticket naming its own daemon is refused when added; one
+        that names it in a way only DNS tells (here: changed after adding) is
+        answered 508 Loop Detected after one relayed request, instead of
+        relaying to itself without end.
         """
-        ticket = str(uuid.uuid4())
-        self.daemonB.addTicket(
-            f"{self.daemonB.url('localhost')}/images/{ticket}", 4096, ticketID=ticket
-        )
+        own = self.daemonB.url("localhost") + "/images/x"
+        e = self.assertRaises(InvalidTicket, self.daemonB.addTicket, own, 4096)
+        self.assertIn("The URL names this daemon", str(e))
+        ticket = self.daemonB.addTicket(self.daemonA.url("localhost") + "/images/x", 4096)
+        self.daemonB.registry.get(ticket).url = f"{self.daemonB.url('localhost')}/images/{ticket}"
         for method, path in (
             ("OPTIONS", f"/images/{ticket}"),
             ("GET", f"/images/{ticket}"),

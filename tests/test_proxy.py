@@ -615,10 +615,9 @@ class RelayLoopTests(ProxyTestCase):
         The proxy marks what it relays: a daemon ticket that is itself a
         proxy-mode ticket is refused by the daemon with 508, relayed as is.
         """
-        ticketID = str(uuid.uuid4())
-        self.daemon.addTicket(
-            f"{self.daemon.url('localhost')}/images/{ticketID}", 10, ticketID=ticketID
-        )
+        ticketID, _ = self.addImage(b"x" * 10)
+        # A URL that names the daemon itself only through DNS.
+        self.daemon.registry.get(ticketID).url = f"{self.daemon.url('localhost')}/images/x"
         reply = yield self.client.request("GET", f"/images/{ticketID}", headers=self.auth(ticketID))
         self.assertEqual(reply.status, 508, reply.text)
 

@@ -308,6 +308,23 @@ class RegistryTests(SynchronousTestCase):
         e = self.assertRaises(TicketNotFound, self.registry.extend, "nope", 1)
         self.assertEqual(str(e), "No such ticket: nope")
 
+    def test_urlGuard(self) -> None:
+        """
+        The registry's URL guard refuses tickets (400 text) and changes
+        nothing.
+        """
+        self.registry.urlGuard = lambda url: "names this daemon" if "self" in url else None
+        e = self.assertRaises(
+            InvalidTicket, self.registry.add, ticketBody(url="https://self:54322/images/t1")
+        )
+        self.assertEqual(
+            str(e),
+            "Invalid ticket: Invalid value for 'url': 'https://self:54322/images/t1': "
+            "names this daemon",
+        )
+        self.assertIsNone(self.registry.lookup("t1"))
+        self.registry.add(ticketBody(url="https://other:54322/images/t1"))
+
     def test_extendBounded(self) -> None:
         """
         Extending takes the bound of a new ticket's timeout.
