@@ -657,6 +657,9 @@ class HTTPBackend:
     maxWriters: int = DEFAULT_MAX_CONNECTIONS
     bufferSize: int = 8 * 1024**2
     readTimeout: float = READ_TIMEOUT
+    #: Runs CPU work off the reactor (parsing a daemon's extents answer,
+    #: up to L{MAX_EXTENTS_BODY}); C{None} runs it in place.
+    runInPool: Callable[..., Deferred[Any]] | None = None
     name: str = "http"
     blockSize: int = 1
     _cachedSize: int | None = field(default=None, init=False)
@@ -873,7 +876,10 @@ class HTTPBackend:
         yield self._expect(response, (200,))
         body = yield self._readSmall(response, MAX_EXTENTS_BODY)
         try:
-            return parseExtents(body, context)
+            if self.runInPool is None:
+                return parseExtents(body, context)
+            extents: list[Extent] = yield self.runInPool(parseExtents, body, context)
+            return extents
         except BadResponse as e:
             raise HTTPError(502, f"Invalid response from host: {e}") from None
 
@@ -895,7 +901,12 @@ class HTTPBackend:
 
 @inlineCallbacks
 def _open(
-    reactor: Any, agent: Agent, pool: HTTPConnectionPool, url: str, bufferSize: int
+    reactor: Any,
+    agent: Agent,
+    pool: HTTPConnectionPool,
+    url: str,
+    bufferSize: int,
+    runInPool: Callable[..., Deferred[Any]] | None = None,
 ) -> Generator[Deferred[Any], Any, IBackend]:
     raw = url.encode("ascii")
     headers = Headers({b"cache-control": [b"no-cache"], RELAYED_HEADER: [b"1"]})
@@ -931,6 +942,7 @@ def _open(
         maxReaders=maxReaders,
         maxWriters=maxWriters,
         bufferSize=bufferSize,
+        runInPool=runInPool,
     )
 
 
@@ -962,7 +974,8 @@ def openBackend(
         agent = makeAgent(ctx.reactor, ctx.caFile, pool)
     except ValueError as e:
         return defer.fail(e)
-    d = _open(ctx.reactor, agent, pool, clean, bufferSize)
+    runInPool = ctx.diskio.run if ctx.diskio is not None else None
+    d = _open(ctx.reactor, agent, pool, clean, bufferSize, runInPool)
 
     def failed(reason: Failure) -> Failure:
         pool.closeCachedConnections()
