@@ -6,6 +6,7 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -414,6 +415,37 @@ class ProxyModeTests(TestCase):
         expected = yield direct.request("GET", f"/images/{ticketA}/extents")
         self.assertEqual(extents, json.loads(expected.body))
         self.assertEqual(sum(e["length"] for e in extents), 4 * MiB)
+
+    @inlineCallbacks
+    def test_streamedExtents(self) -> Any:
+        """
+        A daemon's streamed extents answer (a very fragmented image) is read
+        whole, and B streams its own answer in turn.
+        """
+        runs = 20_000
+        path = self.dir / "fragmented.raw"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(runs):
+                os.pwrite(fd, b"x", i * 8192)
+            os.ftruncate(fd, runs * 8192)
+        finally:
+            os.close(fd)
+        ticketA = self.daemonA.addTicket(f"file://{path}", runs * 8192, ("read",))
+        ticketB = self.daemonB.addTicket(
+            f"{self.daemonA.url('localhost')}/images/{ticketA}", runs * 8192, ("read",)
+        )
+        reply = yield self.client.request("GET", f"/images/{ticketB}/extents")
+        self.assertEqual(reply.status, 200, reply.text[:200])
+        extents = json.loads(reply.body)
+        self.assertEqual(len(extents), 2 * runs)
+        self.assertEqual(
+            extents[:2],
+            [
+                {"start": 0, "length": 4096, "zero": False, "hole": False},
+                {"start": 4096, "length": 4096, "zero": True, "hole": False},
+            ],
+        )
 
     @inlineCallbacks
     def test_checksum(self) -> Any:

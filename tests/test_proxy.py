@@ -7,6 +7,7 @@ as the engine signs them (L{tests.engine}).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import time
@@ -380,6 +381,31 @@ class AuthorizationHeaderTests(ProxyTestCase):
         )
         self.assertEqual(reply.status, 200, reply.text)
         self.assertEqual(json.loads(reply.body)["algorithm"], "sha256")
+
+    @inlineCallbacks
+    def test_streamedExtents(self) -> Any:
+        """
+        The streamed extents answer of a very fragmented image is relayed
+        whole.
+        """
+        runs = 20_000
+        path = self.dir / "fragmented.raw"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(runs):
+                os.pwrite(fd, b"x", i * 8192)
+            os.ftruncate(fd, runs * 8192)
+        finally:
+            os.close(fd)
+        ticketID = str(uuid.uuid4())
+        self.daemon.addTicket(f"file://{path}", runs * 8192, ("read",), ticketID)
+        reply = yield self.client.request(
+            "GET", f"/images/{ticketID}/extents", headers=self.auth(ticketID)
+        )
+        self.assertEqual(reply.status, 200, reply.text[:200])
+        extents = json.loads(reply.body)
+        self.assertEqual(len(extents), 2 * runs)
+        self.assertEqual(sum(e["length"] for e in extents), runs * 8192)
 
     @inlineCallbacks
     def test_head(self) -> Any:
