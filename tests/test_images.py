@@ -13,6 +13,7 @@ import os
 from typing import Any
 from unittest import SkipTest
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 import imageio
@@ -1868,6 +1869,34 @@ class LargeExtentsTests(SynchronousTestCase):
         transport.producer.resumeProducing()
         self.assertEqual(len(self.calls), calls)
         self.assertFalse(decodeChunked(transport.value())[2])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_clientGoneWhileBuffering(self) -> None:
+        """
+        A client that leaves while the answer is still being gathered gets
+        nothing more and leaves no error behind.
+        """
+        current = filebackend.FileBackend.extents
+        held: list[Deferred[Any]] = []
+
+        def holding(backend: Any, *args: Any) -> Any:
+            d = current(backend, *args)
+            if len(self.calls) == 2:
+                pending: Deferred[Any] = Deferred()
+                held.append(pending)
+                d.addCallback(lambda got: held.append(got))
+                return pending
+            return d
+
+        self.patch(filebackend.FileBackend, "extents", holding)
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        self.assertEqual(conn.output(), b"")
+        conn.lose()
+        pending, got = held
+        pending.callback(got)
+        self.assertEqual(len(self.calls), 2)
+        self.assertEqual(conn.output(), b"")
         self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_http10(self) -> None:

@@ -721,10 +721,13 @@ class ExtentsHandler:
                     items, _ = yield self.service.runInPool(_encodeExtents, held, [], True)
                     yield writer.write(items)
             except Exception:
+                if isGone(request):
+                    # The client left: nobody to answer.
+                    return
                 if not writer.streaming:
                     raise
                 failure = Failure()
-                if not isGone(request) and not failure.check(ConnectionDone):
+                if not failure.check(ConnectionDone):
                     log.failure(
                         "Extents answer for ticket {ticketID} was cut",
                         failure,
