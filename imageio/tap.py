@@ -36,7 +36,7 @@ from imageio import _log
 from imageio import config as _config
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
-from imageio.backends import BackendContext, BackendOpener
+from imageio.backends import BackendContext, BackendOpener, namesListener
 from imageio.control._metrics import Metrics
 from imageio.control.tickets import controlResource
 from imageio.daemon.images import ImagesService, imagesResource
@@ -166,6 +166,7 @@ class ImageioService(MultiService):
             scheduler=reactor,
             removeTimeout=config.control.remove_timeout,
             defaultInactivityTimeout=config.daemon.inactivity_timeout,
+            urlGuard=self._checkTicketURL,
         )
         self.metrics.addGauge("imageio_tickets", "Tickets registered.", lambda: len(self.registry))
         self.metrics.addGauge(
@@ -188,6 +189,25 @@ class ImageioService(MultiService):
             self.registry.add(body)
         except (OSError, ValueError) as e:
             raise SystemExit(f"Cannot load ticket {path}: {e}") from None
+
+    def _checkTicketURL(self, url: str) -> str | None:
+        """
+        Refuse proxy-mode tickets that name one of our own listeners: they
+        would relay to themselves.
+        """
+        listeners = []
+        for name in ("remote", "proxy"):
+            port = self.ports.get(name)
+            if port is not None:
+                address: Any = port.getHost()
+                listeners.append((address.host, address.port))
+        if self.config.remote.enable and "remote" not in self.ports:
+            listeners.append((self.config.remote.host, self.config.remote.port))
+        if self.config.proxy.enable and "proxy" not in self.ports:
+            listeners.append((self.config.proxy.host, self.config.proxy.port))
+        if namesListener(url, listeners):
+            return "The URL names this daemon: the ticket would relay to itself"
+        return None
 
     # Composition
 

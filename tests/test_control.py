@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imageio.control._metrics import Metrics
 from imageio.control.tickets import controlResource
-from imageio.tickets import Operation, TicketRegistry
+from imageio.tickets import MAX_TIMEOUT, Operation, TicketRegistry
 from imageio.web._streaming import ImageioSite
 from tests.test_tickets import ticketBody
 
@@ -241,6 +241,35 @@ class ControlAPITests(SynchronousTestCase):
             400,
             "Ticket id is required",
         )
+
+    def test_patchBounded(self) -> None:
+        """
+        PATCH applies the bound of a new ticket's C{timeout} (30 days), and
+        refuses numbers of thousands of digits before converting them.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        expires = self.registry.get("t1").expires
+        self.assertError(
+            self.call(request("PATCH", "/tickets/t1", b'{"timeout": 1000000000000000000}')),
+            400,
+            f"Invalid value 1000000000000000000 > {MAX_TIMEOUT}",
+        )
+        r = self.call(request("PATCH", "/tickets/t1", b'{"timeout": ' + b"9" * 4000 + b"}"))
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.text, "Invalid patch: Number too long: 4000 digits, at most 32\n")
+        self.assertEqual(self.registry.get("t1").expires, expires)
+        r = self.call(request("PATCH", "/tickets/t1", b'{"timeout": %d}' % MAX_TIMEOUT))
+        self.assertEqual(r.status, 200)
+
+    def test_addHugeNumbers(self) -> None:
+        """
+        A ticket with a number of thousands of digits is refused with 400.
+        """
+        body = ticketJSON().replace(b'"size": 1000', b'"size": ' + b"1" * 4000)
+        r = self.call(request("PUT", "/tickets/t1", body))
+        self.assertEqual(r.status, 400)
+        self.assertIn("Number too long", r.text)
+        self.assertIsNone(self.registry.lookup("t1"))
 
     def test_deleteIdempotent(self) -> None:
         """

@@ -7,6 +7,7 @@ as the engine signs them (L{tests.engine}).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import time
@@ -382,6 +383,31 @@ class AuthorizationHeaderTests(ProxyTestCase):
         self.assertEqual(json.loads(reply.body)["algorithm"], "sha256")
 
     @inlineCallbacks
+    def test_streamedExtents(self) -> Any:
+        """
+        The streamed extents answer of a very fragmented image is relayed
+        whole.
+        """
+        runs = 20_000
+        path = self.dir / "fragmented.raw"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(runs):
+                os.pwrite(fd, b"x", i * 8192)
+            os.ftruncate(fd, runs * 8192)
+        finally:
+            os.close(fd)
+        ticketID = str(uuid.uuid4())
+        self.daemon.addTicket(f"file://{path}", runs * 8192, ("read",), ticketID)
+        reply = yield self.client.request(
+            "GET", f"/images/{ticketID}/extents", headers=self.auth(ticketID)
+        )
+        self.assertEqual(reply.status, 200, reply.text[:200])
+        extents = json.loads(reply.body)
+        self.assertEqual(len(extents), 2 * runs)
+        self.assertEqual(sum(e["length"] for e in extents), runs * 8192)
+
+    @inlineCallbacks
     def test_head(self) -> Any:
         """
         HEAD is relayed as HEAD: headers, no body.
@@ -591,6 +617,35 @@ class LoopbackRefusedTests(ProxyTestCase):
             self.assertEqual(
                 (reply.status, reply.text), (401, "Not authorized (invalid claim: imaged-uri)\n")
             )
+
+
+class RelayLoopTests(ProxyTestCase):
+    @inlineCallbacks
+    def test_relayedRequestRefused(self) -> Any:
+        """
+        A request another imageio relay sent (a daemon's proxy-mode ticket
+        naming this proxy) is 508 Loop Detected, not relayed again.
+        """
+        ticketID, _ = self.addImage(b"x" * 10)
+        reply = yield self.client.request(
+            "GET",
+            f"/images/{ticketID}",
+            headers={**self.auth(ticketID), "Imageio-Relayed": "1"},
+        )
+        self.assertEqual(reply.status, 508, reply.text)
+        self.assertIn("Loop detected", reply.text)
+
+    @inlineCallbacks
+    def test_relayMarksRequests(self) -> Any:
+        """
+        The proxy marks what it relays: a daemon ticket that is itself a
+        proxy-mode ticket is refused by the daemon with 508, relayed as is.
+        """
+        ticketID, _ = self.addImage(b"x" * 10)
+        # A URL that names the daemon itself only through DNS.
+        self.daemon.registry.get(ticketID).url = f"{self.daemon.url('localhost')}/images/x"
+        reply = yield self.client.request("GET", f"/images/{ticketID}", headers=self.auth(ticketID))
+        self.assertEqual(reply.status, 508, reply.text)
 
 
 class DaemonErrorTests(ProxyTestCase):

@@ -11,12 +11,14 @@ connection or the ticket.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
@@ -25,6 +27,7 @@ from twisted.web.server import Request
 import imageio
 from imageio import _blkhash, _buffers, _log
 from imageio._log import Logger
+from imageio.backends import RELAYED_HEADER, relayLoop
 from imageio.interfaces import (
     Extent,
     IBackend,
@@ -54,6 +57,7 @@ from imageio.tickets import (
 )
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
+from imageio.web._jsonlist import JSONListWriter
 from imageio.web._response import (
     INTERNAL_ERROR,
     HTTPError,
@@ -202,6 +206,15 @@ class ImagesService:
         @return: The backend of this connection for C{ticket}, opening it on
             the connection's first request for the ticket.
         """
+        loop = relayLoop(ticket.url, request.requestHeaders.hasHeader(RELAYED_HEADER))
+        if loop is not None:
+            log.warn(
+                "Refusing a relayed request for ticket {ticketID}: its URL {url} would relay "
+                "it again",
+                ticketID=shortID(ticket.uuid),
+                url=redactURL(ticket.url),
+            )
+            return fail(HTTPError(508, str(loop), close=True))
         channel: ImageioChannel = request.channel  # type: ignore[assignment]
         ctx: _Context | None = channel.contexts.get(ticket)
         if ctx is not None and ctx.backend is not None:
@@ -666,7 +679,8 @@ class ExtentsHandler:
     C{GET /images/<id>/extents[?context=zero|dirty][&start=N&length=N]}.
 
     Reports real holes for files (SEEK_DATA/SEEK_HOLE), and accepts a
-    window so multi-TiB images need not be described in one answer.
+    window so multi-TiB images need not be described in one answer. Long
+    answers are streamed in slices (L{JSONListWriter}).
     """
 
     service: ImagesService
@@ -686,22 +700,62 @@ class ExtentsHandler:
             end = size if length is None else min(size, start + length)
             if start > size:
                 raise HTTPError(416, f"Start {start} beyond image size {size}")
-            # Backends may answer part of a window (the file backend caps
-            # one answer); ask again from where the answer ended.
-            result: list[Extent] = []
+            # Backends answer part of a window (the file backend caps one
+            # answer); each part is merged and encoded on the pool and
+            # written once the transport took the previous one, so a map of
+            # millions of extents costs neither memory nor reactor time.
+            writer = JSONListWriter(request)
+            held: Extent | None = None
             position = start
-            while position < end:
-                got = yield backend.extents(context, position, end - position)
-                if not got:
-                    break
-                result.extend(got)
-                position = got[-1].start + got[-1].length
-            sendJSON(request, [e.toJSON() for e in _merged(result)])
+            try:
+                while position < end:
+                    got = yield backend.extents(context, position, end - position)
+                    if not got:
+                        break
+                    position = got[-1].start + got[-1].length
+                    items, held = yield self.service.runInPool(
+                        _encodeExtents, held, got, position >= end
+                    )
+                    yield writer.write(items)
+                if held is not None:
+                    items, _ = yield self.service.runInPool(_encodeExtents, held, [], True)
+                    yield writer.write(items)
+            except Exception:
+                if isGone(request):
+                    # The client left: nobody to answer.
+                    return
+                if not writer.streaming:
+                    raise
+                failure = Failure()
+                if not failure.check(ConnectionDone):
+                    log.failure(
+                        "Extents answer for ticket {ticketID} was cut",
+                        failure,
+                        ticketID=shortID(ticket.uuid),
+                    )
+                abortConnection(request)
+                return
+            writer.finish()
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
         d.addErrback(_failureToHTTP)
         return d
+
+
+def _encodeExtents(
+    held: Extent | None, extents: list[Extent], final: bool
+) -> tuple[bytes, Extent | None]:
+    """
+    Merge a slice of extents (after C{held}, the last extent of the previous
+    slice) and encode them as JSON items. Runs on the pool.
+
+    @return: The items joined by C{", "}, and the last extent, held back to
+        be merged with the next slice, unless C{final}.
+    """
+    merged = _merged([held, *extents] if held is not None else extents)
+    keep = None if final or not merged else merged.pop()
+    return json.dumps([e.toJSON() for e in merged])[1:-1].encode("utf-8"), keep
 
 
 def _merged(extents: list[Extent]) -> list[Extent]:

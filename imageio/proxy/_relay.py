@@ -43,6 +43,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from imageio._log import Logger
+from imageio.backends import RELAYED_HEADER
 from imageio.backends.http import (
     CONNECT_TIMEOUT,
     BadResponse,
@@ -150,7 +151,7 @@ class DaemonClient:
             arrived, or C{None} to wait as long as it takes (uploads start
             their own timer once the body is sent).
         """
-        raw = Headers({b"cache-control": [b"no-cache"]})
+        raw = Headers({b"cache-control": [b"no-cache"], RELAYED_HEADER: [b"1"]})
         for name, value in headers.items():
             raw.setRawHeaders(name, [value])
         d: Deferred[IResponse] = self.agent.request(method, url, raw, body)
