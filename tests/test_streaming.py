@@ -8,6 +8,7 @@ rely on are pinned.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -612,6 +613,87 @@ class ConnectionTests(StreamingTestCase):
             conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")
         response = conn.response()
         self.assertEqual(response.status, 413)
+        self.assertTrue(conn.closed)
+
+    def noSpooling(self) -> None:
+        """
+        Make twisted.web's body spooling fail the test if it is ever used.
+        """
+
+        def spool(*args: object) -> Any:
+            raise AssertionError("Request body spooled by twisted.web")
+
+        self.patch(tempfile, "TemporaryFile", spool)
+
+    def test_bodylessMethodsLargeBodyRefused(self) -> None:
+        """
+        A large body sent with GET, HEAD, OPTIONS or DELETE is refused with
+        413 from its headers and the connection closes; nothing is spooled
+        to a temporary file.
+        """
+        self.noSpooling()
+        self.ticket()
+        for method in (b"GET", b"HEAD", b"OPTIONS", b"DELETE"):
+            for path in (b"/images/t1", b"/info/", b"/nowhere"):
+                conn = self.h.connect()
+                conn.send(
+                    b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
+                    % (method, path)
+                    + b"x" * 1000
+                )
+                response = conn.response(head=method == b"HEAD")
+                # DELETE routes are found from the headers: no route is 404.
+                expected = 404 if (method, path) == (b"DELETE", b"/nowhere") else 413
+                self.assertEqual((method, path, response.status), (method, path, expected))
+                self.assertTrue(conn.closed)
+
+    def test_bodylessMethodsChunkedBodyCapped(self) -> None:
+        """
+        A chunked body sent with GET or OPTIONS is collected in memory only
+        up to the small limit, then refused with 413; nothing is spooled.
+        """
+        self.noSpooling()
+        self.ticket()
+        for method in (b"GET", b"OPTIONS"):
+            conn = self.h.connect()
+            conn.send(
+                b"%s /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                % method
+            )
+            for _ in range(20):
+                conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            response = conn.response()
+            self.assertEqual(response.status, 413)
+            self.assertTrue(conn.closed)
+
+    def test_bodylessMethodsSmallBodyAnswered(self) -> None:
+        """
+        A small body (chunked or not) sent with GET is read in memory and
+        ignored: the request is answered, and the connection stays open.
+        """
+        self.noSpooling()
+        self.ticket()
+        self.backend.manual = False
+        conn = self.h.connect()
+        conn.send(
+            b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n"
+            b"Content-Length: 3\r\n\r\nabc"
+            b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        self.assertEqual([r.status for r in conn.responses()], [206, 206])
+        self.assertFalse(conn.closed)
+
+    def test_otherResourceBodyNotSpooled(self) -> None:
+        """
+        A resource that does not stream bodies (not a L{Router}) never gets
+        twisted.web's spooling either: a large body is 413.
+        """
+        self.noSpooling()
+        site = ImageioSite(Resource(), "plain", reactor=Clock())
+        conn, _ = connectDirect(site)
+        conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        self.assertEqual(conn.response().status, 413)
         self.assertTrue(conn.closed)
 
     def test_channelType(self) -> None:

@@ -34,15 +34,11 @@ from imageio.web._response import (
     sendHTTPError,
     sendInternalError,
 )
-from imageio.web._streaming import CollectSink, redactPath
+from imageio.web._streaming import MAX_SMALL_BODY, CollectSink, redactPath
 
 log = Logger()
 
 METHODS = frozenset({b"GET", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS", b"HEAD"})
-
-#: Bodies of requests whose handler does not stream are collected in memory
-#: up to this size (JSON messages); larger ones get 413.
-MAX_SMALL_BODY = 64 * 1024
 
 Route = tuple["re.Pattern[str]", object]
 
@@ -214,4 +210,4 @@ def cors(request: Request, allowMethods: bytes = b"*") -> None:
         request.setHeader(b"access-control-max-age", b"86400")
 
 
-__all__ = ["Router", "requestBody", "queryArg", "enumArg", "cors", "sendError"]
+__all__ = ["MAX_SMALL_BODY", "Router", "requestBody", "queryArg", "enumArg", "cors", "sendError"]

@@ -57,6 +57,12 @@ log = Logger()
 #: Longest request line; upstream answers 414 above 4096 bytes.
 MAX_REQUEST_LINE = 4096
 
+#: Bodies of requests whose resource does not stream them (JSON messages,
+#: and bodies sent with GET, HEAD or OPTIONS) are collected in memory up to
+#: this size; larger ones get 413 and the connection closes. Nothing is ever
+#: spooled to twisted.web's temporary file.
+MAX_SMALL_BODY = 64 * 1024
+
 # Ticket ids are credentials: access logs show a prefix only.
 _SECRET_PATH = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]{8})[^/?]*")
 
@@ -158,11 +164,16 @@ class StreamingRequest(server.Request):
             self._earlyError = HTTPError(
                 500, "Server failed to perform the request, check logs", close=True
             )
-        if self.bodySink is None:
-            super().gotLength(length)
-        else:
-            # render() sees an empty body.
-            self.content = io.BytesIO()
+        if self.bodySink is None and length != 0:
+            # No streaming resource: never twisted.web's spooling (a
+            # temporary file, written on the reactor, without a limit).
+            if length is not None and length > MAX_SMALL_BODY:
+                self.bodySink = DiscardSink()
+                self._earlyError = tooLarge(MAX_SMALL_BODY)
+            else:
+                self.bodySink = CollectSink(self, MAX_SMALL_BODY)
+        # render() sees an empty body; a collected one is in the sink.
+        self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.respondedEarly:
