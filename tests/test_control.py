@@ -342,6 +342,20 @@ class ControlAPITests(SynchronousTestCase):
         self.assertIn('imageio_requests_total{listener="other",method="other",code="200"}', text)
         self.assertLess(len(text.splitlines()), 100)
 
+    def test_nonUTF8TicketID(self) -> None:
+        """
+        A ticket id with a percent-escape that is not UTF-8 is an unknown
+        ticket: GET and PATCH are 404, DELETE 204 (idempotent), and nothing
+        is logged as a failure.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        self.assertError(self.call(request("GET", "/tickets/%ff")), 404, "No such ticket '\ufffd'")
+        r = self.call(request("PATCH", "/tickets/%ff", b'{"timeout": 10}'))
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.text, "No such ticket: \ufffd\n")
+        self.assertEqual(self.call(request("DELETE", "/tickets/%ff%fe")).status, 204)
+        self.assertIsNotNone(self.registry.lookup("t1"))
+
     def test_metrics(self) -> None:
         """
         /metrics reports requests by listener, method and status in the

@@ -110,6 +110,36 @@ class CommonFormatTests(ImagesTestCase):
         self.assertFalse(conn.closed)
 
 
+class NonUTF8TicketTests(ImagesTestCase):
+    """
+    Ticket ids with percent-escapes that are not UTF-8 are unknown tickets.
+    """
+
+    def test_unknownTicket(self) -> None:
+        """
+        C{/images/%ff} is 403 with upstream's text (the escape becomes
+        U+FFFD, as upstream's C{unquote} makes it) for every method and
+        sub-resource, PUT with a body included; nothing is logged as a
+        failure.
+        """
+        text = "You are not allowed to access this resource: No such ticket "
+        for raw in (
+            request(b"GET", b"/images/%ff"),
+            request(b"HEAD", b"/images/%ff"),
+            request(b"OPTIONS", b"/images/%ff"),
+            request(b"GET", b"/images/%ff/extents"),
+            request(b"GET", b"/images/%ff/checksum"),
+            request(b"PUT", b"/images/%ff", body=b"abc"),
+            request(b"PUT", b"/images/%ff%fe%80", body=b"abc"),
+            request(b"PATCH", b"/images/%ff", body=b'{"op": "flush"}'),
+        ):
+            head = raw.startswith(b"HEAD")
+            response = self.send(raw, head=head)
+            self.assertEqual(response.status, 403, raw)
+            if not head:
+                self.assertTrue(response.text.startswith(text + "\ufffd"), raw)
+
+
 class OptionsTests(ImagesTestCase):
     """
     Section 1.3: OPTIONS.

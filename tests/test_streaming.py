@@ -637,8 +637,7 @@ class ConnectionTests(StreamingTestCase):
             for path in (b"/images/t1", b"/info/", b"/nowhere"):
                 conn = self.h.connect()
                 conn.send(
-                    b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
-                    % (method, path)
+                    b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" % (method, path)
                     + b"x" * 1000
                 )
                 response = conn.response(head=method == b"HEAD")
@@ -657,8 +656,7 @@ class ConnectionTests(StreamingTestCase):
         for method in (b"GET", b"OPTIONS"):
             conn = self.h.connect()
             conn.send(
-                b"%s /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                % method
+                b"%s /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % method
             )
             for _ in range(20):
                 conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")

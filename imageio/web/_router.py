@@ -49,10 +49,13 @@ def compileRoutes(routes: Sequence[tuple[str, object]]) -> list[Route]:
 
 def requestPath(request: Request) -> str:
     """
-    @return: The unquoted path, as upstream matches it.
+    @return: The unquoted path, as upstream matches it: escapes that are not
+        UTF-8 (C{%ff}) become U+FFFD, as upstream's C{unquote} makes them,
+        so the path is text that can be logged and answered (an unknown
+        ticket id, not a crash).
     """
     raw = request.path if isinstance(request.path, bytes) else b"/"
-    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
 @implementer(IStreamingUpload)
