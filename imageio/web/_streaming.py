@@ -26,7 +26,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -293,18 +293,24 @@ def _tuneTransport(transport: Any) -> None:
         transport = getattr(transport, "transport", None)
 
 
-@implementer(IDirectReader)
+@implementer(IDirectReader, IHalfCloseableProtocol)
 class ImageioChannel(http.HTTPChannel):
     """
     An HTTP connection with per-connection state for the images API.
+
+    A client may send its requests and then shut down its side of the
+    connection (C{shutdown(SHUT_WR)}, or TLS C{close_notify}): complete
+    requests are answered, then the connection closes.
 
     @ivar contexts: Per-ticket state the data path keeps for this
         connection (open backends), closed when the connection closes.
     @ivar closingEarly: A request was answered before its body; ignore the
         rest of the input.
+    @ivar readClosed: The client will send nothing more.
     """
 
     closingEarly = False
+    readClosed = False
     site: Any
     _headDeadline: IDelayedCall | None = None
 
@@ -348,6 +354,36 @@ class ImageioChannel(http.HTTPChannel):
         metrics = getattr(self.site, "metrics", None)
         if metrics is not None:
             metrics.connectionOpened(self.site.name)
+
+    # IHalfCloseableProtocol
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent all it will send. A complete request being processed
+        is answered (and so are complete requests pipelined after it), then
+        the connection closes; with no complete request there is nothing to
+        answer (an incomplete body ends as a disconnect would end it).
+        """
+        self.readClosed = True
+        self._closeIfDone()
+
+    def writeConnectionLost(self) -> None:
+        self.loseConnection()
+
+    def _closeIfDone(self) -> None:
+        transport: Any = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
+            return
+        if not self._handlingRequest:
+            self.loseConnection()
+
+    def requestDone(self, request: http.Request) -> None:
+        persistent = self.persistent
+        super().requestDone(request)
+        if self.readClosed and persistent:
+            # Pipelined requests that arrived complete are being answered;
+            # once none is left, close.
+            self._closeIfDone()
 
     def addCloseHook(self, hook: Callable[[], object]) -> None:
         """
