@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 from attrs import define, field
 
-
 #: Methods counted under their own name; any other becomes C{other}, so a
 #: client sending random methods cannot grow the label set.
 METHODS = frozenset({"GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "HEAD"})
