@@ -65,7 +65,7 @@ from imageio.web._response import (
     sendJSON,
 )
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import CollectSink, ImageioChannel, pushProducerOf
+from imageio.web._streaming import CollectSink, ImageioChannel, pushProducerOf, redactPath
 from imageio.web._upload import ShortBody, UploadSink
 
 log = Logger()
@@ -293,10 +293,12 @@ def _ticketID(ticketID: str) -> str:
     return ticketID
 
 
-def _failureToHTTP(reason: Failure) -> Failure:
+def _failureToHTTP(reason: Failure, request: Request) -> Failure:
     """
     Map data path failures to responses: cancellation to 403 (and close),
-    storage errors to 500 with the system's reason, nothing else leaks.
+    storage errors to 500 with upstream's generic text. The error itself
+    (an OS error text, an NBD socket path and export name) goes to the log
+    only, with the ticket id shortened.
     """
     if reason.check(HTTPError):
         return reason
@@ -305,12 +307,13 @@ def _failureToHTTP(reason: Failure) -> Failure:
     if reason.check(UnsupportedOperation):
         return Failure(HTTPError(404, f"Operation not supported: {reason.value}"))
     if reason.check(OSError):
-        log.failure("Storage operation failed", reason)
-        err: OSError = reason.value  # type: ignore[assignment]
-        message = "Server failed to perform the request"
-        if err.strerror:
-            message += f": {err.strerror}"
-        return Failure(HTTPError(500, message, close=True))
+        log.error(
+            "{method} {path}: storage operation failed: {error}",
+            method=request.method.decode("ascii", "replace"),
+            path=redactPath(request.uri),
+            error=str(reason.value),
+        )
+        return Failure(HTTPError(500, INTERNAL_ERROR, close=True))
     return reason
 
 
@@ -361,7 +364,7 @@ class ImageHandler:
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(respond)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     # GET and HEAD
@@ -386,7 +389,7 @@ class ImageHandler:
         ticket = self.service.authorize(ticketID, READ)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._startRead, request, ticket, byteRange)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -562,7 +565,7 @@ class ImageHandler:
         # body is complete, handlePUT answers.
         if sink.bodyReceived or reason.check(ShortBody):
             return
-        mapped = _failureToHTTP(reason)
+        mapped = _failureToHTTP(reason, request)
         if mapped.check(HTTPError):
             error: HTTPError = mapped.value  # type: ignore[assignment]
         else:
@@ -585,7 +588,7 @@ class ImageHandler:
 
         d.addBoth(done)
         d.addCallback(lambda _: sendEmpty(request))
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     # PATCH
@@ -623,7 +626,7 @@ class ImageHandler:
             d = self.service.backendFor(request, ticket)
             d.addCallback(self._flush, ticket)
         d.addCallback(lambda _: sendEmpty(request))
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -700,7 +703,7 @@ class ExtentsHandler:
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
 
@@ -751,7 +754,7 @@ class ChecksumHandler:
         ticket = self.service.authorize(ticketID, READ, close=False)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._checksum, request, ticket, algorithm, blockSize)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks

@@ -45,6 +45,7 @@ from imageio.interfaces import (
     IStreamingUpload,
 )
 from imageio.web._response import (
+    INTERNAL_ERROR,
     SERVER,
     HTTPError,
     abortConnection,
@@ -161,9 +162,7 @@ class StreamingRequest(server.Request):
         except Exception:
             log.failure("Preparing the request body failed")
             self.bodySink = DiscardSink()
-            self._earlyError = HTTPError(
-                500, "Server failed to perform the request, check logs", close=True
-            )
+            self._earlyError = HTTPError(500, INTERNAL_ERROR, close=True)
         if self.bodySink is None and length != 0:
             # No streaming resource: never twisted.web's spooling (a
             # temporary file, written on the reactor, without a limit).
