@@ -269,7 +269,13 @@ class ImageioService(MultiService):
 
     def _site(self, resource: Resource, name: str, timeout: float) -> ImageioSite:
         return ImageioSite(
-            resource, name, timeout=timeout, reactor=self.reactor, metrics=self.metrics
+            resource,
+            name,
+            timeout=timeout,
+            reactor=self.reactor,
+            metrics=self.metrics,
+            bodyTimeout=self.config.daemon.body_timeout,
+            bodyMinRate=self.config.daemon.body_min_rate,
         )
 
     def _tlsEndpoint(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -49,6 +50,7 @@ from tests._http import (
 )
 
 KiB = 1024
+MiB = 1024 * KiB
 
 #: Buffer size of the harness: the upload sink pauses the client when this
 #: much is queued, and resumes below half of it.
@@ -701,6 +703,109 @@ class ConnectionTests(StreamingTestCase):
         conn = self.h.connect()
         self.assertIsInstance(conn.channel, ImageioChannel)
         conn.channel.connectionLost(Failure(ConnectionDone()))
+
+
+class BodyRateTests(StreamingTestCase):
+    """
+    Request bodies must keep a minimum average rate (the site's
+    C{bodyMinRate}, 1 KiB/s by default) after a grace period
+    (C{bodyTimeout}, 60 s).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def trickle(self, conn: Connection, seconds: int, piece: bytes, every: float = 5) -> None:
+        for _ in range(int(seconds / every)):
+            if conn.closed:
+                return
+            conn.send(piece)
+            self.clock.advance(every)
+
+    def test_trickleCut(self) -> None:
+        """
+        An upload trickling a byte every 5 seconds is answered 408 and
+        closed once the grace period is over, the cut is logged, the
+        upload's operation ends, and a client that does not read the
+        answer is aborted.
+        """
+        ticket = self.ticket(inactivity_timeout=600)
+        conn = self.startPut(MiB)
+        self.trickle(conn, 59, b"x")
+        self.assertFalse(conn.closed)
+        self.trickle(conn, 10, b"x")
+        self.assertTrue(conn.closed)
+        response = conn.response()
+        self.assertEqual(
+            (response.status, response.text), (408, "Request body not received in time\n")
+        )
+        self.assertFalse(ticket.active)
+        self.assertTrue(any("too slow" in formatEvent(e) for e in self.events))
+        self.clock.advance(15)
+        self.assertTrue(conn.aborted)
+
+    def test_chunkedTrickleCut(self) -> None:
+        """
+        A chunked body trickling in is cut the same way.
+        """
+        conn = self.h.connect()
+        conn.send(b"PATCH /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.trickle(conn, 70, b"1\r\n \r\n")
+        self.assertTrue(conn.closed)
+        self.assertEqual(conn.response().status, 408)
+
+    def test_slowSteadyUploadKept(self) -> None:
+        """
+        An upload at 2 KiB/s, slow but above the minimum, is never cut.
+        """
+        self.backend.manual = False
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(400 * KiB)
+        self.trickle(conn, 200, b"x" * 2 * KiB, every=1)
+        self.assertFalse(conn.closed)
+        self.assertEqual(conn.response().status, 200)
+
+    def test_creditForEarlyBytes(self) -> None:
+        """
+        Bytes sent early count for later: 120 KiB in the first second, then
+        nothing for 150 seconds of a 180 s allowance, is not cut (the idle
+        timeout is the limit for silence).
+        """
+        self.backend.manual = False
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(MiB)
+        conn.send(b"x" * 120 * KiB)
+        self.trickle(conn, 150, b"x", every=30)
+        self.assertFalse(conn.closed)
+
+    def test_pausedTimeNotCounted(self) -> None:
+        """
+        Time the client is paused because storage is slower does not count
+        against the client's rate.
+        """
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(4 * BUFFER)
+        conn.send(b"x" * 3 * BUFFER)
+        self.assertEqual(conn.transport.producerState, "paused")
+        self.clock.advance(500)
+        self.assertFalse(conn.closed)
+        self.backend.manual = False
+        self.backend.completeWrites()
+        conn.send(b"x" * BUFFER)
+        self.assertEqual(conn.response().status, 200)
+
+    def test_disabled(self) -> None:
+        """
+        With C{bodyMinRate} 0 there is no minimum rate.
+        """
+        self.h.site.bodyMinRate = 0
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(MiB)
+        self.trickle(conn, 300, b"x")
+        self.assertFalse(conn.closed)
 
 
 class HeadDeadlineTests(StreamingTestCase):

@@ -56,6 +56,7 @@ class Metrics:
     bytesSent: Counter[str] = field(factory=Counter)
     bytesReceived: Counter[str] = field(factory=Counter)
     connections: Counter[str] = field(factory=Counter)
+    bodyTimeouts: Counter[str] = field(factory=Counter)
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(factory=dict)
 
     _listeners: set[str] = field(factory=set, init=False)
@@ -78,6 +79,9 @@ class Metrics:
         self.bytesSent[listener] += sent
         self.bytesReceived[listener] += received
 
+    def bodyTimedOut(self, listener: str) -> None:
+        self.bodyTimeouts[self._listener(listener)] += 1
+
     def connectionOpened(self, listener: str) -> None:
         self.connections[self._listener(listener)] += 1
 
@@ -98,6 +102,11 @@ class Metrics:
             ("imageio_sent_bytes_total", self.bytesSent, "Response body bytes sent."),
             ("imageio_received_bytes_total", self.bytesReceived, "Request body bytes received."),
             ("imageio_open_connections", self.connections, "Client connections open."),
+            (
+                "imageio_body_timeouts_total",
+                self.bodyTimeouts,
+                "Requests cut because their body arrived too slowly.",
+            ),
         ):
             kind = "gauge" if name == "imageio_open_connections" else "counter"
             lines.append(f"# HELP {name} {help}")

@@ -177,6 +177,9 @@ class StreamingRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.respondedEarly:
             return
+        channel = self.channel
+        if isinstance(channel, ImageioChannel):
+            channel.bodyProgress(len(data))
         if self.bodySink is None:
             super().handleContentChunk(data)
         else:
@@ -312,6 +315,12 @@ class ImageioChannel(http.HTTPChannel):
     readClosed = False
     site: Any
     _headDeadline: IDelayedCall | None = None
+    # The body rate watch of the request whose body is arriving.
+    _bodyWatch: IDelayedCall | None = None
+    _bodyStarted = 0.0
+    _bodyReceived = 0
+    _bodyPaused = 0.0
+    _bodyPausedSince: float | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -346,6 +355,95 @@ class ImageioChannel(http.HTTPChannel):
         self.closingEarly = True
         # Closes, and aborts if the client does not read the answer.
         self.timeoutConnection()
+
+    # Request body minimum rate, like Apache's mod_reqtimeout: after the
+    # site's bodyTimeout grace seconds, a body must keep arriving at
+    # bodyMinRate bytes a second on average, or it gets 408 and the
+    # connection closes. Time we paused the client ourselves (storage
+    # slower than the client, waiting for buffers) does not count.
+
+    def _seconds(self) -> float:
+        return float(self.site.reactor.seconds())
+
+    def _startBodyWatch(self) -> None:
+        grace = getattr(self.site, "bodyTimeout", 0)
+        rate = getattr(self.site, "bodyMinRate", 0)
+        if not (grace and rate) or self.length == 0:
+            return
+        self._stopBodyWatch()
+        self._bodyStarted = self._seconds()
+        self._bodyReceived = 0
+        self._bodyPaused = 0.0
+        self._bodyPausedSince = None
+        self._bodyWatch = self.callLater(grace, self._checkBodyRate)  # type: ignore[attr-defined]
+
+    def _stopBodyWatch(self) -> None:
+        if self._bodyWatch is not None:
+            if self._bodyWatch.active():
+                self._bodyWatch.cancel()
+            self._bodyWatch = None
+        self._bodyPausedSince = None
+
+    def bodyProgress(self, n: int) -> None:
+        """
+        C{n} bytes of the current request body arrived.
+        """
+        self._bodyReceived += n
+
+    def bodyPaused(self, paused: bool) -> None:
+        """
+        We stopped (or resumed) reading the request body: that time is ours,
+        not the client's.
+        """
+        if self._bodyWatch is None:
+            return
+        now = self._seconds()
+        if paused:
+            if self._bodyPausedSince is None:
+                self._bodyPausedSince = now
+        elif self._bodyPausedSince is not None:
+            self._bodyPaused += now - self._bodyPausedSince
+            self._bodyPausedSince = None
+
+    def _checkBodyRate(self) -> None:
+        self._bodyWatch = None
+        if self.closingEarly or self._handlingRequest:
+            return
+        grace: float = self.site.bodyTimeout
+        rate: float = self.site.bodyMinRate
+        now = self._seconds()
+        paused = self._bodyPaused
+        if self._bodyPausedSince is not None:
+            paused += now - self._bodyPausedSince
+        deadline = self._bodyStarted + grace + paused + self._bodyReceived / rate
+        if self._bodyPausedSince is not None or now < deadline:
+            delay = grace if self._bodyPausedSince is not None else deadline - now
+            self._bodyWatch = self.callLater(max(delay, 1.0), self._checkBodyRate)  # type: ignore[attr-defined]
+            return
+        transport: Any = self.transport
+        elapsed = now - self._bodyStarted - paused
+        log.info(
+            "Request body from {client} too slow: {received} bytes in {elapsed:.0f} s, "
+            "minimum {rate} bytes/s after {grace} s; closing",
+            client=str(transport.getPeer()),
+            received=self._bodyReceived,
+            elapsed=elapsed,
+            rate=rate,
+            grace=grace,
+        )
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.bodyTimedOut(self.site.name)
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, StreamingRequest):
+            self._stopDirectReads()
+            request.respondEarly(HTTPError(408, "Request body not received in time", close=True))
+        else:
+            self.closingEarly = True
+            self.loseConnection()
+        # Closes once the answer is sent; aborts if the client does not read.
+        if self._abortingCall is None and self.abortTimeout is not None:  # type: ignore[has-type]
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -446,6 +544,7 @@ class ImageioChannel(http.HTTPChannel):
                 request.respondEarly(error)
             else:
                 self._startDirectReads(request)
+                self._startBodyWatch()
 
     # Request bodies read straight into the sink's buffers (IDirectReader):
     # the transport reads with recv_into (or decrypts) into the upload
@@ -492,6 +591,7 @@ class ImageioChannel(http.HTTPChannel):
     def bufferFilled(self, n: int) -> None:
         assert self._directSink is not None
         self.resetTimeout()
+        self._bodyReceived += n
         decoder: Any = self._transferDecoder  # type: ignore[has-type]
         decoder.contentLength -= n
         self._directSink.bodyFilled(n)
@@ -513,6 +613,7 @@ class ImageioChannel(http.HTTPChannel):
         # However the body ended (the last bytes may have come with the
         # headers), the next request must not read into this one's sink.
         self._stopDirectReads()
+        self._stopBodyWatch()
         if self.closingEarly:
             return
         super().allContentReceived()
@@ -522,6 +623,7 @@ class ImageioChannel(http.HTTPChannel):
         if metrics is not None:
             metrics.connectionClosed(self.site.name)
         self._cancelHeadDeadline()
+        self._stopBodyWatch()
         self._directSink = None
         hooks, self._closeHooks = self._closeHooks, []
         try:
@@ -547,6 +649,10 @@ class ImageioSite(server.Site):
     requestFactory = StreamingRequest
     noisy = False
     accessLevel = "debug"
+    #: Request bodies get this many seconds, then must arrive at
+    #: C{bodyMinRate} bytes a second on average (0 disables either).
+    bodyTimeout: float = 60
+    bodyMinRate: float = 1024
 
     def __init__(
         self,
@@ -554,11 +660,15 @@ class ImageioSite(server.Site):
         name: str,
         timeout: float = 60,
         metrics: Metrics | None = None,
+        bodyTimeout: float = 60,
+        bodyMinRate: float = 1024,
         **kw: Any,
     ) -> None:
         super().__init__(resource, requestFactory=StreamingRequest, timeout=timeout, **kw)
         self.name = name
         self.metrics = metrics
+        self.bodyTimeout = bodyTimeout
+        self.bodyMinRate = bodyMinRate
 
     def log(self, request: http.Request) -> None:
         sink = getattr(request, "bodySink", None)
@@ -592,11 +702,38 @@ def _client(request: http.Request) -> str:
     return str(host) if host else "local"
 
 
+@implementer(IPushProducer)
+@define
+class _BodyProducer:
+    """
+    The connection's transport as the producer of a request body, telling
+    the channel when reading is paused (the body rate watch does not count
+    that time against the client).
+    """
+
+    channel: ImageioChannel
+    transport: IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.channel.bodyPaused(True)
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.channel.bodyPaused(False)
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
 def pushProducerOf(request: http.Request) -> IPushProducer:
     """
     @return: The producer that pauses reading from the client: the
         connection's transport.
     """
     transport: Any = request.channel.transport
+    channel = request.channel
+    if isinstance(channel, ImageioChannel):
+        return _BodyProducer(channel, transport)
     result: IPushProducer = transport
     return result
