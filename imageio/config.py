@@ -57,6 +57,10 @@ class DaemonSection:
     #: Minimum average rate of a request body after body_timeout, in bytes
     #: a second (0 disables the check).
     body_min_rate: int = 1024
+    #: Bytes that transfer buffers (uploads, downloads, checksum blocks)
+    #: may hold at once, shared by all connections; work that needs more
+    #: waits for buffers (ours; 0 for no limit).
+    buffer_memory: int = 512 * MiB
 
 
 @define
@@ -180,6 +184,7 @@ _NON_NEGATIVE = {
     ("daemon", "request_timeout"),
     ("daemon", "body_timeout"),
     ("daemon", "body_min_rate"),
+    ("daemon", "buffer_memory"),
     ("tls", "handshake_timeout"),
     ("control", "remove_timeout"),
     ("proxy", "allowed_skew_seconds"),

@@ -34,6 +34,7 @@ from twisted.web.resource import Resource
 import imageio
 from imageio import _log
 from imageio import config as _config
+from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
 from imageio.backends import BackendContext, BackendOpener
@@ -173,6 +174,17 @@ class ImageioService(MultiService):
             "Tickets with a transfer running.",
             lambda: self.registry.activeCount(),
         )
+        self.budget = BufferBudget(config.daemon.buffer_memory)
+        self.metrics.addGauge(
+            "imageio_buffer_bytes",
+            "Bytes held by transfer buffers ([daemon] buffer_memory).",
+            lambda: self.budget.used,
+        )
+        self.metrics.addGauge(
+            "imageio_buffer_waiting",
+            "Transfers waiting for buffer memory.",
+            lambda: self.budget.waiting,
+        )
         self.pool = createPool(reactor, config.daemon.io_threads)
         DiskIOService(self.pool).setServiceParent(self)
         self.diskio = DiskIO(self.pool)
@@ -227,6 +239,7 @@ class ImageioService(MultiService):
             runInPool=self.diskio.run,
             bufferSize=config.backend_file.buffer_size,
             unixSocket=unixSocket,
+            budget=self.budget,
         )
         timeout = config.daemon.request_timeout
         if config.remote.enable:

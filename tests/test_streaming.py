@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
@@ -23,6 +23,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from imageio._buffers import BufferBudget, Lease
 from imageio.interfaces import (
     IBodySink,
     IDirectBodySink,
@@ -806,6 +807,138 @@ class BodyRateTests(StreamingTestCase):
         conn = self.startPut(MiB)
         self.trickle(conn, 300, b"x")
         self.assertFalse(conn.closed)
+
+
+class MeasuredBudget(BufferBudget):
+    """
+    A budget that records the most bytes it ever had out.
+    """
+
+    peak = 0
+
+    def tryAcquire(self, size: int) -> Lease | None:
+        lease = super().tryAcquire(size)
+        self.peak = max(self.peak, self.used)
+        return lease
+
+    def _grant(self) -> None:
+        super()._grant()
+        self.peak = max(self.peak, self.used)
+
+
+class BufferBudgetTests(SynchronousTestCase):
+    """
+    Uploads, downloads and checksums take their buffers from one budget
+    shared by all connections: they wait for it rather than allocate past
+    it, and give it back however they end.
+    """
+
+    def harness(self, limit: int, size: int = 1024 * KiB) -> None:
+        self.backend = FakeBackend(bytearray(size))
+        self.budget = MeasuredBudget(limit)
+        self.h = ImagesHarness(
+            opener=FakeOpener(self.backend), bufferSize=BUFFER, budget=self.budget
+        )
+        self.ticket = self.h.addTicket(None, size=size, inactivity_timeout=600)
+
+    def test_parallelChecksums(self) -> None:
+        """
+        Six parallel checksums with a budget of two blocks never hold more
+        than two blocks, all complete with the same answer, and the budget
+        is whole again afterwards.
+        """
+        self.harness(2 * MiB, size=4 * MiB)
+        conns = [self.h.connect() for _ in range(6)]
+        for conn in conns:
+            conn.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        self.assertEqual(self.budget.used, 2 * MiB)
+        self.assertEqual(self.budget.waiting, 4)
+        while self.backend.pendingReads():
+            self.assertLessEqual(self.backend.pendingReads(), 2)
+            self.backend.completeRead()
+        self.assertLessEqual(self.budget.peak, 2 * MiB)
+        answers = [conn.response() for conn in conns]
+        self.assertEqual([a.status for a in answers], [200] * 6)
+        self.assertEqual(len({a.body for a in answers}), 1)
+        self.assertEqual((self.budget.used, self.budget.waiting), (0, 0))
+
+    def test_uploadWaitsForBuffer(self) -> None:
+        """
+        An upload that finds the budget used up waits for its buffer with
+        the client paused, and runs once the other upload gives its buffer
+        back.
+        """
+        self.harness(BUFFER)
+        first = self.h.connect()
+        first.send(request(b"PUT", b"/images/t1?flush=n", body=b"a" * 3 * BUFFER))
+        second = self.h.connect()
+        second.send(request(b"PUT", b"/images/t1?flush=n", body=b"b" * 2 * BUFFER))
+        self.assertEqual(self.budget.waiting, 1)
+        self.assertEqual(second.transport.producerState, "paused")
+        self.backend.manual = False
+        self.backend.completeWrites()
+        self.assertEqual(first.response().status, 200)
+        self.assertEqual(second.response().status, 200)
+        self.assertLessEqual(self.budget.peak, BUFFER)
+        self.assertEqual(self.budget.used, 0)
+
+    def test_abortedUploadReturnsBudget(self) -> None:
+        """
+        An upload cut by a disconnect (with a write in flight) or waiting
+        for its buffer gives the budget back.
+        """
+        self.harness(2 * BUFFER)
+        conn = self.h.connect()
+        conn.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        conn.send(b"x" * 3 * BUFFER)
+        self.assertEqual(self.budget.used, 2 * BUFFER)
+        waiting = self.h.connect()
+        waiting.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nbb" % BUFFER)
+        self.assertEqual(self.budget.waiting, 1)
+        waiting.lose()
+        self.assertEqual(self.budget.waiting, 0)
+        conn.lose()
+        self.backend.completeWrites()
+        self.assertEqual(self.budget.used, 0)
+
+    def test_downloadBudget(self) -> None:
+        """
+        Finished downloads leave their buffers with the connection (still
+        counted), which gives them back when other work would wait or when
+        it closes; a download waits for its buffer when the budget is used
+        up; a download cut by a disconnect gives its buffers back.
+        """
+        self.harness(2 * BUFFER)
+        self.backend.manual = False
+        idle = self.h.connect()
+        idle.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99"}))
+        self.assertEqual(idle.response().status, 206)
+        self.assertEqual(self.budget.used, BUFFER)
+        busy = self.h.connect()
+        busy.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        self.backend.manual = True
+        busy.send(b"x" * 3 * BUFFER)
+        self.assertEqual(self.budget.used, 2 * BUFFER)
+        # The idle connection's spare goes to this download.
+        reader = self.h.connect()
+        reader.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99999"}))
+        self.assertEqual((self.budget.waiting, self.backend.pendingReads()), (0, 1))
+        # Nothing spare left: this one waits, without reading.
+        waiter = self.h.connect()
+        waiter.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99999"}))
+        self.assertEqual((self.budget.waiting, self.backend.pendingReads()), (1, 1))
+        busy.lose()
+        self.backend.completeWrites()
+        self.assertEqual((self.budget.waiting, self.backend.pendingReads()), (0, 2))
+        self.backend.completeRead()
+        reader.lose()
+        while self.backend.pendingReads():
+            self.backend.completeRead()
+        self.assertEqual(waiter.response().status, 206)
+        self.assertLessEqual(self.budget.peak, 2 * BUFFER)
+        for conn in (idle, waiter):
+            conn.lose()
+        self.assertEqual(self.budget.used, 0)
 
 
 class HeadDeadlineTests(StreamingTestCase):

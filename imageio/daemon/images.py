@@ -148,9 +148,9 @@ class _Context:
 
     ticket: Ticket
     channel: ImageioChannel
-    backend: IBackend | None = None
     #: Download buffers kept between this connection's requests.
-    buffers: list[memoryview] = field(factory=list)
+    buffers: _buffers.BufferPool
+    backend: IBackend | None = None
     _opening: list[Deferred[IBackend]] = field(factory=list)
     closed: bool = False
 
@@ -158,6 +158,7 @@ class _Context:
         if self.closed:
             return
         self.closed = True
+        self.buffers.close()
         if self.channel.contexts.get(self.ticket) is self:
             del self.channel.contexts[self.ticket]
         self.ticket.connections.pop(self.channel, None)
@@ -181,6 +182,8 @@ class ImagesService:
     runInPool: Callable[..., Deferred[Any]]
     bufferSize: int = 8 * 1024**2
     unixSocket: str | None = None
+    #: The memory all transfer buffers and checksum blocks share.
+    budget: _buffers.BufferBudget = field(factory=_buffers.BufferBudget)
 
     @property
     def chunkSize(self) -> int:
@@ -210,7 +213,7 @@ class ImagesService:
         if ctx is not None:
             ctx._opening.append(d)
             return d
-        ctx = _Context(ticket, channel)
+        ctx = _Context(ticket, channel, _buffers.BufferPool(self.budget))
         ctx._opening.append(d)
         channel.contexts[ticket] = ctx
         ticket.connections[channel] = ctx.close
@@ -253,7 +256,7 @@ class ImagesService:
         ).addCallbacks(opened, failed)
         return d
 
-    def buffersFor(self, request: Request, ticket: Ticket) -> list[memoryview] | None:
+    def buffersFor(self, request: Request, ticket: Ticket) -> _buffers.BufferPool | None:
         """
         @return: The spare download buffers of this connection's context for
             C{ticket}, if it has one.
@@ -438,6 +441,7 @@ class ImageHandler:
             bufferSize=self.service.chunkSize,
             idleTimeout=ticket.inactivityTimeout,
             pool=self.service.buffersFor(request, ticket),
+            budget=self.service.budget,
         )
         op.onCancel = lambda: producer.cancel(
             OperationCanceled(f"Transfer {ticket.transferID} was canceled")
@@ -535,6 +539,7 @@ class ImageHandler:
             op,
             bufferSize=self.service.chunkSize,
             onProgress=channel.resetTimeout,
+            budget=self.service.budget,
         )
         # Answer 403 and close at once on cancel, even while waiting for a
         # slow client, as upstream does for a PUT in progress.
@@ -763,10 +768,14 @@ class ChecksumHandler:
     ) -> Any:
         op = Operation("checksum", 0)
         self.service.startOperation(ticket, op)
+        lease: _buffers.Lease | None = None
         try:
             size = yield backend.size()
             size = min(size, ticket.size)
             hasher = _blkhash.Hasher(algorithm, blockSize)
+            # The block buffer comes from the budget all transfers share:
+            # many parallel checksums wait rather than take all memory.
+            lease = yield self.service.budget.acquire(blockSize)
             # Page-aligned: O_DIRECT reads go straight into it.
             buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
             extents: list[Any] = []
@@ -798,6 +807,8 @@ class ChecksumHandler:
             }
             sendJSON(request, result)
         finally:
+            if lease is not None:
+                lease.release()
             self.service.finishOperation(ticket, op)
 
 
