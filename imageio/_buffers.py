@@ -196,9 +196,9 @@ class BufferPool:
     def give(self, buf: memoryview, lease: Lease) -> None:
         """
         Keep C{buf} for a later request, or give its bytes back when the
-        pool is full or closed.
+        pool is full or closed, or when work is waiting for buffers.
         """
-        if self.closed or len(self._spares) >= self.keep:
+        if self.closed or len(self._spares) >= self.keep or self.budget.waiting:
             lease.release()
         else:
             self._spares.append((buf, lease))

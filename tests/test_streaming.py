@@ -901,6 +901,27 @@ class BufferBudgetTests(SynchronousTestCase):
         self.backend.completeWrites()
         self.assertEqual(self.budget.used, 0)
 
+    def test_finishedDownloadsFeedWaiters(self) -> None:
+        """
+        With downloads waiting for buffers, a finished download gives its
+        buffer back instead of keeping it for its (still open) connection.
+        """
+        self.harness(2 * BUFFER)
+        conns = [self.h.connect() for _ in range(4)]
+        for conn in conns:
+            conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99"}))
+        self.assertEqual((self.backend.pendingReads(), self.budget.waiting), (2, 2))
+        self.backend.completeRead()
+        self.backend.completeRead()
+        self.assertEqual((self.backend.pendingReads(), self.budget.waiting), (2, 0))
+        self.backend.completeRead()
+        self.backend.completeRead()
+        self.assertEqual([c.response().status for c in conns], [206] * 4)
+        self.assertLessEqual(self.budget.peak, 2 * BUFFER)
+        for conn in conns:
+            conn.lose()
+        self.assertEqual(self.budget.used, 0)
+
     def test_downloadBudget(self) -> None:
         """
         Finished downloads leave their buffers with the connection (still
