@@ -862,6 +862,33 @@ class BufferBudgetTests(SynchronousTestCase):
         self.assertEqual(len({a.body for a in answers}), 1)
         self.assertEqual((self.budget.used, self.budget.waiting), (0, 0))
 
+    def test_checksumWaitEnds(self) -> None:
+        """
+        A checksum waiting for its block stops waiting when its client
+        leaves, or with 403 when the ticket is deleted; the ticket is idle
+        and the budget whole afterwards.
+        """
+        self.harness(MiB, size=2 * MiB)
+        running = self.h.connect()
+        running.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        gone = self.h.connect()
+        gone.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        canceled = self.h.connect()
+        canceled.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        self.assertEqual(self.budget.waiting, 2)
+        gone.lose()
+        self.assertEqual(self.budget.waiting, 1)
+        self.h.registry.remove("t1")
+        response = canceled.response()
+        self.assertEqual(response.status, 403)
+        self.assertEqual(self.budget.waiting, 0)
+        while self.backend.pendingReads():
+            self.backend.completeRead()
+        # The running one was canceled too, after its block.
+        self.assertEqual(running.response().status, 403)
+        self.assertFalse(self.ticket.active)
+        self.assertEqual(self.budget.used, 0)
+
     def test_uploadWaitsForBuffer(self) -> None:
         """
         An upload that finds the budget used up waits for its buffer with

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
@@ -774,8 +774,19 @@ class ChecksumHandler:
             size = min(size, ticket.size)
             hasher = _blkhash.Hasher(algorithm, blockSize)
             # The block buffer comes from the budget all transfers share:
-            # many parallel checksums wait rather than take all memory.
-            lease = yield self.service.budget.acquire(blockSize)
+            # many parallel checksums wait rather than take all memory. A
+            # client that leaves or a canceled ticket stops the wait.
+            waiting = self.service.budget.acquire(blockSize)
+            op.onCancel = waiting.cancel
+            request.notifyFinish().addErrback(lambda _: waiting.cancel())
+            try:
+                lease = yield waiting
+            except CancelledError:
+                if op.canceled:
+                    raise OperationCanceled(f"Transfer {ticket.transferID} was canceled") from None
+                return
+            finally:
+                op.onCancel = None
             # Page-aligned: O_DIRECT reads go straight into it.
             buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
             extents: list[Any] = []

@@ -366,8 +366,9 @@ class ImageioChannel(http.HTTPChannel):
         return float(self.site.reactor.seconds())
 
     def _startBodyWatch(self) -> None:
-        grace = getattr(self.site, "bodyTimeout", 0)
-        rate = getattr(self.site, "bodyMinRate", 0)
+        site = getattr(self, "site", None)
+        grace = getattr(site, "bodyTimeout", 0)
+        rate = getattr(site, "bodyMinRate", 0)
         if not (grace and rate) or self.length == 0:
             return
         self._stopBodyWatch()
