@@ -49,6 +49,18 @@ class DaemonSection:
     #: Seconds before a connection that has sent no complete request is
     #: closed (ours; upstream hard-codes 60).
     request_timeout: int = 60
+    #: Seconds a request body gets before its rate is checked; then it must
+    #: arrive at body_min_rate bytes a second on average, or the request
+    #: gets 408 and the connection closes (ours, like Apache's
+    #: mod_reqtimeout; 0 disables the check).
+    body_timeout: int = 60
+    #: Minimum average rate of a request body after body_timeout, in bytes
+    #: a second (0 disables the check).
+    body_min_rate: int = 1024
+    #: Bytes that transfer buffers (uploads, downloads, checksum blocks)
+    #: may hold at once, shared by all connections; work that needs more
+    #: waits for buffers (ours; 0 for no limit).
+    buffer_memory: int = 512 * MiB
 
 
 @define
@@ -170,6 +182,9 @@ _NON_NEGATIVE = {
     ("daemon", "inactivity_timeout"),
     ("daemon", "io_threads"),
     ("daemon", "request_timeout"),
+    ("daemon", "body_timeout"),
+    ("daemon", "body_min_rate"),
+    ("daemon", "buffer_memory"),
     ("tls", "handshake_timeout"),
     ("control", "remove_timeout"),
     ("proxy", "allowed_skew_seconds"),

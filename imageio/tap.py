@@ -34,6 +34,7 @@ from twisted.web.resource import Resource
 import imageio
 from imageio import _log
 from imageio import config as _config
+from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
 from imageio.backends import BackendContext, BackendOpener, namesListener
@@ -174,6 +175,17 @@ class ImageioService(MultiService):
             "Tickets with a transfer running.",
             lambda: self.registry.activeCount(),
         )
+        self.budget = BufferBudget(config.daemon.buffer_memory)
+        self.metrics.addGauge(
+            "imageio_buffer_bytes",
+            "Bytes held by transfer buffers ([daemon] buffer_memory).",
+            lambda: self.budget.used,
+        )
+        self.metrics.addGauge(
+            "imageio_buffer_waiting",
+            "Transfers waiting for buffer memory.",
+            lambda: self.budget.waiting,
+        )
         self.pool = createPool(reactor, config.daemon.io_threads)
         DiskIOService(self.pool).setServiceParent(self)
         self.diskio = DiskIO(self.pool)
@@ -247,6 +259,7 @@ class ImageioService(MultiService):
             runInPool=self.diskio.run,
             bufferSize=config.backend_file.buffer_size,
             unixSocket=unixSocket,
+            budget=self.budget,
         )
         timeout = config.daemon.request_timeout
         if config.remote.enable:
@@ -289,7 +302,13 @@ class ImageioService(MultiService):
 
     def _site(self, resource: Resource, name: str, timeout: float) -> ImageioSite:
         return ImageioSite(
-            resource, name, timeout=timeout, reactor=self.reactor, metrics=self.metrics
+            resource,
+            name,
+            timeout=timeout,
+            reactor=self.reactor,
+            metrics=self.metrics,
+            bodyTimeout=self.config.daemon.body_timeout,
+            bodyMinRate=self.config.daemon.body_min_rate,
         )
 
     def _tlsEndpoint(

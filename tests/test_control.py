@@ -341,6 +341,50 @@ class ControlAPITests(SynchronousTestCase):
         )
         self.assertError(self.call(request("FOO", "/tickets/t1")), 405, "Invalid method 'FOO'")
 
+    def test_metricsMethodLabelBounded(self) -> None:
+        """
+        Methods a client makes up are counted as C{other}: a thousand
+        distinct methods add one series, not a thousand.
+        """
+        for i in range(1000):
+            r = self.call(request(f"X{i}", "/tickets/t1"))
+            self.assertEqual(r.status, 405)
+        r = self.call(request("GET", "/metrics"))
+        series = [line for line in r.text.splitlines() if line.startswith("imageio_requests_total")]
+        self.assertIn(
+            'imageio_requests_total{listener="control",method="other",code="405"} 1000', series
+        )
+        self.assertEqual(len(series), 1)
+
+    def test_metricsLabelsBounded(self) -> None:
+        """
+        Statuses outside 100-599 are C{other}; listener names past the
+        limit share C{other}, in every metric.
+        """
+        metrics = Metrics()
+        metrics.requestDone("remote", "GET", 999, 1, 0)
+        for i in range(100):
+            metrics.connectionOpened(f"l{i}")
+            metrics.requestDone(f"l{i}", "BREW", 200, 1, 1)
+        text = metrics.render()
+        self.assertIn('imageio_requests_total{listener="remote",method="GET",code="other"} 1', text)
+        self.assertIn('imageio_requests_total{listener="other",method="other",code="200"}', text)
+        self.assertLess(len(text.splitlines()), 100)
+
+    def test_nonUTF8TicketID(self) -> None:
+        """
+        A ticket id with a percent-escape that is not UTF-8 is an unknown
+        ticket: GET and PATCH are 404, DELETE 204 (idempotent), and nothing
+        is logged as a failure.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        self.assertError(self.call(request("GET", "/tickets/%ff")), 404, "No such ticket '\ufffd'")
+        r = self.call(request("PATCH", "/tickets/%ff", b'{"timeout": 10}'))
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.text, "No such ticket: \ufffd\n")
+        self.assertEqual(self.call(request("DELETE", "/tickets/%ff%fe")).status, 204)
+        self.assertIsNotNone(self.registry.lookup("t1"))
+
     def test_metrics(self) -> None:
         """
         /metrics reports requests by listener, method and status in the

@@ -13,7 +13,8 @@ import os
 from typing import Any
 from unittest import SkipTest
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 import imageio
@@ -113,6 +114,36 @@ class CommonFormatTests(ImagesTestCase):
         self.assertEqual([r.status for r in responses], [206, 200, 206])
         self.assertEqual([r.body for r in responses], [b"01", b"", b"AB23"])
         self.assertFalse(conn.closed)
+
+
+class NonUTF8TicketTests(ImagesTestCase):
+    """
+    Ticket ids with percent-escapes that are not UTF-8 are unknown tickets.
+    """
+
+    def test_unknownTicket(self) -> None:
+        """
+        C{/images/%ff} is 403 with upstream's text (the escape becomes
+        U+FFFD, as upstream's C{unquote} makes it) for every method and
+        sub-resource, PUT with a body included; nothing is logged as a
+        failure.
+        """
+        text = "You are not allowed to access this resource: No such ticket "
+        for raw in (
+            request(b"GET", b"/images/%ff"),
+            request(b"HEAD", b"/images/%ff"),
+            request(b"OPTIONS", b"/images/%ff"),
+            request(b"GET", b"/images/%ff/extents"),
+            request(b"GET", b"/images/%ff/checksum"),
+            request(b"PUT", b"/images/%ff", body=b"abc"),
+            request(b"PUT", b"/images/%ff%fe%80", body=b"abc"),
+            request(b"PATCH", b"/images/%ff", body=b'{"op": "flush"}'),
+        ):
+            head = raw.startswith(b"HEAD")
+            response = self.send(raw, head=head)
+            self.assertEqual(response.status, 403, raw)
+            if not head:
+                self.assertTrue(response.text.startswith(text + "\ufffd"), raw)
 
 
 class OptionsTests(ImagesTestCase):
@@ -1545,7 +1576,7 @@ class FaultTests(ImagesTestCase):
         self.assertError(
             response,
             500,
-            "Server failed to perform the request: No space left on device",
+            INTERNAL_ERROR,
             close=True,
         )
         self.assertTrue(conn.closed)
@@ -1566,15 +1597,50 @@ class FaultTests(ImagesTestCase):
         self.assertEqual(backend.pendingWrites(), 1)
         backend.writes[0][2].errback(OSError(errno.ENOSPC, "No space left on device"))
         response = conn.response()
-        self.assertError(
-            response, 500, "Server failed to perform the request: No space left on device"
-        )
+        self.assertError(response, 500, INTERNAL_ERROR)
         self.assertTrue(conn.closed)
         self.assertFalse(ticket.active)
         conn.send(b"x" * 90 * KiB)
         self.assertEqual(conn.output(), b"")
         self.assertEqual(backend.pendingWrites(), 0)
         self.flushLoggedErrors(OSError)
+
+    def test_storageErrorDetailsOnlyInLog(self) -> None:
+        """
+        A backend that cannot be opened (an NBD server that is not there)
+        is 500 with upstream's generic text: the socket path, the export
+        name and the OS error text go to the log only, with the ticket id
+        shortened.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        error = ConnectionRefusedError(
+            errno.ECONNREFUSED,
+            "Cannot connect to NBD server unix:/run/vdsm/nbd/secret.sock export 'sda': refused",
+        )
+
+        class FailingOpener:
+            def open(self, url: str, **kw: Any) -> Any:
+                return fail(error)
+
+        self.h = ImagesHarness(opener=FailingOpener())
+        self.h.addTicket(bytes(10), uuid="0123456789abcdef", transfer_id="tr-x")
+        for raw in (
+            request(b"GET", b"/images/0123456789abcdef"),
+            request(b"PUT", b"/images/0123456789abcdef", body=b"abc"),
+            request(b"OPTIONS", b"/images/0123456789abcdef"),
+            request(b"GET", b"/images/0123456789abcdef/extents"),
+            request(b"GET", b"/images/0123456789abcdef/checksum"),
+            request(b"PATCH", b"/images/0123456789abcdef", body=b'{"op": "flush"}'),
+        ):
+            response = self.send(raw)
+            self.assertError(response, 500, INTERNAL_ERROR, close=True)
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("secret.sock export 'sda'", text)
+        self.assertIn("/images/01234567...", text)
+        self.assertNotIn("0123456789abcdef", text)
+        self.assertFalse([e for e in events if "log_failure" in e])
 
     def test_errorOnFlush(self) -> None:
         """
@@ -1584,7 +1650,7 @@ class FaultTests(ImagesTestCase):
         name = ticket.url.split(":", 1)[1]
         memory.failNext(name, "flush", OSError(errno.EIO, "Input/output error"))
         response = self.send(request(b"PUT", b"/images/t1", body=b"abc"))
-        self.assertError(response, 500, "Server failed to perform the request: Input/output error")
+        self.assertError(response, 500, INTERNAL_ERROR)
         self.assertEqual(ticket.flushedRanges(), [])
         self.flushLoggedErrors(OSError)
 
@@ -1599,9 +1665,7 @@ class FaultTests(ImagesTestCase):
         conn = self.h.connect()
         conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4"}))
         response = conn.response()
-        self.assertError(
-            response, 500, "Server failed to perform the request: Input/output error", close=True
-        )
+        self.assertError(response, 500, INTERNAL_ERROR, close=True)
         for name_ in (b"content-range", b"content-disposition", b"accept-ranges"):
             self.assertIsNone(response.header(name_))
         self.assertTrue(conn.closed)
@@ -1649,7 +1713,7 @@ class FaultTests(ImagesTestCase):
         self.assertError(
             conn.response(),
             500,
-            "Server failed to perform the request: No space left on device",
+            INTERNAL_ERROR,
             close=True,
         )
         self.assertFalse(ticket.active)

@@ -957,6 +957,47 @@ class InfoTests(ProxyTestCase):
         self.assertEqual(reply.status, 400)
 
 
+class HostileRequestTests(ProxyTestCase):
+    """
+    The proxy listener refuses what the daemon's listeners refuse.
+    """
+
+    @inlineCallbacks
+    def test_nonUTF8TicketID(self) -> Any:
+        """
+        Ticket ids with escapes that are not UTF-8 are unknown tickets (no
+        500, no traceback), on the images and the tickets APIs.
+        """
+        for method, path, body in (
+            ("GET", "/images/%ff", None),
+            ("PUT", "/images/%ff", b"abc"),
+            ("OPTIONS", "/images/%ff", None),
+            ("GET", "/images/%ff/extents", None),
+            ("DELETE", "/tickets/%ff", None),
+        ):
+            reply = yield self.client.request(method, path, body=body)
+            self.assertIn(reply.status, (204, 401, 403), (method, path, reply.text))
+
+    @inlineCallbacks
+    def test_bodyOnGetRefused(self) -> Any:
+        """
+        A large body sent with GET is refused with 413, not spooled.
+        """
+
+        def run() -> bytes:
+            context = ssl.create_default_context(cafile=self.pki.caFile)
+            raw = socket.create_connection(("localhost", self.proxy.portNumber), timeout=30)
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"GET /info/ HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        data = yield deferToThread(run)
+        self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data)
+
+
 class ServiceTests(TestCase):
     timeout = 30
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
@@ -69,7 +69,7 @@ from imageio.web._response import (
     sendJSON,
 )
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import CollectSink, ImageioChannel, pushProducerOf
+from imageio.web._streaming import CollectSink, ImageioChannel, pushProducerOf, redactPath
 from imageio.web._upload import ShortBody, UploadSink
 
 log = Logger()
@@ -152,9 +152,9 @@ class _Context:
 
     ticket: Ticket
     channel: ImageioChannel
-    backend: IBackend | None = None
     #: Download buffers kept between this connection's requests.
-    buffers: list[memoryview] = field(factory=list)
+    buffers: _buffers.BufferPool
+    backend: IBackend | None = None
     _opening: list[Deferred[IBackend]] = field(factory=list)
     closed: bool = False
 
@@ -162,6 +162,7 @@ class _Context:
         if self.closed:
             return
         self.closed = True
+        self.buffers.close()
         if self.channel.contexts.get(self.ticket) is self:
             del self.channel.contexts[self.ticket]
         self.ticket.connections.pop(self.channel, None)
@@ -185,6 +186,8 @@ class ImagesService:
     runInPool: Callable[..., Deferred[Any]]
     bufferSize: int = 8 * 1024**2
     unixSocket: str | None = None
+    #: The memory all transfer buffers and checksum blocks share.
+    budget: _buffers.BufferBudget = field(factory=_buffers.BufferBudget)
 
     @property
     def chunkSize(self) -> int:
@@ -223,7 +226,7 @@ class ImagesService:
         if ctx is not None:
             ctx._opening.append(d)
             return d
-        ctx = _Context(ticket, channel)
+        ctx = _Context(ticket, channel, _buffers.BufferPool(self.budget))
         ctx._opening.append(d)
         channel.contexts[ticket] = ctx
         ticket.connections[channel] = ctx.close
@@ -266,7 +269,7 @@ class ImagesService:
         ).addCallbacks(opened, failed)
         return d
 
-    def buffersFor(self, request: Request, ticket: Ticket) -> list[memoryview] | None:
+    def buffersFor(self, request: Request, ticket: Ticket) -> _buffers.BufferPool | None:
         """
         @return: The spare download buffers of this connection's context for
             C{ticket}, if it has one.
@@ -306,10 +309,12 @@ def _ticketID(ticketID: str) -> str:
     return ticketID
 
 
-def _failureToHTTP(reason: Failure) -> Failure:
+def _failureToHTTP(reason: Failure, request: Request) -> Failure:
     """
     Map data path failures to responses: cancellation to 403 (and close),
-    storage errors to 500 with the system's reason, nothing else leaks.
+    storage errors to 500 with upstream's generic text. The error itself
+    (an OS error text, an NBD socket path and export name) goes to the log
+    only, with the ticket id shortened.
     """
     if reason.check(HTTPError):
         return reason
@@ -318,12 +323,13 @@ def _failureToHTTP(reason: Failure) -> Failure:
     if reason.check(UnsupportedOperation):
         return Failure(HTTPError(404, f"Operation not supported: {reason.value}"))
     if reason.check(OSError):
-        log.failure("Storage operation failed", reason)
-        err: OSError = reason.value  # type: ignore[assignment]
-        message = "Server failed to perform the request"
-        if err.strerror:
-            message += f": {err.strerror}"
-        return Failure(HTTPError(500, message, close=True))
+        log.error(
+            "{method} {path}: storage operation failed: {error}",
+            method=request.method.decode("ascii", "replace"),
+            path=redactPath(request.uri),
+            error=str(reason.value),
+        )
+        return Failure(HTTPError(500, INTERNAL_ERROR, close=True))
     return reason
 
 
@@ -374,7 +380,7 @@ class ImageHandler:
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(respond)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     # GET and HEAD
@@ -399,7 +405,7 @@ class ImageHandler:
         ticket = self.service.authorize(ticketID, READ)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._startRead, request, ticket, byteRange)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -448,6 +454,7 @@ class ImageHandler:
             bufferSize=self.service.chunkSize,
             idleTimeout=ticket.inactivityTimeout,
             pool=self.service.buffersFor(request, ticket),
+            budget=self.service.budget,
         )
         op.onCancel = lambda: producer.cancel(
             OperationCanceled(f"Transfer {ticket.transferID} was canceled")
@@ -545,6 +552,7 @@ class ImageHandler:
             op,
             bufferSize=self.service.chunkSize,
             onProgress=channel.resetTimeout,
+            budget=self.service.budget,
         )
         # Answer 403 and close at once on cancel, even while waiting for a
         # slow client, as upstream does for a PUT in progress.
@@ -575,7 +583,7 @@ class ImageHandler:
         # body is complete, handlePUT answers.
         if sink.bodyReceived or reason.check(ShortBody):
             return
-        mapped = _failureToHTTP(reason)
+        mapped = _failureToHTTP(reason, request)
         if mapped.check(HTTPError):
             error: HTTPError = mapped.value  # type: ignore[assignment]
         else:
@@ -598,7 +606,7 @@ class ImageHandler:
 
         d.addBoth(done)
         d.addCallback(lambda _: sendEmpty(request))
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     # PATCH
@@ -636,7 +644,7 @@ class ImageHandler:
             d = self.service.backendFor(request, ticket)
             d.addCallback(self._flush, ticket)
         d.addCallback(lambda _: sendEmpty(request))
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -739,7 +747,7 @@ class ExtentsHandler:
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
 
@@ -805,7 +813,7 @@ class ChecksumHandler:
         ticket = self.service.authorize(ticketID, READ, close=False)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._checksum, request, ticket, algorithm, blockSize)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -814,10 +822,25 @@ class ChecksumHandler:
     ) -> Any:
         op = Operation("checksum", 0)
         self.service.startOperation(ticket, op)
+        lease: _buffers.Lease | None = None
         try:
             size = yield backend.size()
             size = min(size, ticket.size)
             hasher = _blkhash.Hasher(algorithm, blockSize)
+            # The block buffer comes from the budget all transfers share:
+            # many parallel checksums wait rather than take all memory. A
+            # client that leaves or a canceled ticket stops the wait.
+            waiting = self.service.budget.acquire(blockSize)
+            op.onCancel = waiting.cancel
+            request.notifyFinish().addErrback(lambda _: waiting.cancel())
+            try:
+                lease = yield waiting
+            except CancelledError:
+                if op.canceled:
+                    raise OperationCanceled(f"Transfer {ticket.transferID} was canceled") from None
+                return
+            finally:
+                op.onCancel = None
             # Page-aligned: O_DIRECT reads go straight into it.
             buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
             extents: list[Any] = []
@@ -849,6 +872,8 @@ class ChecksumHandler:
             }
             sendJSON(request, result)
         finally:
+            if lease is not None:
+                lease.release()
             self.service.finishOperation(ticket, op)
 
 

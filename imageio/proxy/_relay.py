@@ -59,7 +59,7 @@ from imageio.backends.http import (
 )
 from imageio.interfaces import IBodySink
 from imageio.proxy._guard import GuardedEndpointFactory
-from imageio.web._response import HTTPError, isGone, sendEmpty, sendHTTPError
+from imageio.web._response import INTERNAL_ERROR, HTTPError, isGone, sendEmpty, sendHTTPError
 
 log = Logger()
 
@@ -177,7 +177,7 @@ def relayError(reason: Failure, request: Request, what: str) -> None:
         log.info("{what} failed: {status} {message}", what=what, status=e.status, message=e.message)
     else:
         log.failure("{what} failed", reason, what=what)
-        e = HTTPError(500, "Server failed to perform the request, check logs", close=True)
+        e = HTTPError(500, INTERNAL_ERROR, close=True)
     if isGone(request):
         return
     if request.startedWriting:
@@ -447,7 +447,7 @@ class UploadRelay:
             return
         if e is None:
             log.failure("Upload relay failed", failure)
-            e = HTTPError(500, "Server failed to perform the request, check logs", close=True)
+            e = HTTPError(500, INTERNAL_ERROR, close=True)
         elif failure is not None:
             log.info("Upload relay failed: {status} {message}", status=e.status, message=e.message)
         if self._early:

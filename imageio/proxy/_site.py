@@ -677,4 +677,6 @@ def makeProxySite(
         timeout=config.daemon.request_timeout,
         reactor=reactor,
         metrics=metrics,
+        bodyTimeout=config.daemon.body_timeout,
+        bodyMinRate=config.daemon.body_min_rate,
     )

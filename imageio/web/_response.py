@@ -114,7 +114,9 @@ def sendError(
     """
     if close:
         closeAfterResponse(request)
-    sendBody(request, status, message.encode("utf-8") + b"\n", TEXT_PLAIN, headers)
+    # Messages may quote client input: never fail to encode it.
+    body = message.encode("utf-8", "backslashreplace") + b"\n"
+    sendBody(request, status, body, TEXT_PLAIN, headers)
 
 
 def sendHTTPError(request: Request, error: HTTPError) -> None:
