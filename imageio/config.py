@@ -217,7 +217,9 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
     """
 
     def origin(section: str, option: str) -> str:
-        return f"{where.get((section, option), '<default>')}: [{section}] {option}"
+        # A value nobody set is the embedded default: name no file for it.
+        path = where.get((section, option))
+        return f"{path}: [{section}] {option}" if path else f"[{section}] {option} (default)"
 
     for section, option in _POSITIVE:
         if getattr(getattr(config, section), option) <= 0:
@@ -241,8 +243,9 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
                 "when [control] transport = tcp"
             )
     if bool(config.tls.key_file) != bool(config.tls.cert_file):
+        setter = "key_file" if config.tls.key_file else "cert_file"
         raise ConfigError(
-            f"{origin('tls', 'key_file')}: [tls] key_file and cert_file must be set together"
+            f"{origin('tls', setter)}: [tls] key_file and cert_file must be set together"
         )
     if config.proxy.enable and not config.proxy.engine_cert_file:
         raise ConfigError(
@@ -266,6 +269,52 @@ def configFiles(configDir: Path) -> list[Path]:
     @return: C{configDir/conf.d/*.conf}, sorted by name: later files override.
     """
     return sorted((configDir / "conf.d").glob("*.conf"), key=lambda p: p.name)
+
+
+#: Where upstream's system service reads its configuration: the admin
+#: directory (vdsm's C{60-vdsm.conf}, engine-setup's C{50-engine.conf},
+#: the admin's C{99-user.conf})...
+ADMIN_CONF_DIR = Path("/etc/ovirt-imageio")
+#: ...and the vendor directories. Upstream's code and packages use
+#: C{/usr/lib/ovirt-imageio}; its comments name C{/var/lib/ovirt-imageio}:
+#: both are read.
+VENDOR_CONF_DIRS = (Path("/usr/lib/ovirt-imageio"), Path("/var/lib/ovirt-imageio"))
+
+
+def systemConfigFiles(
+    adminDir: Path | None = None, vendorDirs: Iterable[Path] | None = None
+) -> list[Path]:
+    """
+    The drop-ins of a system installation, merged as upstream merges them:
+    C{conf.d/*.conf} of the admin and vendor directories sorted by file
+    name only, so C{75-vendor.conf} overrides C{50-vdsm.conf} and
+    C{99-user.conf} overrides C{75-vendor.conf}. Of two files with the same
+    name, the vendor's is read last.
+
+    @param adminDir: Default L{ADMIN_CONF_DIR}.
+    @param vendorDirs: Default L{VENDOR_CONF_DIRS}.
+    """
+    adminDir = ADMIN_CONF_DIR if adminDir is None else adminDir
+    vendorDirs = VENDOR_CONF_DIRS if vendorDirs is None else vendorDirs
+    files = configFiles(adminDir)
+    for vendorDir in vendorDirs:
+        files.extend(configFiles(vendorDir))
+    # sort() is stable: for equal names the admin file stays first.
+    files.sort(key=lambda p: p.name)
+    return files
+
+
+def loadSystem(
+    adminDir: Path | None = None, vendorDirs: Iterable[Path] | None = None, warn: bool = True
+) -> tuple[Config, list[Path]]:
+    """
+    Load a system installation's drop-ins (L{systemConfigFiles}), or the
+    embedded defaults when there are none.
+
+    @return: The configuration and the files read.
+    """
+    files = systemConfigFiles(adminDir, vendorDirs)
+    return load(files, warn=warn), files
 
 
 def load(files: Iterable[Path], warn: bool = True) -> Config:

@@ -66,19 +66,42 @@ class Options(usage.Options):
         "and, when [proxy] enable = true, the engine-side proxy."
     )
     optParameters = [
-        ["config-dir", "c", None, "Read DIR/conf.d/*.conf (upstream ovirt-imageio format)."],
+        [
+            "config-dir",
+            "c",
+            None,
+            "Read DIR/conf.d/*.conf (upstream ovirt-imageio format). Default: as root, "
+            "upstream's /etc/ovirt-imageio/conf.d and vendor conf.d directories; "
+            "otherwise the embedded defaults.",
+        ],
         ["state-dir", None, None, "Where sockets and the self-signed certificate live."],
         ["ticket", "t", None, "Add the ticket in this JSON file at startup."],
         ["log-level", None, None, "debug, info, warn or error (default: info)."],
     ]
     optFlags = [["show-config", None, "Print the merged configuration as JSON and exit."]]
 
+    def opt_conf_dir(self, value: str) -> None:
+        """
+        Same as --config-dir (upstream ovirt-imageio's spelling).
+        """
+        self["config-dir"] = value
+
     def postOptions(self) -> None:
-        configDir = Path(self["config-dir"]) if self["config-dir"] else None
+        warn = not self["show-config"]
         try:
-            self["config"] = _config.loadDir(configDir, warn=not self["show-config"])
+            if self["config-dir"]:
+                configDir = Path(self["config-dir"])
+                self["config-files"] = _config.configFiles(configDir)
+                self["config"] = _config.loadDir(configDir, warn=warn)
+            elif isRoot():
+                # The system service: read where vdsm and engine-setup write.
+                self["config"], self["config-files"] = _config.loadSystem(warn=warn)
+            else:
+                self["config-files"] = []
+                self["config"] = _config.loadDir(None, warn=warn)
         except _config.ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a usage error: no usage block, just what is wrong and where.
+            raise SystemExit(f"imageio: configuration error: {e}") from None
         if self["log-level"]:
             try:
                 _log.setLevel(self["log-level"])
@@ -89,6 +112,14 @@ class Options(usage.Options):
             raise SystemExit(0)
 
 
+def isRoot() -> bool:
+    """
+    Whether we run as the system service would (root), and so read
+    upstream's system configuration directories by default.
+    """
+    return os.geteuid() == 0
+
+
 def makeService(options: Options) -> IService:
     """
     Called by twistd with the parsed L{Options}.
@@ -97,8 +128,17 @@ def makeService(options: Options) -> IService:
 
     stateDir = Path(options["state-dir"]) if options["state-dir"] else _config.defaultStateDir()
     service = ImageioService(options["config"], reactor, stateDir)
+    files = options.get("config-files") or []
+    if files:
+        log.info("Configuration: {files}", files=", ".join(str(f) for f in files))
+    else:
+        log.info("Configuration: embedded defaults")
     if options["ticket"]:
         service.loadTicket(Path(options["ticket"]))
+    # twistd calls us before it daemonizes: bind now so a bad certificate or
+    # a busy port stops "twistd imageio" on the terminal with the reason,
+    # instead of in a background process that never reports ready.
+    service.listen()
     return service
 
 
@@ -178,6 +218,7 @@ class ImageioService(MultiService):
         self.diskio = DiskIO(self.pool)
         self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
         self._prepared = False
+        self._listened = False
 
     def loadTicket(self, path: Path) -> None:
         """
@@ -302,9 +343,17 @@ class ImageioService(MultiService):
         self._prepare()
         super().privilegedStartService()
 
-    def startService(self) -> None:
+    def listen(self) -> None:
+        """
+        Prepare and bind every listener now, if not done yet.
+
+        @raise SystemExit: With the reason, when a listener cannot be set up
+            (bad certificate, busy port, ...).
+        """
         self._prepare()
-        super().startService()
+        if self._listened:
+            return
+        self._listened = True
         for name, endpoint, site in self._listeners:
             failed: list[Any] = []
             d: Deferred[Any] = endpoint.listen(site)
@@ -314,6 +363,11 @@ class ImageioService(MultiService):
                 # Fail loudly and at once: a daemon without its listeners is
                 # useless and systemd should see it die.
                 raise SystemExit(f"Cannot listen for {name}: {failed[0].value}")
+
+    def startService(self) -> None:
+        self._prepare()
+        super().startService()
+        self.listen()
         log.info("imageio {version} ready", version=imageio.__version__)
         _notifySystemd(b"READY=1", self.config.daemon.systemd_enable)
 

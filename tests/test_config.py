@@ -146,6 +146,78 @@ class ConfigTests(SynchronousTestCase):
             if "invalid syntax" not in message:
                 self.assertIn(str(path), str(e))
 
+    def test_neverNamesDefaultAsFile(self) -> None:
+        """
+        An error about an option no file set names the file that set its
+        partner, and never C{<default>} as a file.
+        """
+        path = self.write("10.conf", "[tls]\ncert_file = /c\n")
+        e = self.assertRaises(config.ConfigError, config.loadDir, self.dir)
+        self.assertEqual(
+            str(e), f"{path}: [tls] cert_file: [tls] key_file and cert_file must be set together"
+        )
+        self.write("10.conf", "[control]\nport = 5\n")
+        c = config.load([])
+        c.control.transport = "tcp"
+        c.control.port = -1
+        e = self.assertRaises(config.ConfigError, config._check, c, {})  # type: ignore[attr-defined]
+        self.assertNotIn("<default>", str(e))
+        self.assertIn("[control] transport (default)", str(e))
+
+    def test_systemFilesMergedByName(self) -> None:
+        """
+        Upstream's rule for a system installation: admin and vendor
+        C{conf.d/*.conf} files are sorted by file name only, later names
+        override; of two files with one name the vendor's is read last.
+        """
+        admin = Path(self.mktemp())
+        vendor = Path(self.mktemp())
+        other = Path(self.mktemp())
+        for d in (admin, vendor, other):
+            (d / "conf.d").mkdir(parents=True)
+        (admin / "conf.d" / "50-engine.conf").write_text("[remote]\nport = 1\nhost = a\n")
+        (admin / "conf.d" / "60-vdsm.conf").write_text("[remote]\nport = 2\n")
+        (admin / "conf.d" / "99-user.conf").write_text("[local]\nenable = false\n")
+        (admin / "conf.d" / "notes.txt").write_text("[remote]\nport = 9\n")
+        (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nport = 3\n")
+        (vendor / "conf.d" / "99-user.conf").write_text("[local]\nenable = true\n")
+        (other / "conf.d" / "10-base.conf").write_text("[control]\nremove_timeout = 7\n")
+        files = config.systemConfigFiles(admin, [vendor, other])
+        self.assertEqual(
+            [str(f) for f in files],
+            [
+                str(other / "conf.d" / "10-base.conf"),
+                str(admin / "conf.d" / "50-engine.conf"),
+                str(admin / "conf.d" / "60-vdsm.conf"),
+                str(vendor / "conf.d" / "75-vendor.conf"),
+                str(admin / "conf.d" / "99-user.conf"),
+                str(vendor / "conf.d" / "99-user.conf"),
+            ],
+        )
+        c, read = config.loadSystem(admin, [vendor, other])
+        self.assertEqual(read, files)
+        self.assertEqual((c.remote.port, c.remote.host), (3, "a"))
+        self.assertTrue(c.local.enable)
+        self.assertEqual(c.control.remove_timeout, 7)
+
+    def test_systemWithoutFiles(self) -> None:
+        """
+        A system without upstream's directories runs on the embedded
+        defaults.
+        """
+        missing = Path(self.mktemp())
+        c, read = config.loadSystem(missing, [missing / "vendor"])
+        self.assertEqual(read, [])
+        self.assertEqual(c, config.Config())
+
+    def test_upstreamLocations(self) -> None:
+        """
+        The system locations are upstream's admin and vendor directories.
+        """
+        self.assertEqual(config.ADMIN_CONF_DIR, Path("/etc/ovirt-imageio"))
+        self.assertIn(Path("/usr/lib/ovirt-imageio"), config.VENDOR_CONF_DIRS)
+        self.assertIn(Path("/var/lib/ovirt-imageio"), config.VENDOR_CONF_DIRS)
+
     def test_noFiles(self) -> None:
         """
         A config dir without drop-ins is an error, as upstream.

@@ -31,6 +31,23 @@ ROOT = Path(imageio.__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; run()"]
 
 
+def _systemTwistd(admin: Path, vendor: Path) -> list[str]:
+    """
+    C{twistd} as the system service runs it (root), with upstream's
+    configuration directories moved to C{admin} and C{vendor}.
+    """
+    code = (
+        "from pathlib import Path\n"
+        "from imageio import config, tap\n"
+        f"config.ADMIN_CONF_DIR = Path({str(admin)!r})\n"
+        f"config.VENDOR_CONF_DIRS = (Path({str(vendor)!r}),)\n"
+        "tap.isRoot = lambda: True\n"
+        "from twisted.scripts.twistd import run\n"
+        "run()\n"
+    )
+    return [sys.executable, "-c", code]
+
+
 def _environ(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
@@ -59,11 +76,59 @@ class OptionsTests(SynchronousTestCase):
         conf.mkdir(parents=True)
         (conf / "10.conf").write_text("[remote]\nport = nope\n")
         options = tap.Options()
-        e = self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--config-dir", str(conf.parent)]
-        )
+        e = self.assertRaises(SystemExit, options.parseOptions, ["--config-dir", str(conf.parent)])
         self.assertIn("[remote] port", str(e))
         self.assertIn("10.conf", str(e))
+
+    def test_confDirSpellings(self) -> None:
+        """
+        Upstream's C{-c} and C{--conf-dir} are accepted as well as
+        C{--config-dir}.
+        """
+        conf = Path(self.mktemp())
+        (conf / "conf.d").mkdir(parents=True)
+        (conf / "conf.d" / "10.conf").write_text("[remote]\nport = 1234\n")
+        for args in (["-c", str(conf)], ["--conf-dir", str(conf)], ["--config-dir", str(conf)]):
+            options = tap.Options()
+            options.parseOptions(args)
+            self.assertEqual(options["config"].remote.port, 1234, args)
+            self.assertEqual(options["config-files"], [conf / "conf.d" / "10.conf"])
+
+    def systemDirs(self) -> tuple[Path, Path]:
+        admin = Path(self.mktemp())
+        vendor = Path(self.mktemp())
+        (admin / "conf.d").mkdir(parents=True)
+        (vendor / "conf.d").mkdir(parents=True)
+        self.patch(tap._config, "ADMIN_CONF_DIR", admin)
+        self.patch(tap._config, "VENDOR_CONF_DIRS", (vendor,))
+        (admin / "conf.d" / "60-vdsm.conf").write_text("[remote]\nport = 2222\n")
+        (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nhost = 127.0.0.1\n")
+        return admin, vendor
+
+    def test_rootReadsSystemDirs(self) -> None:
+        """
+        As root with no configuration option, upstream's admin and vendor
+        directories are read.
+        """
+        self.systemDirs()
+        self.patch(tap, "isRoot", lambda: True)
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual((options["config"].remote.port, options["config"].remote.host),
+                         (2222, "127.0.0.1"))  # fmt: skip
+        self.assertEqual(len(options["config-files"]), 2)
+
+    def test_unprivilegedUsesDefaults(self) -> None:
+        """
+        An unprivileged run with no configuration option keeps the embedded
+        defaults, whatever the system directories hold.
+        """
+        self.systemDirs()
+        self.patch(tap, "isRoot", lambda: False)
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"].remote.port, 54322)
+        self.assertEqual(options["config-files"], [])
 
     def test_badLogLevel(self) -> None:
         """
@@ -218,6 +283,124 @@ class TwistdTests(SynchronousTestCase):
         self.assertNotIn("Traceback", output)
         self.assertIn("Listening: control", output)
 
+    def test_freshSystemInstall(self) -> None:
+        """
+        A root install with vdsm's drop-in in C{/etc/ovirt-imageio/conf.d},
+        a vendor drop-in and an admin override starts with no option, reads
+        all three merged by name and says so.
+        """
+        from imageio import _pki
+
+        admin, vendor = self.dir / "etc", self.dir / "vendor"
+        (admin / "conf.d").mkdir(parents=True)
+        (vendor / "conf.d").mkdir(parents=True)
+        pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        (admin / "conf.d" / "60-vdsm.conf").write_text(
+            f"[tls]\nenable = true\nkey_file = {pki.keyFile}\ncert_file = {pki.certFile}\n"
+            f"ca_file = {pki.caFile}\n[remote]\nport = 54322\n[local]\nenable = true\n"
+            f"socket = {self.dir}/local.sock\n[control]\ntransport = unix\n"
+        )
+        (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nport = 1\nhost = 127.0.0.1\n")
+        (admin / "conf.d" / "99-user.conf").write_text("[remote]\nport = 0\n")
+        run = self.dir / "run"
+        process = subprocess.Popen(
+            _systemTwistd(admin, vendor) + ["-n", "--pidfile=", "imageio"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=str(self.dir),
+            env=_environ(RUNTIME_DIRECTORY=str(run)),
+        )
+        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
+        sock = run / "sock"
+        self.waitForSocket(sock, process)
+        response = _unixGet(str(sock), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertIn(
+            f"Configuration: {admin}/conf.d/60-vdsm.conf, {vendor}/conf.d/75-vendor.conf, "
+            f"{admin}/conf.d/99-user.conf",
+            output,
+        )
+        self.assertIn("Listening: remote https://127.0.0.1:", output)
+        self.assertNotIn("https://127.0.0.1:1\n", output)
+        self.assertNotIn("self-signed", output)
+        self.assertNotIn("Traceback", output)
+
+    def daemonize(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{twistd imageio} the way that daemonizes (no C{-n}); return
+        once the foreground process exits.
+        """
+        result = subprocess.run(
+            TWISTD
+            + ["--pidfile", str(self.dir / "twistd.pid"), "--logfile", str(self.dir / "log")]
+            + ["imageio", "--config-dir", str(self.dir), "--state-dir", str(self.state), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(self.dir),
+        )
+        self.addCleanup(self.killDaemon)
+        return result
+
+    def killDaemon(self) -> None:
+        pidfile = self.dir / "twistd.pid"
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+    def test_daemonizedBusyPort(self) -> None:
+        """
+        Without C{-n}, a busy port stops twistd in the foreground at once,
+        with the reason on the terminal, and nothing is left running.
+        """
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            (self.dir / "conf.d" / "10.conf").write_text(
+                f"[remote]\nhost = 127.0.0.1\nport = {port}\n[local]\nenable = false\n"
+            )
+            result = self.daemonize()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("Cannot listen for remote", result.stderr)
+        self.assertIn("Address already in use", result.stderr)
+        self.assertFalse((self.dir / "twistd.pid").exists())
+
+    def test_daemonizedBadCertificate(self) -> None:
+        """
+        Without C{-n}, a bad certificate stops twistd in the foreground with
+        the file named.
+        """
+        bad = self.dir / "bad.pem"
+        bad.write_text("not a certificate\n")
+        (self.dir / "conf.d" / "10.conf").write_text(
+            f"[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[tls]\ncert_file = {bad}\nkey_file = {bad}\n"
+        )
+        result = self.daemonize()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("TLS configuration error", result.stderr)
+        self.assertIn(str(bad), result.stderr)
+        self.assertFalse((self.dir / "twistd.pid").exists())
+
+    def test_daemonizedStarts(self) -> None:
+        """
+        Without C{-n} a good configuration still daemonizes and serves.
+        """
+        (self.dir / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+        )
+        result = self.daemonize()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sock = self.state / "sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = _unixGet(str(sock), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+
     def test_showConfig(self) -> None:
         """
         --show-config prints the merged configuration as JSON and exits.
@@ -250,4 +433,10 @@ class TwistdTests(SynchronousTestCase):
             cwd=str(self.dir),
         )
         self.assertNotEqual(out.returncode, 0)
-        self.assertIn("[control] remove_timeout", out.stdout + out.stderr)
+        self.assertIn(
+            f"imageio: configuration error: {self.dir}/conf.d/10.conf: [control] remove_timeout: "
+            "expecting an integer, got 'soon'",
+            out.stderr,
+        )
+        self.assertNotIn("Usage:", out.stdout + out.stderr)
+        self.assertNotIn("<default>", out.stdout + out.stderr)
