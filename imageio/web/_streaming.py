@@ -142,6 +142,9 @@ class StreamingRequest(server.Request):
     bodySink: IBodySink | None = None
     respondedEarly: bool = False
     started: float = 0.0
+    #: Body bytes handed to us by twisted.web (not those read directly
+    #: into an upload sink's buffers, which the sink counts).
+    contentReceived: int = 0
 
     def gotLength(self, length: int | None) -> None:
         self.started = time.monotonic()
@@ -165,6 +168,7 @@ class StreamingRequest(server.Request):
             self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
+        self.contentReceived += len(data)
         if self.respondedEarly:
             return
         if self.bodySink is None:
@@ -516,7 +520,12 @@ class ImageioSite(server.Site):
 
     def log(self, request: http.Request) -> None:
         sink = getattr(request, "bodySink", None)
-        received = getattr(sink, "bytesWritten", 0)
+        # Upload sinks count what they read directly; every other body
+        # (PATCH, control PUT, refused uploads) went through
+        # handleContentChunk.
+        received = getattr(sink, "bytesWritten", None)
+        if received is None:
+            received = getattr(request, "contentReceived", 0)
         method = request.method.decode("ascii", "replace")
         if self.metrics is not None:
             self.metrics.requestDone(self.name, method, request.code, request.sentLength, received)
