@@ -317,6 +317,24 @@ def loadSystem(
     return load(files, warn=warn), files
 
 
+def loadConfigDir(configDir: Path, warn: bool = True) -> tuple[Config, list[Path]]:
+    """
+    Load C{-c/--config-dir DIR}: C{DIR/conf.d/*.conf}; upstream's admin
+    directory (L{ADMIN_CONF_DIR}) always comes with its vendor directories,
+    as upstream reads them.
+
+    @return: The configuration and the files read.
+    @raise ConfigError: When there is no drop-in to read, as upstream.
+    """
+    if configDir.resolve() == ADMIN_CONF_DIR.resolve():
+        files = systemConfigFiles(configDir)
+    else:
+        files = configFiles(configDir)
+    if not files:
+        raise ConfigError(f"Could not find {configDir / 'conf.d' / '*.conf'}")
+    return load(files, warn=warn), files
+
+
 def load(files: Iterable[Path], warn: bool = True) -> Config:
     """
     Merge INI files in order over the embedded defaults.

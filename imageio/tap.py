@@ -91,8 +91,7 @@ class Options(usage.Options):
         try:
             if self["config-dir"]:
                 configDir = Path(self["config-dir"])
-                self["config-files"] = _config.configFiles(configDir)
-                self["config"] = _config.loadDir(configDir, warn=warn)
+                self["config"], self["config-files"] = _config.loadConfigDir(configDir, warn=warn)
             elif isRoot():
                 # The system service: read where vdsm and engine-setup write.
                 self["config"], self["config-files"] = _config.loadSystem(warn=warn)

@@ -210,6 +210,27 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(read, [])
         self.assertEqual(c, config.Config())
 
+    def test_adminDirComesWithVendorDirs(self) -> None:
+        """
+        C{-c} naming upstream's admin directory reads its vendor directories
+        too, as upstream does; any other directory is read alone.
+        """
+        admin = Path(self.mktemp())
+        vendor = Path(self.mktemp())
+        (admin / "conf.d").mkdir(parents=True)
+        (vendor / "conf.d").mkdir(parents=True)
+        (admin / "conf.d" / "60-vdsm.conf").write_text("[remote]\nport = 2\n")
+        (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nport = 3\n")
+        self.patch(config, "ADMIN_CONF_DIR", admin)
+        self.patch(config, "VENDOR_CONF_DIRS", (vendor,))
+        c, files = config.loadConfigDir(admin)
+        self.assertEqual((c.remote.port, len(files)), (3, 2))
+        self.write("10.conf", "[remote]\nport = 4\n")
+        c, files = config.loadConfigDir(self.dir)
+        self.assertEqual((c.remote.port, files), (4, [self.dir / "conf.d" / "10.conf"]))
+        e = self.assertRaises(config.ConfigError, config.loadConfigDir, Path(self.mktemp()))
+        self.assertIn("Could not find", str(e))
+
     def test_upstreamLocations(self) -> None:
         """
         The system locations are upstream's admin and vendor directories.

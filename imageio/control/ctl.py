@@ -85,7 +85,7 @@ def _locate(args: argparse.Namespace) -> None:
     confDir = getattr(args, "conf_dir", None)
     try:
         if confDir:
-            config = _config.loadDir(Path(confDir), warn=False)
+            config, _ = _config.loadConfigDir(Path(confDir), warn=False)
         elif os.geteuid() == 0:
             config, _ = _config.loadSystem(warn=False)
         else:
