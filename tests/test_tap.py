@@ -182,6 +182,87 @@ class DescribeTests(SynchronousTestCase):
         )
 
 
+class SystemdTests(SynchronousTestCase):
+    def test_upstreamUnit(self) -> None:
+        """
+        C{etc/systemd/ovirt-imageio.service} is a C{Type=notify} unit under
+        upstream's name that runs our daemon on upstream's configuration,
+        and no command is installed under upstream's names.
+        """
+        import configparser
+        from importlib.metadata import distribution
+
+        unit = configparser.RawConfigParser(strict=False)
+        unit.optionxform = str  # type: ignore[assignment,method-assign]
+        unit.read(ROOT / "etc" / "systemd" / "ovirt-imageio.service")
+        service = unit["Service"]
+        self.assertEqual(service["Type"], "notify")
+        command = service["ExecStart"].split()
+        self.assertTrue(command[0].endswith("/twistd"), command)
+        self.assertIn("-n", command)
+        self.assertEqual(
+            command[command.index("imageio") :][1:], ["--conf-dir", "/etc/ovirt-imageio"]
+        )
+        self.assertEqual(service["RuntimeDirectory"], "ovirt-imageio")
+        scripts = {e.name for e in distribution("tximageio").entry_points}
+        self.assertEqual(scripts & {"ovirt-imageio", "ovirt-imageioctl"}, set())
+
+    def receiver(self, abstract: bool = False) -> tuple[socket.socket, str]:
+        directory = shortTempDir("iio-notify-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        path = f"\0{directory}/notify" if abstract else f"{directory}/notify"
+        s.bind(path)
+        s.settimeout(30)
+        return s, "@" + path[1:] if abstract else path
+
+    def test_notify(self) -> None:
+        """
+        With C{NOTIFY_SOCKET} set (a path or an abstract C{@name}), the
+        message goes there as one datagram; without it, or with
+        C{[daemon] systemd_enable = false}, nothing is sent.
+        """
+        notify = tap._notifySystemd  # type: ignore[attr-defined]
+        for abstract in (False, True):
+            receiver, address = self.receiver(abstract)
+            self.patch(tap.os, "environ", {"NOTIFY_SOCKET": address})
+            notify(b"READY=1", True)
+            self.assertEqual(receiver.recv(100), b"READY=1")
+            notify(b"READY=1", False)
+            self.patch(tap.os, "environ", {})
+            notify(b"READY=1", True)
+            receiver.setblocking(False)
+            self.assertRaises(BlockingIOError, receiver.recv, 100)
+
+    def test_twistdNotifiesReady(self) -> None:
+        """
+        A real C{twistd -n imageio} sends C{READY=1} once its control socket
+        answers, and C{STOPPING=1} on SIGTERM.
+        """
+        receiver, address = self.receiver()
+        directory = Path(address).parent
+        (directory / "conf.d").mkdir()
+        (directory / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+        )
+        process = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "imageio", "--config-dir", str(directory),
+                      "--state-dir", str(directory / "state")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=str(directory),
+            env=_environ(NOTIFY_SOCKET=address),
+        )  # fmt: skip
+        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
+        self.assertEqual(receiver.recv(100), b"READY=1")
+        response = _unixGet(str(directory / "state" / "sock"), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(receiver.recv(100), b"STOPPING=1")
+        process.wait(timeout=30)
+
+
 class PluginInstallTests(SynchronousTestCase):
     def test_pipInstallThenTwistdFindsPlugin(self) -> None:
         """
