@@ -28,7 +28,9 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.web.resource import Resource
 
 import imageio
@@ -101,6 +103,12 @@ class Options(usage.Options):
         except _config.ConfigError as e:
             # Not a usage error: no usage block, just what is wrong and where.
             raise SystemExit(f"imageio: configuration error: {e}") from None
+        settings = _config.logSettings(self["config"])
+        _log.setDestination(
+            settings.destination, settings.path, settings.maxBytes, settings.backupCount
+        )
+        if settings.level and not self["log-level"]:
+            _log.setLevel(settings.level)
         if self["log-level"]:
             try:
                 _log.setLevel(self["log-level"])
@@ -127,6 +135,13 @@ def makeService(options: Options) -> IService:
 
     stateDir = Path(options["state-dir"]) if options["state-dir"] else _config.defaultStateDir()
     service = ImageioService(options["config"], reactor, stateDir)
+    try:
+        service.logObserver = _log.configuredObserver()
+    except OSError as e:
+        raise SystemExit(f"imageio: cannot open the log file: {e}") from None
+    if service.logObserver is not None:
+        # Said where twistd's own observer still prints (the terminal).
+        print(f"imageio: logging to {_log.describeDestination()}", file=sys.stderr)
     files = options.get("config-files") or []
     if files:
         log.info("Configuration: {files}", files=", ".join(str(f) for f in files))
@@ -218,6 +233,18 @@ class ImageioService(MultiService):
         self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
         self._prepared = False
         self._listened = False
+
+    #: The observer for the log destination the configuration names
+    #: (L{imageio._log.configuredObserver}); twistd uses it instead of its
+    #: own unless given C{--logger}.
+    logObserver: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            # twistd's Application: its ILogObserver component is the
+            # observer twistd starts logging to.
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
 
     def loadTicket(self, path: Path) -> None:
         """

@@ -97,7 +97,7 @@ class ConfigTests(SynchronousTestCase):
         self.write(
             "10.conf",
             "[daemon]\nfuture_option = 1\nmax_connections = 4\n[future]\nx = 1\n"
-            "[logger_root]\nlevel = DEBUG\n[handler_logfile]\nargs = ()\n",
+            "[logger_root]\nlevel = DEBUG\n[handler_logfile]\nargs = ('/tmp/d.log',)\n",
         )
         c = config.loadDir(self.dir)
         self.assertEqual(c.daemon.max_connections, 4)
@@ -106,6 +106,86 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("future_option", texts)
         self.assertIn("future", texts)
         self.assertNotIn("logger_root", texts)
+
+    def test_loggingDefaultsToStdout(self) -> None:
+        """
+        Without logging sections logs go to standard output, at the level
+        given on the command line.
+        """
+        self.write("10.conf", "[remote]\nport = 1\n")
+        self.assertEqual(config.logSettings(config.loadDir(self.dir)), config.LogSettings())
+
+    def test_loggingUpstreamExample(self) -> None:
+        """
+        Upstream's example logging configuration: the root level and a log
+        file rotated at 20 MiB keeping 10 files.
+        """
+        self.write(
+            "10.conf",
+            "[loggers]\nkeys = root\n[handlers]\nkeys = logfile\n[formatters]\nkeys = long\n"
+            "[logger_root]\nlevel = WARNING\nhandlers = logfile\npropagate = 0\n"
+            "[handler_logfile]\nclass = logging.handlers.RotatingFileHandler\n"
+            "args = ('/var/log/ovirt-imageio/daemon.log',)\n"
+            "kwargs = {'maxBytes': 20971520, 'backupCount': 10}\nlevel = DEBUG\n"
+            "formatter = long\n[formatter_long]\nformat = %(asctime)s %(message)s\n",
+        )
+        c = config.loadDir(self.dir)
+        self.assertEqual(
+            config.logSettings(c),
+            config.LogSettings("warn", "file", "/var/log/ovirt-imageio/daemon.log", 20971520, 10),
+        )
+        shown = json.loads(config.showConfig(c))
+        self.assertEqual(shown["logger_root"]["level"], "WARNING")
+        self.assertEqual(
+            shown["handler_logfile"]["kwargs"], "{'maxBytes': 20971520, 'backupCount': 10}"
+        )
+
+    def test_loggingPartialSections(self) -> None:
+        """
+        A file that only moves the log file keeps upstream's rotation; a
+        root logger naming upstream's stderr handler logs there; a root
+        level alone keeps standard output.
+        """
+        self.write("10.conf", "[handler_logfile]\nargs = ('/l/d.log',)\n")
+        self.assertEqual(
+            config.logSettings(config.loadDir(self.dir)),
+            config.LogSettings(None, "file", "/l/d.log", 20971520, 10),
+        )
+        self.write("10.conf", "[logger_root]\nhandlers = stderr\nlevel = debug\n")
+        self.assertEqual(
+            config.logSettings(config.loadDir(self.dir)), config.LogSettings("debug", "stderr")
+        )
+        self.write("10.conf", "[logger_root]\nlevel = ERROR\n")
+        self.assertEqual(config.logSettings(config.loadDir(self.dir)), config.LogSettings("error"))
+        self.write(
+            "10.conf",
+            "[logger_root]\nhandlers = plain\n[handler_plain]\nclass = logging.FileHandler\n"
+            "args = ('/l/p.log', 'a')\n",
+        )
+        self.assertEqual(
+            config.logSettings(config.loadDir(self.dir)),
+            config.LogSettings(None, "file", "/l/p.log"),
+        )
+
+    def test_loggingErrors(self) -> None:
+        """
+        Logging values we cannot honour fail at start, naming the file.
+        """
+        cases = [
+            ("[logger_root]\nlevel = LOUD\n", "[logger_root] level: expecting DEBUG"),
+            ("[logger_root]\nhandlers = nope\n", "[logger_root] handlers: no [handler_nope]"),
+            (
+                "[handler_logfile]\nclass = logging.handlers.SysLogHandler\n",
+                "[handler_logfile] class: imageio writes logs to a file",
+            ),
+            ("[handler_logfile]\nargs = (\n", "[handler_logfile] args: expecting a Python literal"),
+            ("[handler_logfile]\nargs = ()\n", "[handler_logfile] args: expecting the log file"),
+        ]
+        for text, message in cases:
+            path = self.write("10.conf", text)
+            e = self.assertRaises(config.ConfigError, config.loadDir, self.dir)
+            self.assertIn(message, str(e))
+            self.assertIn(str(path), str(e))
 
     def test_booleansAsUpstream(self) -> None:
         """

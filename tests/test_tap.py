@@ -409,6 +409,30 @@ class TwistdTests(SynchronousTestCase):
         self.assertNotIn("self-signed", output)
         self.assertNotIn("Traceback", output)
 
+    def test_logFileFromConfiguration(self) -> None:
+        """
+        Upstream's C{[handler_logfile]} and C{[logger_root] level} are
+        honoured: lines go to that file from that level on, not to
+        standard output, and the terminal is told where they went.
+        """
+        logFile = self.dir / "log" / "daemon.log"
+        (self.dir / "conf.d" / "10-test.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[logger_root]\nlevel = DEBUG\nhandlers = logfile\n"
+            f"[handler_logfile]\nargs = ('{logFile}',)\n"
+        )
+        process = self.start("--config-dir", str(self.dir), "--state-dir", str(self.state))
+        self.waitForSocket(self.state / "sock", process)
+        _unixGet(str(self.state / "sock"), "/tickets/nope")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertIn(f"imageio: logging to {logFile} (rotated at 20971520 bytes, 10 kept)", output)
+        self.assertNotIn("Listening", output)
+        logged = logFile.read_text()
+        self.assertIn("Listening: control", logged)
+        self.assertIn("GET /tickets/nope 404", logged)
+        self.assertEqual(logFile.stat().st_mode & 0o777, 0o640)
+
     def daemonize(self, *args: str) -> subprocess.CompletedProcess[str]:
         """
         Run C{twistd imageio} the way that daemonizes (no C{-n}); return
