@@ -298,6 +298,7 @@ def logSettings(config: Config, where: dict[tuple[str, str], str] | None = None)
         backupCount=max(0, backupCount),
     )
 
+
 #: Upstream options we accept but do not act on, with the reason.
 IGNORED_OPTIONS = {
     ("daemon", "poll_interval"): "shutdown is event driven",
