@@ -236,13 +236,16 @@ class ImagesService:
                 w.callback(backend)
 
         def failed(reason: Failure) -> None:
-            # The traceback is logged once, where the failure becomes a response.
-            log.warn(
+            # One ERROR line says it all (a missing image file is a
+            # configuration problem, not a bug): no traceback later.
+            log.error(
                 "Opening {url} for ticket {ticketID} failed: {error}",
                 url=redactURL(ticket.url),
                 ticketID=shortID(ticket.uuid),
                 error=reason.getErrorMessage(),
             )
+            if isinstance(reason.value, OSError):
+                reason.value.imageioLogged = True  # type: ignore[attr-defined]
             waiters, ctx._opening = ctx._opening, []
             ctx.close()
             for w in waiters:
@@ -305,7 +308,8 @@ def _failureToHTTP(reason: Failure) -> Failure:
     if reason.check(UnsupportedOperation):
         return Failure(HTTPError(404, f"Operation not supported: {reason.value}"))
     if reason.check(OSError):
-        log.failure("Storage operation failed", reason)
+        if not getattr(reason.value, "imageioLogged", False):
+            log.failure("Storage operation failed", reason)
         err: OSError = reason.value  # type: ignore[assignment]
         message = "Server failed to perform the request"
         if err.strerror:

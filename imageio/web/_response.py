@@ -114,6 +114,7 @@ def sendError(
     """
     if close:
         closeAfterResponse(request)
+    request.errorMessage = message  # type: ignore[attr-defined]  # for the access log
     sendBody(request, status, message.encode("utf-8") + b"\n", TEXT_PLAIN, headers)
 
 
