@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from imageio import _log
