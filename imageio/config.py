@@ -306,6 +306,7 @@ IGNORED_OPTIONS = {
     ("daemon", "user_name"): "use twistd --uid or systemd User=",
     ("daemon", "group_name"): "use twistd --gid or systemd Group=",
     ("profile", "filename"): "profiling is not implemented",
+    ("daemon", "run_dir"): "use --state-dir or systemd RuntimeDirectory=",
 }
 
 _TRUE = {"1", "yes", "true", "on"}
@@ -564,11 +565,21 @@ def loadDir(configDir: Path | None, warn: bool = True) -> Config:
     return load(files, warn=warn)
 
 
-def showConfig(config: Config) -> str:
+def showConfig(config: Config, effective: dict[str, object] | None = None) -> str:
     """
-    @return: The merged configuration as indented JSON, for C{--show-config}.
+    @param effective: What the daemon would actually use (paths it derives,
+        files read), shown under C{"effective"}.
+    @return: The merged configuration as indented JSON, for C{--show-config},
+        with the options accepted for compatibility but without effect
+        listed under C{"no_effect"}.
     """
-    return json.dumps(config.toJSON(), indent=4)
+    shown: dict[str, Any] = config.toJSON()
+    if effective is not None:
+        shown["effective"] = effective
+    shown["no_effect"] = {
+        f"[{section}] {option}": reason for (section, option), reason in IGNORED_OPTIONS.items()
+    }
+    return json.dumps(shown, indent=4)
 
 
 def defaultStateDir() -> Path:

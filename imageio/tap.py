@@ -115,8 +115,60 @@ class Options(usage.Options):
             except ValueError:
                 raise usage.UsageError(f"Unknown log level {self['log-level']!r}") from None
         if self["show-config"]:
-            print(_config.showConfig(self["config"]))
+            stateDir = (
+                Path(self["state-dir"]) if self["state-dir"] else _config.defaultStateDir()
+            )
+            effective = effectivePaths(self["config"], stateDir)
+            effective["config_files"] = [str(f) for f in self["config-files"]]
+            print(_config.showConfig(self["config"], effective))
             raise SystemExit(0)
+
+
+def effectivePaths(config: _config.Config, stateDir: Path) -> dict[str, object]:
+    """
+    What a daemon with C{config} and C{stateDir} would use, for
+    C{--show-config}: the listeners, the certificates and the log.
+    """
+
+    def url(scheme: str, host: str, port: int) -> str:
+        host = host or "0.0.0.0"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    def unix(path: str) -> str:
+        return "@" + path[1:] + " (abstract)" if path.startswith("\0") else path
+
+    selfSigned = str(stateDir / "pki" / "cert.pem"), str(stateDir / "pki" / "key.pem")
+    note = " (self-signed, made at first start)"
+    result: dict[str, object] = {"state_dir": str(stateDir)}
+    control = config.control
+    if not control.enable:
+        result["control"] = None
+    elif control.transport == "tcp":
+        host = "127.0.0.1" if control.prefer_ipv4 else "::1"
+        result["control"] = url("http", host, control.port)
+    else:
+        result["control"] = control.socket or str(stateDir / "sock")
+    local = config.local
+    if not local.enable:
+        result["local"] = None
+    else:
+        result["local"] = unix(local.socket) if local.socket else "random abstract socket"
+    remote = config.remote
+    scheme = "https" if config.tls.enable else "http"
+    result["remote"] = url(scheme, remote.host, remote.port) if remote.enable else None
+    if config.tls.enable and remote.enable:
+        if config.tls.cert_file:
+            result["cert_file"], result["key_file"] = config.tls.cert_file, config.tls.key_file
+        else:
+            result["cert_file"], result["key_file"] = (f + note for f in selfSigned)
+    if config.proxy.enable:
+        result["proxy"] = url("https", config.proxy.host, config.proxy.port)
+        result["proxy_cert_file"] = (
+            config.proxy.cert_file or config.tls.cert_file or selfSigned[0] + note
+        )
+        result["proxy_key_file"] = config.proxy.key_file or config.tls.key_file or selfSigned[1]
+    result["log"] = _log.describeDestination()
+    return result
 
 
 def isRoot() -> bool:

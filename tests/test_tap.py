@@ -130,6 +130,67 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["config"].remote.port, 54322)
         self.assertEqual(options["config-files"], [])
 
+    def test_showConfigEffective(self) -> None:
+        """
+        --show-config shows what the daemon would use: the control and
+        local sockets, the certificate and key, the files read, and marks
+        the options accepted without effect.
+        """
+        conf = Path(self.mktemp())
+        (conf / "conf.d").mkdir(parents=True)
+        (conf / "conf.d" / "10.conf").write_text("[daemon]\ndrop_privileges = true\n")
+        options = tap.Options()
+        out = self.patchStdout()
+        e = self.assertRaises(
+            SystemExit,
+            options.parseOptions,
+            ["-c", str(conf), "--state-dir", "/st", "--show-config"],
+        )
+        self.assertEqual(e.code, 0)
+        shown = json.loads(out.getvalue())
+        self.assertEqual(
+            shown["effective"],
+            {
+                "state_dir": "/st",
+                "control": "/st/sock",
+                "local": "@/org/ovirt/imageio (abstract)",
+                "remote": "https://[::]:54322",
+                "cert_file": "/st/pki/cert.pem (self-signed, made at first start)",
+                "key_file": "/st/pki/key.pem (self-signed, made at first start)",
+                "log": "stdout",
+                "config_files": [str(conf / "conf.d" / "10.conf")],
+            },
+        )
+        self.assertIn("systemd User=", shown["no_effect"]["[daemon] drop_privileges"])
+        self.assertIn("[daemon] run_dir", shown["no_effect"])
+
+    def test_effectivePathsConfigured(self) -> None:
+        """
+        Configured files and a TCP control port are shown as configured.
+        """
+        from imageio import config
+
+        c = config.Config()
+        c.tls.cert_file, c.tls.key_file = "/c.pem", "/k.pem"
+        c.control.transport, c.control.port = "tcp", 54324
+        c.local.socket = ""
+        c.remote.host = "0.0.0.0"
+        shown = tap.effectivePaths(c, Path("/st"))
+        self.assertEqual(shown["control"], "http://127.0.0.1:54324")
+        self.assertEqual(shown["local"], "random abstract socket")
+        self.assertEqual(shown["remote"], "https://0.0.0.0:54322")
+        self.assertEqual((shown["cert_file"], shown["key_file"]), ("/c.pem", "/k.pem"))
+        c.local.enable = c.control.enable = False
+        shown = tap.effectivePaths(c, Path("/st"))
+        self.assertEqual((shown["local"], shown["control"]), (None, None))
+
+    def patchStdout(self) -> Any:
+        import io
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        return out
+
     def test_badLogLevel(self) -> None:
         """
         An unknown log level is a usage error.
