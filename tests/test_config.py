@@ -319,6 +319,19 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn(Path("/usr/lib/ovirt-imageio"), config.VENDOR_CONF_DIRS)
         self.assertIn(Path("/var/lib/ovirt-imageio"), config.VENDOR_CONF_DIRS)
 
+    def test_exampleConfigDirs(self) -> None:
+        """
+        The examples in C{etc/} are configuration directories: C{--config-dir
+        etc/host} and C{--config-dir etc/engine} load them.
+        """
+        root = Path(__file__).resolve().parent.parent / "etc"
+        host, files = config.loadConfigDir(root / "host")
+        self.assertEqual([f.name for f in files], ["60-host.conf"])
+        self.assertEqual(host.tls.key_file, "/etc/pki/vdsm/keys/vdsmkey.pem")
+        engine, files = config.loadConfigDir(root / "engine")
+        self.assertEqual([f.name for f in files], ["50-engine.conf"])
+        self.assertEqual((engine.control.transport, engine.control.port), ("tcp", 54324))
+
     def test_noFiles(self) -> None:
         """
         A config dir without drop-ins is an error, as upstream.
