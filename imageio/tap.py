@@ -6,8 +6,9 @@ C{twistd -n imageio} runs with embedded defaults: a state directory
 (systemd's C{RuntimeDirectory}, C{/run/ovirt-imageio} for root, else the XDG
 state directory), a self-signed certificate made there on first start,
 the control socket there, the images API on port 54322 and the local
-abstract socket. C{--config-dir DIR} reads C{DIR/conf.d/*.conf} like
-upstream ovirt-imageio.
+abstract socket. C{--config-dir DIR} (C{-c}, C{--conf-dir}) reads
+C{DIR/conf.d/*.conf} like upstream ovirt-imageio; root with no option reads
+upstream's system directories (L{imageio.config.loadSystem}).
 
 This is the only module that builds endpoints; library code gets the
 reactor and pools injected.
@@ -115,9 +116,7 @@ class Options(usage.Options):
             except ValueError:
                 raise usage.UsageError(f"Unknown log level {self['log-level']!r}") from None
         if self["show-config"]:
-            stateDir = (
-                Path(self["state-dir"]) if self["state-dir"] else _config.defaultStateDir()
-            )
+            stateDir = Path(self["state-dir"]) if self["state-dir"] else _config.defaultStateDir()
             effective = effectivePaths(self["config"], stateDir)
             effective["config_files"] = [str(f) for f in self["config-files"]]
             print(_config.showConfig(self["config"], effective))

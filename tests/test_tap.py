@@ -68,6 +68,10 @@ def _unixGet(path: str, target: str, timeout: float = 5) -> bytes:
 
 
 class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # Whoever runs the tests, never read the machine's /etc.
+        self.patch(tap, "isRoot", lambda: False)
+
     def test_badConfigIsUsageError(self) -> None:
         """
         A bad configuration stops twistd with the file and option named.
