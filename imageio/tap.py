@@ -170,6 +170,18 @@ def effectivePaths(config: _config.Config, stateDir: Path) -> dict[str, object]:
     return result
 
 
+def describeConfigFiles(files: list[Path], explicit: bool) -> str:
+    """
+    @param explicit: A configuration directory was given.
+    @return: The files read, for the start-up log.
+    """
+    if files:
+        return ", ".join(str(f) for f in files)
+    if explicit or not isRoot():
+        return "embedded defaults"
+    return f"embedded defaults (no {_config.ADMIN_CONF_DIR}/conf.d/*.conf)"
+
+
 def isRoot() -> bool:
     """
     Whether we run as the system service would (root), and so read
@@ -193,11 +205,10 @@ def makeService(options: Options) -> IService:
     if service.logObserver is not None:
         # Said where twistd's own observer still prints (the terminal).
         print(f"imageio: logging to {_log.describeDestination()}", file=sys.stderr)
-    files = options.get("config-files") or []
-    if files:
-        log.info("Configuration: {files}", files=", ".join(str(f) for f in files))
-    else:
-        log.info("Configuration: embedded defaults")
+    log.info(
+        "Configuration: {files}",
+        files=describeConfigFiles(options.get("config-files") or [], bool(options["config-dir"])),
+    )
     if options["ticket"]:
         service.loadTicket(Path(options["ticket"]))
     # twistd calls us before it daemonizes: bind now so a bad certificate or
@@ -242,7 +253,7 @@ def _removeStaleSocket(path: str) -> None:
         raise
     finally:
         probe.close()
-    raise SystemExit(f"Another process is listening on {path}")
+    raise SystemExit(f"imageio: another process is listening on {path}: is imageio running?")
 
 
 class ImageioService(MultiService):

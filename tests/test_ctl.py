@@ -178,6 +178,28 @@ class CtlTests(TestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr, "")
 
+    def test_hints(self) -> None:
+        """
+        An unreachable socket comes with what to try: the system daemon's
+        socket when it exists, the group for a permission error.
+        """
+        import argparse
+
+        from imageio.control import ctl
+
+        system = self.dir / "system.sock"
+        self.patch(ctl, "SYSTEM_SOCKET", str(system))
+        args = argparse.Namespace(port=None, socket=str(self.dir / "mine.sock"))
+        self.assertEqual(ctl._hint(args, FileNotFoundError()), "")  # type: ignore[attr-defined]
+        system.touch()
+        self.assertEqual(
+            ctl._hint(args, FileNotFoundError()),  # type: ignore[attr-defined]
+            f" (the system daemon listens on {system}: use -s {system})",
+        )
+        self.assertIn("ovirtimg", ctl._hint(args, PermissionError()))  # type: ignore[attr-defined]
+        args.port = 54324
+        self.assertEqual(ctl._hint(args, FileNotFoundError()), "")  # type: ignore[attr-defined]
+
     def test_describeExpiry(self) -> None:
         """
         C{expires} is shown as remaining seconds and a wall-clock time.

@@ -195,6 +195,22 @@ class OptionsTests(SynchronousTestCase):
         self.patch(sys, "stdout", out)
         return out
 
+    def test_describeConfigFiles(self) -> None:
+        """
+        The start-up log names the files read, or says the embedded
+        defaults apply and, for root, that upstream's directory had none.
+        """
+        self.assertEqual(
+            tap.describeConfigFiles([Path("/a/10.conf"), Path("/b/20.conf")], False),
+            "/a/10.conf, /b/20.conf",
+        )
+        self.assertEqual(tap.describeConfigFiles([], False), "embedded defaults")
+        self.patch(tap, "isRoot", lambda: True)
+        self.assertEqual(
+            tap.describeConfigFiles([], False),
+            "embedded defaults (no /etc/ovirt-imageio/conf.d/*.conf)",
+        )
+
     def test_badLogLevel(self) -> None:
         """
         An unknown log level is a usage error.
@@ -554,6 +570,27 @@ class TwistdTests(SynchronousTestCase):
         self.assertIn("TLS configuration error", result.stderr)
         self.assertIn(str(bad), result.stderr)
         self.assertFalse((self.dir / "twistd.pid").exists())
+
+    def test_daemonizedLiveSocket(self) -> None:
+        """
+        Without C{-n}, a control socket another process listens on stops
+        twistd in the foreground, asking whether imageio runs already; the
+        socket is left alone.
+        """
+        (self.dir / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+        )
+        self.state.mkdir()
+        with socket.socket(socket.AF_UNIX) as live:
+            live.bind(str(self.state / "sock"))
+            live.listen()
+            result = self.daemonize()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(
+            f"imageio: another process is listening on {self.state / 'sock'}: is imageio running?",
+            result.stderr,
+        )
+        self.assertTrue((self.state / "sock").exists())
 
     def test_daemonizedStarts(self) -> None:
         """

@@ -74,6 +74,27 @@ def _where(args: argparse.Namespace) -> str:
     return str(args.socket).replace("\0", "@")
 
 
+#: Where the system daemon (root, or the systemd units) listens.
+SYSTEM_SOCKET = "/run/ovirt-imageio/sock"
+
+
+def _hint(args: argparse.Namespace, error: Exception) -> str:
+    """
+    @return: What to try next, for the usual mistakes.
+    """
+    if args.port:
+        return ""
+    if isinstance(error, PermissionError):
+        return " (the control socket is for root and the socket's group, ovirtimg)"
+    if (
+        isinstance(error, FileNotFoundError | ConnectionRefusedError)
+        and args.socket != SYSTEM_SOCKET
+        and os.path.exists(SYSTEM_SOCKET)
+    ):
+        return f" (the system daemon listens on {SYSTEM_SOCKET}: use -s {SYSTEM_SOCKET})"
+    return ""
+
+
 def _locate(args: argparse.Namespace) -> None:
     """
     Fill C{args.socket}, C{args.host} and C{args.port} from C{-s}/C{-p} or
@@ -113,7 +134,9 @@ def _request(
         response = conn.getresponse()
         return response.status, response.read()
     except (OSError, http.client.HTTPException) as e:
-        raise DaemonUnreachable(f"cannot reach the daemon at {_where(args)}: {e}") from None
+        raise DaemonUnreachable(
+            f"cannot reach the daemon at {_where(args)}: {e}{_hint(args, e)}"
+        ) from None
     finally:
         conn.close()
 
