@@ -514,6 +514,55 @@ class TwistdTests(SynchronousTestCase):
         self.assertIn("GET /tickets/nope 404", logged)
         self.assertEqual(logFile.stat().st_mode & 0o777, 0o640)
 
+    def test_freshEngineInstall(self) -> None:
+        """
+        An engine host: engine-setup's C{50-engine.conf} in
+        C{/etc/ovirt-imageio/conf.d} (proxy mode, TCP control port, no
+        local socket) starts with no option and answers on the TCP control
+        port, as the engine reaches it.
+        """
+        from imageio import _pki
+
+        admin, vendor = self.dir / "etc", self.dir / "vendor"
+        (admin / "conf.d").mkdir(parents=True)
+        pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        (admin / "conf.d" / "50-engine.conf").write_text(
+            f"[tls]\nenable = true\nkey_file = {pki.keyFile}\ncert_file = {pki.certFile}\n"
+            f"ca_file = {pki.caFile}\n[backend_http]\nca_file = {pki.caFile}\n"
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[control]\ntransport = tcp\nport = {port}\n"
+        )
+        process = subprocess.Popen(
+            _systemTwistd(admin, vendor) + ["-n", "--pidfile=", "imageio"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=str(self.dir),
+            env=_environ(RUNTIME_DIRECTORY=str(self.dir / "run")),
+        )
+        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET /tickets/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    response = s.recv(65536)
+                break
+            except ConnectionRefusedError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    self.fail(f"no control port: {process.communicate()[0]}")
+                time.sleep(0.05)
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertIn(f"Configuration: {admin}/conf.d/50-engine.conf", output)
+        self.assertIn(f"Listening: control http://127.0.0.1:{port}", output)
+        self.assertNotIn("Listening: local", output)
+        self.assertNotIn("Traceback", output)
+
     def daemonize(self, *args: str) -> subprocess.CompletedProcess[str]:
         """
         Run C{twistd imageio} the way that daemonizes (no C{-n}); return
