@@ -401,3 +401,17 @@ class ControlAPITests(SynchronousTestCase):
             'imageio_requests_total{listener="control",method="GET",code="404"} 1', r.text
         )
         self.assertIn("# TYPE imageio_open_connections gauge", r.text)
+
+    def test_metricsReceivedBytes(self) -> None:
+        """
+        Received bytes count every request body: PUT and PATCH JSON bodies
+        too, not only image uploads.
+        """
+        body = ticketJSON()
+        self.call(request("PUT", "/tickets/t1", body))
+        patch = b'{"timeout": 300}'
+        self.call(request("PATCH", "/tickets/t1", patch))
+        r = self.call(request("GET", "/metrics"))
+        self.assertIn(
+            f'imageio_received_bytes_total{{listener="control"}} {len(body) + len(patch)}', r.text
+        )

@@ -21,6 +21,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -615,7 +616,12 @@ class LoopbackRefusedTests(ProxyTestCase):
                 "GET", f"/images/{ticketID}", headers={"Authorization": ticket}
             )
             self.assertEqual(
-                (reply.status, reply.text), (401, "Not authorized (invalid claim: imaged-uri)\n")
+                (reply.status, reply.text),
+                (
+                    401,
+                    "Not authorized (imaged-uri names a loopback daemon, refused unless "
+                    "[proxy] allow_loopback = true (all-in-one labs only))\n",
+                ),
             )
 
 
@@ -1068,10 +1074,15 @@ class GuardTests(TestCase):
         daemon = Daemon.start(reactor, daemonConfig(pki), directory / "daemon")
         self.addCleanup(daemon.stop)
         url = f"https://localhost:{daemon.port}/info/".encode()
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         refused = DaemonClient.create(reactor, pki.caFile, allowLoopback=False)
         self.addCleanup(refused.close)
         failure = yield self.assertFailure(refused.request(b"GET", url, {}), DNSLookupError)
         self.assertEqual(hostError(Failure(failure)).status, 503)
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("[proxy] allow_loopback = true" in t for t in texts), texts)
         allowed = DaemonClient.create(reactor, pki.caFile, allowLoopback=True)
         self.addCleanup(allowed.close)
         response = yield allowed.request(b"GET", url, {})

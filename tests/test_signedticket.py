@@ -825,7 +825,11 @@ class PayloadTests(SynchronousTestCase, RejectionMixin):
             "https://a.localhost",
         ):
             payload = engine.makePayload(imagedURI=uri)
-            self.assertPayloadRejected(payload, "invalid claim: imaged-uri")
+            self.assertPayloadRejected(
+                payload,
+                "imaged-uri names a loopback daemon, refused unless "
+                "[proxy] allow_loopback = true (all-in-one labs only)",
+            )
             claims = makeVerifier(allowLoopback=True).verify(engine.makeTicket(payload))
             self.assertEqual(claims.imagedURI, uri)
 

@@ -252,13 +252,16 @@ class ImagesService:
                 w.callback(backend)
 
         def failed(reason: Failure) -> None:
-            # The traceback is logged once, where the failure becomes a response.
-            log.warn(
+            # One ERROR line says it all (a missing image file is a
+            # configuration problem, not a bug): no traceback later.
+            log.error(
                 "Opening {url} for ticket {ticketID} failed: {error}",
                 url=redactURL(ticket.url),
                 ticketID=shortID(ticket.uuid),
                 error=reason.getErrorMessage(),
             )
+            if isinstance(reason.value, OSError):
+                reason.value.imageioLogged = True  # type: ignore[attr-defined]
             waiters, ctx._opening = ctx._opening, []
             ctx.close()
             for w in waiters:
@@ -323,12 +326,14 @@ def _failureToHTTP(reason: Failure, request: Request) -> Failure:
     if reason.check(UnsupportedOperation):
         return Failure(HTTPError(404, f"Operation not supported: {reason.value}"))
     if reason.check(OSError):
-        log.error(
-            "{method} {path}: storage operation failed: {error}",
-            method=request.method.decode("ascii", "replace"),
-            path=redactPath(request.uri),
-            error=str(reason.value),
-        )
+        # The details (paths, OS error texts) go to the log only.
+        if not getattr(reason.value, "imageioLogged", False):
+            log.error(
+                "{method} {path}: storage operation failed: {error}",
+                method=request.method.decode("ascii", "replace"),
+                path=redactPath(request.uri),
+                error=str(reason.value),
+            )
         return Failure(HTTPError(500, INTERNAL_ERROR, close=True))
     return reason
 

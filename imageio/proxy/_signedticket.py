@@ -531,7 +531,10 @@ def _checkImagedURI(value: object, allowHTTP: bool, allowLoopback: bool) -> str:
             _fail(reason)
         loopback = address.is_loopback
     if loopback and not allowLoopback:
-        _fail(reason)
+        _fail(
+            "imaged-uri names a loopback daemon, refused unless "
+            "[proxy] allow_loopback = true (all-in-one labs only)"
+        )
     return f"{parts.scheme}://{parts.netloc}"
 
 

@@ -114,6 +114,7 @@ def sendError(
     """
     if close:
         closeAfterResponse(request)
+    request.errorMessage = message  # type: ignore[attr-defined]  # for the access log
     # Messages may quote client input: never fail to encode it.
     body = message.encode("utf-8", "backslashreplace") + b"\n"
     sendBody(request, status, body, TEXT_PLAIN, headers)

@@ -66,6 +66,7 @@ MAX_SMALL_BODY = 64 * 1024
 
 # Ticket ids are credentials: access logs show a prefix only.
 _SECRET_PATH = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]{8})[^/?]*")
+_SECRET_ID = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]+)")
 
 
 def redactPath(path: bytes) -> str:
@@ -149,6 +150,9 @@ class StreamingRequest(server.Request):
     bodySink: IBodySink | None = None
     respondedEarly: bool = False
     started: float = 0.0
+    #: Body bytes handed to us by twisted.web (not those read directly
+    #: into an upload sink's buffers, which the sink counts).
+    contentReceived: int = 0
 
     def gotLength(self, length: int | None) -> None:
         self.started = time.monotonic()
@@ -175,6 +179,7 @@ class StreamingRequest(server.Request):
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
+        self.contentReceived += len(data)
         if self.respondedEarly:
             return
         channel = self.channel
@@ -673,19 +678,32 @@ class ImageioSite(server.Site):
 
     def log(self, request: http.Request) -> None:
         sink = getattr(request, "bodySink", None)
-        received = getattr(sink, "bytesWritten", 0)
+        # Upload sinks count what they read directly; every other body
+        # (PATCH, control PUT, refused uploads) went through
+        # handleContentChunk.
+        received: int = getattr(sink, "bytesWritten", None) or 0
+        if not received:
+            received = getattr(request, "contentReceived", 0)
         method = request.method.decode("ascii", "replace")
         if self.metrics is not None:
             self.metrics.requestDone(self.name, method, request.code, request.sentLength, received)
         level = LogLevel.info if self.accessLevel == "info" else LogLevel.debug
+        # Refusals and failures are worth a line at the default level even
+        # on the data listeners: an operator asking why a transfer failed.
+        if request.code >= 500:
+            level = LogLevel.error
+        elif request.code >= 400:
+            level = LogLevel.info
         if not _log.enabled(level):
             return
         started = getattr(request, "started", 0.0)
         elapsed = time.monotonic() - started if started else 0.0
+        reason = getattr(request, "errorMessage", None)
         log.emit(
             level,
             "{site} {client} {method} {path} {status} sent={sent} received={received} "
-            "{elapsed:.3f}s",
+            "{elapsed:.3f}s" + (": {reason}" if reason else ""),
+            reason=_redactMessage(reason, request.uri) if reason else None,
             site=self.name,
             client=_client(request),
             method=method,
@@ -695,6 +713,18 @@ class ImageioSite(server.Site):
             received=received,
             elapsed=elapsed,
         )
+
+
+def _redactMessage(message: str, uri: bytes) -> str:
+    """
+    @return: An error message for the log with the request's ticket or
+        session id shortened, as L{redactPath} shortens it in the path.
+    """
+    match = _SECRET_ID.match(uri.split(b"?", 1)[0])
+    if match is None or len(match.group(2)) <= 8:
+        return message
+    secret = unquote(match.group(2)).decode("utf-8", "replace")
+    return message.replace(secret, secret[:8] + "...")
 
 
 def _client(request: http.Request) -> str:
