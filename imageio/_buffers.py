@@ -1,11 +1,20 @@
 # -*- test-case-name: tests.test_upload -*-
 """
-Page-aligned buffers for O_DIRECT I/O.
+Page-aligned buffers for O_DIRECT I/O, and the memory budget they share.
 """
 
 from __future__ import annotations
 
 import mmap
+import weakref
+from collections import deque
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
+
+from imageio._log import Logger
+
+log = Logger()
 
 #: Alignment of every buffer from L{allocate}; enough for O_DIRECT on any
 #: storage with logical blocks up to 4 KiB.
@@ -22,3 +31,184 @@ def allocate(size: int) -> mmap.mmap:
     """
     size = max(ALIGNMENT, (size + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
     return mmap.mmap(-1, size)
+
+
+@define(eq=False)
+class Lease:
+    """
+    Bytes of a L{BufferBudget} held by one buffer (or one piece of work).
+
+    @ivar size: The bytes held.
+    """
+
+    budget: BufferBudget
+    size: int
+    released: bool = False
+
+    def release(self) -> None:
+        """
+        Give the bytes back to the budget; only the first call counts.
+        """
+        if not self.released:
+            self.released = True
+            self.budget._release(self.size)
+
+
+class BufferBudget:
+    """
+    The memory that transfer buffers (upload and download buffers, checksum
+    blocks) may hold at once, shared by all connections.
+
+    Work that needs a buffer asks with L{acquire} and waits, in order of
+    asking, while the budget is used up; it gives the bytes back with
+    L{Lease.release} however it ends. A request larger than the whole
+    budget is granted once nothing else is held, so it still runs. Spare
+    buffers that connections keep between requests (L{BufferPool}) are
+    given back first when work would wait. Waiting is logged once per
+    episode.
+
+    @ivar limit: Bytes that may be held at once; 0 for no limit.
+    @ivar used: Bytes held now.
+    @ivar waits: Requests that had to wait, since the start.
+    """
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.used = 0
+        self.waits = 0
+        self._waiters: deque[tuple[int, Deferred[Lease]]] = deque()
+        self._pools: weakref.WeakSet[BufferPool] = weakref.WeakSet()
+        self._granting = False
+        self._episodeWaits = 0
+
+    @property
+    def waiting(self) -> int:
+        """
+        Requests waiting for buffers now.
+        """
+        return len(self._waiters)
+
+    def _fits(self, size: int) -> bool:
+        return self.limit <= 0 or self.used == 0 or self.used + size <= self.limit
+
+    def tryAcquire(self, size: int) -> Lease | None:
+        """
+        @return: A lease of C{size} bytes if the budget has them now and
+            nobody is waiting, else C{None}.
+        """
+        if self._waiters or not self._fits(size):
+            return None
+        self.used += size
+        return Lease(self, size)
+
+    def acquire(self, size: int) -> Deferred[Lease]:
+        """
+        @return: A Deferred firing with a lease of C{size} bytes once the
+            budget has them; cancel it to stop waiting.
+        """
+        lease = self.tryAcquire(size)
+        if lease is None and not self._waiters:
+            self._reclaim()
+            lease = self.tryAcquire(size)
+        if lease is not None:
+            return succeed(lease)
+        d: Deferred[Lease] = Deferred(self._cancel)
+        if not self._waiters:
+            self._episodeWaits = 0
+            log.warn(
+                "Transfer buffers use {used} of {limit} bytes ([daemon] buffer_memory): "
+                "transfers wait for buffers",
+                used=self.used,
+                limit=self.limit,
+            )
+        self._waiters.append((size, d))
+        self.waits += 1
+        self._episodeWaits += 1
+        return d
+
+    def addPool(self, pool: BufferPool) -> None:
+        self._pools.add(pool)
+
+    def removePool(self, pool: BufferPool) -> None:
+        self._pools.discard(pool)
+
+    def _reclaim(self) -> None:
+        for pool in list(self._pools):
+            pool.clear()
+
+    def _cancel(self, d: Deferred[Lease]) -> None:
+        for i, (_, waiter) in enumerate(self._waiters):
+            if waiter is d:
+                del self._waiters[i]
+                break
+        # The head may have been the one in the way.
+        self._grant()
+
+    def _release(self, size: int) -> None:
+        self.used -= size
+        assert self.used >= 0, "budget released more than acquired"
+        self._grant()
+
+    def _grant(self) -> None:
+        if self._granting:
+            return
+        self._granting = True
+        try:
+            while self._waiters and self._fits(self._waiters[0][0]):
+                size, d = self._waiters.popleft()
+                self.used += size
+                d.callback(Lease(self, size))
+        finally:
+            self._granting = False
+        if not self._waiters and self._episodeWaits:
+            log.info(
+                "Transfer buffers available again after {count} waits",
+                count=self._episodeWaits,
+            )
+            self._episodeWaits = 0
+
+
+@define(eq=False, weakref_slot=True)
+class BufferPool:
+    """
+    Spare buffers one connection keeps between requests, still held from
+    the budget; given back when the connection closes or when work waits
+    for buffers.
+    """
+
+    budget: BufferBudget
+    keep: int = 2
+    _spares: list[tuple[memoryview, Lease]] = field(factory=list, init=False)
+    closed: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.budget.addPool(self)
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def take(self) -> tuple[memoryview, Lease] | None:
+        """
+        @return: A spare buffer and its lease, if any.
+        """
+        return self._spares.pop() if self._spares else None
+
+    def give(self, buf: memoryview, lease: Lease) -> None:
+        """
+        Keep C{buf} for a later request, or give its bytes back when the
+        pool is full or closed, or when work is waiting for buffers.
+        """
+        if self.closed or len(self._spares) >= self.keep or self.budget.waiting:
+            lease.release()
+        else:
+            self._spares.append((buf, lease))
+
+    def clear(self) -> None:
+        spares, self._spares = self._spares, []
+        for _, lease in spares:
+            lease.release()
+
+    def close(self) -> None:
+        self.closed = True
+        self.clear()
+        self.budget.removePool(self)

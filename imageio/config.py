@@ -11,6 +11,7 @@ values fail at start with a message naming the file and option.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from attrs import define, field
+from attrs import define, field, frozen
 
 from imageio._log import Logger
 
@@ -49,6 +50,18 @@ class DaemonSection:
     #: Seconds before a connection that has sent no complete request is
     #: closed (ours; upstream hard-codes 60).
     request_timeout: int = 60
+    #: Seconds a request body gets before its rate is checked; then it must
+    #: arrive at body_min_rate bytes a second on average, or the request
+    #: gets 408 and the connection closes (ours, like Apache's
+    #: mod_reqtimeout; 0 disables the check).
+    body_timeout: int = 60
+    #: Minimum average rate of a request body after body_timeout, in bytes
+    #: a second (0 disables the check).
+    body_min_rate: int = 1024
+    #: Bytes that transfer buffers (uploads, downloads, checksum blocks)
+    #: may hold at once, shared by all connections; work that needs more
+    #: waits for buffers (ours; 0 for no limit).
+    buffer_memory: int = 512 * MiB
 
 
 @define
@@ -139,19 +152,164 @@ class Config:
     backend_nbd: BackendNBDSection = field(factory=BackendNBDSection)
     profile: ProfileSection = field(factory=ProfileSection)
     proxy: ProxySection = field(factory=ProxySection)
+    #: Upstream's logging sections as the files wrote them (section ->
+    #: option -> text); L{logSettings} reads what we honour.
+    logging: dict[str, dict[str, str]] = field(factory=dict)
 
     def toJSON(self) -> dict[str, dict[str, Any]]:
         """
         @return: The configuration as upstream's C{--show-config} prints it.
         """
-        return attrs.asdict(self)
+        result = attrs.asdict(self)
+        result.update(result.pop("logging"))
+        return result
 
 
-#: Upstream sections that configure Python logging; we log through
-#: twisted.logger, so these are accepted and ignored.
+#: Upstream sections that configure Python logging. We log through
+#: twisted.logger: L{logSettings} honours C{[logger_root] level} and the
+#: handler it names (a rotated log file, stderr or stdout).
 LOGGING_SECTIONS = frozenset(
     {"loggers", "handlers", "formatters", "logger_root", "handler_logfile", "handler_stderr"}
 )
+
+
+def _isLoggingSection(name: str) -> bool:
+    return name in LOGGING_SECTIONS or name.startswith(("formatter_", "handler_", "logger_"))
+
+
+@frozen
+class LogSettings:
+    """
+    Where and from which level to log, from upstream's logging sections.
+
+    @ivar level: C{[logger_root] level} when a file set it, else C{None}.
+    @ivar destination: C{"stdout"}, C{"stderr"} or C{"file"}.
+    @ivar path: The log file, for C{"file"}.
+    @ivar maxBytes: Rotate the file at this size; 0 never rotates.
+    @ivar backupCount: Rotated files kept (C{daemon.log.1} ...).
+    """
+
+    level: str | None = None
+    destination: str = "stdout"
+    path: str = ""
+    maxBytes: int = 0
+    backupCount: int = 0
+
+
+#: Upstream's handlers, which its files name without redefining them.
+_UPSTREAM_HANDLERS = {
+    "logfile": {
+        "class": "logging.handlers.RotatingFileHandler",
+        "args": "('/var/log/ovirt-imageio/daemon.log',)",
+        "kwargs": "{'maxBytes': 20971520, 'backupCount': 10}",
+    },
+    "stderr": {"class": "logging.StreamHandler", "args": "()"},
+}
+_FILE_HANDLERS = {
+    "logging.FileHandler",
+    "FileHandler",
+    "logging.handlers.WatchedFileHandler",
+    "handlers.WatchedFileHandler",
+    "logging.handlers.RotatingFileHandler",
+    "handlers.RotatingFileHandler",
+}
+_STREAM_HANDLERS = {"logging.StreamHandler", "StreamHandler"}
+_LEVELS = {
+    "notset": "debug",
+    "debug": "debug",
+    "info": "info",
+    "warn": "warn",
+    "warning": "warn",
+    "error": "error",
+    "critical": "critical",
+    "fatal": "critical",
+}
+
+
+def logSettings(config: Config, where: dict[tuple[str, str], str] | None = None) -> LogSettings:
+    """
+    Read upstream's logging sections: C{[logger_root] level}, and the
+    first handler of C{[logger_root] handlers} (or C{[handler_logfile]}
+    when a file defines it): a file rotated like upstream's
+    C{RotatingFileHandler} (20 MiB, 10 files unless C{kwargs} say
+    otherwise), or a stream. No logging section: standard output.
+
+    @raise ConfigError: For values we cannot honour, naming the file.
+    """
+    where = where or {}
+    sections = config.logging
+
+    def origin(section: str, option: str) -> str:
+        path = where.get((section, option))
+        return f"{path}: [{section}] {option}" if path else f"[{section}] {option}"
+
+    level = None
+    root = sections.get("logger_root", {})
+    if "level" in root:
+        level = _LEVELS.get(root["level"].strip().lower())
+        if level is None:
+            raise ConfigError(
+                f"{origin('logger_root', 'level')}: expecting DEBUG, INFO, WARNING, ERROR or "
+                f"CRITICAL, got {root['level']!r}"
+            )
+    if "handlers" in root:
+        names = [n.strip() for n in root["handlers"].split(",") if n.strip()]
+        name = names[0] if names else ""
+    elif "handler_logfile" in sections:
+        name = "logfile"
+    else:
+        return LogSettings(level=level)
+    section = f"handler_{name}"
+    handler = dict(_UPSTREAM_HANDLERS.get(name, {}))
+    handler.update(sections.get(section, {}))
+    if not handler:
+        raise ConfigError(f"{origin('logger_root', 'handlers')}: no [{section}] section")
+    cls = handler.get("class", "").strip()
+
+    def literal(option: str, default: str) -> Any:
+        text = handler.get(option, default)
+        try:
+            return ast.literal_eval(text.strip() or default)
+        except (ValueError, SyntaxError):
+            raise ConfigError(
+                f"{origin(section, option)}: expecting a Python literal, got {text!r}"
+            ) from None
+
+    if cls in _STREAM_HANDLERS:
+        text = handler.get("args", "()").replace(" ", "")
+        stream = "stdout" if "sys.stdout" in text else "stderr"
+        return LogSettings(level=level, destination=stream)
+    if cls not in _FILE_HANDLERS:
+        raise ConfigError(
+            f"{origin(section, 'class')}: imageio writes logs to a file "
+            "(logging.handlers.RotatingFileHandler, logging.FileHandler) or a stream "
+            f"(logging.StreamHandler), got {cls!r}"
+        )
+    args = literal("args", "()")
+    kwargs = literal("kwargs", "{}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    filename = args[0] if args else kwargs.get("filename") if isinstance(kwargs, dict) else None
+    if not isinstance(filename, str) or not filename or not isinstance(kwargs, dict):
+        raise ConfigError(
+            f"{origin(section, 'args')}: expecting the log file name, as in "
+            "args = ('/var/log/ovirt-imageio/daemon.log',)"
+        )
+    rotating = cls.endswith("RotatingFileHandler")
+    maxBytes = kwargs.get("maxBytes", args[3] if rotating and len(args) > 3 else 0)
+    backupCount = kwargs.get("backupCount", args[4] if rotating and len(args) > 4 else 0)
+    if not rotating:
+        maxBytes = backupCount = 0
+    if type(maxBytes) is not int or type(backupCount) is not int or maxBytes < 0:
+        raise ConfigError(f"{origin(section, 'kwargs')}: maxBytes and backupCount must be integers")
+    return LogSettings(
+        level=level,
+        destination="file",
+        path=filename,
+        maxBytes=maxBytes,
+        backupCount=max(0, backupCount),
+    )
+
 
 #: Upstream options we accept but do not act on, with the reason.
 IGNORED_OPTIONS = {
@@ -160,6 +318,7 @@ IGNORED_OPTIONS = {
     ("daemon", "user_name"): "use twistd --uid or systemd User=",
     ("daemon", "group_name"): "use twistd --gid or systemd Group=",
     ("profile", "filename"): "profiling is not implemented",
+    ("daemon", "run_dir"): "use --state-dir or systemd RuntimeDirectory=",
 }
 
 _TRUE = {"1", "yes", "true", "on"}
@@ -170,6 +329,9 @@ _NON_NEGATIVE = {
     ("daemon", "inactivity_timeout"),
     ("daemon", "io_threads"),
     ("daemon", "request_timeout"),
+    ("daemon", "body_timeout"),
+    ("daemon", "body_min_rate"),
+    ("daemon", "buffer_memory"),
     ("tls", "handshake_timeout"),
     ("control", "remove_timeout"),
     ("proxy", "allowed_skew_seconds"),
@@ -217,7 +379,9 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
     """
 
     def origin(section: str, option: str) -> str:
-        return f"{where.get((section, option), '<default>')}: [{section}] {option}"
+        # A value nobody set is the embedded default: name no file for it.
+        path = where.get((section, option))
+        return f"{path}: [{section}] {option}" if path else f"[{section}] {option} (default)"
 
     for section, option in _POSITIVE:
         if getattr(getattr(config, section), option) <= 0:
@@ -241,8 +405,9 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
                 "when [control] transport = tcp"
             )
     if bool(config.tls.key_file) != bool(config.tls.cert_file):
+        setter = "key_file" if config.tls.key_file else "cert_file"
         raise ConfigError(
-            f"{origin('tls', 'key_file')}: [tls] key_file and cert_file must be set together"
+            f"{origin('tls', setter)}: [tls] key_file and cert_file must be set together"
         )
     if config.proxy.enable and not config.proxy.engine_cert_file:
         raise ConfigError(
@@ -268,6 +433,70 @@ def configFiles(configDir: Path) -> list[Path]:
     return sorted((configDir / "conf.d").glob("*.conf"), key=lambda p: p.name)
 
 
+#: Where upstream's system service reads its configuration: the admin
+#: directory (vdsm's C{60-vdsm.conf}, engine-setup's C{50-engine.conf},
+#: the admin's C{99-user.conf})...
+ADMIN_CONF_DIR = Path("/etc/ovirt-imageio")
+#: ...and the vendor directories. Upstream's code and packages use
+#: C{/usr/lib/ovirt-imageio}; its comments name C{/var/lib/ovirt-imageio}:
+#: both are read.
+VENDOR_CONF_DIRS = (Path("/usr/lib/ovirt-imageio"), Path("/var/lib/ovirt-imageio"))
+
+
+def systemConfigFiles(
+    adminDir: Path | None = None, vendorDirs: Iterable[Path] | None = None
+) -> list[Path]:
+    """
+    The drop-ins of a system installation, merged as upstream merges them:
+    C{conf.d/*.conf} of the admin and vendor directories sorted by file
+    name only, so C{75-vendor.conf} overrides C{50-vdsm.conf} and
+    C{99-user.conf} overrides C{75-vendor.conf}. Of two files with the same
+    name, the vendor's is read last.
+
+    @param adminDir: Default L{ADMIN_CONF_DIR}.
+    @param vendorDirs: Default L{VENDOR_CONF_DIRS}.
+    """
+    adminDir = ADMIN_CONF_DIR if adminDir is None else adminDir
+    vendorDirs = VENDOR_CONF_DIRS if vendorDirs is None else vendorDirs
+    files = configFiles(adminDir)
+    for vendorDir in vendorDirs:
+        files.extend(configFiles(vendorDir))
+    # sort() is stable: for equal names the admin file stays first.
+    files.sort(key=lambda p: p.name)
+    return files
+
+
+def loadSystem(
+    adminDir: Path | None = None, vendorDirs: Iterable[Path] | None = None, warn: bool = True
+) -> tuple[Config, list[Path]]:
+    """
+    Load a system installation's drop-ins (L{systemConfigFiles}), or the
+    embedded defaults when there are none.
+
+    @return: The configuration and the files read.
+    """
+    files = systemConfigFiles(adminDir, vendorDirs)
+    return load(files, warn=warn), files
+
+
+def loadConfigDir(configDir: Path, warn: bool = True) -> tuple[Config, list[Path]]:
+    """
+    Load C{-c/--config-dir DIR}: C{DIR/conf.d/*.conf}; upstream's admin
+    directory (L{ADMIN_CONF_DIR}) always comes with its vendor directories,
+    as upstream reads them.
+
+    @return: The configuration and the files read.
+    @raise ConfigError: When there is no drop-in to read, as upstream.
+    """
+    if configDir.resolve() == ADMIN_CONF_DIR.resolve():
+        files = systemConfigFiles(configDir)
+    else:
+        files = configFiles(configDir)
+    if not files:
+        raise ConfigError(f"Could not find {configDir / 'conf.d' / '*.conf'}")
+    return load(files, warn=warn), files
+
+
 def load(files: Iterable[Path], warn: bool = True) -> Config:
     """
     Merge INI files in order over the embedded defaults.
@@ -290,22 +519,21 @@ def load(files: Iterable[Path], warn: bool = True) -> Config:
         except configparser.Error as e:
             raise ConfigError(f"{path}: invalid syntax: {e}") from None
         for sectionName in parser.sections():
-            section = getattr(config, sectionName, None) if sectionName != "toJSON" else None
+            isSection = sectionName not in ("toJSON", "logging")
+            section = getattr(config, sectionName, None) if isSection else None
             if section is None:
+                if _isLoggingSection(sectionName):
+                    options = config.logging.setdefault(sectionName, {})
+                    for option, raw in parser.items(sectionName):
+                        options[option.lower()] = raw
+                        where[(sectionName, option.lower())] = str(path)
+                    continue
                 if warn:
-                    if sectionName in LOGGING_SECTIONS or sectionName.startswith("formatter_"):
-                        log.info(
-                            "{path}: ignoring logging section [{section}]: "
-                            "imageio logs through twisted.logger",
-                            path=str(path),
-                            section=sectionName,
-                        )
-                    else:
-                        log.warn(
-                            "{path}: ignoring unknown section [{section}]",
-                            path=str(path),
-                            section=sectionName,
-                        )
+                    log.warn(
+                        "{path}: ignoring unknown section [{section}]",
+                        path=str(path),
+                        section=sectionName,
+                    )
                 continue
             names = {a.name for a in attrs.fields(type(section))}
             for option, raw in parser.items(sectionName):
@@ -333,6 +561,7 @@ def load(files: Iterable[Path], warn: bool = True) -> Config:
                         reason=IGNORED_OPTIONS[key],
                     )
     _check(config, where)
+    logSettings(config, where)
     return config
 
 
@@ -351,11 +580,21 @@ def loadDir(configDir: Path | None, warn: bool = True) -> Config:
     return load(files, warn=warn)
 
 
-def showConfig(config: Config) -> str:
+def showConfig(config: Config, effective: dict[str, object] | None = None) -> str:
     """
-    @return: The merged configuration as indented JSON, for C{--show-config}.
+    @param effective: What the daemon would actually use (paths it derives,
+        files read), shown under C{"effective"}.
+    @return: The merged configuration as indented JSON, for C{--show-config},
+        with the options accepted for compatibility but without effect
+        listed under C{"no_effect"}.
     """
-    return json.dumps(config.toJSON(), indent=4)
+    shown: dict[str, Any] = config.toJSON()
+    if effective is not None:
+        shown["effective"] = effective
+    shown["no_effect"] = {
+        f"[{section}] {option}": reason for (section, option), reason in IGNORED_OPTIONS.items()
+    }
+    return json.dumps(shown, indent=4)
 
 
 def defaultStateDir() -> Path:

@@ -6,8 +6,9 @@ C{twistd -n imageio} runs with embedded defaults: a state directory
 (systemd's C{RuntimeDirectory}, C{/run/ovirt-imageio} for root, else the XDG
 state directory), a self-signed certificate made there on first start,
 the control socket there, the images API on port 54322 and the local
-abstract socket. C{--config-dir DIR} reads C{DIR/conf.d/*.conf} like
-upstream ovirt-imageio.
+abstract socket. C{--config-dir DIR} (C{-c}, C{--conf-dir}) reads
+C{DIR/conf.d/*.conf} like upstream ovirt-imageio; root with no option reads
+upstream's system directories (L{imageio.config.loadSystem}).
 
 This is the only module that builds endpoints; library code gets the
 reactor and pools injected.
@@ -28,15 +29,18 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.web.resource import Resource
 
 import imageio
 from imageio import _log
 from imageio import config as _config
+from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
-from imageio.backends import BackendContext, BackendOpener
+from imageio.backends import BackendContext, BackendOpener, namesListener
 from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
@@ -64,31 +68,127 @@ class Options(usage.Options):
         "and, when [proxy] enable = true, the engine-side proxy."
     )
     optParameters = [
-        ["config-dir", "c", None, "Read DIR/conf.d/*.conf (upstream ovirt-imageio format)."],
+        [
+            "config-dir",
+            "c",
+            None,
+            "Read DIR/conf.d/*.conf (upstream ovirt-imageio format). Default: as root, "
+            "upstream's /etc/ovirt-imageio/conf.d and vendor conf.d directories; "
+            "otherwise the embedded defaults.",
+        ],
         ["state-dir", None, None, "Where sockets and the self-signed certificate live."],
         ["ticket", "t", None, "Add the ticket in this JSON file at startup."],
         ["log-level", None, None, "debug, info, warn or error (default: info)."],
     ]
     optFlags = [["show-config", None, "Print the merged configuration as JSON and exit."]]
 
+    def opt_conf_dir(self, value: str) -> None:
+        """
+        Same as --config-dir (upstream ovirt-imageio's spelling).
+        """
+        self["config-dir"] = value
+
     def postOptions(self) -> None:
-        configDir = Path(self["config-dir"]) if self["config-dir"] else None
+        warn = not self["show-config"]
         try:
-            self["config"] = _config.loadDir(configDir, warn=not self["show-config"])
+            if self["config-dir"]:
+                configDir = Path(self["config-dir"])
+                self["config"], self["config-files"] = _config.loadConfigDir(configDir, warn=warn)
+            elif isRoot():
+                # The system service: read where vdsm and engine-setup write.
+                self["config"], self["config-files"] = _config.loadSystem(warn=warn)
+            else:
+                self["config-files"] = []
+                self["config"] = _config.loadDir(None, warn=warn)
         except _config.ConfigError as e:
-            if getattr(self, "parent", None) is not None:
-                # Under twistd: exit non-zero. Twisted before 26.10 prints a
-                # UsageError and exits 0, which systemd takes for success.
-                raise SystemExit(f"imageio: {e}") from None
-            raise usage.UsageError(str(e)) from None
+            # Not a usage error: no usage block, just what is wrong and where.
+            # SystemExit also exits non-zero on Twisted before 26.10, which
+            # prints a UsageError and exits 0 (systemd takes that for success).
+            raise SystemExit(f"imageio: configuration error: {e}") from None
+        settings = _config.logSettings(self["config"])
+        _log.setDestination(
+            settings.destination, settings.path, settings.maxBytes, settings.backupCount
+        )
+        if settings.level and not self["log-level"]:
+            _log.setLevel(settings.level)
         if self["log-level"]:
             try:
                 _log.setLevel(self["log-level"])
             except ValueError:
                 raise usage.UsageError(f"Unknown log level {self['log-level']!r}") from None
         if self["show-config"]:
-            print(_config.showConfig(self["config"]))
+            stateDir = Path(self["state-dir"]) if self["state-dir"] else _config.defaultStateDir()
+            effective = effectivePaths(self["config"], stateDir)
+            effective["config_files"] = [str(f) for f in self["config-files"]]
+            print(_config.showConfig(self["config"], effective))
             raise SystemExit(0)
+
+
+def effectivePaths(config: _config.Config, stateDir: Path) -> dict[str, object]:
+    """
+    What a daemon with C{config} and C{stateDir} would use, for
+    C{--show-config}: the listeners, the certificates and the log.
+    """
+
+    def url(scheme: str, host: str, port: int) -> str:
+        host = host or "0.0.0.0"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    def unix(path: str) -> str:
+        return "@" + path[1:] + " (abstract)" if path.startswith("\0") else path
+
+    selfSigned = str(stateDir / "pki" / "cert.pem"), str(stateDir / "pki" / "key.pem")
+    note = " (self-signed, made at first start)"
+    result: dict[str, object] = {"state_dir": str(stateDir)}
+    control = config.control
+    if not control.enable:
+        result["control"] = None
+    elif control.transport == "tcp":
+        host = "127.0.0.1" if control.prefer_ipv4 else "::1"
+        result["control"] = url("http", host, control.port)
+    else:
+        result["control"] = control.socket or str(stateDir / "sock")
+    local = config.local
+    if not local.enable:
+        result["local"] = None
+    else:
+        result["local"] = unix(local.socket) if local.socket else "random abstract socket"
+    remote = config.remote
+    scheme = "https" if config.tls.enable else "http"
+    result["remote"] = url(scheme, remote.host, remote.port) if remote.enable else None
+    if config.tls.enable and remote.enable:
+        if config.tls.cert_file:
+            result["cert_file"], result["key_file"] = config.tls.cert_file, config.tls.key_file
+        else:
+            result["cert_file"], result["key_file"] = (f + note for f in selfSigned)
+    if config.proxy.enable:
+        result["proxy"] = url("https", config.proxy.host, config.proxy.port)
+        result["proxy_cert_file"] = (
+            config.proxy.cert_file or config.tls.cert_file or selfSigned[0] + note
+        )
+        result["proxy_key_file"] = config.proxy.key_file or config.tls.key_file or selfSigned[1]
+    result["log"] = _log.describeDestination()
+    return result
+
+
+def describeConfigFiles(files: list[Path], explicit: bool) -> str:
+    """
+    @param explicit: A configuration directory was given.
+    @return: The files read, for the start-up log.
+    """
+    if files:
+        return ", ".join(str(f) for f in files)
+    if explicit or not isRoot():
+        return "embedded defaults"
+    return f"embedded defaults (no {_config.ADMIN_CONF_DIR}/conf.d/*.conf)"
+
+
+def isRoot() -> bool:
+    """
+    Whether we run as the system service would (root), and so read
+    upstream's system configuration directories by default.
+    """
+    return os.geteuid() == 0
 
 
 def makeService(options: Options) -> IService:
@@ -99,8 +199,23 @@ def makeService(options: Options) -> IService:
 
     stateDir = Path(options["state-dir"]) if options["state-dir"] else _config.defaultStateDir()
     service = ImageioService(options["config"], reactor, stateDir)
+    try:
+        service.logObserver = _log.configuredObserver()
+    except OSError as e:
+        raise SystemExit(f"imageio: cannot open the log file: {e}") from None
+    if service.logObserver is not None:
+        # Said where twistd's own observer still prints (the terminal).
+        print(f"imageio: logging to {_log.describeDestination()}", file=sys.stderr)
+    log.info(
+        "Configuration: {files}",
+        files=describeConfigFiles(options.get("config-files") or [], bool(options["config-dir"])),
+    )
     if options["ticket"]:
         service.loadTicket(Path(options["ticket"]))
+    # twistd calls us before it daemonizes: bind now so a bad certificate or
+    # a busy port stops "twistd imageio" on the terminal with the reason,
+    # instead of in a background process that never reports ready.
+    service.listen()
     return service
 
 
@@ -139,7 +254,7 @@ def _removeStaleSocket(path: str) -> None:
         raise
     finally:
         probe.close()
-    raise SystemExit(f"Another process is listening on {path}")
+    raise SystemExit(f"imageio: another process is listening on {path}: is imageio running?")
 
 
 class ImageioService(MultiService):
@@ -168,6 +283,7 @@ class ImageioService(MultiService):
             scheduler=reactor,
             removeTimeout=config.control.remove_timeout,
             defaultInactivityTimeout=config.daemon.inactivity_timeout,
+            urlGuard=self._checkTicketURL,
         )
         self.metrics.addGauge("imageio_tickets", "Tickets registered.", lambda: len(self.registry))
         self.metrics.addGauge(
@@ -175,11 +291,35 @@ class ImageioService(MultiService):
             "Tickets with a transfer running.",
             lambda: self.registry.activeCount(),
         )
+        self.budget = BufferBudget(config.daemon.buffer_memory)
+        self.metrics.addGauge(
+            "imageio_buffer_bytes",
+            "Bytes held by transfer buffers ([daemon] buffer_memory).",
+            lambda: self.budget.used,
+        )
+        self.metrics.addGauge(
+            "imageio_buffer_waiting",
+            "Transfers waiting for buffer memory.",
+            lambda: self.budget.waiting,
+        )
         self.pool = createPool(reactor, config.daemon.io_threads)
         DiskIOService(self.pool).setServiceParent(self)
         self.diskio = DiskIO(self.pool)
         self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
         self._prepared = False
+        self._listened = False
+
+    #: The observer for the log destination the configuration names
+    #: (L{imageio._log.configuredObserver}); twistd uses it instead of its
+    #: own unless given C{--logger}.
+    logObserver: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.logObserver is not None and isinstance(parent, Componentized):
+            # twistd's Application: its ILogObserver component is the
+            # observer twistd starts logging to.
+            parent.setComponent(ILogObserver, self.logObserver)
+        return super().setServiceParent(parent)
 
     def loadTicket(self, path: Path) -> None:
         """
@@ -190,6 +330,25 @@ class ImageioService(MultiService):
             self.registry.add(body)
         except (OSError, ValueError) as e:
             raise SystemExit(f"Cannot load ticket {path}: {e}") from None
+
+    def _checkTicketURL(self, url: str) -> str | None:
+        """
+        Refuse proxy-mode tickets that name one of our own listeners: they
+        would relay to themselves.
+        """
+        listeners = []
+        for name in ("remote", "proxy"):
+            port = self.ports.get(name)
+            if port is not None:
+                address: Any = port.getHost()
+                listeners.append((address.host, address.port))
+        if self.config.remote.enable and "remote" not in self.ports:
+            listeners.append((self.config.remote.host, self.config.remote.port))
+        if self.config.proxy.enable and "proxy" not in self.ports:
+            listeners.append((self.config.proxy.host, self.config.proxy.port))
+        if namesListener(url, listeners):
+            return "The URL names this daemon: the ticket would relay to itself"
+        return None
 
     # Composition
 
@@ -229,6 +388,7 @@ class ImageioService(MultiService):
             runInPool=self.diskio.run,
             bufferSize=config.backend_file.buffer_size,
             unixSocket=unixSocket,
+            budget=self.budget,
         )
         timeout = config.daemon.request_timeout
         if config.remote.enable:
@@ -271,7 +431,13 @@ class ImageioService(MultiService):
 
     def _site(self, resource: Resource, name: str, timeout: float) -> ImageioSite:
         return ImageioSite(
-            resource, name, timeout=timeout, reactor=self.reactor, metrics=self.metrics
+            resource,
+            name,
+            timeout=timeout,
+            reactor=self.reactor,
+            metrics=self.metrics,
+            bodyTimeout=self.config.daemon.body_timeout,
+            bodyMinRate=self.config.daemon.body_min_rate,
         )
 
     def _tlsEndpoint(
@@ -304,9 +470,17 @@ class ImageioService(MultiService):
         self._prepare()
         super().privilegedStartService()
 
-    def startService(self) -> None:
+    def listen(self) -> None:
+        """
+        Prepare and bind every listener now, if not done yet.
+
+        @raise SystemExit: With the reason, when a listener cannot be set up
+            (bad certificate, busy port, ...).
+        """
         self._prepare()
-        super().startService()
+        if self._listened:
+            return
+        self._listened = True
         for name, endpoint, site in self._listeners:
             failed: list[Any] = []
             d: Deferred[Any] = endpoint.listen(site)
@@ -316,6 +490,11 @@ class ImageioService(MultiService):
                 # Fail loudly and at once: a daemon without its listeners is
                 # useless and systemd should see it die.
                 raise SystemExit(f"Cannot listen for {name}: {failed[0].value}")
+
+    def startService(self) -> None:
+        self._prepare()
+        super().startService()
+        self.listen()
         log.info("imageio {version} ready", version=imageio.__version__)
         _notifySystemd(b"READY=1", self.config.daemon.systemd_enable)
 

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from imageio._log import Logger
@@ -266,6 +266,38 @@ class Ticket:
         """
         self.expires = math.floor(now) + timeout
 
+    def compatibleWith(self, other: Ticket) -> bool:
+        """
+        @return: Whether C{other}, a ticket body added again under this
+            ticket's id, may update this ticket in place: it names the same
+            image with the same backend options (open mode included), grants
+            no less than this one's operations and does not shrink the size,
+            so nothing already running or opened becomes wrong.
+        """
+        return (
+            other.url == self.url
+            and other.sparse == self.sparse
+            and other.dirty == self.dirty
+            and set(other.ops) >= set(self.ops)
+            and (WRITE in other.ops) == (WRITE in self.ops)
+            and other.size >= self.size
+        )
+
+    def update(self, other: Ticket) -> None:
+        """
+        Take the terms of C{other} (a compatible ticket, see
+        L{compatibleWith}) while keeping this ticket's live state: running
+        operations, connections, counters.
+        """
+        self.size = other.size
+        self.ops = other.ops
+        self.timeout = other.timeout
+        self.inactivityTimeout = other.inactivityTimeout
+        self.transferID = other.transferID
+        self.filename = other.filename
+        self.expires = other.expires
+        self.accessTime = other.accessTime
+
     def transferred(self) -> int:
         """
         @return: Bytes covered by completed and running operations, each
@@ -469,7 +501,13 @@ class TicketRegistry:
     scheduler: IReactorTime
     removeTimeout: float = 60
     defaultInactivityTimeout: int = 60
+    #: Checks a new ticket's URL further (the service knows its own
+    #: listeners): returns why the URL is refused, or C{None}.
+    urlGuard: Callable[[str], str | None] | None = None
     _tickets: dict[str, Ticket] = field(factory=dict, init=False)
+    #: Tickets replaced under an id while operations still ran on them:
+    #: canceled, kept until idle so that DELETE of the id waits for them.
+    _retired: dict[str, list[Ticket]] = field(factory=dict, init=False)
 
     def __len__(self) -> int:
         return len(self._tickets)
@@ -487,9 +525,26 @@ class TicketRegistry:
         @raise InvalidTicket: Nothing is changed then.
         """
         ticket = parseTicket(body, self.now(), self.defaultInactivityTimeout)
+        if self.urlGuard is not None:
+            reason = self.urlGuard(ticket.url)
+            if reason is not None:
+                raise InvalidTicket(f"Invalid value for 'url': {ticket.url!r}: {reason}")
         old = self._tickets.get(ticket.uuid)
-        self._tickets[ticket.uuid] = ticket
-        verb = "replaced" if old is not None else "added"
+        if old is not None and not old.canceled and old.compatibleWith(ticket):
+            # The same transfer again (an agent retrying, or giving more
+            # time or size): running transfers go on under the new terms and
+            # a later DELETE still finds and stops them.
+            old.update(ticket)
+            ticket = old
+            verb = "updated"
+        else:
+            if old is not None:
+                # Another image, fewer rights or a smaller size: whatever
+                # runs under the old terms stops, and DELETE of the id waits
+                # for it as for the new ticket's operations.
+                self._retire(old)
+            self._tickets[ticket.uuid] = ticket
+            verb = "replaced" if old is not None else "added"
         log.info(
             "Ticket {ticketID} {verb}: transfer {transferID}, ops {ops}, size {size}, "
             "timeout {timeout}",
@@ -518,8 +573,12 @@ class TicketRegistry:
         """
         PATCH /tickets: C{expires = now + timeout}, reviving expired tickets.
 
+        @raise ValueError: If C{timeout} is outside 0-L{MAX_TIMEOUT}, the
+            bound of a new ticket's timeout (callers check first).
         @raise TicketNotFound: With upstream's PATCH text.
         """
+        if not 0 <= timeout <= MAX_TIMEOUT:
+            raise ValueError(f"Invalid value {timeout}: expecting 0-{MAX_TIMEOUT}")
         ticket = self._tickets.get(uuid)
         if ticket is None:
             raise TicketNotFound(f"No such ticket: {uuid}")
@@ -577,35 +636,65 @@ class TicketRegistry:
         DELETE to finish the job.
         """
         ticket = self._tickets.get(uuid)
-        if ticket is None:
+        retired = self._retired.get(uuid, [])
+        if ticket is None and not retired:
             return succeed(None)
-        if not ticket.canceled:
-            log.info("Canceling ticket {ticketID}", ticketID=shortID(uuid))
-        ticket.canceled = True
-        if not ticket.active:
-            self._drop(ticket)
-            return succeed(None)
-        ticket.cancelOperations()
+        if ticket is not None:
+            if not ticket.canceled:
+                log.info("Canceling ticket {ticketID}", ticketID=shortID(uuid))
+            ticket.canceled = True
+            if not ticket.active and not retired:
+                self._drop(ticket)
+                return succeed(None)
+            ticket.cancelOperations()
+        transferID = ticket.transferID if ticket is not None else retired[-1].transferID
         result: Deferred[None] = Deferred()
-        idle = ticket.whenIdle()
+        # Every ticket ever stored under this id: after DELETE answers,
+        # nothing writes with any of them.
+        waits = [t.whenIdle() for t in retired]
+        if ticket is not None:
+            waits.append(ticket.whenIdle())
+        idle: Deferred[list[None]] = gatherResults(waits)
 
         def timedOut() -> None:
             log.warn(
                 "Timeout canceling ticket {ticketID}: operations still running",
                 ticketID=shortID(uuid),
             )
-            result.errback(TicketBusy(f"Timeout cancelling transfer {ticket.transferID}"))
+            result.errback(TicketBusy(f"Timeout cancelling transfer {transferID}"))
 
         call = self.scheduler.callLater(self.removeTimeout, timedOut)
 
-        def idleNow(_: None) -> None:
+        def idleNow(_: object) -> None:
             if call.active():
                 call.cancel()
-                self._drop(ticket)
+                if ticket is not None:
+                    self._drop(ticket)
                 result.callback(None)
 
         idle.addCallback(idleNow)
         return result
+
+    def _retire(self, ticket: Ticket) -> None:
+        """
+        Cancel a ticket replaced under its id; keep it until its operations
+        end, then close its connections.
+        """
+        ticket.canceled = True
+        if not ticket.active:
+            ticket.closeConnections()
+            return
+        ticket.cancelOperations()
+        retired = self._retired.setdefault(ticket.uuid, [])
+        retired.append(ticket)
+
+        def idle(_: None) -> None:
+            retired.remove(ticket)
+            if not retired and self._retired.get(ticket.uuid) is retired:
+                del self._retired[ticket.uuid]
+            ticket.closeConnections()
+
+        ticket.whenIdle().addCallback(idle)
 
     def removeAll(self) -> None:
         """

@@ -19,6 +19,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from imageio import _buffers
+from imageio._buffers import BufferBudget
 from imageio._diskio import SynchronousDiskIO
 from imageio.backends import BackendContext, BackendOpener, memory
 from imageio.daemon.images import ImagesService, imagesResource
@@ -285,6 +286,8 @@ class ImagesHarness:
     #: is twice that, split between the two buffers of a transfer.
     bufferSize: int = 8 * 1024**2
     removeTimeout: float = 60
+    #: The memory budget of the service's transfer buffers.
+    budget: BufferBudget = field(factory=BufferBudget)
     registry: TicketRegistry = field(init=False)
     service: ImagesService = field(init=False)
     site: ImageioSite = field(init=False)
@@ -306,6 +309,7 @@ class ImagesHarness:
             runInPool=self.diskio.run,
             bufferSize=2 * self.bufferSize,
             unixSocket=self.unixSocket,
+            budget=self.budget,
         )
         root: IResource = imagesResource(self.service, info=self.info)
         self.site = ImageioSite(root, "remote", timeout=60, reactor=self.clock)

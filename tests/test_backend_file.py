@@ -27,7 +27,13 @@ from imageio import _buffers
 from imageio._diskio import DiskIO, SynchronousDiskIO, createPool
 from imageio.backends import BackendContext
 from imageio.backends import file as filebackend
-from imageio.backends.file import BackendClosed, FileBackend, openBackend, parseURL
+from imageio.backends.file import (
+    BackendClosed,
+    FileBackend,
+    fileSystemType,
+    openBackend,
+    parseURL,
+)
 from imageio.interfaces import Extent, IBackend, UnsupportedOperation
 
 KiB = 1024
@@ -259,6 +265,45 @@ class OpenTests(SynchronousTestCase):
         ctx = BackendContext(reactor=None, diskio=SynchronousDiskIO())
         d = openBackend(ctx, "file://" + path, write=False, sparse=False, dirty=False)
         self.assertIn("Not a regular file", str(self.failureResultOf(d, ValueError).value))
+
+    def test_pseudoFileSystemsRejected(self) -> None:
+        """
+        Files of procfs and sysfs (the daemon's memory, its environment,
+        kernel state) are not images, even though they look like regular
+        files, and even through a symbolic link.
+        """
+        link = os.path.join(self.dir, "innocent.raw")
+        os.symlink("/proc/self/environ", link)
+        ctx = BackendContext(reactor=None, diskio=SynchronousDiskIO())
+        for path, kind in (
+            ("/proc/self/mem", "proc"),
+            ("/proc/self/environ", "proc"),
+            (link, "proc"),
+            ("/sys/kernel/mm/transparent_hugepage/enabled", "sysfs"),
+        ):
+            if not os.path.exists(path):
+                continue
+            d = openBackend(ctx, "file://" + path, write=False, sparse=False, dirty=False)
+            error = self.failureResultOf(d, ValueError).value
+            self.assertIn(f"is on a {kind} file system", str(error))
+
+    def test_characterDevicesRejected(self) -> None:
+        """
+        Character devices (C{/dev/zero}, C{/dev/null}) are not images.
+        """
+        ctx = BackendContext(reactor=None, diskio=SynchronousDiskIO())
+        for path in ("/dev/zero", "/dev/null"):
+            d = openBackend(ctx, "file://" + path, write=False, sparse=False, dirty=False)
+            self.assertIn("Not a regular file", str(self.failureResultOf(d, ValueError).value))
+
+    def test_fileSystemType(self) -> None:
+        """
+        The file system type of an open file is read with C{fstatfs}.
+        """
+        fd = os.open("/proc/self/stat", os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(fileSystemType(fd), 0x9FA0)
+        self.assertRaises(OSError, fileSystemType, -1)
 
     def test_blockingFlagsCleared(self) -> None:
         """

@@ -7,6 +7,9 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,11 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imageio import _pki
-from imageio.backends import BackendContext
+from imageio.backends import BackendContext, isLocalAddress, namesListener
 from imageio.backends import http as httpbackend
 from imageio.backends.http import BadResponse, clipExtents, parseExtents
 from imageio.interfaces import Extent, HostError, RemoteError
+from imageio.tickets import InvalidTicket
 from tests.test_proxy_helpers import (
     Daemon,
     HTTPSClient,
@@ -71,6 +75,14 @@ class ParseExtentsTests(SynchronousTestCase):
             self.assertRaises(BadResponse, parseExtents, json.dumps(items).encode(), "zero")
         self.assertRaises(BadResponse, parseExtents, b"not json", "zero")
 
+    def test_hugeNumbersRefused(self) -> None:
+        """
+        A daemon answer with numbers of thousands of digits is refused before
+        they are converted.
+        """
+        body = b'[{"start": 0, "length": ' + b"9" * 4000 + b', "zero": false}]'
+        self.assertRaises(BadResponse, parseExtents, body, "zero")
+
     def test_clip(self) -> None:
         """
         Clipping keeps the parts of extents inside the window.
@@ -80,6 +92,69 @@ class ParseExtentsTests(SynchronousTestCase):
             clipExtents(extents, 5, 10), [Extent(5, 5, zero=False), Extent(10, 5, zero=True)]
         )
         self.assertEqual(clipExtents(extents, 20, 5), [])
+
+    def test_clipLimit(self) -> None:
+        """
+        Clipping a long map returns at most C{limit} extents from the one
+        holding C{start}, found without scanning from the first.
+        """
+        extents = [Extent(i * 10, 10, zero=bool(i % 2)) for i in range(100_000)]
+        got = clipExtents(extents, 500_005, 10**9, limit=3)
+        self.assertEqual(
+            got,
+            [
+                Extent(500_005, 5, zero=False),
+                Extent(500_010, 10, zero=True),
+                Extent(500_020, 10, zero=False),
+            ],
+        )
+
+
+class NamesListenerTests(SynchronousTestCase):
+    def test_ownAddresses(self) -> None:
+        """
+        URLs naming a listener of ours, by C{localhost}, a loopback or
+        unspecified address, this host's name or one of its addresses, on
+        the listener's port, are recognized; other ports, hosts and schemes
+        are not.
+        """
+        wildcard = [("::", 54322)]
+        for url in (
+            "https://localhost:54322/images/x",
+            "https://LOCALHOST.:54322/images/x",
+            "https://127.0.0.1:54322/images/x",
+            "https://127.0.0.2:54322/images/x",
+            "https://[::1]:54322/images/x",
+            "https://[::ffff:127.0.0.1]:54322/images/x",
+            "https://0.0.0.0:54322/images/x",
+            "https://[::]:54322/images/x",
+            f"https://{socket.gethostname()}:54322/images/x",
+            "http://localhost:54322/images/x",
+        ):
+            self.assertTrue(namesListener(url, wildcard), url)
+        for url in (
+            "https://localhost:54323/images/x",
+            "https://localhost/images/x",
+            "https://192.0.2.1:54322/images/x",
+            "https://daemon.example.com:54322/images/x",
+            "file:///var/tmp/localhost:54322",
+            "nbd:unix:/run/sock",
+        ):
+            self.assertFalse(namesListener(url, wildcard), url)
+        self.assertTrue(namesListener("https://localhost/images/x", [("0.0.0.0", 443)]))
+        specific = [("127.0.0.1", 54322)]
+        self.assertTrue(namesListener("https://127.0.0.1:54322/images/x", specific))
+        self.assertFalse(namesListener("https://192.0.2.1:54322/images/x", specific))
+
+    def test_isLocalAddress(self) -> None:
+        """
+        Loopback, unspecified and this host's interface addresses are local;
+        others and names are not.
+        """
+        for host in ("127.0.0.1", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1"):
+            self.assertTrue(isLocalAddress(host), host)
+        for host in ("192.0.2.1", "2001:db8::1", "localhost", "not an address"):
+            self.assertFalse(isLocalAddress(host), host)
 
 
 class ProxyModeTests(TestCase):
@@ -115,6 +190,47 @@ class ProxyModeTests(TestCase):
         url = f"{self.daemonA.url(host)}/images/{ticketA}"
         ticketB = self.daemonB.addTicket(url, size, **extra)
         return ticketB, path
+
+    @inlineCallbacks
+    def test_ticketNamingItsOwnDaemon(self) -> Any:
+        """
+        A proxy-mode ticket naming its own daemon is refused when added; one
+        that names it in a way only DNS tells (here: changed after adding) is
+        answered 508 Loop Detected after one relayed request, instead of
+        relaying to itself without end.
+        """
+        own = self.daemonB.url("localhost") + "/images/x"
+        e = self.assertRaises(InvalidTicket, self.daemonB.addTicket, own, 4096)
+        self.assertIn("The URL names this daemon", str(e))
+        ticket = self.daemonB.addTicket(self.daemonA.url("localhost") + "/images/x", 4096)
+        self.daemonB.registry.get(ticket).url = f"{self.daemonB.url('localhost')}/images/{ticket}"
+        for method, path in (
+            ("OPTIONS", f"/images/{ticket}"),
+            ("GET", f"/images/{ticket}"),
+            ("GET", f"/images/{ticket}/extents"),
+        ):
+            reply = yield self.client.request(method, path)
+            self.assertEqual(reply.status, 508, reply.text)
+            self.assertIn("Loop detected", reply.text)
+        self.assertFalse(self.daemonB.registry.get(ticket).active)
+
+    @inlineCallbacks
+    def test_twoDaemonsNamingEachOther(self) -> Any:
+        """
+        Two daemons whose proxy-mode tickets name each other do not relay
+        round: the first relayed request that would be relayed again is
+        508.
+        """
+        ticket = str(uuid.uuid4())
+        self.daemonA.addTicket(
+            f"{self.daemonB.url('localhost')}/images/{ticket}", 4096, ticketID=ticket
+        )
+        self.daemonB.addTicket(
+            f"{self.daemonA.url('localhost')}/images/{ticket}", 4096, ticketID=ticket
+        )
+        reply = yield self.client.request("GET", f"/images/{ticket}")
+        self.assertEqual(reply.status, 508, reply.text)
+        self.assertIn("Loop detected", reply.text)
 
     @inlineCallbacks
     def test_options(self) -> Any:
@@ -191,6 +307,37 @@ class ProxyModeTests(TestCase):
         expected = yield direct.request("GET", f"/images/{ticketA}/extents")
         self.assertEqual(extents, json.loads(expected.body))
         self.assertEqual(sum(e["length"] for e in extents), 4 * MiB)
+
+    @inlineCallbacks
+    def test_streamedExtents(self) -> Any:
+        """
+        A daemon's streamed extents answer (a very fragmented image) is read
+        whole, and B streams its own answer in turn.
+        """
+        runs = 20_000
+        path = self.dir / "fragmented.raw"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(runs):
+                os.pwrite(fd, b"x", i * 8192)
+            os.ftruncate(fd, runs * 8192)
+        finally:
+            os.close(fd)
+        ticketA = self.daemonA.addTicket(f"file://{path}", runs * 8192, ("read",))
+        ticketB = self.daemonB.addTicket(
+            f"{self.daemonA.url('localhost')}/images/{ticketA}", runs * 8192, ("read",)
+        )
+        reply = yield self.client.request("GET", f"/images/{ticketB}/extents")
+        self.assertEqual(reply.status, 200, reply.text[:200])
+        extents = json.loads(reply.body)
+        self.assertEqual(len(extents), 2 * runs)
+        self.assertEqual(
+            extents[:2],
+            [
+                {"start": 0, "length": 4096, "zero": False, "hole": False},
+                {"start": 4096, "length": 4096, "zero": True, "hole": False},
+            ],
+        )
 
     @inlineCallbacks
     def test_checksum(self) -> Any:

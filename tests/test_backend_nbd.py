@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imageio._diskio import SynchronousDiskIO
 from imageio.backends import BackendContext, BackendOpener
 from imageio.backends import _nbdproto as nbd
+from imageio.backends import nbd as nbdbackend
 from imageio.backends._nbdproto import ExportInfo, OptionError
 from imageio.backends.nbd import (
     MAX_ZERO,
@@ -339,6 +340,23 @@ class BackendTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(proto.calls, [("status", 0, 90), ("status", 40, 50)])
+
+    def test_extentsBoundedPerCall(self) -> None:
+        """
+        One call gathers at most about L{nbdbackend.MAX_EXTENTS} extents (it stops
+        after the block status reply that reaches them); the caller asks
+        again from the end of the last one.
+        """
+        self.patch(nbdbackend, "MAX_EXTENTS", 4)
+        backend, proto = fakeBackend(size=100)
+        alternating = [(5, 0), (5, 3)] * 3
+        proto.status = [
+            {nbd.BASE_ALLOCATION: alternating, nbd.QEMU_ALLOCATION_DEPTH: [(30, 1)]}
+        ] * 3
+        extents = self.successResultOf(backend.extents("zero", 0, 100))
+        self.assertEqual(len(extents), 6)
+        self.assertEqual(extents[-1], Extent(25, 5, zero=True, hole=False))
+        self.assertEqual(proto.calls, [("status", 0, 100)])
 
     def test_dirtyExtents(self) -> None:
         """

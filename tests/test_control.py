@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imageio.control._metrics import Metrics
 from imageio.control.tickets import controlResource
-from imageio.tickets import Operation, TicketRegistry
+from imageio.tickets import MAX_TIMEOUT, Operation, TicketRegistry
 from imageio.web._streaming import ImageioSite
 from tests.test_tickets import ticketBody
 
@@ -242,6 +242,35 @@ class ControlAPITests(SynchronousTestCase):
             "Ticket id is required",
         )
 
+    def test_patchBounded(self) -> None:
+        """
+        PATCH applies the bound of a new ticket's C{timeout} (30 days), and
+        refuses numbers of thousands of digits before converting them.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        expires = self.registry.get("t1").expires
+        self.assertError(
+            self.call(request("PATCH", "/tickets/t1", b'{"timeout": 1000000000000000000}')),
+            400,
+            f"Invalid value 1000000000000000000 > {MAX_TIMEOUT}",
+        )
+        r = self.call(request("PATCH", "/tickets/t1", b'{"timeout": ' + b"9" * 4000 + b"}"))
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.text, "Invalid patch: Number too long: 4000 digits, at most 32\n")
+        self.assertEqual(self.registry.get("t1").expires, expires)
+        r = self.call(request("PATCH", "/tickets/t1", b'{"timeout": %d}' % MAX_TIMEOUT))
+        self.assertEqual(r.status, 200)
+
+    def test_addHugeNumbers(self) -> None:
+        """
+        A ticket with a number of thousands of digits is refused with 400.
+        """
+        body = ticketJSON().replace(b'"size": 1000', b'"size": ' + b"1" * 4000)
+        r = self.call(request("PUT", "/tickets/t1", body))
+        self.assertEqual(r.status, 400)
+        self.assertIn("Number too long", r.text)
+        self.assertIsNone(self.registry.lookup("t1"))
+
     def test_deleteIdempotent(self) -> None:
         """
         DELETE answers 204 for known and unknown tickets.
@@ -312,6 +341,50 @@ class ControlAPITests(SynchronousTestCase):
         )
         self.assertError(self.call(request("FOO", "/tickets/t1")), 405, "Invalid method 'FOO'")
 
+    def test_metricsMethodLabelBounded(self) -> None:
+        """
+        Methods a client makes up are counted as C{other}: a thousand
+        distinct methods add one series, not a thousand.
+        """
+        for i in range(1000):
+            r = self.call(request(f"X{i}", "/tickets/t1"))
+            self.assertEqual(r.status, 405)
+        r = self.call(request("GET", "/metrics"))
+        series = [line for line in r.text.splitlines() if line.startswith("imageio_requests_total")]
+        self.assertIn(
+            'imageio_requests_total{listener="control",method="other",code="405"} 1000', series
+        )
+        self.assertEqual(len(series), 1)
+
+    def test_metricsLabelsBounded(self) -> None:
+        """
+        Statuses outside 100-599 are C{other}; listener names past the
+        limit share C{other}, in every metric.
+        """
+        metrics = Metrics()
+        metrics.requestDone("remote", "GET", 999, 1, 0)
+        for i in range(100):
+            metrics.connectionOpened(f"l{i}")
+            metrics.requestDone(f"l{i}", "BREW", 200, 1, 1)
+        text = metrics.render()
+        self.assertIn('imageio_requests_total{listener="remote",method="GET",code="other"} 1', text)
+        self.assertIn('imageio_requests_total{listener="other",method="other",code="200"}', text)
+        self.assertLess(len(text.splitlines()), 100)
+
+    def test_nonUTF8TicketID(self) -> None:
+        """
+        A ticket id with a percent-escape that is not UTF-8 is an unknown
+        ticket: GET and PATCH are 404, DELETE 204 (idempotent), and nothing
+        is logged as a failure.
+        """
+        self.call(request("PUT", "/tickets/t1", ticketJSON()))
+        self.assertError(self.call(request("GET", "/tickets/%ff")), 404, "No such ticket '\ufffd'")
+        r = self.call(request("PATCH", "/tickets/%ff", b'{"timeout": 10}'))
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.text, "No such ticket: \ufffd\n")
+        self.assertEqual(self.call(request("DELETE", "/tickets/%ff%fe")).status, 204)
+        self.assertIsNotNone(self.registry.lookup("t1"))
+
     def test_metrics(self) -> None:
         """
         /metrics reports requests by listener, method and status in the
@@ -328,3 +401,17 @@ class ControlAPITests(SynchronousTestCase):
             'imageio_requests_total{listener="control",method="GET",code="404"} 1', r.text
         )
         self.assertIn("# TYPE imageio_open_connections gauge", r.text)
+
+    def test_metricsReceivedBytes(self) -> None:
+        """
+        Received bytes count every request body: PUT and PATCH JSON bodies
+        too, not only image uploads.
+        """
+        body = ticketJSON()
+        self.call(request("PUT", "/tickets/t1", body))
+        patch = b'{"timeout": 300}'
+        self.call(request("PATCH", "/tickets/t1", patch))
+        r = self.call(request("GET", "/metrics"))
+        self.assertIn(
+            f'imageio_received_bytes_total{{listener="control"}} {len(body) + len(patch)}', r.text
+        )

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
+from imageio._buffers import BufferBudget, BufferPool
 from imageio.interfaces import IBackend, IZeroCopyTransport
 from imageio.tickets import Operation, OperationCanceled
 from imageio.web._download import HOLD_MIN, DownloadProducer, ReaderStalled, TruncatedImage
@@ -144,7 +145,7 @@ class DownloadProducerTests(SynchronousTestCase):
         and the next download on the connection maps no new memory.
         """
         self.backend.manual = False
-        pool: list[memoryview] = []
+        pool = BufferPool(BufferBudget())
         first = self.producer(0, 100)
         first.pool = pool
         self.successResultOf(first.start())
@@ -580,7 +581,7 @@ class DownloadProducerHeldTests(SynchronousTestCase):
         the connection's pool: the next download on the connection cannot
         read into it before it is sent.
         """
-        pool: list[memoryview] = []
+        pool = BufferPool(BufferBudget())
         first = self.producer(length=3 * HOLD_MIN)
         first.pool = pool
         done = first.start()

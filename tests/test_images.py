@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from typing import Any
+from unittest import SkipTest
 
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 import imageio
 from imageio import _blkhash
+from imageio.backends import file as filebackend
 from imageio.backends import memory
+from imageio.web import _jsonlist
 from imageio.web._response import INTERNAL_ERROR
 from tests._http import (
     Connection,
@@ -108,6 +114,36 @@ class CommonFormatTests(ImagesTestCase):
         self.assertEqual([r.status for r in responses], [206, 200, 206])
         self.assertEqual([r.body for r in responses], [b"01", b"", b"AB23"])
         self.assertFalse(conn.closed)
+
+
+class NonUTF8TicketTests(ImagesTestCase):
+    """
+    Ticket ids with percent-escapes that are not UTF-8 are unknown tickets.
+    """
+
+    def test_unknownTicket(self) -> None:
+        """
+        C{/images/%ff} is 403 with upstream's text (the escape becomes
+        U+FFFD, as upstream's C{unquote} makes it) for every method and
+        sub-resource, PUT with a body included; nothing is logged as a
+        failure.
+        """
+        text = "You are not allowed to access this resource: No such ticket "
+        for raw in (
+            request(b"GET", b"/images/%ff"),
+            request(b"HEAD", b"/images/%ff"),
+            request(b"OPTIONS", b"/images/%ff"),
+            request(b"GET", b"/images/%ff/extents"),
+            request(b"GET", b"/images/%ff/checksum"),
+            request(b"PUT", b"/images/%ff", body=b"abc"),
+            request(b"PUT", b"/images/%ff%fe%80", body=b"abc"),
+            request(b"PATCH", b"/images/%ff", body=b'{"op": "flush"}'),
+        ):
+            head = raw.startswith(b"HEAD")
+            response = self.send(raw, head=head)
+            self.assertEqual(response.status, 403, raw)
+            if not head:
+                self.assertTrue(response.text.startswith(text + "\ufffd"), raw)
 
 
 class OptionsTests(ImagesTestCase):
@@ -957,6 +993,14 @@ class PatchTests(ImagesTestCase):
             (b'{"op": "zero", "size": NaN}', "Invalid JSON message Invalid constant NaN"),
             (b'{"op": "zero", "size": Infinity}', "Invalid JSON message Invalid constant Infinity"),
             (b'{"op": "zero", "size": 1, "size": 2}', "Invalid JSON message Duplicate key 'size'"),
+            (
+                b'{"op": "zero", "size": ' + b"7" * 4000 + b"}",
+                "Invalid JSON message Number too long: 4000 digits, at most 32",
+            ),
+            (
+                b'{"op": "zero", "size": 1, "offset": -' + b"7" * 33 + b"}",
+                "Invalid JSON message Number too long: 33 digits, at most 32",
+            ),
             (b"[1]", "Invalid JSON message: expecting an object"),
             (
                 b'{"op": "zero", "size": 1}\xff',
@@ -1532,7 +1576,7 @@ class FaultTests(ImagesTestCase):
         self.assertError(
             response,
             500,
-            "Server failed to perform the request: No space left on device",
+            INTERNAL_ERROR,
             close=True,
         )
         self.assertTrue(conn.closed)
@@ -1553,15 +1597,50 @@ class FaultTests(ImagesTestCase):
         self.assertEqual(backend.pendingWrites(), 1)
         backend.writes[0][2].errback(OSError(errno.ENOSPC, "No space left on device"))
         response = conn.response()
-        self.assertError(
-            response, 500, "Server failed to perform the request: No space left on device"
-        )
+        self.assertError(response, 500, INTERNAL_ERROR)
         self.assertTrue(conn.closed)
         self.assertFalse(ticket.active)
         conn.send(b"x" * 90 * KiB)
         self.assertEqual(conn.output(), b"")
         self.assertEqual(backend.pendingWrites(), 0)
         self.flushLoggedErrors(OSError)
+
+    def test_storageErrorDetailsOnlyInLog(self) -> None:
+        """
+        A backend that cannot be opened (an NBD server that is not there)
+        is 500 with upstream's generic text: the socket path, the export
+        name and the OS error text go to the log only, with the ticket id
+        shortened.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        error = ConnectionRefusedError(
+            errno.ECONNREFUSED,
+            "Cannot connect to NBD server unix:/run/vdsm/nbd/secret.sock export 'sda': refused",
+        )
+
+        class FailingOpener:
+            def open(self, url: str, **kw: Any) -> Any:
+                return fail(error)
+
+        self.h = ImagesHarness(opener=FailingOpener())
+        self.h.addTicket(bytes(10), uuid="0123456789abcdef", transfer_id="tr-x")
+        for raw in (
+            request(b"GET", b"/images/0123456789abcdef"),
+            request(b"PUT", b"/images/0123456789abcdef", body=b"abc"),
+            request(b"OPTIONS", b"/images/0123456789abcdef"),
+            request(b"GET", b"/images/0123456789abcdef/extents"),
+            request(b"GET", b"/images/0123456789abcdef/checksum"),
+            request(b"PATCH", b"/images/0123456789abcdef", body=b'{"op": "flush"}'),
+        ):
+            response = self.send(raw)
+            self.assertError(response, 500, INTERNAL_ERROR, close=True)
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("secret.sock export 'sda'", text)
+        self.assertIn("/images/01234567...", text)
+        self.assertNotIn("0123456789abcdef", text)
+        self.assertFalse([e for e in events if "log_failure" in e])
 
     def test_errorOnFlush(self) -> None:
         """
@@ -1571,7 +1650,7 @@ class FaultTests(ImagesTestCase):
         name = ticket.url.split(":", 1)[1]
         memory.failNext(name, "flush", OSError(errno.EIO, "Input/output error"))
         response = self.send(request(b"PUT", b"/images/t1", body=b"abc"))
-        self.assertError(response, 500, "Server failed to perform the request: Input/output error")
+        self.assertError(response, 500, INTERNAL_ERROR)
         self.assertEqual(ticket.flushedRanges(), [])
         self.flushLoggedErrors(OSError)
 
@@ -1586,9 +1665,7 @@ class FaultTests(ImagesTestCase):
         conn = self.h.connect()
         conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4"}))
         response = conn.response()
-        self.assertError(
-            response, 500, "Server failed to perform the request: Input/output error", close=True
-        )
+        self.assertError(response, 500, INTERNAL_ERROR, close=True)
         for name_ in (b"content-range", b"content-disposition", b"accept-ranges"):
             self.assertIsNone(response.header(name_))
         self.assertTrue(conn.closed)
@@ -1636,7 +1713,7 @@ class FaultTests(ImagesTestCase):
         self.assertError(
             conn.response(),
             500,
-            "Server failed to perform the request: No space left on device",
+            INTERNAL_ERROR,
             close=True,
         )
         self.assertFalse(ticket.active)
@@ -1686,3 +1763,291 @@ class InactivityTests(ImagesTestCase):
         self.assertFalse(conn.closed)
         self.clock.advance(2)
         self.assertTrue(conn.closed)
+
+
+def decodeChunked(data: bytes) -> tuple[Response, list[bytes], bool]:
+    """
+    Parse one response with a chunked body.
+
+    @return: The response (its body the joined chunks), the chunks, and
+        whether the terminating chunk arrived.
+    """
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    assert sep, data[:200]
+    lines = head.split(b"\r\n")
+    version, status, reason = (lines[0].split(b" ", 2) + [b""])[:3]
+    headers = [
+        (name.strip().lower(), value.strip())
+        for name, _, value in (line.partition(b":") for line in lines[1:])
+    ]
+    chunks: list[bytes] = []
+    complete = False
+    while rest:
+        size, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            break
+        n = int(size, 16)
+        if n == 0:
+            complete = rest == b"\r\n"
+            break
+        chunks.append(rest[:n])
+        assert rest[n : n + 2] == b"\r\n"
+        rest = rest[n + 2 :]
+    return Response(version, int(status), reason, headers, b"".join(chunks)), chunks, complete
+
+
+class LargeExtentsTests(SynchronousTestCase):
+    """
+    Issue 10 item 10: the extents of a very fragmented image are answered
+    in bounded slices, under backpressure, merged and encoded on the pool.
+    """
+
+    RUNS = 1000
+
+    def setUp(self) -> None:
+        self.h = ImagesHarness()
+        self.addCleanup(self.h.cleanup)
+        # A small cap per backend call stands for the real one (10,000) on
+        # a map of millions of extents.
+        self.patch(filebackend, "MAX_EXTENTS", 50)
+        # Answers over 4 KiB are streamed (1 MiB in production).
+        self.patch(_jsonlist, "MAX_BUFFERED", 4096)
+        path = os.path.abspath(self.mktemp())
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(self.RUNS):
+                os.pwrite(fd, b"x" * 4096, i * 8192)
+            os.ftruncate(fd, self.RUNS * 8192)
+        finally:
+            os.close(fd)
+        if os.lseek(os.open(path, os.O_RDONLY), 0, os.SEEK_HOLE) != 4096:
+            raise SkipTest("The file system does not report holes")
+        ticket = self.h.addTicket(b"", size=self.RUNS * 8192, ops=("read",))
+        ticket.url = "file://" + path
+        self.calls: list[int] = []
+        original = filebackend.FileBackend.extents
+
+        def counting(backend: Any, context: str, start: int, length: int) -> Any:
+            d = original(backend, context, start, length)
+            d.addCallback(lambda got: self.calls.append(len(got)) or got)
+            return d
+
+        self.patch(filebackend.FileBackend, "extents", counting)
+        self.expected = []
+        for i in range(self.RUNS):
+            self.expected.append({"start": i * 8192, "length": 4096, "zero": False, "hole": False})
+            self.expected.append(
+                {"start": i * 8192 + 4096, "length": 4096, "zero": True, "hole": False}
+            )
+
+    def pauseOnWrite(self, conn: Connection) -> Any:
+        """
+        Make C{conn}'s transport full after each write, as a client that
+        reads slowly.
+        """
+        transport = conn.transport
+        write, writeSequence = transport.write, transport.writeSequence
+
+        def pausingWrite(data: bytes) -> None:
+            write(data)
+            transport.producer.pauseProducing()
+
+        def pausingWriteSequence(data: list[bytes]) -> None:
+            writeSequence(data)
+            transport.producer.pauseProducing()
+
+        self.patch(transport, "write", pausingWrite)
+        self.patch(transport, "writeSequence", pausingWriteSequence)
+        return transport
+
+    def test_streamedInSlices(self) -> None:
+        """
+        An answer longer than one slice is streamed in chunks of at most one
+        backend answer each, and holds the whole map, merged across slices.
+        """
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents?context=zero"))
+        response, pieces, complete = decodeChunked(conn.output())
+        self.assertTrue(complete)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-type"), b"application/json")
+        self.assertEqual(response.header(b"transfer-encoding"), b"chunked")
+        self.assertIsNone(response.header(b"content-length"))
+        self.assertEqual(json.loads(response.body), self.expected)
+        self.assertTrue(response.body.endswith(b"]\n"))
+        self.assertGreater(len(pieces), 10)
+        # Each chunk is one backend answer of at most 50 extents (about 64
+        # bytes each), the first one after what was buffered.
+        self.assertLess(len(pieces[0]), 4096 + 50 * 80)
+        self.assertTrue(all(len(p) < 50 * 80 for p in pieces[1:]), max(map(len, pieces)))
+        self.assertTrue(all(n <= 50 for n in self.calls))
+        self.assertFalse(conn.closed)
+
+    def test_windowStreamedToo(self) -> None:
+        """
+        A window wider than one slice is answered the same way; a window
+        within one slice keeps C{Content-Length}.
+        """
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents?start=4096&length=8192000"))
+        response, _, complete = decodeChunked(conn.output())
+        self.assertTrue(complete)
+        self.assertEqual(json.loads(response.body), self.expected[1:])
+        small = self.h.roundTrip(request(b"GET", b"/images/t1/extents?start=8192&length=16384"))
+        self.assertEqual(small.header(b"content-length"), b"%d" % len(small.body))
+        self.assertEqual(json.loads(small.body), self.expected[2:6])
+
+    def test_backpressure(self) -> None:
+        """
+        While the client does not read, no further part of the map is asked
+        of the backend: memory per answer stays at a slice or two.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        for _ in range(3):
+            self.assertLessEqual(len(self.calls), 3)
+            _, _, complete = decodeChunked(transport.value())
+            self.assertFalse(complete)
+        rounds = 0
+        while not decodeChunked(transport.value())[2]:
+            before = len(self.calls)
+            transport.producer.resumeProducing()
+            self.assertLessEqual(len(self.calls) - before, 1)
+            rounds += 1
+        self.assertGreater(rounds, 10)
+        response, _, complete = decodeChunked(transport.value())
+        self.assertTrue(complete)
+        self.assertEqual(json.loads(response.body), self.expected)
+
+    def test_clientGoneMidAnswer(self) -> None:
+        """
+        A client that leaves in the middle of a streamed answer stops it:
+        the backend is asked nothing more.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        calls = len(self.calls)
+        conn.lose()
+        transport.producer.resumeProducing()
+        self.assertEqual(len(self.calls), calls)
+        self.assertFalse(decodeChunked(transport.value())[2])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_clientGoneWhileBuffering(self) -> None:
+        """
+        A client that leaves while the answer is still being gathered gets
+        nothing more and leaves no error behind.
+        """
+        current = filebackend.FileBackend.extents
+        held: list[Deferred[Any]] = []
+
+        def holding(backend: Any, *args: Any) -> Any:
+            d = current(backend, *args)
+            if len(self.calls) == 2:
+                pending: Deferred[Any] = Deferred()
+                held.append(pending)
+                d.addCallback(lambda got: held.append(got))
+                return pending
+            return d
+
+        self.patch(filebackend.FileBackend, "extents", holding)
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        self.assertEqual(conn.output(), b"")
+        conn.lose()
+        pending, got = held
+        pending.callback(got)
+        self.assertEqual(len(self.calls), 2)
+        self.assertEqual(conn.output(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_http10(self) -> None:
+        """
+        An HTTP/1.0 client gets the streamed answer delimited by the end of
+        the connection.
+        """
+        conn = self.h.connect()
+        conn.send(b"GET /images/t1/extents HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        head, _, body = conn.output().partition(b"\r\n\r\n")
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertEqual(json.loads(body), self.expected)
+        self.assertTrue(conn.closed)
+
+
+class RelayLoopTests(ImagesTestCase):
+    """
+    Issue 10 item 7: a request one of our relays sent is not relayed again.
+    """
+
+    def test_relayedRequestNotRelayedAgain(self) -> None:
+        """
+        A relayed request (C{Imageio-Relayed}) for a proxy-mode ticket is
+        508 Loop Detected, and nothing is opened.
+        """
+        ticket = self.h.addTicket(b"x" * 10)
+        ticket.url = "https://daemon.example.com:54322/images/t1"
+        opened: list[str] = []
+        self.patch(type(self.h.service.opener), "open", lambda self, url, **kw: opened.append(url))
+        for method, path in (
+            (b"OPTIONS", b"/images/t1"),
+            (b"GET", b"/images/t1"),
+            (b"GET", b"/images/t1/extents"),
+            (b"GET", b"/images/t1/checksum"),
+        ):
+            response = self.send(request(method, path, {b"imageio-relayed": b"1"}))
+            self.assertEqual(response.status, 508, path)
+            self.assertIn("Loop detected", response.text)
+            self.assertEqual(response.header(b"connection"), b"close")
+        response = self.send(
+            request(b"PUT", b"/images/t1", {b"imageio-relayed": b"1"}, body=b"y" * 10)
+        )
+        self.assertEqual(response.status, 508)
+        self.assertEqual(opened, [])
+        self.assertFalse(ticket.active)
+
+    def test_relayedRequestServedFromStorage(self) -> None:
+        """
+        A relayed request for a ticket on storage (the proxy talking to the
+        host's daemon) is served as any other.
+        """
+        self.h.addTicket(b"x" * 10)
+        response = self.send(request(b"GET", b"/images/t1", {b"imageio-relayed": b"1"}))
+        self.assertEqual((response.status, response.body), (200, b"x" * 10))
+
+
+class HugeNumberTests(ImagesTestCase):
+    """
+    Issue 10 item 9: numbers of thousands of digits in headers and query
+    arguments are refused without being converted.
+    """
+
+    def test_headersAndQueries(self) -> None:
+        """
+        Content-Length, Content-Range, Range, C{start}, C{length} and
+        C{block_size} of 4,000 digits get 400 (416 for Range), quickly.
+        """
+        self.h.addTicket(bytes(100))
+        huge = b"9" * 4000
+        cases = [
+            (b"PUT", b"/images/t1", b"Content-Length: " + huge, 400),
+            (
+                b"PUT",
+                b"/images/t1",
+                b"Content-Length: 5\r\nContent-Range: bytes " + huge + b"-5/*",
+                400,
+            ),
+            (b"GET", b"/images/t1", b"Range: bytes=" + huge + b"-", 416),
+            (b"GET", b"/images/t1/extents?start=" + huge, b"", 400),
+            (b"GET", b"/images/t1/extents?length=" + huge, b"", 400),
+            (b"GET", b"/images/t1/checksum?block_size=" + huge, b"", 400),
+        ]
+        for method, path, header, status in cases:
+            conn = self.h.connect()
+            raw = method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n"
+            conn.send(raw + (header + b"\r\n" if header else b"") + b"\r\nhello")
+            response = parseResponses(conn.output())[0]
+            self.assertEqual(response.status, status, (path, header[:40]))
+            self.assertLess(len(response.body), 300)

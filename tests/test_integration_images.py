@@ -303,3 +303,189 @@ class ImagesIntegrationTests(TestCase):
         for i in range(0, len(data), MiB):
             hasher.update(data[i : i + MiB])
         self.assertEqual(json.loads(out)["checksum"], hasher.hexdigest())
+
+
+def _halfClosedExchange(
+    sock: socket.socket, raw: bytes, context: ssl.SSLContext | None = None
+) -> bytes:
+    """
+    Send C{raw}, then shut down the sending side (TLS: C{close_notify},
+    then TCP C{SHUT_WR}), and read until the server closes.
+
+    @return: Everything the server sent (decrypted).
+    """
+    sock.settimeout(30)
+    if context is None:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+
+    def pump() -> bool:
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+        chunk = sock.recv(65536)
+        if chunk:
+            incoming.write(chunk)
+        else:
+            incoming.write_eof()
+        return bool(chunk)
+
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pump()
+    tls.write(raw)
+    try:
+        tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    sock.sendall(outgoing.read())
+    sock.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        try:
+            data += tls.read(65536)
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return data
+        if not pump():
+            try:
+                data += tls.read(65536)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
+                pass
+            return data
+
+
+class HalfCloseTests(TestCase):
+    """
+    A client that sends its request and then shuts down its sending side
+    gets its answer, then the connection closes: on the remote listener
+    (TLS and plain TCP), the local UNIX socket and the control socket.
+    """
+
+    timeout = 60
+    tls = True
+
+    def setUp(self) -> None:
+        from imageio import _pki
+        from imageio.tap import ImageioService
+
+        self.sockets = tempfile.mkdtemp(prefix="imageio-hc-")
+        self.addCleanup(shutil.rmtree, self.sockets, True)
+        self.dir = Path(self.mktemp()).absolute()
+        self.dir.mkdir()
+        self.pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        config = _config.Config()
+        config.daemon.systemd_enable = False
+        config.remote.host = "127.0.0.1"
+        config.remote.port = 0
+        config.tls.enable = self.tls
+        config.tls.cert_file = self.pki.certFile
+        config.tls.key_file = self.pki.keyFile
+        config.local.socket = os.path.join(self.sockets, "local.sock")
+        config.control.socket = os.path.join(self.sockets, "control.sock")
+        self.config = config
+        self.service = ImageioService(config, reactor, self.dir / "state")
+        self.service.startService()
+        self.addCleanup(ImagesIntegrationTests._stop, self)  # type: ignore[arg-type]
+        address: Any = self.service.ports["remote"].getHost()
+        self.port = address.port
+        image = self.dir / "image.raw"
+        image.write_bytes(b"0123456789" * 100)
+        self.service.registry.add(
+            {
+                "uuid": "t1",
+                "size": 1000,
+                "ops": ["read", "write"],
+                "timeout": 300,
+                "url": image.as_uri(),
+                "transfer_id": "tr-t1",
+            }
+        )
+
+    def exchange(self, family: int, address: Any, raw: bytes, tls: bool = False) -> Any:
+        context = None
+        if tls:
+            context = ssl.create_default_context(cafile=self.pki.caFile)
+
+        def run() -> bytes:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.connect(address)
+                return _halfClosedExchange(sock, raw, context)
+
+        return deferToThread(run)
+
+    def remote(self, raw: bytes) -> Any:
+        return self.exchange(socket.AF_INET, ("127.0.0.1", self.port), raw, tls=self.tls)
+
+    @inlineCallbacks
+    def test_remote(self) -> Any:
+        """
+        A GET (read on the disk-io pool) and a PUT with its whole body are
+        answered before the server closes.
+        """
+        data = yield self.remote(b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 206 "), data)
+        self.assertTrue(data.endswith(b"\r\n\r\n0123456789"), data)
+        data = yield self.remote(
+            b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        )
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+
+    @inlineCallbacks
+    def test_remotePipelined(self) -> Any:
+        """
+        Pipelined requests sent before the half-close are all answered.
+        """
+        get = b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n"
+        data = yield self.remote(get * 3)
+        self.assertEqual(data.count(b"HTTP/1.1 206 "), 3, data)
+
+    @inlineCallbacks
+    def test_incompleteRequestClosed(self) -> Any:
+        """
+        A request cut short by the half-close gets no answer: the server
+        closes.
+        """
+        data = yield self.remote(b"GET /images/t1 HTTP/1.1\r\nHost: x\r\n")
+        self.assertEqual(data, b"")
+        data = yield self.remote(
+            b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc"
+        )
+        self.assertEqual(data, b"")
+
+    @inlineCallbacks
+    def test_unixSockets(self) -> Any:
+        """
+        The local images socket and the control socket answer too.
+        """
+        data = yield self.exchange(
+            socket.AF_UNIX,
+            self.config.local.socket,
+            b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n",
+        )
+        self.assertTrue(data.endswith(b"\r\n\r\n0123456789"), data)
+        data = yield self.exchange(
+            socket.AF_UNIX,
+            self.config.control.socket,
+            b"GET /tickets/t1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data)
+        self.assertIn(b'"uuid": "t1"', data)
+
+
+class HalfClosePlainTCPTests(HalfCloseTests):
+    """
+    The same on a remote listener without TLS.
+    """
+
+    tls = False

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
-from twisted.logger import LogLevel, globalLogPublisher, jsonFileLogObserver
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from imageio import _log
@@ -45,13 +46,62 @@ class LogTests(SynchronousTestCase):
 
     def test_jsonLines(self) -> None:
         """
-        The JSON observer writes one parseable object per line with the
-        structured fields.
+        The JSON observer writes one object per event and line: the time,
+        the level, the namespace, the rendered message and the plain
+        fields; not Twisted's raw event.
         """
         out = io.StringIO()
-        observer = jsonFileLogObserver(out, recordSeparator="")
+        observer = _log.JSONLinesObserver(out)
         logger = _log.Logger(namespace="test", observer=observer)
         logger.info("ticket {ticketID} added", ticketID="abc...")
-        record = json.loads(out.getvalue().splitlines()[0])
+        logger.warn("odd {thing!r}", thing=object())
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        record = json.loads(lines[0])
+        self.assertEqual(record["message"], "ticket abc... added")
+        self.assertEqual(record["level"], "info")
+        self.assertEqual(record["namespace"], "test")
         self.assertEqual(record["ticketID"], "abc...")
-        self.assertEqual(record["log_namespace"], "test")
+        self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$")
+        self.assertFalse([k for k in record if k.startswith("log_")], record)
+        other = json.loads(lines[1])
+        self.assertEqual(other["level"], "warn")
+        self.assertTrue(other["message"].startswith("odd <object object at"))
+        self.assertNotIn("thing", other)
+
+    def test_jsonFailure(self) -> None:
+        """
+        A logged failure carries its traceback as text.
+        """
+        out = io.StringIO()
+        logger = _log.Logger(namespace="test", observer=_log.JSONLinesObserver(out))
+        try:
+            raise ZeroDivisionError("x")
+        except ZeroDivisionError:
+            logger.failure("Boom {n}", n=1)
+        record = json.loads(out.getvalue())
+        self.assertEqual((record["level"], record["message"]), ("critical", "Boom 1"))
+        self.assertIn("ZeroDivisionError", record["traceback"])
+
+    def test_rotatedFile(self) -> None:
+        """
+        A configured log file is written and rotated as upstream's
+        RotatingFileHandler rotates: C{daemon.log.1} newest, at most
+        C{backupCount} old files.
+        """
+        directory = Path(self.mktemp()) / "log"
+        path = directory / "daemon.log"
+        _log.setDestination("file", str(path), maxBytes=200, backupCount=2)
+        self.addCleanup(_log.setDestination, "stdout")
+        observer = _log.textObserver()
+        logger = _log.Logger(namespace="test", observer=observer)
+        for i in range(20):
+            logger.info("line {i} " + "x" * 60, i=i)
+        names = sorted(p.name for p in directory.iterdir())
+        self.assertEqual(names, ["daemon.log", "daemon.log.1", "daemon.log.2"])
+        self.assertIn("line 19 ", path.read_text())
+        self.assertNotIn("line 19 ", (directory / "daemon.log.1").read_text())
+        self.assertEqual(_log.describeDestination(), f"{path} (rotated at 200 bytes, 2 kept)")
+        self.assertIsNotNone(_log.configuredObserver())
+        _log.setDestination("stdout")
+        self.assertIsNone(_log.configuredObserver())

@@ -7,6 +7,7 @@ as the engine signs them (L{tests.engine}).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import time
@@ -20,6 +21,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -383,6 +385,31 @@ class AuthorizationHeaderTests(ProxyTestCase):
         self.assertEqual(json.loads(reply.body)["algorithm"], "sha256")
 
     @inlineCallbacks
+    def test_streamedExtents(self) -> Any:
+        """
+        The streamed extents answer of a very fragmented image is relayed
+        whole.
+        """
+        runs = 20_000
+        path = self.dir / "fragmented.raw"
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(runs):
+                os.pwrite(fd, b"x", i * 8192)
+            os.ftruncate(fd, runs * 8192)
+        finally:
+            os.close(fd)
+        ticketID = str(uuid.uuid4())
+        self.daemon.addTicket(f"file://{path}", runs * 8192, ("read",), ticketID)
+        reply = yield self.client.request(
+            "GET", f"/images/{ticketID}/extents", headers=self.auth(ticketID)
+        )
+        self.assertEqual(reply.status, 200, reply.text[:200])
+        extents = json.loads(reply.body)
+        self.assertEqual(len(extents), 2 * runs)
+        self.assertEqual(sum(e["length"] for e in extents), runs * 8192)
+
+    @inlineCallbacks
     def test_head(self) -> Any:
         """
         HEAD is relayed as HEAD: headers, no body.
@@ -590,8 +617,42 @@ class LoopbackRefusedTests(ProxyTestCase):
                 "GET", f"/images/{ticketID}", headers={"Authorization": ticket}
             )
             self.assertEqual(
-                (reply.status, reply.text), (401, "Not authorized (invalid claim: imaged-uri)\n")
+                (reply.status, reply.text),
+                (
+                    401,
+                    "Not authorized (imaged-uri names a loopback daemon, refused unless "
+                    "[proxy] allow_loopback = true (all-in-one labs only))\n",
+                ),
             )
+
+
+class RelayLoopTests(ProxyTestCase):
+    @inlineCallbacks
+    def test_relayedRequestRefused(self) -> Any:
+        """
+        A request another imageio relay sent (a daemon's proxy-mode ticket
+        naming this proxy) is 508 Loop Detected, not relayed again.
+        """
+        ticketID, _ = self.addImage(b"x" * 10)
+        reply = yield self.client.request(
+            "GET",
+            f"/images/{ticketID}",
+            headers={**self.auth(ticketID), "Imageio-Relayed": "1"},
+        )
+        self.assertEqual(reply.status, 508, reply.text)
+        self.assertIn("Loop detected", reply.text)
+
+    @inlineCallbacks
+    def test_relayMarksRequests(self) -> Any:
+        """
+        The proxy marks what it relays: a daemon ticket that is itself a
+        proxy-mode ticket is refused by the daemon with 508, relayed as is.
+        """
+        ticketID, _ = self.addImage(b"x" * 10)
+        # A URL that names the daemon itself only through DNS.
+        self.daemon.registry.get(ticketID).url = f"{self.daemon.url('localhost')}/images/x"
+        reply = yield self.client.request("GET", f"/images/{ticketID}", headers=self.auth(ticketID))
+        self.assertEqual(reply.status, 508, reply.text)
 
 
 class DaemonErrorTests(ProxyTestCase):
@@ -903,6 +964,47 @@ class InfoTests(ProxyTestCase):
         self.assertEqual(reply.status, 400)
 
 
+class HostileRequestTests(ProxyTestCase):
+    """
+    The proxy listener refuses what the daemon's listeners refuse.
+    """
+
+    @inlineCallbacks
+    def test_nonUTF8TicketID(self) -> Any:
+        """
+        Ticket ids with escapes that are not UTF-8 are unknown tickets (no
+        500, no traceback), on the images and the tickets APIs.
+        """
+        for method, path, body in (
+            ("GET", "/images/%ff", None),
+            ("PUT", "/images/%ff", b"abc"),
+            ("OPTIONS", "/images/%ff", None),
+            ("GET", "/images/%ff/extents", None),
+            ("DELETE", "/tickets/%ff", None),
+        ):
+            reply = yield self.client.request(method, path, body=body)
+            self.assertIn(reply.status, (204, 401, 403), (method, path, reply.text))
+
+    @inlineCallbacks
+    def test_bodyOnGetRefused(self) -> Any:
+        """
+        A large body sent with GET is refused with 413, not spooled.
+        """
+
+        def run() -> bytes:
+            context = ssl.create_default_context(cafile=self.pki.caFile)
+            raw = socket.create_connection(("localhost", self.proxy.portNumber), timeout=30)
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"GET /info/ HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+                return data
+
+        data = yield deferToThread(run)
+        self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data)
+
+
 class ServiceTests(TestCase):
     timeout = 30
 
@@ -973,10 +1075,15 @@ class GuardTests(TestCase):
         daemon = Daemon.start(reactor, daemonConfig(pki), directory / "daemon")
         self.addCleanup(daemon.stop)
         url = f"https://localhost:{daemon.port}/info/".encode()
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         refused = DaemonClient.create(reactor, pki.caFile, allowLoopback=False)
         self.addCleanup(refused.close)
         failure = yield self.assertFailure(refused.request(b"GET", url, {}), DNSLookupError)
         self.assertIsInstance(hostError(Failure(failure)), HostUnavailable)
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("[proxy] allow_loopback = true" in t for t in texts), texts)
         allowed = DaemonClient.create(reactor, pki.caFile, allowLoopback=True)
         self.addCleanup(allowed.close)
         response = yield allowed.request(b"GET", url, {})

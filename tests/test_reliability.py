@@ -871,6 +871,46 @@ class TicketLifetimeTests(DaemonTestCase):
         self.data = pattern(T, b"life")
         self.image = self.makeImage(self.daemon, T, self.data)
 
+    async def test_readdThenDeleteStopsUpload(self) -> None:
+        """
+        Issue 10 item 6: the ticket added again (same body, as an agent
+        retrying) while an upload runs, then DELETE: the DELETE stops the
+        upload before answering, and not one more byte lands after it.
+        """
+        image = self.makeImage(self.daemon, T)
+        body = ticketBody("readd", f"file://{image}", T, ["write"])
+
+        def scenario() -> None:
+            added = control(self.daemon.addresses, "PUT", "/tickets/readd", body)
+            self.assertEqual(added.status, 200)
+            with connect(self.daemon.addresses) as conn:
+                headers = [("Content-Length", str(T))]
+                conn.send(rawRequest("PUT", "/images/readd", headers, b"A" * 1000))
+                self.assertTrue(
+                    waitFor(
+                        lambda: control(self.daemon.addresses, "GET", "/tickets/readd").json()[
+                            "active"
+                        ],
+                        5,
+                    )
+                )
+                again = control(self.daemon.addresses, "PUT", "/tickets/readd", body)
+                self.assertEqual(again.status, 200)
+                r = control(self.daemon.addresses, "DELETE", "/tickets/readd")
+                self.assertEqual(r.status, 204)
+                after = image.read_bytes()
+                try:
+                    for _ in range(20):
+                        conn.send(b"B" * 65536)
+                except OSError:
+                    pass
+                self.assertTrue(conn.waitClosed(5))
+            self.assertEqual(set(image.read_bytes()) - {0, ord("A")}, set())
+            self.assertEqual(image.read_bytes(), after)
+            self.assertEqual(control(self.daemon.addresses, "GET", "/tickets/readd").status, 404)
+
+        await deferToThread(scenario)
+
     async def test_expiryDuringAndAfterUpload(self) -> None:
         """
         A ticket expiring during a PUT lets that PUT finish (the in-flight

@@ -742,6 +742,14 @@ class PayloadTests(SynchronousTestCase, RejectionMixin):
             payload = engine.makePayload(lifetime=lifetime)
             self.assertPayloadRejected(payload, "invalid lifetime")
 
+    def test_lifetimeBoundLikeDaemonTickets(self) -> None:
+        """
+        Signed tickets may not live longer than a daemon ticket's timeout may
+        be (30 days).
+        """
+        payload = engine.makePayload(lifetime=31 * 24 * 3600)
+        self.assertPayloadRejected(payload, "invalid lifetime")
+
     def test_absurdTicketLifetime(self) -> None:
         """
         Tickets whose C{validTo} is more than a year after C{validFrom} are
@@ -817,7 +825,11 @@ class PayloadTests(SynchronousTestCase, RejectionMixin):
             "https://a.localhost",
         ):
             payload = engine.makePayload(imagedURI=uri)
-            self.assertPayloadRejected(payload, "invalid claim: imaged-uri")
+            self.assertPayloadRejected(
+                payload,
+                "imaged-uri names a loopback daemon, refused unless "
+                "[proxy] allow_loopback = true (all-in-one labs only)",
+            )
             claims = makeVerifier(allowLoopback=True).verify(engine.makeTicket(payload))
             self.assertEqual(claims.imagedURI, uri)
 

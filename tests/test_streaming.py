@@ -8,12 +8,14 @@ rely on are pinned.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
@@ -21,6 +23,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from imageio._buffers import BufferBudget, Lease
 from imageio.interfaces import (
     IBodySink,
     IDirectBodySink,
@@ -48,6 +51,7 @@ from tests._http import (
 )
 
 KiB = 1024
+MiB = 1024 * KiB
 
 #: Buffer size of the harness: the upload sink pauses the client when this
 #: much is queued, and resumes below half of it.
@@ -614,6 +618,85 @@ class ConnectionTests(StreamingTestCase):
         self.assertEqual(response.status, 413)
         self.assertTrue(conn.closed)
 
+    def noSpooling(self) -> None:
+        """
+        Make twisted.web's body spooling fail the test if it is ever used.
+        """
+
+        def spool(*args: object) -> Any:
+            raise AssertionError("Request body spooled by twisted.web")
+
+        self.patch(tempfile, "TemporaryFile", spool)
+
+    def test_bodylessMethodsLargeBodyRefused(self) -> None:
+        """
+        A large body sent with GET, HEAD, OPTIONS or DELETE is refused with
+        413 from its headers and the connection closes; nothing is spooled
+        to a temporary file.
+        """
+        self.noSpooling()
+        self.ticket()
+        for method in (b"GET", b"HEAD", b"OPTIONS", b"DELETE"):
+            for path in (b"/images/t1", b"/info/", b"/nowhere"):
+                conn = self.h.connect()
+                conn.send(
+                    b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" % (method, path)
+                    + b"x" * 1000
+                )
+                response = conn.response(head=method == b"HEAD")
+                # DELETE routes are found from the headers: no route is 404.
+                expected = 404 if (method, path) == (b"DELETE", b"/nowhere") else 413
+                self.assertEqual((method, path, response.status), (method, path, expected))
+                self.assertTrue(conn.closed)
+
+    def test_bodylessMethodsChunkedBodyCapped(self) -> None:
+        """
+        A chunked body sent with GET or OPTIONS is collected in memory only
+        up to the small limit, then refused with 413; nothing is spooled.
+        """
+        self.noSpooling()
+        self.ticket()
+        for method in (b"GET", b"OPTIONS"):
+            conn = self.h.connect()
+            conn.send(
+                b"%s /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % method
+            )
+            for _ in range(20):
+                conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            response = conn.response()
+            self.assertEqual(response.status, 413)
+            self.assertTrue(conn.closed)
+
+    def test_bodylessMethodsSmallBodyAnswered(self) -> None:
+        """
+        A small body (chunked or not) sent with GET is read in memory and
+        ignored: the request is answered, and the connection stays open.
+        """
+        self.noSpooling()
+        self.ticket()
+        self.backend.manual = False
+        conn = self.h.connect()
+        conn.send(
+            b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n"
+            b"Content-Length: 3\r\n\r\nabc"
+            b"GET /images/t1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        self.assertEqual([r.status for r in conn.responses()], [206, 206])
+        self.assertFalse(conn.closed)
+
+    def test_otherResourceBodyNotSpooled(self) -> None:
+        """
+        A resource that does not stream bodies (not a L{Router}) never gets
+        twisted.web's spooling either: a large body is 413.
+        """
+        self.noSpooling()
+        site = ImageioSite(Resource(), "plain", reactor=Clock())
+        conn, _ = connectDirect(site)
+        conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        self.assertEqual(conn.response().status, 413)
+        self.assertTrue(conn.closed)
+
     def test_channelType(self) -> None:
         """
         The site builds L{ImageioChannel}s making L{StreamingRequest}s.
@@ -621,6 +704,289 @@ class ConnectionTests(StreamingTestCase):
         conn = self.h.connect()
         self.assertIsInstance(conn.channel, ImageioChannel)
         conn.channel.connectionLost(Failure(ConnectionDone()))
+
+
+class BodyRateTests(StreamingTestCase):
+    """
+    Request bodies must keep a minimum average rate (the site's
+    C{bodyMinRate}, 1 KiB/s by default) after a grace period
+    (C{bodyTimeout}, 60 s).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def trickle(self, conn: Connection, seconds: int, piece: bytes, every: float = 5) -> None:
+        for _ in range(int(seconds / every)):
+            if conn.closed:
+                return
+            conn.send(piece)
+            self.clock.advance(every)
+
+    def test_trickleCut(self) -> None:
+        """
+        An upload trickling a byte every 5 seconds is answered 408 and
+        closed once the grace period is over, the cut is logged, the
+        upload's operation ends, and a client that does not read the
+        answer is aborted.
+        """
+        ticket = self.ticket(inactivity_timeout=600)
+        conn = self.startPut(MiB)
+        self.trickle(conn, 59, b"x")
+        self.assertFalse(conn.closed)
+        self.trickle(conn, 10, b"x")
+        self.assertTrue(conn.closed)
+        response = conn.response()
+        self.assertEqual(
+            (response.status, response.text), (408, "Request body not received in time\n")
+        )
+        self.assertFalse(ticket.active)
+        self.assertTrue(any("too slow" in formatEvent(e) for e in self.events))
+        self.clock.advance(15)
+        self.assertTrue(conn.aborted)
+
+    def test_chunkedTrickleCut(self) -> None:
+        """
+        A chunked body trickling in is cut the same way.
+        """
+        conn = self.h.connect()
+        conn.send(b"PATCH /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.trickle(conn, 70, b"1\r\n \r\n")
+        self.assertTrue(conn.closed)
+        self.assertEqual(conn.response().status, 408)
+
+    def test_slowSteadyUploadKept(self) -> None:
+        """
+        An upload at 2 KiB/s, slow but above the minimum, is never cut.
+        """
+        self.backend.manual = False
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(400 * KiB)
+        self.trickle(conn, 200, b"x" * 2 * KiB, every=1)
+        self.assertFalse(conn.closed)
+        self.assertEqual(conn.response().status, 200)
+
+    def test_creditForEarlyBytes(self) -> None:
+        """
+        Bytes sent early count for later: 120 KiB in the first second, then
+        nothing for 150 seconds of a 180 s allowance, is not cut (the idle
+        timeout is the limit for silence).
+        """
+        self.backend.manual = False
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(MiB)
+        conn.send(b"x" * 120 * KiB)
+        self.trickle(conn, 150, b"x", every=30)
+        self.assertFalse(conn.closed)
+
+    def test_pausedTimeNotCounted(self) -> None:
+        """
+        Time the client is paused because storage is slower does not count
+        against the client's rate.
+        """
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(4 * BUFFER)
+        conn.send(b"x" * 3 * BUFFER)
+        self.assertEqual(conn.transport.producerState, "paused")
+        self.clock.advance(500)
+        self.assertFalse(conn.closed)
+        self.backend.manual = False
+        self.backend.completeWrites()
+        conn.send(b"x" * BUFFER)
+        self.assertEqual(conn.response().status, 200)
+
+    def test_disabled(self) -> None:
+        """
+        With C{bodyMinRate} 0 there is no minimum rate.
+        """
+        self.h.site.bodyMinRate = 0
+        self.ticket(inactivity_timeout=600)
+        conn = self.startPut(MiB)
+        self.trickle(conn, 300, b"x")
+        self.assertFalse(conn.closed)
+
+
+class MeasuredBudget(BufferBudget):
+    """
+    A budget that records the most bytes it ever had out.
+    """
+
+    peak = 0
+
+    def tryAcquire(self, size: int) -> Lease | None:
+        lease = super().tryAcquire(size)
+        self.peak = max(self.peak, self.used)
+        return lease
+
+    def _grant(self) -> None:
+        super()._grant()
+        self.peak = max(self.peak, self.used)
+
+
+class BufferBudgetTests(SynchronousTestCase):
+    """
+    Uploads, downloads and checksums take their buffers from one budget
+    shared by all connections: they wait for it rather than allocate past
+    it, and give it back however they end.
+    """
+
+    def harness(self, limit: int, size: int = 1024 * KiB) -> None:
+        self.backend = FakeBackend(bytearray(size))
+        self.budget = MeasuredBudget(limit)
+        self.h = ImagesHarness(
+            opener=FakeOpener(self.backend), bufferSize=BUFFER, budget=self.budget
+        )
+        self.ticket = self.h.addTicket(None, size=size, inactivity_timeout=600)
+
+    def test_parallelChecksums(self) -> None:
+        """
+        Six parallel checksums with a budget of two blocks never hold more
+        than two blocks, all complete with the same answer, and the budget
+        is whole again afterwards.
+        """
+        self.harness(2 * MiB, size=4 * MiB)
+        conns = [self.h.connect() for _ in range(6)]
+        for conn in conns:
+            conn.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        self.assertEqual(self.budget.used, 2 * MiB)
+        self.assertEqual(self.budget.waiting, 4)
+        while self.backend.pendingReads():
+            self.assertLessEqual(self.backend.pendingReads(), 2)
+            self.backend.completeRead()
+        self.assertLessEqual(self.budget.peak, 2 * MiB)
+        answers = [conn.response() for conn in conns]
+        self.assertEqual([a.status for a in answers], [200] * 6)
+        self.assertEqual(len({a.body for a in answers}), 1)
+        self.assertEqual((self.budget.used, self.budget.waiting), (0, 0))
+
+    def test_checksumWaitEnds(self) -> None:
+        """
+        A checksum waiting for its block stops waiting when its client
+        leaves, or with 403 when the ticket is deleted; the ticket is idle
+        and the budget whole afterwards.
+        """
+        self.harness(MiB, size=2 * MiB)
+        running = self.h.connect()
+        running.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        gone = self.h.connect()
+        gone.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        canceled = self.h.connect()
+        canceled.send(request(b"GET", b"/images/t1/checksum?block_size=1048576"))
+        self.assertEqual(self.budget.waiting, 2)
+        gone.lose()
+        self.assertEqual(self.budget.waiting, 1)
+        self.h.registry.remove("t1")
+        response = canceled.response()
+        self.assertEqual(response.status, 403)
+        self.assertEqual(self.budget.waiting, 0)
+        while self.backend.pendingReads():
+            self.backend.completeRead()
+        # The running one was canceled too, after its block.
+        self.assertEqual(running.response().status, 403)
+        self.assertFalse(self.ticket.active)
+        self.assertEqual(self.budget.used, 0)
+
+    def test_uploadWaitsForBuffer(self) -> None:
+        """
+        An upload that finds the budget used up waits for its buffer with
+        the client paused, and runs once the other upload gives its buffer
+        back.
+        """
+        self.harness(BUFFER)
+        first = self.h.connect()
+        first.send(request(b"PUT", b"/images/t1?flush=n", body=b"a" * 3 * BUFFER))
+        second = self.h.connect()
+        second.send(request(b"PUT", b"/images/t1?flush=n", body=b"b" * 2 * BUFFER))
+        self.assertEqual(self.budget.waiting, 1)
+        self.assertEqual(second.transport.producerState, "paused")
+        self.backend.manual = False
+        self.backend.completeWrites()
+        self.assertEqual(first.response().status, 200)
+        self.assertEqual(second.response().status, 200)
+        self.assertLessEqual(self.budget.peak, BUFFER)
+        self.assertEqual(self.budget.used, 0)
+
+    def test_abortedUploadReturnsBudget(self) -> None:
+        """
+        An upload cut by a disconnect (with a write in flight) or waiting
+        for its buffer gives the budget back.
+        """
+        self.harness(2 * BUFFER)
+        conn = self.h.connect()
+        conn.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        conn.send(b"x" * 3 * BUFFER)
+        self.assertEqual(self.budget.used, 2 * BUFFER)
+        waiting = self.h.connect()
+        waiting.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nbb" % BUFFER)
+        self.assertEqual(self.budget.waiting, 1)
+        waiting.lose()
+        self.assertEqual(self.budget.waiting, 0)
+        conn.lose()
+        self.backend.completeWrites()
+        self.assertEqual(self.budget.used, 0)
+
+    def test_finishedDownloadsFeedWaiters(self) -> None:
+        """
+        With downloads waiting for buffers, a finished download gives its
+        buffer back instead of keeping it for its (still open) connection.
+        """
+        self.harness(2 * BUFFER)
+        conns = [self.h.connect() for _ in range(4)]
+        for conn in conns:
+            conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99"}))
+        self.assertEqual((self.backend.pendingReads(), self.budget.waiting), (2, 2))
+        self.backend.completeRead()
+        self.backend.completeRead()
+        self.assertEqual((self.backend.pendingReads(), self.budget.waiting), (2, 0))
+        self.backend.completeRead()
+        self.backend.completeRead()
+        self.assertEqual([c.response().status for c in conns], [206] * 4)
+        self.assertLessEqual(self.budget.peak, 2 * BUFFER)
+        for conn in conns:
+            conn.lose()
+        self.assertEqual(self.budget.used, 0)
+
+    def test_downloadBudget(self) -> None:
+        """
+        Finished downloads leave their buffers with the connection (still
+        counted), which gives them back when other work would wait or when
+        it closes; a download waits for its buffer when the budget is used
+        up; a download cut by a disconnect gives its buffers back.
+        """
+        self.harness(2 * BUFFER)
+        self.backend.manual = False
+        idle = self.h.connect()
+        idle.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99"}))
+        self.assertEqual(idle.response().status, 206)
+        self.assertEqual(self.budget.used, BUFFER)
+        busy = self.h.connect()
+        busy.send(b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        self.backend.manual = True
+        busy.send(b"x" * 3 * BUFFER)
+        self.assertEqual(self.budget.used, 2 * BUFFER)
+        # The idle connection's spare goes to this download.
+        reader = self.h.connect()
+        reader.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99999"}))
+        self.assertEqual((self.budget.waiting, self.backend.pendingReads()), (0, 1))
+        # Nothing spare left: this one waits, without reading.
+        waiter = self.h.connect()
+        waiter.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-99999"}))
+        self.assertEqual((self.budget.waiting, self.backend.pendingReads()), (1, 1))
+        busy.lose()
+        self.backend.completeWrites()
+        self.assertEqual((self.budget.waiting, self.backend.pendingReads()), (0, 2))
+        self.backend.completeRead()
+        reader.lose()
+        while self.backend.pendingReads():
+            self.backend.completeRead()
+        self.assertEqual(waiter.response().status, 206)
+        self.assertLessEqual(self.budget.peak, 2 * BUFFER)
+        for conn in (idle, waiter):
+            conn.lose()
+        self.assertEqual(self.budget.used, 0)
 
 
 class HeadDeadlineTests(StreamingTestCase):

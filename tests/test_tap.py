@@ -31,6 +31,23 @@ ROOT = Path(imageio.__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; run()"]
 
 
+def _systemTwistd(admin: Path, vendor: Path) -> list[str]:
+    """
+    C{twistd} as the system service runs it (root), with upstream's
+    configuration directories moved to C{admin} and C{vendor}.
+    """
+    code = (
+        "from pathlib import Path\n"
+        "from imageio import config, tap\n"
+        f"config.ADMIN_CONF_DIR = Path({str(admin)!r})\n"
+        f"config.VENDOR_CONF_DIRS = (Path({str(vendor)!r}),)\n"
+        "tap.isRoot = lambda: True\n"
+        "from twisted.scripts.twistd import run\n"
+        "run()\n"
+    )
+    return [sys.executable, "-c", code]
+
+
 def _environ(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
@@ -51,6 +68,10 @@ def _unixGet(path: str, target: str, timeout: float = 5) -> bytes:
 
 
 class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # Whoever runs the tests, never read the machine's /etc.
+        self.patch(tap, "isRoot", lambda: False)
+
     def test_badConfigIsUsageError(self) -> None:
         """
         A bad configuration stops twistd with the file and option named.
@@ -59,11 +80,136 @@ class OptionsTests(SynchronousTestCase):
         conf.mkdir(parents=True)
         (conf / "10.conf").write_text("[remote]\nport = nope\n")
         options = tap.Options()
-        e = self.assertRaises(
-            usage.UsageError, options.parseOptions, ["--config-dir", str(conf.parent)]
-        )
+        e = self.assertRaises(SystemExit, options.parseOptions, ["--config-dir", str(conf.parent)])
         self.assertIn("[remote] port", str(e))
         self.assertIn("10.conf", str(e))
+
+    def test_confDirSpellings(self) -> None:
+        """
+        Upstream's C{-c} and C{--conf-dir} are accepted as well as
+        C{--config-dir}.
+        """
+        conf = Path(self.mktemp())
+        (conf / "conf.d").mkdir(parents=True)
+        (conf / "conf.d" / "10.conf").write_text("[remote]\nport = 1234\n")
+        for args in (["-c", str(conf)], ["--conf-dir", str(conf)], ["--config-dir", str(conf)]):
+            options = tap.Options()
+            options.parseOptions(args)
+            self.assertEqual(options["config"].remote.port, 1234, args)
+            self.assertEqual(options["config-files"], [conf / "conf.d" / "10.conf"])
+
+    def systemDirs(self) -> tuple[Path, Path]:
+        admin = Path(self.mktemp())
+        vendor = Path(self.mktemp())
+        (admin / "conf.d").mkdir(parents=True)
+        (vendor / "conf.d").mkdir(parents=True)
+        self.patch(tap._config, "ADMIN_CONF_DIR", admin)
+        self.patch(tap._config, "VENDOR_CONF_DIRS", (vendor,))
+        (admin / "conf.d" / "60-vdsm.conf").write_text("[remote]\nport = 2222\n")
+        (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nhost = 127.0.0.1\n")
+        return admin, vendor
+
+    def test_rootReadsSystemDirs(self) -> None:
+        """
+        As root with no configuration option, upstream's admin and vendor
+        directories are read.
+        """
+        self.systemDirs()
+        self.patch(tap, "isRoot", lambda: True)
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual((options["config"].remote.port, options["config"].remote.host),
+                         (2222, "127.0.0.1"))  # fmt: skip
+        self.assertEqual(len(options["config-files"]), 2)
+
+    def test_unprivilegedUsesDefaults(self) -> None:
+        """
+        An unprivileged run with no configuration option keeps the embedded
+        defaults, whatever the system directories hold.
+        """
+        self.systemDirs()
+        self.patch(tap, "isRoot", lambda: False)
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"].remote.port, 54322)
+        self.assertEqual(options["config-files"], [])
+
+    def test_showConfigEffective(self) -> None:
+        """
+        --show-config shows what the daemon would use: the control and
+        local sockets, the certificate and key, the files read, and marks
+        the options accepted without effect.
+        """
+        conf = Path(self.mktemp())
+        (conf / "conf.d").mkdir(parents=True)
+        (conf / "conf.d" / "10.conf").write_text("[daemon]\ndrop_privileges = true\n")
+        options = tap.Options()
+        out = self.patchStdout()
+        e = self.assertRaises(
+            SystemExit,
+            options.parseOptions,
+            ["-c", str(conf), "--state-dir", "/st", "--show-config"],
+        )
+        self.assertEqual(e.code, 0)
+        shown = json.loads(out.getvalue())
+        self.assertEqual(
+            shown["effective"],
+            {
+                "state_dir": "/st",
+                "control": "/st/sock",
+                "local": "@/org/ovirt/imageio (abstract)",
+                "remote": "https://[::]:54322",
+                "cert_file": "/st/pki/cert.pem (self-signed, made at first start)",
+                "key_file": "/st/pki/key.pem (self-signed, made at first start)",
+                "log": "stdout",
+                "config_files": [str(conf / "conf.d" / "10.conf")],
+            },
+        )
+        self.assertIn("systemd User=", shown["no_effect"]["[daemon] drop_privileges"])
+        self.assertIn("[daemon] run_dir", shown["no_effect"])
+
+    def test_effectivePathsConfigured(self) -> None:
+        """
+        Configured files and a TCP control port are shown as configured.
+        """
+        from imageio import config
+
+        c = config.Config()
+        c.tls.cert_file, c.tls.key_file = "/c.pem", "/k.pem"
+        c.control.transport, c.control.port = "tcp", 54324
+        c.local.socket = ""
+        c.remote.host = "0.0.0.0"
+        shown = tap.effectivePaths(c, Path("/st"))
+        self.assertEqual(shown["control"], "http://127.0.0.1:54324")
+        self.assertEqual(shown["local"], "random abstract socket")
+        self.assertEqual(shown["remote"], "https://0.0.0.0:54322")
+        self.assertEqual((shown["cert_file"], shown["key_file"]), ("/c.pem", "/k.pem"))
+        c.local.enable = c.control.enable = False
+        shown = tap.effectivePaths(c, Path("/st"))
+        self.assertEqual((shown["local"], shown["control"]), (None, None))
+
+    def patchStdout(self) -> Any:
+        import io
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        return out
+
+    def test_describeConfigFiles(self) -> None:
+        """
+        The start-up log names the files read, or says the embedded
+        defaults apply and, for root, that upstream's directory had none.
+        """
+        self.assertEqual(
+            tap.describeConfigFiles([Path("/a/10.conf"), Path("/b/20.conf")], False),
+            "/a/10.conf, /b/20.conf",
+        )
+        self.assertEqual(tap.describeConfigFiles([], False), "embedded defaults")
+        self.patch(tap, "isRoot", lambda: True)
+        self.assertEqual(
+            tap.describeConfigFiles([], False),
+            "embedded defaults (no /etc/ovirt-imageio/conf.d/*.conf)",
+        )
 
     def test_badLogLevel(self) -> None:
         """
@@ -115,6 +261,87 @@ class DescribeTests(SynchronousTestCase):
             describe("local", self.port(UNIXAddress(b"\0/org/ovirt/imageio"))),
             "local unix:'\\x00/org/ovirt/imageio'",
         )
+
+
+class SystemdTests(SynchronousTestCase):
+    def test_upstreamUnit(self) -> None:
+        """
+        C{etc/systemd/ovirt-imageio.service} is a C{Type=notify} unit under
+        upstream's name that runs our daemon on upstream's configuration,
+        and no command is installed under upstream's names.
+        """
+        import configparser
+        from importlib.metadata import distribution
+
+        unit = configparser.RawConfigParser(strict=False)
+        unit.optionxform = str  # type: ignore[assignment,method-assign]
+        unit.read(ROOT / "etc" / "systemd" / "ovirt-imageio.service")
+        service = unit["Service"]
+        self.assertEqual(service["Type"], "notify")
+        command = service["ExecStart"].split()
+        self.assertTrue(command[0].endswith("/twistd"), command)
+        self.assertIn("-n", command)
+        self.assertEqual(
+            command[command.index("imageio") :][1:], ["--conf-dir", "/etc/ovirt-imageio"]
+        )
+        self.assertEqual(service["RuntimeDirectory"], "ovirt-imageio")
+        scripts = {e.name for e in distribution("tximageio").entry_points}
+        self.assertEqual(scripts & {"ovirt-imageio", "ovirt-imageioctl"}, set())
+
+    def receiver(self, abstract: bool = False) -> tuple[socket.socket, str]:
+        directory = shortTempDir("iio-notify-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        path = f"\0{directory}/notify" if abstract else f"{directory}/notify"
+        s.bind(path)
+        s.settimeout(30)
+        return s, "@" + path[1:] if abstract else path
+
+    def test_notify(self) -> None:
+        """
+        With C{NOTIFY_SOCKET} set (a path or an abstract C{@name}), the
+        message goes there as one datagram; without it, or with
+        C{[daemon] systemd_enable = false}, nothing is sent.
+        """
+        notify = tap._notifySystemd  # type: ignore[attr-defined]
+        for abstract in (False, True):
+            receiver, address = self.receiver(abstract)
+            self.patch(tap.os, "environ", {"NOTIFY_SOCKET": address})
+            notify(b"READY=1", True)
+            self.assertEqual(receiver.recv(100), b"READY=1")
+            notify(b"READY=1", False)
+            self.patch(tap.os, "environ", {})
+            notify(b"READY=1", True)
+            receiver.setblocking(False)
+            self.assertRaises(BlockingIOError, receiver.recv, 100)
+
+    def test_twistdNotifiesReady(self) -> None:
+        """
+        A real C{twistd -n imageio} sends C{READY=1} once its control socket
+        answers, and C{STOPPING=1} on SIGTERM.
+        """
+        receiver, address = self.receiver()
+        directory = Path(address).parent
+        (directory / "conf.d").mkdir()
+        (directory / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+        )
+        process = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "imageio", "--config-dir", str(directory),
+                      "--state-dir", str(directory / "state")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=str(directory),
+            env=_environ(NOTIFY_SOCKET=address),
+        )  # fmt: skip
+        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
+        self.assertEqual(receiver.recv(100), b"READY=1")
+        response = _unixGet(str(directory / "state" / "sock"), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(receiver.recv(100), b"STOPPING=1")
+        process.wait(timeout=30)
 
 
 class PluginInstallTests(SynchronousTestCase):
@@ -218,6 +445,218 @@ class TwistdTests(SynchronousTestCase):
         self.assertNotIn("Traceback", output)
         self.assertIn("Listening: control", output)
 
+    def test_freshSystemInstall(self) -> None:
+        """
+        A root install with vdsm's drop-in in C{/etc/ovirt-imageio/conf.d},
+        a vendor drop-in and an admin override starts with no option, reads
+        all three merged by name and says so.
+        """
+        from imageio import _pki
+
+        admin, vendor = self.dir / "etc", self.dir / "vendor"
+        (admin / "conf.d").mkdir(parents=True)
+        (vendor / "conf.d").mkdir(parents=True)
+        pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        (admin / "conf.d" / "60-vdsm.conf").write_text(
+            f"[tls]\nenable = true\nkey_file = {pki.keyFile}\ncert_file = {pki.certFile}\n"
+            f"ca_file = {pki.caFile}\n[remote]\nport = 54322\n[local]\nenable = true\n"
+            f"socket = {self.dir}/local.sock\n[control]\ntransport = unix\n"
+        )
+        (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nport = 1\nhost = 127.0.0.1\n")
+        (admin / "conf.d" / "99-user.conf").write_text("[remote]\nport = 0\n")
+        run = self.dir / "run"
+        process = subprocess.Popen(
+            _systemTwistd(admin, vendor) + ["-n", "--pidfile=", "imageio"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=str(self.dir),
+            env=_environ(RUNTIME_DIRECTORY=str(run)),
+        )
+        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
+        sock = run / "sock"
+        self.waitForSocket(sock, process)
+        response = _unixGet(str(sock), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertIn(
+            f"Configuration: {admin}/conf.d/60-vdsm.conf, {vendor}/conf.d/75-vendor.conf, "
+            f"{admin}/conf.d/99-user.conf",
+            output,
+        )
+        self.assertIn("Listening: remote https://127.0.0.1:", output)
+        self.assertNotIn("https://127.0.0.1:1\n", output)
+        self.assertNotIn("self-signed", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_logFileFromConfiguration(self) -> None:
+        """
+        Upstream's C{[handler_logfile]} and C{[logger_root] level} are
+        honoured: lines go to that file from that level on, not to
+        standard output, and the terminal is told where they went.
+        """
+        logFile = self.dir / "log" / "daemon.log"
+        (self.dir / "conf.d" / "10-test.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[logger_root]\nlevel = DEBUG\nhandlers = logfile\n"
+            f"[handler_logfile]\nargs = ('{logFile}',)\n"
+        )
+        process = self.start("--config-dir", str(self.dir), "--state-dir", str(self.state))
+        self.waitForSocket(self.state / "sock", process)
+        _unixGet(str(self.state / "sock"), "/tickets/nope")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertIn(f"imageio: logging to {logFile} (rotated at 20971520 bytes, 10 kept)", output)
+        self.assertNotIn("Listening", output)
+        logged = logFile.read_text()
+        self.assertIn("Listening: control", logged)
+        self.assertIn("GET /tickets/nope 404", logged)
+        self.assertEqual(logFile.stat().st_mode & 0o777, 0o640)
+
+    def test_freshEngineInstall(self) -> None:
+        """
+        An engine host: engine-setup's C{50-engine.conf} in
+        C{/etc/ovirt-imageio/conf.d} (proxy mode, TCP control port, no
+        local socket) starts with no option and answers on the TCP control
+        port, as the engine reaches it.
+        """
+        from imageio import _pki
+
+        admin, vendor = self.dir / "etc", self.dir / "vendor"
+        (admin / "conf.d").mkdir(parents=True)
+        pki = _pki.makeTestPKI(str(self.dir / "pki"))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        (admin / "conf.d" / "50-engine.conf").write_text(
+            f"[tls]\nenable = true\nkey_file = {pki.keyFile}\ncert_file = {pki.certFile}\n"
+            f"ca_file = {pki.caFile}\n[backend_http]\nca_file = {pki.caFile}\n"
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[control]\ntransport = tcp\nport = {port}\n"
+        )
+        process = subprocess.Popen(
+            _systemTwistd(admin, vendor) + ["-n", "--pidfile=", "imageio"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=str(self.dir),
+            env=_environ(RUNTIME_DIRECTORY=str(self.dir / "run")),
+        )
+        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    s.sendall(b"GET /tickets/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    response = s.recv(65536)
+                break
+            except ConnectionRefusedError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    self.fail(f"no control port: {process.communicate()[0]}")
+                time.sleep(0.05)
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        self.assertIn(f"Configuration: {admin}/conf.d/50-engine.conf", output)
+        self.assertIn(f"Listening: control http://127.0.0.1:{port}", output)
+        self.assertNotIn("Listening: local", output)
+        self.assertNotIn("Traceback", output)
+
+    def daemonize(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run C{twistd imageio} the way that daemonizes (no C{-n}); return
+        once the foreground process exits.
+        """
+        result = subprocess.run(
+            TWISTD
+            + ["--pidfile", str(self.dir / "twistd.pid"), "--logfile", str(self.dir / "log")]
+            + ["imageio", "--config-dir", str(self.dir), "--state-dir", str(self.state), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(self.dir),
+        )
+        self.addCleanup(self.killDaemon)
+        return result
+
+    def killDaemon(self) -> None:
+        pidfile = self.dir / "twistd.pid"
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+    def test_daemonizedBusyPort(self) -> None:
+        """
+        Without C{-n}, a busy port stops twistd in the foreground at once,
+        with the reason on the terminal, and nothing is left running.
+        """
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            (self.dir / "conf.d" / "10.conf").write_text(
+                f"[remote]\nhost = 127.0.0.1\nport = {port}\n[local]\nenable = false\n"
+            )
+            result = self.daemonize()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("Cannot listen for remote", result.stderr)
+        self.assertIn("Address already in use", result.stderr)
+        self.assertFalse((self.dir / "twistd.pid").exists())
+
+    def test_daemonizedBadCertificate(self) -> None:
+        """
+        Without C{-n}, a bad certificate stops twistd in the foreground with
+        the file named.
+        """
+        bad = self.dir / "bad.pem"
+        bad.write_text("not a certificate\n")
+        (self.dir / "conf.d" / "10.conf").write_text(
+            f"[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[tls]\ncert_file = {bad}\nkey_file = {bad}\n"
+        )
+        result = self.daemonize()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("TLS configuration error", result.stderr)
+        self.assertIn(str(bad), result.stderr)
+        self.assertFalse((self.dir / "twistd.pid").exists())
+
+    def test_daemonizedLiveSocket(self) -> None:
+        """
+        Without C{-n}, a control socket another process listens on stops
+        twistd in the foreground, asking whether imageio runs already; the
+        socket is left alone.
+        """
+        (self.dir / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+        )
+        self.state.mkdir()
+        with socket.socket(socket.AF_UNIX) as live:
+            live.bind(str(self.state / "sock"))
+            live.listen()
+            result = self.daemonize()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(
+            f"imageio: another process is listening on {self.state / 'sock'}: is imageio running?",
+            result.stderr,
+        )
+        self.assertTrue((self.state / "sock").exists())
+
+    def test_daemonizedStarts(self) -> None:
+        """
+        Without C{-n} a good configuration still daemonizes and serves.
+        """
+        (self.dir / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+        )
+        result = self.daemonize()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sock = self.state / "sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = _unixGet(str(sock), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
+
     def test_showConfig(self) -> None:
         """
         --show-config prints the merged configuration as JSON and exits.
@@ -250,4 +689,10 @@ class TwistdTests(SynchronousTestCase):
             cwd=str(self.dir),
         )
         self.assertNotEqual(out.returncode, 0)
-        self.assertIn("[control] remove_timeout", out.stdout + out.stderr)
+        self.assertIn(
+            f"imageio: configuration error: {self.dir}/conf.d/10.conf: [control] remove_timeout: "
+            "expecting an integer, got 'soon'",
+            out.stderr,
+        )
+        self.assertNotIn("Usage:", out.stdout + out.stderr)
+        self.assertNotIn("<default>", out.stdout + out.stderr)

@@ -162,19 +162,92 @@ class RegistryTests(SynchronousTestCase):
         e = self.assertRaises(TicketNotFound, self.registry.get, "nope")
         self.assertEqual(str(e), "No such ticket 'nope'")
 
-    def test_replaceGivesFreshTicket(self) -> None:
+    def test_readdUpdatesInPlace(self) -> None:
         """
-        Adding the same uuid again replaces the ticket with fresh counters.
+        Adding the same uuid again for the same image updates the live ticket
+        (size, timeout, transfer id) and keeps its counters, so a transfer
+        that runs on goes on under the new terms.
+        """
+        old = self.registry.add(ticketBody(ops=["write"]))
+        op = Operation("write", 0)
+        self.registry.startOperation(old, op)
+        op.done = 10
+        new = self.registry.add(ticketBody(ops=["read", "write"], size=5000, transfer_id="tr-2"))
+        self.assertIs(old, new)
+        self.assertEqual(self.registry.get("t1").size, 5000)
+        self.assertEqual(new.transferID, "tr-2")
+        self.assertEqual(new.ops, ("read", "write"))
+        self.assertEqual(new.transferred(), 10)
+        self.assertFalse(op.canceled)
+
+    def test_deleteAfterReaddStopsRunningOperation(self) -> None:
+        """
+        After a ticket is added again under its id while an upload runs,
+        DELETE still cancels that upload and answers only once it stopped:
+        after DELETE, nothing writes.
+        """
+        t = self.registry.add(ticketBody(ops=["write"]))
+        op = Operation("write", 0)
+        self.registry.startOperation(t, op)
+        self.registry.add(ticketBody(ops=["write"]))
+        d = self.registry.remove("t1")
+        self.assertTrue(op.canceled)
+        self.assertNoResult(d)
+        self.registry.finishOperation(t, op)
+        self.successResultOf(d)
+        self.assertIsNone(self.registry.lookup("t1"))
+
+    def test_readdNarrowerCancelsOldTicket(self) -> None:
+        """
+        Adding the uuid again with another URL, fewer rights or a smaller
+        size makes a new ticket and cancels the old one's operations; DELETE
+        of the id waits for them too.
+        """
+        for changed in (
+            {"url": "file:///var/tmp/other.raw"},
+            {"ops": ["read"]},
+            {"size": 10},
+            {"sparse": True},
+        ):
+            old = self.registry.add(ticketBody(ops=["write"]))
+            op = Operation("write", 0)
+            self.registry.startOperation(old, op)
+            closed: list[int] = []
+            old.connections["c1"] = lambda closed=closed: closed.append(1)
+            new = self.registry.add(ticketBody(**{"ops": ["write"], **changed}))
+            self.assertIsNot(old, new, changed)
+            self.assertTrue(op.canceled, changed)
+            self.assertTrue(old.canceled)
+            self.assertFalse(new.canceled)
+            self.assertIs(self.registry.lookup("t1"), new)
+            d = self.registry.remove("t1")
+            self.assertNoResult(d)
+            self.assertEqual(closed, [])
+            self.registry.finishOperation(old, op)
+            self.assertEqual(closed, [1])
+            self.successResultOf(d)
+            self.assertIsNone(self.registry.lookup("t1"))
+
+    def test_readdWhileDeleting(self) -> None:
+        """
+        A ticket added again while its DELETE waits is a fresh ticket; a
+        second DELETE waits for the old operations as well.
         """
         old = self.registry.add(ticketBody())
         op = Operation("read", 0)
         self.registry.startOperation(old, op)
-        op.done = 10
-        self.registry.finishOperation(old, op)
-        new = self.registry.add(ticketBody(size=5000))
+        first = self.registry.remove("t1")
+        new = self.registry.add(ticketBody())
         self.assertIsNot(old, new)
-        self.assertEqual(self.registry.get("t1").size, 5000)
-        self.assertEqual(new.transferred(), 0)
+        self.assertEqual(self.registry.authorize("t1", "read"), new)
+        second = self.registry.remove("t1")
+        self.assertNoResult(second)
+        self.clock.advance(60)
+        self.failureResultOf(first, TicketBusy)
+        self.failureResultOf(second, TicketBusy)
+        self.registry.finishOperation(old, op)
+        self.successResultOf(self.registry.remove("t1"))
+        self.assertIsNone(self.registry.lookup("t1"))
 
     def test_authorizeOrder(self) -> None:
         """
@@ -234,6 +307,36 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(t.info(self.clock.seconds())["expires"], int(self.clock.seconds()) + 100)
         e = self.assertRaises(TicketNotFound, self.registry.extend, "nope", 1)
         self.assertEqual(str(e), "No such ticket: nope")
+
+    def test_urlGuard(self) -> None:
+        """
+        The registry's URL guard refuses tickets (400 text) and changes
+        nothing.
+        """
+        self.registry.urlGuard = lambda url: "names this daemon" if "self" in url else None
+        e = self.assertRaises(
+            InvalidTicket, self.registry.add, ticketBody(url="https://self:54322/images/t1")
+        )
+        self.assertEqual(
+            str(e),
+            "Invalid ticket: Invalid value for 'url': 'https://self:54322/images/t1': "
+            "names this daemon",
+        )
+        self.assertIsNone(self.registry.lookup("t1"))
+        self.registry.add(ticketBody(url="https://other:54322/images/t1"))
+
+    def test_extendBounded(self) -> None:
+        """
+        Extending takes the bound of a new ticket's timeout.
+        """
+        t = self.registry.add(ticketBody())
+        expires = t.expires
+        self.assertRaises(ValueError, self.registry.extend, "t1", 10**18)
+        self.assertRaises(ValueError, self.registry.extend, "t1", MAX_TIMEOUT + 1)
+        self.assertRaises(ValueError, self.registry.extend, "t1", -1)
+        self.assertEqual(t.expires, expires)
+        self.registry.extend("t1", MAX_TIMEOUT)
+        self.assertEqual(t.expires, 1000 + MAX_TIMEOUT)
 
     def test_idleTime(self) -> None:
         """

@@ -104,6 +104,36 @@ class UpstreamClientTests(TestCase):
         checkReadWriteZeroFlush(self, result, pattern, image, size)
 
     @inlineCallbacks
+    def test_fragmentedExtents(self) -> Any:
+        """
+        The extents of a very fragmented image, longer than one answer is
+        sent whole (so streamed in slices), reach ImageioClient complete:
+        its size and every extent are right.
+        """
+        image = self.dir / "fragmented.raw"
+        runs = 20_000
+        fd = os.open(image, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            for i in range(runs):
+                os.pwrite(fd, b"x", i * 8192)
+            os.ftruncate(fd, runs * 8192)
+        finally:
+            os.close(fd)
+        url = self.addTicket(image, runs * 8192, ["read"])
+
+        def extents() -> tuple[int, list[Any]]:
+            with upstream.ImageioClient(url, cafile=self.pki.caFile) as c:
+                return c.size(), list(c.extents())
+
+        size, got = yield deferToThread(extents)
+        self.assertEqual(size, runs * 8192)
+        self.assertEqual(len(got), 2 * runs)
+        self.assertEqual(
+            [(e.start, e.length, e.zero) for e in got[:2]], [(0, 4096, False), (4096, 4096, True)]
+        )
+        self.assertEqual(sum(e.length for e in got), size)
+
+    @inlineCallbacks
     def test_uploadAndDownload(self) -> Any:
         """
         client.upload and client.download (qemu-nbd on the client side)

@@ -12,6 +12,9 @@ client for daemons that the C{http} backend and the proxy share.
 from __future__ import annotations
 
 import importlib
+import ipaddress
+import socket
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -32,6 +35,37 @@ SCHEMES = {
     "http": "http",
     "memory": "memory",
 }
+
+#: Schemes whose backend relays to another daemon (proxy mode).
+RELAY_SCHEMES = frozenset({"https", "http"})
+
+#: Header our relays (the C{https:} backend, the signed-ticket proxy) put
+#: on every request they send. A listener that would relay such a request
+#: again refuses it (508): a ticket naming its own daemon, or two daemons
+#: naming each other, would otherwise open connections without end.
+RELAYED_HEADER = b"imageio-relayed"
+
+
+class LoopDetected(Exception):
+    """
+    A relayed request would be relayed again (508 Loop Detected).
+    """
+
+
+def relayLoop(url: str, relayed: bool) -> LoopDetected | None:
+    """
+    @param url: The URL of the ticket a request would use.
+    @param relayed: Whether the request carries L{RELAYED_HEADER}.
+    @return: The error to answer with if serving the request would relay
+        it a second time, else C{None}.
+    """
+    if relayed and urlsplit(url).scheme in RELAY_SCHEMES:
+        return LoopDetected(
+            "Loop detected: the request was relayed by an imageio daemon or proxy, "
+            "and this ticket would relay it again (does the ticket URL name this "
+            "daemon, or a daemon whose ticket names this one?)"
+        )
+    return None
 
 
 @frozen
@@ -61,6 +95,90 @@ class _Opener(Protocol):
     def __call__(
         self, ctx: BackendContext, url: str, *, write: bool, sparse: bool, dirty: bool
     ) -> Deferred[IBackend]: ...
+
+
+#: Host names that always mean this host.
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+_WILDCARDS = frozenset({"", "0", "0.0.0.0", "::"})
+
+
+def isLocalAddress(host: str) -> bool:
+    """
+    @param host: An IP address.
+    @return: Whether connecting to C{host} reaches this host: loopback, the
+        unspecified address, or an address of one of its interfaces (which
+        a socket can bind to; no other address can).
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
+def namesListener(url: str, listeners: Iterable[tuple[str, int]]) -> bool:
+    """
+    Whether a proxy-mode ticket URL names one of our own listeners: a
+    ticket that would relay to the daemon serving it.
+
+    Host names other than C{localhost} and this host's name are not
+    resolved here (that would block); a loop through them is caught by
+    L{RELAYED_HEADER} on the first relayed request.
+
+    @param listeners: Our listening addresses, C{(host, port)}; a wildcard
+        host (C{0.0.0.0}, C{::}) listens on every local address.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in RELAY_SCHEMES or not parts.hostname:
+        return False
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    host = parts.hostname.lower().rstrip(".")
+    ownName = host in _LOCAL_NAMES or host.endswith(".localhost")
+    ownName = ownName or host == socket.gethostname().lower()
+    for listenHost, listenPort in listeners:
+        if listenPort != port:
+            continue
+        if ownName:
+            return True
+        if listenHost in _WILDCARDS:
+            if isLocalAddress(host):
+                return True
+        elif _sameAddress(host, listenHost) or _unspecified(host):
+            return True
+    return False
+
+
+def _sameAddress(a: str, b: str) -> bool:
+    try:
+        first, second = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    except ValueError:
+        return False
+    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
+        first = first.ipv4_mapped
+    if isinstance(second, ipaddress.IPv6Address) and second.ipv4_mapped is not None:
+        second = second.ipv4_mapped
+    return first == second
+
+
+def _unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 class UnsupportedScheme(ValueError):

@@ -76,6 +76,54 @@ _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallo
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
 
+_fstatfs = _libc.fstatfs64 if hasattr(_libc, "fstatfs64") else _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+#: C{f_type} of pseudo file systems (C{linux/magic.h}) whose "files" are
+#: kernel or process state, never images: C{file:///proc/self/mem} would
+#: serve the daemon's memory.
+PSEUDO_FILE_SYSTEMS = {
+    0x00009FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x73636673: "securityfs",
+    0x0027E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0x74726163: "tracefs",
+    0xCAFE4A11: "bpf",
+    0x6165676C: "pstore",
+    0xDE5E81E4: "efivarfs",
+    0x62656570: "configfs",
+    0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs",
+    0x65735543: "fusectl",
+    0x42494E4D: "binfmt_misc",
+    0x6E736673: "nsfs",
+    0x19800202: "mqueue",
+    0x09041934: "anon_inode",
+    0x00001CD1: "devpts",
+    0xABBA1974: "xenfs",
+    0x07655821: "resctrl",
+    0x00009FA2: "usbdevfs",
+    0x00000187: "autofs",
+}
+
+
+def fileSystemType(fd: int) -> int:
+    """
+    @return: The C{f_type} of the file system holding C{fd}
+        (C{fstatfs(2)}; C{os.statvfs} does not report it). Runs on the pool.
+    @raise OSError: If the kernel refuses.
+    """
+    # struct statfs is 120 bytes on 64-bit Linux, 84 or 88 on 32-bit; f_type
+    # is its first field, a native long everywhere we run.
+    buf = ctypes.create_string_buffer(256)
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
 
 @define(eq=False)
 class _ImageLock:
@@ -232,6 +280,10 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
         st = os.fstat(fd)
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"Not a regular file or block device: {path}")
+        # Checked on the open file, so no symlink or rename gets past it.
+        pseudo = PSEUDO_FILE_SYSTEMS.get(fileSystemType(fd))
+        if pseudo is not None:
+            raise ValueError(f"Not an image: {path} is on a {pseudo} file system")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if stat.S_ISBLK(st.st_mode):
             return _Opened(fd, True, _sectorSize(fd), direct, _imageLock(st))

@@ -27,8 +27,10 @@ L{imageio.backends.httpclient}, shared with the signed-ticket proxy.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Generator, Iterable
+from bisect import bisect_right
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,7 +46,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from imageio._log import Logger
-from imageio.backends import BackendContext
+from imageio.backends import RELAYED_HEADER, BackendContext
 from imageio.backends.httpclient import (
     CACHED_CONNECTION_TIMEOUT,
     MAX_ERROR_TEXT,
@@ -63,6 +65,7 @@ from imageio.backends.httpclient import (
     stopTransport,
 )
 from imageio.interfaces import Extent, HostInvalid, IBackend, UnsupportedOperation
+from imageio.ranges import parseJSONInteger
 
 log = Logger()
 
@@ -73,6 +76,10 @@ MAX_OPTIONS_BODY = 64 * 1024
 
 #: Largest extents answer read: about a million extents.
 MAX_EXTENTS_BODY = 64 * 1024**2
+
+#: Most extents one C{extents} call returns (as the file backend); callers
+#: ask again from the end of the last one.
+MAX_EXTENTS = 10_000
 
 #: Cached idle connections per backend: one operation runs at a time, so
 #: one connection is in use; a second absorbs a late return to the pool.
@@ -140,7 +147,7 @@ def _parseOptions(body: bytes) -> tuple[frozenset[str], int, int] | None:
         or C{None} if it is not the JSON object we expect.
     """
     try:
-        msg = json.loads(body)
+        msg = json.loads(body, parse_int=parseJSONInteger)
     except ValueError:
         return None
     if not isinstance(msg, dict):
@@ -166,7 +173,7 @@ def parseExtents(body: bytes, context: str) -> list[Extent]:
     @raise BadResponse: For anything else.
     """
     try:
-        items = json.loads(body)
+        items = json.loads(body, parse_int=parseJSONInteger)
     except ValueError:
         raise BadResponse("extents are not JSON") from None
     if not isinstance(items, list):
@@ -190,13 +197,23 @@ def parseExtents(body: bytes, context: str) -> list[Extent]:
     return extents
 
 
-def clipExtents(extents: Iterable[Extent], start: int, length: int) -> list[Extent]:
+def clipExtents(
+    extents: Sequence[Extent], start: int, length: int, limit: int | None = None
+) -> list[Extent]:
     """
+    @param extents: Contiguous extents, in order.
+    @param limit: Most extents returned; the caller asks again from the end
+        of the last one.
     @return: The parts of C{extents} within C{[start, start + length)}.
     """
     end = start + length
     clipped: list[Extent] = []
-    for e in extents:
+    # Found by bisection: asking for a map piece by piece must not scan it
+    # from the start each time.
+    index = max(0, bisect_right(extents, start, key=lambda e: e.start) - 1)
+    for e in itertools.islice(extents, index, None):
+        if e.start >= end or limit is not None and len(clipped) >= limit:
+            break
         first, last = max(e.start, start), min(e.start + e.length, end)
         if first < last:
             clipped.append(Extent(first, last - first, zero=e.zero, hole=e.hole, dirty=e.dirty))
@@ -230,6 +247,9 @@ class HTTPBackend:
     maxWriters: int = DEFAULT_MAX_CONNECTIONS
     bufferSize: int = 8 * 1024**2
     readTimeout: float = READ_TIMEOUT
+    #: Runs CPU work off the reactor (parsing a daemon's extents answer,
+    #: up to L{MAX_EXTENTS_BODY}); C{None} runs it in place.
+    runInPool: Callable[..., Deferred[Any]] | None = None
     name: str = "http"
     blockSize: int = 1
     _cachedSize: int | None = field(default=None, init=False)
@@ -246,6 +266,7 @@ class HTTPBackend:
         body: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         raw = Headers({k: [v] for k, v in (headers or {}).items()})
+        raw.setRawHeaders(RELAYED_HEADER, [b"1"])
         d: Deferred[IResponse] = self.agent.request(method, url, raw, body)
         d.addTimeout(self.readTimeout, self.reactor)
         d.addErrback(lambda f: Failure(hostError(f)))
@@ -427,7 +448,7 @@ class HTTPBackend:
             extents = yield self._fetchExtents("dirty")
         else:
             raise UnsupportedOperation(f"Backend http does not support {context} extents")
-        return clipExtents(extents, start, length)
+        return clipExtents(extents, start, length, MAX_EXTENTS)
 
     @inlineCallbacks
     def _zeroExtentsCached(self) -> Generator[Deferred[Any], Any, list[Extent]]:
@@ -444,7 +465,10 @@ class HTTPBackend:
         yield self._expect(response, (200,))
         body = yield self._readSmall(response, MAX_EXTENTS_BODY)
         try:
-            return parseExtents(body, context)
+            if self.runInPool is None:
+                return parseExtents(body, context)
+            extents: list[Extent] = yield self.runInPool(parseExtents, body, context)
+            return extents
         except BadResponse as e:
             raise HostInvalid(f"Invalid response from host: {e}") from None
 
@@ -466,10 +490,15 @@ class HTTPBackend:
 
 @inlineCallbacks
 def _open(
-    reactor: Any, agent: Agent, pool: HTTPConnectionPool, url: str, bufferSize: int
+    reactor: Any,
+    agent: Agent,
+    pool: HTTPConnectionPool,
+    url: str,
+    bufferSize: int,
+    runInPool: Callable[..., Deferred[Any]] | None = None,
 ) -> Generator[Deferred[Any], Any, IBackend]:
     raw = url.encode("ascii")
-    headers = Headers({b"cache-control": [b"no-cache"]})
+    headers = Headers({b"cache-control": [b"no-cache"], RELAYED_HEADER: [b"1"]})
     d = agent.request(b"OPTIONS", raw, headers)
     d.addTimeout(READ_TIMEOUT, reactor)
     try:
@@ -502,6 +531,7 @@ def _open(
         maxReaders=maxReaders,
         maxWriters=maxWriters,
         bufferSize=bufferSize,
+        runInPool=runInPool,
     )
 
 
@@ -533,7 +563,8 @@ def openBackend(
         agent = makeAgent(ctx.reactor, ctx.caFile, pool)
     except ValueError as e:
         return defer.fail(e)
-    d = _open(ctx.reactor, agent, pool, clean, bufferSize)
+    runInPool = ctx.diskio.run if ctx.diskio is not None else None
+    d = _open(ctx.reactor, agent, pool, clean, bufferSize, runInPool)
 
     def failed(reason: Failure) -> Failure:
         pool.closeCachedConnections()

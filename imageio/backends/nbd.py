@@ -60,6 +60,11 @@ NEGOTIATION_TIMEOUT = 10.0
 #: but a huge zero delays other requests on the same image.
 MAX_ZERO = 128 * 1024**2
 
+#: Most extents one C{extents} call gathers before returning (it may
+#: return one block status reply more); callers ask again from the end of
+#: the last one.
+MAX_EXTENTS = 10_000
+
 #: Largest range asked of one NBD_CMD_BLOCK_STATUS (the limit is 4 GiB - 1;
 #: a smaller step bounds the extents one reply can carry).
 MAX_BLOCK_STATUS = 2 * 1024**3
@@ -378,6 +383,9 @@ class NBDBackend:
                 offset += pieceLength
                 if offset == end:
                     break
+            if len(result) >= MAX_EXTENTS:
+                # Enough for one answer: the caller asks again from here.
+                break
         return result
 
     def _extent(

@@ -13,6 +13,29 @@ from zope.interface import implementer
 
 from imageio.interfaces import IMetrics
 
+#: Methods counted under their own name; any other becomes C{other}, so a
+#: client sending random methods cannot grow the label set.
+METHODS = frozenset({"GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "HEAD"})
+
+#: Listener names are ours (C{remote}, C{local}, C{control}, C{proxy}...);
+#: past this many distinct names, new ones become C{other}.
+MAX_LISTENERS = 16
+
+
+def methodLabel(method: str) -> str:
+    """
+    @return: C{method} when it is one of L{METHODS}, else C{other}.
+    """
+    return method if method in METHODS else "other"
+
+
+def codeLabel(code: int) -> str:
+    """
+    @return: The status as text when it is a valid HTTP status (100-599),
+        else C{other}.
+    """
+    return str(code) if isinstance(code, int) and 100 <= code <= 599 else "other"
+
 
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     if not pairs:
@@ -37,18 +60,37 @@ class Metrics:
     bytesSent: Counter[str] = field(factory=Counter)
     bytesReceived: Counter[str] = field(factory=Counter)
     connections: Counter[str] = field(factory=Counter)
+    bodyTimeouts: Counter[str] = field(factory=Counter)
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(factory=dict)
 
+    _listeners: set[str] = field(factory=set, init=False)
+
+    def _listener(self, name: str) -> str:
+        if name not in self._listeners:
+            if len(self._listeners) >= MAX_LISTENERS:
+                return "other"
+            self._listeners.add(name)
+        return name
+
     def requestDone(self, listener: str, method: str, code: int, sent: int, received: int) -> None:
-        self.requests[(("listener", listener), ("method", method), ("code", str(code)))] += 1
+        """
+        Count one answered request. Every label is bounded: unknown methods
+        are C{other}, and so are statuses outside 100-599.
+        """
+        listener = self._listener(listener)
+        key = (("listener", listener), ("method", methodLabel(method)), ("code", codeLabel(code)))
+        self.requests[key] += 1
         self.bytesSent[listener] += sent
         self.bytesReceived[listener] += received
 
+    def bodyTimedOut(self, listener: str) -> None:
+        self.bodyTimeouts[self._listener(listener)] += 1
+
     def connectionOpened(self, listener: str) -> None:
-        self.connections[listener] += 1
+        self.connections[self._listener(listener)] += 1
 
     def connectionClosed(self, listener: str) -> None:
-        self.connections[listener] -= 1
+        self.connections[self._listener(listener)] -= 1
 
     def addGauge(self, name: str, help: str, sample: Callable[[], float]) -> None:
         self.gauges[name] = (help, sample)
@@ -64,6 +106,11 @@ class Metrics:
             ("imageio_sent_bytes_total", self.bytesSent, "Response body bytes sent."),
             ("imageio_received_bytes_total", self.bytesReceived, "Request body bytes received."),
             ("imageio_open_connections", self.connections, "Client connections open."),
+            (
+                "imageio_body_timeouts_total",
+                self.bodyTimeouts,
+                "Requests cut because their body arrived too slowly.",
+            ),
         ):
             kind = "gauge" if name == "imageio_open_connections" else "counter"
             lines.append(f"# HELP {name} {help}")

@@ -18,7 +18,7 @@ from twisted.web.server import Request
 
 from imageio._log import Logger
 from imageio.control._metrics import Metrics
-from imageio.tickets import InvalidTicket, TicketBusy, TicketNotFound, TicketRegistry
+from imageio.tickets import MAX_TIMEOUT, InvalidTicket, TicketBusy, TicketNotFound, TicketRegistry
 from imageio.web import HTTPError, Router, loadJSON, requestBody, sendEmpty, sendJSON
 
 log = Logger()
@@ -75,6 +75,9 @@ class TicketHandler:
             raise HTTPError(400, f"Integer required {timeout!r}")
         if timeout < 0:
             raise HTTPError(400, f"Invalid value {timeout} < 0")
+        # The bound of a ticket's timeout holds for extensions too.
+        if timeout > MAX_TIMEOUT:
+            raise HTTPError(400, f"Invalid value {timeout} > {MAX_TIMEOUT}")
         try:
             self.registry.extend(ticketID, timeout)
         except TicketNotFound as e:

@@ -11,12 +11,14 @@ connection or the ticket.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
@@ -25,6 +27,7 @@ from twisted.web.server import Request
 import imageio
 from imageio import _blkhash, _buffers, _log
 from imageio._log import Logger
+from imageio.backends import RELAYED_HEADER, relayLoop
 from imageio.interfaces import (
     Extent,
     IBackend,
@@ -58,6 +61,7 @@ from imageio.web import (
     DownloadProducer,
     HTTPError,
     ImageioChannel,
+    JSONListWriter,
     ReaderStalled,
     Router,
     ShortBody,
@@ -71,6 +75,7 @@ from imageio.web import (
     loadJSON,
     pushProducerOf,
     queryArg,
+    redactPath,
     requestBody,
     sendEmpty,
     sendError,
@@ -157,9 +162,9 @@ class _Context:
 
     ticket: Ticket
     channel: ImageioChannel
-    backend: IBackend | None = None
     #: Download buffers kept between this connection's requests.
-    buffers: list[memoryview] = field(factory=list)
+    buffers: _buffers.BufferPool
+    backend: IBackend | None = None
     _opening: list[Deferred[IBackend]] = field(factory=list)
     closed: bool = False
 
@@ -167,6 +172,7 @@ class _Context:
         if self.closed:
             return
         self.closed = True
+        self.buffers.close()
         if self.channel.contexts.get(self.ticket) is self:
             del self.channel.contexts[self.ticket]
         self.ticket.connections.pop(self.channel, None)
@@ -190,6 +196,8 @@ class ImagesService:
     runInPool: Callable[..., Deferred[Any]]
     bufferSize: int = 8 * 1024**2
     unixSocket: str | None = None
+    #: The memory all transfer buffers and checksum blocks share.
+    budget: _buffers.BufferBudget = field(factory=_buffers.BufferBudget)
 
     @property
     def chunkSize(self) -> int:
@@ -211,6 +219,15 @@ class ImagesService:
         @return: The backend of this connection for C{ticket}, opening it on
             the connection's first request for the ticket.
         """
+        loop = relayLoop(ticket.url, request.requestHeaders.hasHeader(RELAYED_HEADER))
+        if loop is not None:
+            log.warn(
+                "Refusing a relayed request for ticket {ticketID}: its URL {url} would relay "
+                "it again",
+                ticketID=shortID(ticket.uuid),
+                url=redactURL(ticket.url),
+            )
+            return fail(HTTPError(508, str(loop), close=True))
         channel: ImageioChannel = request.channel  # type: ignore[assignment]
         ctx: _Context | None = channel.contexts.get(ticket)
         if ctx is not None and ctx.backend is not None:
@@ -219,7 +236,7 @@ class ImagesService:
         if ctx is not None:
             ctx._opening.append(d)
             return d
-        ctx = _Context(ticket, channel)
+        ctx = _Context(ticket, channel, _buffers.BufferPool(self.budget))
         ctx._opening.append(d)
         channel.contexts[ticket] = ctx
         ticket.connections[channel] = ctx.close
@@ -245,13 +262,16 @@ class ImagesService:
                 w.callback(backend)
 
         def failed(reason: Failure) -> None:
-            # The traceback is logged once, where the failure becomes a response.
-            log.warn(
+            # One ERROR line says it all (a missing image file is a
+            # configuration problem, not a bug): no traceback later.
+            log.error(
                 "Opening {url} for ticket {ticketID} failed: {error}",
                 url=redactURL(ticket.url),
                 ticketID=shortID(ticket.uuid),
                 error=reason.getErrorMessage(),
             )
+            if isinstance(reason.value, OSError):
+                reason.value.imageioLogged = True  # type: ignore[attr-defined]
             waiters, ctx._opening = ctx._opening, []
             ctx.close()
             for w in waiters:
@@ -262,7 +282,7 @@ class ImagesService:
         ).addCallbacks(opened, failed)
         return d
 
-    def buffersFor(self, request: Request, ticket: Ticket) -> list[memoryview] | None:
+    def buffersFor(self, request: Request, ticket: Ticket) -> _buffers.BufferPool | None:
         """
         @return: The spare download buffers of this connection's context for
             C{ticket}, if it has one.
@@ -302,10 +322,12 @@ def _ticketID(ticketID: str) -> str:
     return ticketID
 
 
-def _failureToHTTP(reason: Failure) -> Failure:
+def _failureToHTTP(reason: Failure, request: Request) -> Failure:
     """
     Map data path failures to responses: cancellation to 403 (and close),
-    storage errors to 500 with the system's reason, nothing else leaks.
+    storage errors to 500 with upstream's generic text. The error itself
+    (an OS error text, an NBD socket path and export name) goes to the log
+    only, with the ticket id shortened.
     """
     if reason.check(HTTPError):
         return reason
@@ -314,12 +336,15 @@ def _failureToHTTP(reason: Failure) -> Failure:
     if reason.check(UnsupportedOperation):
         return Failure(HTTPError(404, f"Operation not supported: {reason.value}"))
     if reason.check(OSError):
-        log.failure("Storage operation failed", reason)
-        err: OSError = reason.value  # type: ignore[assignment]
-        message = "Server failed to perform the request"
-        if err.strerror:
-            message += f": {err.strerror}"
-        return Failure(HTTPError(500, message, close=True))
+        # The details (paths, OS error texts) go to the log only.
+        if not getattr(reason.value, "imageioLogged", False):
+            log.error(
+                "{method} {path}: storage operation failed: {error}",
+                method=request.method.decode("ascii", "replace"),
+                path=redactPath(request.uri),
+                error=str(reason.value),
+            )
+        return Failure(HTTPError(500, INTERNAL_ERROR, close=True))
     return reason
 
 
@@ -370,7 +395,7 @@ class ImageHandler:
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(respond)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     # GET and HEAD
@@ -395,7 +420,7 @@ class ImageHandler:
         ticket = self.service.authorize(ticketID, READ)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._startRead, request, ticket, byteRange)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -444,6 +469,7 @@ class ImageHandler:
             bufferSize=self.service.chunkSize,
             idleTimeout=ticket.inactivityTimeout,
             pool=self.service.buffersFor(request, ticket),
+            budget=self.service.budget,
         )
         op.onCancel = lambda: producer.cancel(
             OperationCanceled(f"Transfer {ticket.transferID} was canceled")
@@ -541,6 +567,7 @@ class ImageHandler:
             op,
             bufferSize=self.service.chunkSize,
             onProgress=channel.resetTimeout,
+            budget=self.service.budget,
         )
         # Answer 403 and close at once on cancel, even while waiting for a
         # slow client, as upstream does for a PUT in progress.
@@ -571,7 +598,7 @@ class ImageHandler:
         # body is complete, handlePUT answers.
         if sink.bodyReceived or reason.check(ShortBody):
             return
-        mapped = _failureToHTTP(reason)
+        mapped = _failureToHTTP(reason, request)
         if mapped.check(HTTPError):
             error: HTTPError = mapped.value  # type: ignore[assignment]
         else:
@@ -594,7 +621,7 @@ class ImageHandler:
 
         d.addBoth(done)
         d.addCallback(lambda _: sendEmpty(request))
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     # PATCH
@@ -632,7 +659,7 @@ class ImageHandler:
             d = self.service.backendFor(request, ticket)
             d.addCallback(self._flush, ticket)
         d.addCallback(lambda _: sendEmpty(request))
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -675,7 +702,8 @@ class ExtentsHandler:
     C{GET /images/<id>/extents[?context=zero|dirty][&start=N&length=N]}.
 
     Reports real holes for files (SEEK_DATA/SEEK_HOLE), and accepts a
-    window so multi-TiB images need not be described in one answer.
+    window so multi-TiB images need not be described in one answer. Long
+    answers are streamed in slices (L{JSONListWriter}).
     """
 
     service: ImagesService
@@ -695,22 +723,62 @@ class ExtentsHandler:
             end = size if length is None else min(size, start + length)
             if start > size:
                 raise HTTPError(416, f"Start {start} beyond image size {size}")
-            # Backends may answer part of a window (the file backend caps
-            # one answer); ask again from where the answer ended.
-            result: list[Extent] = []
+            # Backends answer part of a window (the file backend caps one
+            # answer); each part is merged and encoded on the pool and
+            # written once the transport took the previous one, so a map of
+            # millions of extents costs neither memory nor reactor time.
+            writer = JSONListWriter(request)
+            held: Extent | None = None
             position = start
-            while position < end:
-                got = yield backend.extents(context, position, end - position)
-                if not got:
-                    break
-                result.extend(got)
-                position = got[-1].start + got[-1].length
-            sendJSON(request, [e.toJSON() for e in _merged(result)])
+            try:
+                while position < end:
+                    got = yield backend.extents(context, position, end - position)
+                    if not got:
+                        break
+                    position = got[-1].start + got[-1].length
+                    items, held = yield self.service.runInPool(
+                        _encodeExtents, held, got, position >= end
+                    )
+                    yield writer.write(items)
+                if held is not None:
+                    items, _ = yield self.service.runInPool(_encodeExtents, held, [], True)
+                    yield writer.write(items)
+            except Exception:
+                if isGone(request):
+                    # The client left: nobody to answer.
+                    return
+                if not writer.streaming:
+                    raise
+                failure = Failure()
+                if not failure.check(ConnectionDone):
+                    log.failure(
+                        "Extents answer for ticket {ticketID} was cut",
+                        failure,
+                        ticketID=shortID(ticket.uuid),
+                    )
+                abortConnection(request)
+                return
+            writer.finish()
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
+
+
+def _encodeExtents(
+    held: Extent | None, extents: list[Extent], final: bool
+) -> tuple[bytes, Extent | None]:
+    """
+    Merge a slice of extents (after C{held}, the last extent of the previous
+    slice) and encode them as JSON items. Runs on the pool.
+
+    @return: The items joined by C{", "}, and the last extent, held back to
+        be merged with the next slice, unless C{final}.
+    """
+    merged = _merged([held, *extents] if held is not None else extents)
+    keep = None if final or not merged else merged.pop()
+    return json.dumps([e.toJSON() for e in merged])[1:-1].encode("utf-8"), keep
 
 
 def _merged(extents: list[Extent]) -> list[Extent]:
@@ -760,7 +828,7 @@ class ChecksumHandler:
         ticket = self.service.authorize(ticketID, READ, close=False)
         d = self.service.backendFor(request, ticket)
         d.addCallback(self._checksum, request, ticket, algorithm, blockSize)
-        d.addErrback(_failureToHTTP)
+        d.addErrback(_failureToHTTP, request)
         return d
 
     @inlineCallbacks
@@ -769,10 +837,25 @@ class ChecksumHandler:
     ) -> Any:
         op = Operation("checksum", 0)
         self.service.startOperation(ticket, op)
+        lease: _buffers.Lease | None = None
         try:
             size = yield backend.size()
             size = min(size, ticket.size)
             hasher = _blkhash.Hasher(algorithm, blockSize)
+            # The block buffer comes from the budget all transfers share:
+            # many parallel checksums wait rather than take all memory. A
+            # client that leaves or a canceled ticket stops the wait.
+            waiting = self.service.budget.acquire(blockSize)
+            op.onCancel = waiting.cancel
+            request.notifyFinish().addErrback(lambda _: waiting.cancel())
+            try:
+                lease = yield waiting
+            except CancelledError:
+                if op.canceled:
+                    raise OperationCanceled(f"Transfer {ticket.transferID} was canceled") from None
+                return
+            finally:
+                op.onCancel = None
             # Page-aligned: O_DIRECT reads go straight into it.
             buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
             extents: list[Any] = []
@@ -804,6 +887,8 @@ class ChecksumHandler:
             }
             sendJSON(request, result)
         finally:
+            if lease is not None:
+                lease.release()
             self.service.finishOperation(ticket, op)
 
 

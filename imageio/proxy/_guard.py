@@ -71,7 +71,8 @@ class _FilteringReceiver:
         else:
             log.warn(
                 "Refusing to connect to {address} (host {host}): loopback, link-local, "
-                "multicast and unspecified addresses are not daemons",
+                "multicast and unspecified addresses are not daemons "
+                "(loopback is allowed with [proxy] allow_loopback = true)",
                 address=host,
                 host=self.hostName,
             )

@@ -38,6 +38,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from imageio._log import Logger
+from imageio.backends import RELAYED_HEADER
 from imageio.backends.httpclient import (
     CACHED_CONNECTION_TIMEOUT,
     CONNECT_TIMEOUT,
@@ -56,6 +57,7 @@ from imageio.backends.httpclient import (
 from imageio.interfaces import IBodySink
 from imageio.proxy._guard import GuardedEndpointFactory
 from imageio.web import (
+    INTERNAL_ERROR,
     HTTPError,
     httpErrorFor,
     isGone,
@@ -121,7 +123,7 @@ class DaemonClient:
             arrived, or C{None} to wait as long as it takes (uploads start
             their own timer once the body is sent).
         """
-        raw = Headers({b"cache-control": [b"no-cache"]})
+        raw = Headers({b"cache-control": [b"no-cache"], RELAYED_HEADER: [b"1"]})
         for name, value in headers.items():
             raw.setRawHeaders(name, [value])
         d: Deferred[IResponse] = self.agent.request(method, url, raw, body)
@@ -148,7 +150,7 @@ def relayError(reason: Failure, request: Request, what: str) -> None:
         log.info("{what} failed: {status} {message}", what=what, status=e.status, message=e.message)
     else:
         log.failure("{what} failed", reason, what=what)
-        e = HTTPError(500, "Server failed to perform the request, check logs", close=True)
+        e = HTTPError(500, INTERNAL_ERROR, close=True)
     if isGone(request):
         return
     if request.startedWriting:
@@ -429,7 +431,7 @@ class UploadRelay:
             return
         if e is None:
             log.failure("Upload relay failed", failure)
-            e = HTTPError(500, "Server failed to perform the request, check logs", close=True)
+            e = HTTPError(500, INTERNAL_ERROR, close=True)
         elif failure is not None:
             log.info("Upload relay failed: {status} {message}", status=e.status, message=e.message)
         if self._early:

@@ -43,6 +43,7 @@ from typing import NoReturn
 from attrs import define, field
 
 from imageio.proxy._signedticket import MAX_ALLOWED_SKEW, Claims
+from imageio.ranges import parseJSONInteger
 
 #: 401 when C{POST /sessions/} gets a ticket that does not verify; format
 #: with C{reason}.
@@ -258,7 +259,7 @@ class SessionManager:
         if not hmac.compare_digest(self._mac(encoded), _decode(mac)):
             _fail()
         try:
-            body = json.loads(_decode(encoded))
+            body = json.loads(_decode(encoded), parse_int=parseJSONInteger)
             if body["v"] != _VERSION:
                 _fail()
             nonce = body["n"]

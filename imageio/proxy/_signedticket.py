@@ -47,6 +47,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from imageio.ranges import parseJSONInteger
+from imageio.tickets import MAX_TIMEOUT
+
 #: Largest ticket accepted, in bytes of its base64 text. Engine tickets are
 #: about 4 KiB (most of it the embedded certificate).
 MAX_TICKET_SIZE = 64 * 1024
@@ -56,8 +59,9 @@ MAX_TICKET_SIZE = 64 * 1024
 MAX_ALLOWED_SKEW = 300
 
 #: Longest ticket lifetime accepted (C{exp - nbf}, C{validTo - validFrom}).
-#: The engine's lifetimes are minutes to hours; one year is absurd already.
-MAX_LIFETIME = 366 * 24 * 60 * 60
+#: The engine's lifetimes are minutes to hours; the bound is the one of a
+#: daemon ticket's C{timeout} (30 days).
+MAX_LIFETIME = MAX_TIMEOUT
 
 # 9999-12-31T23:59:59Z: keeps every later conversion in range.
 _MAX_TIMESTAMP = 253402300799
@@ -282,6 +286,7 @@ class TicketVerifier:
                 raw.decode("utf-8"),
                 object_pairs_hook=_uniqueKeys,
                 parse_constant=_rejectConstant,
+                parse_int=parseJSONInteger,
             )
         except _DuplicateKey:
             _fail("duplicate key")
@@ -442,7 +447,12 @@ def _checkWindow(notBefore: int, expires: int, now: float, skew: int) -> None:
 
 def _parsePayload(data: str, allowHTTP: bool, allowLoopback: bool) -> Claims:
     try:
-        payload = json.loads(data, object_pairs_hook=_uniqueKeys, parse_constant=_rejectConstant)
+        payload = json.loads(
+            data,
+            object_pairs_hook=_uniqueKeys,
+            parse_constant=_rejectConstant,
+            parse_int=parseJSONInteger,
+        )
     except _DuplicateKey:
         _fail("duplicate key in payload")
     except (ValueError, RecursionError):
@@ -521,7 +531,10 @@ def _checkImagedURI(value: object, allowHTTP: bool, allowLoopback: bool) -> str:
             _fail(reason)
         loopback = address.is_loopback
     if loopback and not allowLoopback:
-        _fail(reason)
+        _fail(
+            "imaged-uri names a loopback daemon, refused unless "
+            "[proxy] allow_loopback = true (all-in-one labs only)"
+        )
     return f"{parts.scheme}://{parts.netloc}"
 
 

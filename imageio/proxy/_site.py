@@ -42,6 +42,7 @@ from twisted.web.server import Request
 import imageio
 from imageio import config as _config
 from imageio._log import Logger
+from imageio.backends import RELAYED_HEADER, relayLoop
 from imageio.backends.httpclient import BytesProducer, collectBody, loadTrustRoot
 from imageio.interfaces import IBodySink, IMetrics
 from imageio.proxy._relay import (
@@ -73,7 +74,7 @@ from imageio.proxy._signedticket import (
     TicketVerifier,
 )
 from imageio.proxy._tickets import ProxyTickets, TooManyTickets
-from imageio.ranges import RangeError, parseContentLength
+from imageio.ranges import RangeError, parseContentLength, parseJSONInteger
 from imageio.tickets import shortID
 from imageio.web import (
     CollectSink,
@@ -208,7 +209,13 @@ class ProxyService:
         """
         if not ticketID:
             raise HTTPError(400, INVALID_RESOURCE)
-        return self.authenticate(request, ticketID)
+        claims = self.authenticate(request, ticketID)
+        # The proxy relays everything: a request another relay sent (a
+        # daemon's https: ticket naming this proxy) would go round.
+        loop = relayLoop(claims.imagedURI, request.requestHeaders.hasHeader(RELAYED_HEADER))
+        if loop is not None:
+            raise HTTPError(508, str(loop), close=True)
+        return claims
 
     def daemonURL(self, claims: Claims, suffix: str = "", query: str = "") -> bytes:
         """
@@ -318,7 +325,7 @@ class ImageHandler:
 
     def _sendOptions(self, body: bytes, response: IResponse, request: Request) -> None:
         try:
-            msg = json.loads(body)
+            msg = json.loads(body, parse_int=parseJSONInteger)
             daemonFeatures = msg["features"]
             if not isinstance(daemonFeatures, list):
                 raise TypeError(daemonFeatures)
@@ -678,4 +685,6 @@ def makeProxySite(
         timeout=config.daemon.request_timeout,
         reactor=reactor,
         metrics=metrics,
+        bodyTimeout=config.daemon.body_timeout,
+        bodyMinRate=config.daemon.body_min_rate,
     )

@@ -13,6 +13,7 @@ else.
 
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
+from imageio.web._jsonlist import JSONListWriter
 from imageio.web._response import (
     INTERNAL_ERROR,
     HTTPError,
@@ -26,7 +27,13 @@ from imageio.web._response import (
     sendJSON,
 )
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import CollectSink, ImageioChannel, ImageioSite, pushProducerOf
+from imageio.web._streaming import (
+    CollectSink,
+    ImageioChannel,
+    ImageioSite,
+    pushProducerOf,
+    redactPath,
+)
 from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
 from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
 from imageio.web._upload import ShortBody, UploadSink
@@ -44,6 +51,7 @@ __all__ = [
     "sendHTTPError",
     "sendJSON",
     "loadJSON",
+    "JSONListWriter",
     # Routing
     "Router",
     "cors",
@@ -55,6 +63,7 @@ __all__ = [
     "ImageioChannel",
     "ImageioSite",
     "pushProducerOf",
+    "redactPath",
     # Bodies
     "DownloadProducer",
     "ReaderStalled",

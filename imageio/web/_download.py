@@ -14,13 +14,14 @@ size.
 from __future__ import annotations
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from imageio import _buffers
+from imageio._buffers import BufferBudget, BufferPool, Lease
 from imageio._log import Logger
 from imageio.interfaces import IBackend, IZeroCopyTransport
 from imageio.tickets import Operation, OperationCanceled
@@ -55,6 +56,9 @@ class DownloadProducer:
     whose headers (with C{Content-Length}) are already set.
 
     @ivar idleTimeout: Abort when the client reads nothing for this long.
+    @ivar budget: The memory budget buffers are taken from: the first
+        buffer waits for it, the second is used only if the budget has it
+        at once.
     """
 
     request: Request
@@ -68,7 +72,12 @@ class DownloadProducer:
     #: Spare buffers of C{bufferSize} kept by the connection between
     #: requests (as upstream keeps one buffer per connection), so small
     #: reads do not map fresh memory each time.
-    pool: list[memoryview] | None = None
+    pool: BufferPool | None = None
+    budget: BufferBudget = field(factory=BufferBudget)
+    # Leases of the buffers this producer holds, by buffer identity, and
+    # the one being waited for.
+    _leases: dict[int, tuple[memoryview, Lease]] = field(factory=dict, init=False)
+    _acquiring: Deferred[Lease] | None = field(default=None, init=False)
     done: Deferred[None] = field(factory=Deferred, init=False)
     _free: list[memoryview] = field(factory=list, init=False)
     _buffers: int = field(default=0, init=False)
@@ -193,8 +202,7 @@ class DownloadProducer:
                 break
         if self._finished:
             # Sent after the response completed: back to the connection.
-            if self.pool is not None and len(self.pool) < 2:
-                self.pool.append(buf)
+            self._giveBack(buf)
             return
         if self._stopped:
             return
@@ -204,13 +212,46 @@ class DownloadProducer:
     def _buffer(self) -> memoryview | None:
         if self._free:
             return self._free.pop()
-        if self._buffers < 2:
-            self._buffers += 1
+        if self._buffers < 2 and self._acquiring is None:
             if self.pool is not None:
-                return self.pool.pop() if self.pool else _pooled(self.bufferSize)
-            size = min(self.bufferSize, max(self.length, 1))
-            return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
+                spare = self.pool.take()
+                if spare is not None:
+                    return self._own(*spare)
+                size = self.bufferSize
+            else:
+                size = min(self.bufferSize, max(self.length, 1))
+            lease = self.budget.tryAcquire(size)
+            if lease is not None:
+                return self._own(_pooled(size), lease)
+            if not self._buffers:
+                # Wait for the first buffer; the second is a bonus.
+                self._acquiring = d = self.budget.acquire(size)
+                d.addCallbacks(self._granted, _ignoreCancel)
         return None
+
+    def _own(self, buf: memoryview, lease: Lease) -> memoryview:
+        self._buffers += 1
+        self._leases[id(buf)] = (buf, lease)
+        return buf
+
+    def _granted(self, lease: Lease) -> None:
+        self._acquiring = None
+        if self._stopped:
+            lease.release()
+            return
+        self._free.append(self._own(_pooled(lease.size), lease))
+        self._pump()
+
+    def _giveBack(self, buf: memoryview) -> None:
+        # A buffer no longer used by this download: to the connection's
+        # pool, or its bytes back to the budget.
+        owned = self._leases.pop(id(buf), None)
+        if owned is None:
+            return
+        if self.pool is not None:
+            self.pool.give(buf, owned[1])
+        else:
+            owned[1].release()
 
     def _gotData(self, n: int, buf: memoryview, size: int) -> None:
         self._reading = False
@@ -241,10 +282,11 @@ class DownloadProducer:
         self._cancelStall()
         self.request.unregisterProducer()
         self.request.finish()
-        if self.pool is not None:
-            # Buffers in the free list are neither being read into nor held
-            # by the transport (it copied or encrypted them).
-            self.pool.extend(self._free[: 2 - len(self.pool)])
+        # Buffers in the free list are neither being read into nor held by
+        # the transport (it copied or encrypted them); held ones come back
+        # when sent (_drained).
+        for buf in self._free:
+            self._giveBack(buf)
         self._release()
         self.done.callback(None)
 
@@ -276,6 +318,14 @@ class DownloadProducer:
         self._stall = None
 
     def _release(self) -> None:
+        if self._acquiring is not None:
+            d, self._acquiring = self._acquiring, None
+            d.cancel()
+        if not self._finished:
+            # Stopped: every buffer's bytes go back to the budget now.
+            leases, self._leases = self._leases, {}
+            for _, lease in leases.values():
+                lease.release()
         self._free.clear()
         # The transport keeps its references until sent.
         self._held.clear()
@@ -284,3 +334,7 @@ class DownloadProducer:
 
 def _pooled(size: int) -> memoryview:
     return memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
+
+
+def _ignoreCancel(reason: Failure) -> None:
+    reason.trap(CancelledError)

@@ -2,7 +2,8 @@
 """
 Strict JSON for request bodies: the standard parser accepts NaN and
 Infinity and keeps the last of duplicate keys; clients sending either are
-confused or hostile, so both are refused.
+confused or hostile, so both are refused. Numbers of more than 20 digits
+are refused before they are converted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from imageio.ranges import parseJSONInteger
 from imageio.web._response import HTTPError
 
 
@@ -38,7 +40,10 @@ def loadJSON(data: bytes, prefix: str) -> Any:
     """
     try:
         return json.loads(
-            data.decode("utf-8"), parse_constant=_noConstants, object_pairs_hook=_noDuplicates
+            data.decode("utf-8"),
+            parse_constant=_noConstants,
+            object_pairs_hook=_noDuplicates,
+            parse_int=parseJSONInteger,
         )
     except (ValueError, RecursionError) as e:
         raise HTTPError(400, f"{prefix}{e}") from None

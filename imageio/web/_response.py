@@ -145,7 +145,10 @@ def sendError(
     """
     if close:
         closeAfterResponse(request)
-    sendBody(request, status, message.encode("utf-8") + b"\n", TEXT_PLAIN, headers)
+    request.errorMessage = message  # type: ignore[attr-defined]  # for the access log
+    # Messages may quote client input: never fail to encode it.
+    body = message.encode("utf-8", "backslashreplace") + b"\n"
+    sendBody(request, status, body, TEXT_PLAIN, headers)
 
 
 def sendHTTPError(request: Request, error: HTTPError) -> None:

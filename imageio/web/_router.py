@@ -35,15 +35,11 @@ from imageio.web._response import (
     sendHTTPError,
     sendInternalError,
 )
-from imageio.web._streaming import CollectSink, redactPath
+from imageio.web._streaming import MAX_SMALL_BODY, CollectSink, redactPath
 
 log = Logger()
 
 METHODS = frozenset({b"GET", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS", b"HEAD"})
-
-#: Bodies of requests whose handler does not stream are collected in memory
-#: up to this size (JSON messages); larger ones get 413.
-MAX_SMALL_BODY = 64 * 1024
 
 Route = tuple["re.Pattern[str]", object]
 
@@ -54,10 +50,13 @@ def compileRoutes(routes: Sequence[tuple[str, object]]) -> list[Route]:
 
 def requestPath(request: Request) -> str:
     """
-    @return: The unquoted path, as upstream matches it.
+    @return: The unquoted path, as upstream matches it: escapes that are not
+        UTF-8 (C{%ff}) become U+FFFD, as upstream's C{unquote} makes them,
+        so the path is text that can be logged and answered (an unknown
+        ticket id, not a crash).
     """
     raw = request.path if isinstance(request.path, bytes) else b"/"
-    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
 @implementer(IStreamingUpload)
@@ -216,4 +215,4 @@ def cors(request: Request, allowMethods: bytes = b"*") -> None:
         request.setHeader(b"access-control-max-age", b"86400")
 
 
-__all__ = ["Router", "requestBody", "queryArg", "enumArg", "cors", "sendError"]
+__all__ = ["MAX_SMALL_BODY", "Router", "requestBody", "queryArg", "enumArg", "cors", "sendError"]

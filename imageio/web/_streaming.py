@@ -26,7 +26,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -45,6 +45,7 @@ from imageio.interfaces import (
 )
 from imageio.interfaces import IMetrics as Metrics  # issue 11 phase 2: spell it IMetrics
 from imageio.web._response import (
+    INTERNAL_ERROR,
     SERVER,
     HTTPError,
     abortConnection,
@@ -57,8 +58,15 @@ log = Logger()
 #: Longest request line; upstream answers 414 above 4096 bytes.
 MAX_REQUEST_LINE = 4096
 
+#: Bodies of requests whose resource does not stream them (JSON messages,
+#: and bodies sent with GET, HEAD or OPTIONS) are collected in memory up to
+#: this size; larger ones get 413 and the connection closes. Nothing is ever
+#: spooled to twisted.web's temporary file.
+MAX_SMALL_BODY = 64 * 1024
+
 # Ticket ids are credentials: access logs show a prefix only.
 _SECRET_PATH = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]{8})[^/?]*")
+_SECRET_ID = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]+)")
 
 
 def redactPath(path: bytes) -> str:
@@ -142,6 +150,9 @@ class StreamingRequest(server.Request):
     bodySink: IBodySink | None = None
     respondedEarly: bool = False
     started: float = 0.0
+    #: Body bytes handed to us by twisted.web (not those read directly
+    #: into an upload sink's buffers, which the sink counts).
+    contentReceived: int = 0
 
     def gotLength(self, length: int | None) -> None:
         self.started = time.monotonic()
@@ -155,18 +166,25 @@ class StreamingRequest(server.Request):
         except Exception:
             log.failure("Preparing the request body failed")
             self.bodySink = DiscardSink()
-            self._earlyError = HTTPError(
-                500, "Server failed to perform the request, check logs", close=True
-            )
-        if self.bodySink is None:
-            super().gotLength(length)
-        else:
-            # render() sees an empty body.
-            self.content = io.BytesIO()
+            self._earlyError = HTTPError(500, INTERNAL_ERROR, close=True)
+        if self.bodySink is None and length != 0:
+            # No streaming resource: never twisted.web's spooling (a
+            # temporary file, written on the reactor, without a limit).
+            if length is not None and length > MAX_SMALL_BODY:
+                self.bodySink = DiscardSink()
+                self._earlyError = tooLarge(MAX_SMALL_BODY)
+            else:
+                self.bodySink = CollectSink(self, MAX_SMALL_BODY)
+        # render() sees an empty body; a collected one is in the sink.
+        self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
+        self.contentReceived += len(data)
         if self.respondedEarly:
             return
+        channel = self.channel
+        if isinstance(channel, ImageioChannel):
+            channel.bodyProgress(len(data))
         if self.bodySink is None:
             super().handleContentChunk(data)
         else:
@@ -282,20 +300,32 @@ def _tuneTransport(transport: Any) -> None:
         transport = getattr(transport, "transport", None)
 
 
-@implementer(IDirectReader)
+@implementer(IDirectReader, IHalfCloseableProtocol)
 class ImageioChannel(http.HTTPChannel):
     """
     An HTTP connection with per-connection state for the images API.
+
+    A client may send its requests and then shut down its side of the
+    connection (C{shutdown(SHUT_WR)}, or TLS C{close_notify}): complete
+    requests are answered, then the connection closes.
 
     @ivar contexts: Per-ticket state the data path keeps for this
         connection (open backends), closed when the connection closes.
     @ivar closingEarly: A request was answered before its body; ignore the
         rest of the input.
+    @ivar readClosed: The client will send nothing more.
     """
 
     closingEarly = False
+    readClosed = False
     site: Any
     _headDeadline: IDelayedCall | None = None
+    # The body rate watch of the request whose body is arriving.
+    _bodyWatch: IDelayedCall | None = None
+    _bodyStarted = 0.0
+    _bodyReceived = 0
+    _bodyPaused = 0.0
+    _bodyPausedSince: float | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -331,12 +361,132 @@ class ImageioChannel(http.HTTPChannel):
         # Closes, and aborts if the client does not read the answer.
         self.timeoutConnection()
 
+    # Request body minimum rate, like Apache's mod_reqtimeout: after the
+    # site's bodyTimeout grace seconds, a body must keep arriving at
+    # bodyMinRate bytes a second on average, or it gets 408 and the
+    # connection closes. Time we paused the client ourselves (storage
+    # slower than the client, waiting for buffers) does not count.
+
+    def _seconds(self) -> float:
+        return float(self.site.reactor.seconds())
+
+    def _startBodyWatch(self) -> None:
+        site = getattr(self, "site", None)
+        grace = getattr(site, "bodyTimeout", 0)
+        rate = getattr(site, "bodyMinRate", 0)
+        if not (grace and rate) or self.length == 0:
+            return
+        self._stopBodyWatch()
+        self._bodyStarted = self._seconds()
+        self._bodyReceived = 0
+        self._bodyPaused = 0.0
+        self._bodyPausedSince = None
+        self._bodyWatch = self.callLater(grace, self._checkBodyRate)  # type: ignore[attr-defined]
+
+    def _stopBodyWatch(self) -> None:
+        if self._bodyWatch is not None:
+            if self._bodyWatch.active():
+                self._bodyWatch.cancel()
+            self._bodyWatch = None
+        self._bodyPausedSince = None
+
+    def bodyProgress(self, n: int) -> None:
+        """
+        C{n} bytes of the current request body arrived.
+        """
+        self._bodyReceived += n
+
+    def bodyPaused(self, paused: bool) -> None:
+        """
+        We stopped (or resumed) reading the request body: that time is ours,
+        not the client's.
+        """
+        if self._bodyWatch is None:
+            return
+        now = self._seconds()
+        if paused:
+            if self._bodyPausedSince is None:
+                self._bodyPausedSince = now
+        elif self._bodyPausedSince is not None:
+            self._bodyPaused += now - self._bodyPausedSince
+            self._bodyPausedSince = None
+
+    def _checkBodyRate(self) -> None:
+        self._bodyWatch = None
+        if self.closingEarly or self._handlingRequest:
+            return
+        grace: float = self.site.bodyTimeout
+        rate: float = self.site.bodyMinRate
+        now = self._seconds()
+        paused = self._bodyPaused
+        if self._bodyPausedSince is not None:
+            paused += now - self._bodyPausedSince
+        deadline = self._bodyStarted + grace + paused + self._bodyReceived / rate
+        if self._bodyPausedSince is not None or now < deadline:
+            delay = grace if self._bodyPausedSince is not None else deadline - now
+            self._bodyWatch = self.callLater(max(delay, 1.0), self._checkBodyRate)  # type: ignore[attr-defined]
+            return
+        transport: Any = self.transport
+        elapsed = now - self._bodyStarted - paused
+        log.info(
+            "Request body from {client} too slow: {received} bytes in {elapsed:.0f} s, "
+            "minimum {rate} bytes/s after {grace} s; closing",
+            client=str(transport.getPeer()),
+            received=self._bodyReceived,
+            elapsed=elapsed,
+            rate=rate,
+            grace=grace,
+        )
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.bodyTimedOut(self.site.name)
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, StreamingRequest):
+            self._stopDirectReads()
+            request.respondEarly(HTTPError(408, "Request body not received in time", close=True))
+        else:
+            self.closingEarly = True
+            self.loseConnection()
+        # Closes once the answer is sent; aborts if the client does not read.
+        if self._abortingCall is None and self.abortTimeout is not None:  # type: ignore[has-type]
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[attr-defined]
+
     def connectionMade(self) -> None:
         super().connectionMade()
         _tuneTransport(self.transport)
         metrics = getattr(self.site, "metrics", None)
         if metrics is not None:
             metrics.connectionOpened(self.site.name)
+
+    # IHalfCloseableProtocol
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent all it will send. A complete request being processed
+        is answered (and so are complete requests pipelined after it), then
+        the connection closes; with no complete request there is nothing to
+        answer (an incomplete body ends as a disconnect would end it).
+        """
+        self.readClosed = True
+        self._closeIfDone()
+
+    def writeConnectionLost(self) -> None:
+        self.loseConnection()
+
+    def _closeIfDone(self) -> None:
+        transport: Any = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
+            return
+        if not self._handlingRequest:
+            self.loseConnection()
+
+    def requestDone(self, request: http.Request) -> None:
+        persistent = self.persistent
+        super().requestDone(request)
+        if self.readClosed and persistent:
+            # Pipelined requests that arrived complete are being answered;
+            # once none is left, close.
+            self._closeIfDone()
 
     def addCloseHook(self, hook: Callable[[], object]) -> None:
         """
@@ -400,6 +550,7 @@ class ImageioChannel(http.HTTPChannel):
                 request.respondEarly(error)
             else:
                 self._startDirectReads(request)
+                self._startBodyWatch()
 
     # Request bodies read straight into the sink's buffers (IDirectReader):
     # the transport reads with recv_into (or decrypts) into the upload
@@ -446,6 +597,7 @@ class ImageioChannel(http.HTTPChannel):
     def bufferFilled(self, n: int) -> None:
         assert self._directSink is not None
         self.resetTimeout()
+        self._bodyReceived += n
         decoder: Any = self._transferDecoder  # type: ignore[has-type]
         decoder.contentLength -= n
         self._directSink.bodyFilled(n)
@@ -467,6 +619,7 @@ class ImageioChannel(http.HTTPChannel):
         # However the body ended (the last bytes may have come with the
         # headers), the next request must not read into this one's sink.
         self._stopDirectReads()
+        self._stopBodyWatch()
         if self.closingEarly:
             return
         super().allContentReceived()
@@ -476,6 +629,7 @@ class ImageioChannel(http.HTTPChannel):
         if metrics is not None:
             metrics.connectionClosed(self.site.name)
         self._cancelHeadDeadline()
+        self._stopBodyWatch()
         self._directSink = None
         hooks, self._closeHooks = self._closeHooks, []
         try:
@@ -501,6 +655,10 @@ class ImageioSite(server.Site):
     requestFactory = StreamingRequest
     noisy = False
     accessLevel = "debug"
+    #: Request bodies get this many seconds, then must arrive at
+    #: C{bodyMinRate} bytes a second on average (0 disables either).
+    bodyTimeout: float = 60
+    bodyMinRate: float = 1024
 
     def __init__(
         self,
@@ -508,27 +666,44 @@ class ImageioSite(server.Site):
         name: str,
         timeout: float = 60,
         metrics: Metrics | None = None,
+        bodyTimeout: float = 60,
+        bodyMinRate: float = 1024,
         **kw: Any,
     ) -> None:
         super().__init__(resource, requestFactory=StreamingRequest, timeout=timeout, **kw)
         self.name = name
         self.metrics = metrics
+        self.bodyTimeout = bodyTimeout
+        self.bodyMinRate = bodyMinRate
 
     def log(self, request: http.Request) -> None:
         sink = getattr(request, "bodySink", None)
-        received = getattr(sink, "bytesWritten", 0)
+        # Upload sinks count what they read directly; every other body
+        # (PATCH, control PUT, refused uploads) went through
+        # handleContentChunk.
+        received: int = getattr(sink, "bytesWritten", None) or 0
+        if not received:
+            received = getattr(request, "contentReceived", 0)
         method = request.method.decode("ascii", "replace")
         if self.metrics is not None:
             self.metrics.requestDone(self.name, method, request.code, request.sentLength, received)
         level = LogLevel.info if self.accessLevel == "info" else LogLevel.debug
+        # Refusals and failures are worth a line at the default level even
+        # on the data listeners: an operator asking why a transfer failed.
+        if request.code >= 500:
+            level = LogLevel.error
+        elif request.code >= 400:
+            level = LogLevel.info
         if not _log.enabled(level):
             return
         started = getattr(request, "started", 0.0)
         elapsed = time.monotonic() - started if started else 0.0
+        reason = getattr(request, "errorMessage", None)
         log.emit(
             level,
             "{site} {client} {method} {path} {status} sent={sent} received={received} "
-            "{elapsed:.3f}s",
+            "{elapsed:.3f}s" + (": {reason}" if reason else ""),
+            reason=_redactMessage(reason, request.uri) if reason else None,
             site=self.name,
             client=_client(request),
             method=method,
@@ -540,10 +715,46 @@ class ImageioSite(server.Site):
         )
 
 
+def _redactMessage(message: str, uri: bytes) -> str:
+    """
+    @return: An error message for the log with the request's ticket or
+        session id shortened, as L{redactPath} shortens it in the path.
+    """
+    match = _SECRET_ID.match(uri.split(b"?", 1)[0])
+    if match is None or len(match.group(2)) <= 8:
+        return message
+    secret = unquote(match.group(2)).decode("utf-8", "replace")
+    return message.replace(secret, secret[:8] + "...")
+
+
 def _client(request: http.Request) -> str:
     peer = request.getClientAddress()
     host = getattr(peer, "host", None)
     return str(host) if host else "local"
+
+
+@implementer(IPushProducer)
+@define
+class _BodyProducer:
+    """
+    The connection's transport as the producer of a request body, telling
+    the channel when reading is paused (the body rate watch does not count
+    that time against the client).
+    """
+
+    channel: ImageioChannel
+    transport: IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.channel.bodyPaused(True)
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.channel.bodyPaused(False)
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
 
 
 def pushProducerOf(request: http.Request) -> IPushProducer:
@@ -552,5 +763,8 @@ def pushProducerOf(request: http.Request) -> IPushProducer:
         connection's transport.
     """
     transport: Any = request.channel.transport
+    channel = request.channel
+    if isinstance(channel, ImageioChannel):
+        return _BodyProducer(channel, transport)
     result: IPushProducer = transport
     return result

@@ -31,6 +31,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     INegotiated,
     IProducer,
@@ -244,7 +245,13 @@ def _describeError(error: BaseException) -> str:
 
 
 @implementer(
-    ITCPTransport, ISSLTransport, INegotiated, IPushProducer, IConsumer, IDirectReadTransport
+    ITCPTransport,
+    ISSLTransport,
+    INegotiated,
+    IPushProducer,
+    IConsumer,
+    IDirectReadTransport,
+    IHalfCloseableProtocol,
 )
 class TLSServerProtocol(_Protocol):
     """
@@ -265,6 +272,12 @@ class TLSServerProtocol(_Protocol):
         - C{ssl.SSLError}: the handshake failed or a record did not decrypt.
         - L{TimeoutError}: the handshake did not complete in time.
         - Otherwise what the TCP transport reported.
+
+    A peer that sends C{close_notify} or shuts down its side of TCP after
+    its last request still gets its answers when the wrapped protocol
+    provides L{IHalfCloseableProtocol}: it is told the input ended (once
+    every byte of plaintext before it was delivered), may write, and closes
+    when it is done.
 
     @ivar wrappedProtocol: The application protocol.
     @ivar disconnecting: L{loseConnection} or L{abortConnection} was called.
@@ -295,6 +308,10 @@ class TLSServerProtocol(_Protocol):
         self._reason: Failure | None = None
         # Decrypt into this reader's buffers (a request body) when set.
         self._directReader: IDirectReader | None = None
+        # TCP read EOF, and whether the wrapped protocol was told the input
+        # ended.
+        self._tcpClosed = False
+        self._readEnded = False
 
     # IProtocol, as seen from the TCP transport
 
@@ -349,6 +366,38 @@ class TLSServerProtocol(_Protocol):
         wrapped = self.wrappedProtocol
         self._producer = None
         wrapped.connectionLost(reason)
+
+    # IHalfCloseableProtocol, as seen from the TCP transport
+
+    def readConnectionLost(self) -> None:
+        """
+        TCP input ended (after the peer's C{close_notify}, or without one).
+        """
+        self._tcpClosed = True
+        if self._aborted or self._reason is not None or self.disconnecting:
+            return
+        if not self._handshakeDone:
+            self._abort()
+            return
+        self._endRead()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def _endRead(self) -> None:
+        """
+        Tell the wrapped protocol its input ended, once all plaintext before
+        the end was delivered; close if it cannot be told.
+        """
+        if self._readEnded or self._readPaused or self.disconnecting:
+            return
+        wrapped = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if wrapped is None:
+            self.disconnecting = True
+            self._sendCloseNotify()
+            return
+        self._readEnded = True
+        wrapped.readConnectionLost()
 
     def logPrefix(self) -> str:
         wrapped = self.wrappedProtocol
@@ -497,13 +546,12 @@ class TLSServerProtocol(_Protocol):
 
     def _closedByPeer(self) -> None:
         """
-        The peer sent close_notify: answer with ours and close TCP once the
-        data already written is sent.
+        The peer sent close_notify: the wrapped protocol answers what it
+        was asked and closes (our close_notify follows); without half-close
+        support, answer with ours and close TCP once the data already
+        written is sent.
         """
-        if self.disconnecting:
-            return
-        self.disconnecting = True
-        self._sendCloseNotify()
+        self._endRead()
 
     # Writing
 
@@ -730,7 +778,9 @@ class TLSServerProtocol(_Protocol):
         if self._handshakeDone and not self.disconnecting:
             self._deliverPlaintext()
             self._flush()
-        if not (self._readPaused or self.disconnecting):
+            if self._peerClosed or self._tcpClosed:
+                self._endRead()
+        if not (self._readPaused or self.disconnecting or self._tcpClosed or self._peerClosed):
             self._transport().resumeProducing()
 
     def stopProducing(self) -> None:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,6 +49,9 @@ class UploadSink:
     @ivar bufferSize: Size of each of the two buffers.
     @ivar onProgress: Called after each completed write (resets the
         connection's idle timeout while the transport is paused).
+    @ivar budget: The memory budget the buffers are taken from: the first
+        buffer waits for it (the client is paused meanwhile), the second is
+        used only if the budget has it at once.
     """
 
     backend: Deferred[IBackend]
@@ -58,6 +61,10 @@ class UploadSink:
     op: Operation
     bufferSize: int = 8 * 1024**2
     onProgress: Callable[[], None] = lambda: None
+    budget: _buffers.BufferBudget = field(factory=_buffers.BufferBudget)
+    # Leases of the allocated buffers, and the one being waited for.
+    _leases: list[_buffers.Lease] = field(factory=list, init=False)
+    _acquiring: Deferred[_buffers.Lease] | None = field(default=None, init=False)
     # Buffers not in use, and how many were allocated (at most two).
     _free: list[memoryview] = field(factory=list, init=False)
     _allocated: int = field(default=0, init=False)
@@ -181,10 +188,16 @@ class UploadSink:
             return False
         if self._free:
             buf = self._free.pop()
-        elif self._allocated < 2:
-            self._allocated += 1
+        elif self._allocated < 2 and self._acquiring is None:
             size = min(self.bufferSize, max(self.length, 1))
-            buf = memoryview(_buffers.allocate(size))  # type: ignore[arg-type]
+            lease = self.budget.tryAcquire(size)
+            if lease is None:
+                if not self._allocated:
+                    # Wait for the first buffer; the second is a bonus.
+                    self._acquiring = d = self.budget.acquire(size)
+                    d.addCallbacks(self._granted, _ignoreCancel)
+                return False
+            buf = self._allocate(lease)
         else:
             return False
         # Fill the first buffer only up to a 4 KiB boundary of the image, so
@@ -195,6 +208,30 @@ class UploadSink:
         self._fill = 0
         self._limit = min(size, self.length - self._assigned)
         return True
+
+    def _allocate(self, lease: _buffers.Lease) -> memoryview:
+        self._allocated += 1
+        self._leases.append(lease)
+        return memoryview(_buffers.allocate(lease.size))  # type: ignore[arg-type]
+
+    def _granted(self, lease: _buffers.Lease) -> None:
+        self._acquiring = None
+        if self._stopped():
+            lease.release()
+            return
+        self._free.append(self._allocate(lease))
+        self._drainQueue()
+        self._flowControl()
+        self._startWrite()
+
+    def _releaseBuffers(self) -> None:
+        # However the upload ended, its buffers' bytes go back to the budget.
+        if self._acquiring is not None:
+            d, self._acquiring = self._acquiring, None
+            d.cancel()
+        leases, self._leases = self._leases, []
+        for lease in leases:
+            lease.release()
 
     def _bufferDone(self) -> None:
         # A full buffer (or the end of the body) goes to the write queue.
@@ -295,9 +332,14 @@ class UploadSink:
         self._buf = None
         self._free.clear()
         self._full.clear()
+        self._releaseBuffers()
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             if self._result is True:
                 d.callback(None)
             else:
                 d.errback(self._result)  # type: ignore[arg-type]
+
+
+def _ignoreCancel(reason: Failure) -> None:
+    reason.trap(CancelledError)
