@@ -1,0 +1,472 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+The remote end of a transfer: an image on an imageio server, reached through
+the http backend (L{imageio.backends.http.HTTPBackend}), one backend per
+connection.
+
+Opening asks the server's C{OPTIONS} for its features, its readers and
+writers limits and its local socket; a client on the server's own host then
+talks over that UNIX socket (no TLS), as upstream's client does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from imageio.backends import http as _http
+from imageio.interfaces import IBackend
+from imageio.ranges import RangeSet
+
+#: Largest OPTIONS, C{/written} or checksum answer read.
+MAX_SMALL_BODY = 16 * 1024**2
+
+#: Advertised concurrency when the server does not say (upstream's default).
+DEFAULT_MAX_CONNECTIONS = 1
+
+#: Largest C{max_readers}/C{max_writers} believed.
+MAX_CONNECTIONS = 64
+
+
+class RemoteError(Exception):
+    """
+    The server refused a request or could not be reached.
+    """
+
+
+class NotSupported(RemoteError):
+    """
+    The server does not offer what was asked (an older server).
+    """
+
+
+@frozen
+class ServerOptions:
+    """
+    What a server's C{OPTIONS /images/<id>} said.
+    """
+
+    features: frozenset[str] = frozenset()
+    maxReaders: int = DEFAULT_MAX_CONNECTIONS
+    maxWriters: int = DEFAULT_MAX_CONNECTIONS
+    unixSocket: str | None = None
+
+
+def parseOptions(body: bytes) -> ServerOptions:
+    """
+    Parse an C{OPTIONS} answer; anything unexpected counts as an old server
+    with no features.
+    """
+    try:
+        msg = json.loads(body)
+    except ValueError:
+        return ServerOptions()
+    if not isinstance(msg, dict):
+        return ServerOptions()
+    features = msg.get("features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        features = []
+
+    def limit(name: str) -> int:
+        value = msg.get(name, DEFAULT_MAX_CONNECTIONS)
+        if type(value) is not int or value < 1:
+            return DEFAULT_MAX_CONNECTIONS
+        return min(value, MAX_CONNECTIONS)
+
+    unixSocket = msg.get("unix_socket")
+    if not isinstance(unixSocket, str) or not unixSocket:
+        unixSocket = None
+    return ServerOptions(
+        frozenset(features), limit("max_readers"), limit("max_writers"), unixSocket
+    )
+
+
+@implementer(IPolicyForHTTPS)
+@frozen
+class InsecurePolicy:
+    """
+    TLS 1.2 at least, but no certificate or host name check (C{--insecure}).
+    """
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
+
+
+@implementer(IAgentEndpointFactory)
+@frozen
+class UNIXEndpointFactory:
+    """
+    Every request goes to one UNIX socket (an abstract one when the name
+    starts with a NUL).
+    """
+
+    reactor: Any
+    path: str
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return UNIXClientEndpoint(self.reactor, self.path, timeout=_http.CONNECT_TIMEOUT)
+
+
+def errorMessage(reason: Failure | BaseException) -> str:
+    """
+    @return: One line saying why a request failed: the server's status and
+        text, or the network error.
+    """
+    exc = reason.value if isinstance(reason, Failure) else reason
+    status = getattr(exc, "status", None)
+    message = getattr(exc, "message", None)
+    if isinstance(status, int) and isinstance(message, str):
+        return f"{status} {message}"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def isLocalHost(host: str) -> bool:
+    """
+    @return: Whether C{host} names this machine: loopback, or an address a
+        socket here can bind. Blocking (name resolution): run on the pool.
+    """
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, address in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address[0], 0) if family == socket.AF_INET else (address[0], 0, 0, 0))
+        except OSError:
+            continue
+        return True
+    return False
+
+
+@define
+class Connector:
+    """
+    Makes agents and pools for one server: over TCP (TLS verified against
+    C{cafile} or the system trust store, or not at all when not C{secure})
+    or, once L{useUnix} was called, over the server's UNIX socket.
+    """
+
+    reactor: Any
+    cafile: str | None
+    secure: bool
+    unixSocket: str | None = field(default=None, init=False)
+    _policy: Any = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.secure:
+            # Raises ValueError for an unreadable CA file.
+            self._policy = _http.VerifyingPolicy(_http.loadTrustRoot(self.cafile or ""))
+        else:
+            self._policy = InsecurePolicy()
+
+    def useUnix(self, path: str) -> None:
+        self.unixSocket = path
+
+    def agent(self) -> tuple[Agent, HTTPConnectionPool]:
+        pool = _http.makePool(self.reactor, 2, 30)
+        if self.unixSocket is not None:
+            factory = UNIXEndpointFactory(self.reactor, self.unixSocket)
+            return Agent.usingEndpointFactory(self.reactor, factory, pool=pool), pool
+        agent = Agent(
+            self.reactor,
+            contextFactory=self._policy,
+            connectTimeout=_http.CONNECT_TIMEOUT,
+            pool=pool,
+        )
+        return agent, pool
+
+
+def unixURL(url: str) -> str:
+    """
+    @return: C{url} as sent over a UNIX socket: plain HTTP to C{localhost}.
+    """
+    parts = urlsplit(url)
+    return urlunsplit(("http", "localhost", parts.path, "", ""))
+
+
+async def request(
+    reactor: Any,
+    agent: Agent,
+    method: bytes,
+    url: str,
+    headers: dict[bytes, bytes] | None = None,
+) -> IResponse:
+    """
+    Send a request without a body.
+
+    @raise RemoteError: When the server cannot be reached.
+    """
+    raw = Headers({k: [v] for k, v in (headers or {}).items()})
+    d: Deferred[IResponse] = agent.request(method, url.encode("ascii"), raw)
+    d.addTimeout(_http.READ_TIMEOUT, reactor)
+    try:
+        return await d
+    except Exception:
+        mapped = _http.hostError(Failure())
+        why = getattr(mapped, "message", str(mapped))
+        raise RemoteError(f"Cannot reach {_shown(url)}: {why}") from None
+
+
+async def readJSON(response: IResponse, url: str) -> Any:
+    """
+    Read a small JSON answer.
+
+    @raise RemoteError: For an error status or a body that is not JSON.
+    """
+    if response.code != 200:
+        await raiseFor(response, url)
+    try:
+        body = await _http.collectBody(response, MAX_SMALL_BODY)
+        return json.loads(body)
+    except ValueError:
+        raise RemoteError(f"Invalid answer from {_shown(url)}: not JSON") from None
+    except Exception as e:
+        raise RemoteError(f"Cannot read the answer of {_shown(url)}: {errorMessage(e)}") from None
+
+
+async def raiseFor(response: IResponse, url: str) -> None:
+    """
+    Raise the server's error answer as L{RemoteError}.
+    """
+    try:
+        body = await _http.collectBody(response, 512, truncate=True)
+    except Exception:
+        body = b""
+    text = body.decode("utf-8", "replace").strip() or response.phrase.decode("latin-1")
+    text = " ".join(text.split())
+    error = NotSupported if response.code in (404, 405) else RemoteError
+    raise error(f"{_shown(url)}: server answered {response.code}: {text}")
+
+
+def _shown(url: str) -> str:
+    """
+    @return: C{url} as shown in errors: the ticket id is a credential, so only
+        its start is shown.
+    """
+    parts = urlsplit(url)
+    path = parts.path
+    prefix = "/images/"
+    if path.startswith(prefix):
+        rest = path[len(prefix) :]
+        ticket, sep, tail = rest.partition("/")
+        if len(ticket) > 8:
+            ticket = ticket[:8] + "..."
+        path = prefix + ticket + sep + tail
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+@define
+class Remote:
+    """
+    An image on an imageio server.
+
+    @ivar url: The transfer URL as given.
+    @ivar options: What C{OPTIONS} said.
+    @ivar requestURL: Where requests go (C{http://localhost/...} over the
+        UNIX socket).
+    """
+
+    reactor: Any
+    url: str
+    options: ServerOptions
+    connector: Connector
+    requestURL: str
+    bufferSize: int
+    _backends: list[IBackend] = field(factory=list, init=False)
+    _first: tuple[Agent, HTTPConnectionPool] | None = None
+
+    @property
+    def overUnix(self) -> bool:
+        return self.connector.unixSocket is not None
+
+    @property
+    def shownURL(self) -> str:
+        return _shown(self.url)
+
+    def backends(self, count: int) -> list[IBackend]:
+        """
+        @return: C{count} backends, each with its own connection. The first
+            ones are reused across calls.
+        """
+        while len(self._backends) < count:
+            if self._first is not None:
+                agent, pool = self._first
+                self._first = None
+            else:
+                agent, pool = self.connector.agent()
+            self._backends.append(
+                _http.HTTPBackend(
+                    reactor=self.reactor,
+                    agent=agent,
+                    pool=pool,
+                    url=self.requestURL.encode("ascii"),
+                    features=self.options.features,
+                    maxReaders=self.options.maxReaders,
+                    maxWriters=self.options.maxWriters,
+                    bufferSize=self.bufferSize,
+                )
+            )
+        return self._backends[:count]
+
+    def _subURL(self, suffix: str, query: str = "") -> str:
+        parts = urlsplit(self.requestURL)
+        return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + suffix, query, ""))
+
+    async def _getJSON(self, suffix: str, query: str = "") -> Any:
+        agent, _ = self._agent()
+        url = self._subURL(suffix, query)
+        response = await request(self.reactor, agent, b"GET", url)
+        return await readJSON(response, url)
+
+    def _agent(self) -> tuple[Agent, HTTPConnectionPool]:
+        backend: Any = self.backends(1)[0]
+        return backend.agent, backend.pool
+
+    async def size(self) -> int:
+        try:
+            return await self.backends(1)[0].size()
+        except Exception as e:
+            raise RemoteError(
+                f"Cannot get the size of {self.shownURL}: {errorMessage(e)}"
+            ) from None
+
+    async def written(self) -> RangeSet:
+        """
+        @return: The ranges this ticket's uploads wrote (C{GET .../written}).
+        @raise NotSupported: If the server does not track them.
+        """
+        msg = await self._getJSON("/written")
+        written = RangeSet()
+        items = msg.get("written") if isinstance(msg, dict) else None
+        if not isinstance(items, list):
+            raise RemoteError(f"Invalid answer from {self.shownURL}/written")
+        for item in items:
+            start, length = item.get("start"), item.get("length")
+            if type(start) is not int or type(length) is not int or start < 0 or length < 0:
+                raise RemoteError(f"Invalid answer from {self.shownURL}/written")
+            written.add(start, start + length)
+        return written
+
+    async def checksum(self, algorithm: str | None = None, blockSize: int | None = None) -> Any:
+        """
+        @return: The server's checksum answer (C{algorithm}, C{block_size},
+            C{checksum}).
+        """
+        query = []
+        if algorithm:
+            query.append(f"algorithm={algorithm}")
+        if blockSize:
+            query.append(f"block_size={blockSize}")
+        return await self._getJSON("/checksum", "&".join(query))
+
+    def close(self) -> Deferred[None]:
+        from twisted.internet.defer import DeferredList
+
+        ds: list[Deferred[Any]] = [b.close() for b in self._backends]
+        if self._first is not None:
+            ds.append(self._first[1].closeCachedConnections())
+            self._first = None
+        self._backends.clear()
+        return DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
+
+
+async def openRemote(
+    reactor: Any,
+    url: str,
+    *,
+    cafile: str | None,
+    secure: bool,
+    bufferSize: int,
+    useUnix: bool = True,
+    runInPool: Callable[..., Deferred[Any]] | None = None,
+) -> Remote:
+    """
+    Ask the server at C{url} what it offers, and switch to its UNIX socket
+    when it is on this host.
+
+    @raise RemoteError: If the server cannot be reached or refuses the
+        ticket.
+    @raise ValueError: For a URL that is not an images URL, or an unusable
+        CA file.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"Not an https URL: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("Credentials in the URL are not allowed")
+    if not parts.path.startswith("/images/") or len(parts.path) <= len("/images/"):
+        raise ValueError(f"Not an images URL (https://host:port/images/TICKET): {_shown(url)}")
+    clean = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    connector = Connector(reactor, cafile, secure)
+    first = connector.agent()
+    options = await _options(reactor, first[0], clean)
+    remote = Remote(reactor, clean, options, connector, clean, bufferSize, first)
+    if useUnix and options.unixSocket is not None and runInPool is not None:
+        local = await runInPool(isLocalHost, parts.hostname)
+        if local:
+            unix = Connector(reactor, cafile, secure)
+            unix.useUnix(options.unixSocket)
+            agent, pool = unix.agent()
+            try:
+                unixOptions = await _options(reactor, agent, unixURL(clean))
+            except RemoteError:
+                # Keep TLS, as upstream does.
+                await pool.closeCachedConnections()
+            else:
+                await first[1].closeCachedConnections()
+                remote = Remote(
+                    reactor,
+                    clean,
+                    ServerOptions(
+                        unixOptions.features,
+                        unixOptions.maxReaders,
+                        unixOptions.maxWriters,
+                        options.unixSocket,
+                    ),
+                    unix,
+                    unixURL(clean),
+                    bufferSize,
+                    (agent, pool),
+                )
+    return remote
+
+
+async def _options(reactor: Any, agent: Agent, url: str) -> ServerOptions:
+    response = await request(reactor, agent, b"OPTIONS", url, {b"cache-control": b"no-cache"})
+    if response.code == 200:
+        try:
+            body = await _http.collectBody(response, MAX_SMALL_BODY)
+        except Exception as e:
+            raise RemoteError(
+                f"Cannot read the answer of {_shown(url)}: {errorMessage(e)}"
+            ) from None
+        return parseOptions(body)
+    if response.code in (204, 405):
+        # Servers before 1.3 and 1.x proxies: GET and PUT only.
+        await _http.collectBody(response, 512, truncate=True)
+        return ServerOptions()
+    await raiseFor(response, url)
+    raise AssertionError("not reached")
