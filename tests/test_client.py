@@ -7,6 +7,7 @@ C{qemu-nbd}; client and daemon share trial's reactor.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.trial.unittest import SkipTest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from imageio._diskio import DiskIO, DiskIOPool
 from imageio.client import Client, ClientError, RemoteError
@@ -388,3 +391,112 @@ class ChecksumInfoTests(ClientTestCase):
         self.assertEqual(info["transport"], "tcp")
         self.assertIn("zero", info["features"])
         self.assertGreaterEqual(info["max_readers"], 1)
+
+
+class _OldServer(Resource):
+    """
+    A minimal images server in memory, with a chosen feature list (C{None}:
+    OPTIONS answers 405, as daemons before 1.3): no C{/written}, and no
+    C{/extents} or C{PATCH} unless listed.
+    """
+
+    isLeaf = True
+
+    def __init__(self, size: int, features: list[str] | None) -> None:
+        super().__init__()
+        self.image = bytearray(size)
+        self.features = features
+        self.requests: list[str] = []
+
+    def render(self, request: Any) -> bytes:
+        method = request.method.decode()
+        path = request.path.decode()
+        self.requests.append(f"{method} {path}")
+        features = self.features or []
+        if method == "OPTIONS":
+            if self.features is None:
+                request.setResponseCode(405)
+                return b""
+            return json.dumps({"features": features}).encode()
+        if path.endswith("/extents"):
+            if "extents" not in features:
+                request.setResponseCode(404)
+                return b"no extents"
+            return json.dumps([{"start": 0, "length": len(self.image), "zero": False}]).encode()
+        if path.endswith("/written"):
+            request.setResponseCode(404)
+            return b"Not found"
+        if method == "GET":
+            header = request.getHeader("range")
+            if header is None:
+                return bytes(self.image)
+            first, last = (int(x) for x in header.split("=")[1].split("-"))
+            request.setResponseCode(206)
+            request.setHeader("content-range", f"bytes {first}-{last}/{len(self.image)}")
+            return bytes(self.image[first : last + 1])
+        if method == "PUT":
+            body = request.content.read()
+            header = request.getHeader("content-range")
+            start = int(header.split()[1].split("-")[0]) if header else 0
+            self.image[start : start + len(body)] = body
+            return b""
+        if method == "PATCH" and "zero" in features:
+            msg = json.loads(request.content.read())
+            if msg["op"] == "zero":
+                self.image[msg["offset"] : msg["offset"] + msg["size"]] = bytes(msg["size"])
+            return b""
+        request.setResponseCode(405)
+        return b""
+
+
+class FallbackTests(ClientTestCase):
+    """
+    Servers without C{zero}, C{extents}, C{flush} or C{/written}.
+    """
+
+    def serve(self, size: int, features: list[str] | None) -> tuple[_OldServer, str]:
+        server = _OldServer(size, features)
+        port = reactor.listenTCP(0, Site(server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return server, f"http://127.0.0.1:{port.getHost().port}/images/old"
+
+    @inlineCallbacks
+    def test_uploadWithoutFeatures(self) -> Any:
+        """
+        Without C{zero} zero extents are written as zeroes; without
+        C{/written} a resumed upload warns and sends everything.
+        """
+        source = self.source()
+        server, url = self.serve(SIZE, [])
+        # The image is not empty: zero extents must really be zeroed.
+        server.image[:] = b"\xff" * SIZE
+        warnings: list[str] = []
+        yield self.client(warn=warnings.append).upload(str(source), url, resume=True)
+        self.assertEqual(bytes(server.image), source.read_bytes())
+        self.assertNotIn("PATCH /images/old", server.requests)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("uploading everything", warnings[0])
+
+    @inlineCallbacks
+    def test_uploadOptions405(self) -> Any:
+        """
+        A server answering OPTIONS with 405 (before 1.3) gets PUTs only.
+        """
+        source = self.source()
+        server, url = self.serve(SIZE, None)
+        yield self.client().upload(str(source), url)
+        self.assertEqual(bytes(server.image), source.read_bytes())
+        self.assertEqual({r.split()[0] for r in server.requests}, {"OPTIONS", "GET", "PUT"})
+
+    @inlineCallbacks
+    def test_downloadWithoutExtents(self) -> Any:
+        """
+        Without C{extents} the size comes from a GET and the whole image
+        is downloaded as data.
+        """
+        data = os.urandom(SIZE)
+        server, url = self.serve(SIZE, ["zero", "flush"])
+        server.image[:] = data
+        target = self.dir / "down.raw"
+        yield self.client().download(url, str(target), fmt="raw")
+        self.assertEqual(target.read_bytes(), data)

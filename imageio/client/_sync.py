@@ -56,7 +56,7 @@ class _ReactorThread:
         )
         self.thread.start()
 
-    def call(self, fn: Callable[..., Deferred[Any]], *args: Any, **kwargs: Any) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """
         Run C{fn} on the reactor thread and wait for its Deferred.
 
