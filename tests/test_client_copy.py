@@ -188,8 +188,8 @@ class CopierTests(SynchronousTestCase):
 
     def test_backpressure(self) -> None:
         """
-        Each worker has at most one request in flight: no more writes
-        start until a target completes one.
+        Each worker has at most one write in flight (and one piece read
+        ahead): no more writes start until a target completes one.
         """
         pairs, targets = self.pairs(2)
         extents = [Extent(0, 16384, zero=False)]
@@ -214,9 +214,12 @@ class CopierTests(SynchronousTestCase):
         failing, result = targets[0].pending.pop()
         failing.errback(OSError(5, "Input/output error"))
         self.assertNoResult(d)
+        # Worker 1 writes the piece it already read, then stops.
+        targets[1].completeAll()
+        self.assertNoResult(d)
         targets[1].completeAll()
         self.failureResultOf(d, OSError)
-        self.assertEqual(len(targets[1].calls), 1)
+        self.assertEqual(len(targets[1].calls), 2)
         self.assertNotIn(("flush",), targets[0].calls + targets[1].calls)
 
     def test_shortRead(self) -> None:
@@ -230,13 +233,16 @@ class CopierTests(SynchronousTestCase):
 
     def test_cancel(self) -> None:
         """
-        Cancelling waits for the requests in flight, then fails with
-        L{CancelledError}; no further task starts.
+        Cancelling waits for the requests in flight and the piece already
+        read, then fails with L{CancelledError}; no further task starts.
         """
         pairs, targets = self.pairs(1)
         d = Copier(pairs, 1024).run(planTasks([Extent(0, 16384, zero=False)], pieceSize=1024))
         d.cancel()
         self.assertNoResult(d)
+        # The piece already read is written, then the worker stops.
+        targets[0].completeAll()
+        self.assertNoResult(d)
         targets[0].completeAll()
         self.failureResultOf(d, CancelledError)
-        self.assertEqual(len(targets[0].calls), 1)
+        self.assertEqual(len(targets[0].calls), 2)

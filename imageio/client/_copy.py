@@ -240,36 +240,61 @@ class Copier:
         return self.stats
 
     async def _work(self, src: IBackend, dst: IBackend) -> None:
+        """
+        Run tasks until the plan is done. Reads and writes overlap: the
+        next piece is read into a second buffer while the last one is
+        written, so each end has at most one request in flight and the
+        worker at most two buffers.
+        """
         assert self._plan is not None
-        buf: Any = None
-        view: memoryview | None = None
+        free: list[memoryview] = []
+        writing: Deferred[Any] | None = None
+        written: Task | None = None
+        inUse: memoryview | None = None
         try:
             while True:
                 task = self._plan.next()
                 if task is None:
-                    return
+                    break
                 if task.op == ZERO:
+                    if writing is not None:
+                        await writing
+                        self._done(written)
+                        writing = None
                     await dst.zero(task.start, task.length)
                     self.stats.zeroed += task.length
-                else:
-                    if view is None:
-                        # Page-aligned, so O_DIRECT files read into it as is.
-                        buf = _buffers.allocate(self.bufferSize)
-                        view = memoryview(buf)
-                    piece = view[: task.length]
+                    self._done(task)
+                    continue
+                # Page-aligned, so O_DIRECT files read into it as is.
+                view = free.pop() if free else memoryview(_buffers.allocate(self.bufferSize))
+                piece = view[: task.length]
+                try:
                     n = await src.readInto(task.start, piece)
-                    if n != task.length:
-                        raise CopyError(
-                            f"Short read from {src.name} at offset {task.start}: "
-                            f"{n} of {task.length} bytes"
-                        )
-                    await dst.write(task.start, piece)
-                    self.stats.copied += task.length
-                self.stats.requests += 1
-                self.progress(task.length)
+                finally:
+                    if writing is not None:
+                        await writing
+                        self._done(written)
+                        assert inUse is not None
+                        free.append(inUse)
+                        writing = None
+                if n != task.length:
+                    raise CopyError(
+                        f"Short read from {src.name} at offset {task.start}: "
+                        f"{n} of {task.length} bytes"
+                    )
+                self.stats.copied += task.length
+                writing, written, inUse = dst.write(task.start, piece), task, view
+            if writing is not None:
+                await writing
+                self._done(written)
         except BaseException:
             self.stop()
             raise
+
+    def _done(self, task: Task | None) -> None:
+        assert task is not None
+        self.stats.requests += 1
+        self.progress(task.length)
 
 
 async def collectExtents(backend: IBackend, size: int, context: str = "zero") -> list[Extent]:
