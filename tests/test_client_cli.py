@@ -310,3 +310,49 @@ class ParserTests(SynchronousTestCase):
         self.assertRaises(
             SystemExit, _cli.parser().parse_args, ["-c", "ca", "--insecure", "info", "f"]
         )
+
+
+class BlockingAPITests(CLITestCase):
+    """
+    The blocking functions, in a script, as upstream's are used.
+    """
+
+    @inlineCallbacks
+    def test_scriptUploadsTwice(self) -> Any:
+        """
+        A script may call C{upload} twice (the reactor thread is started
+        once) and check the result with C{checksum}, with upstream's
+        argument names.
+        """
+        source = self.image("source.raw", os.urandom(MiB))
+        target = self.makeImage(self.daemon, SIZE)
+        ticketID = self.addTicket(self.daemon, target, SIZE)
+        script = (
+            "import sys\n"
+            "from imageio import client\n"
+            "src, url, ca = sys.argv[1:]\n"
+            "client.upload(src, url, ca, buffer_size=256 * 1024, max_workers=2)\n"
+            "client.upload(src, url, ca, secure=True)\n"
+            "assert client.checksum(src) == client.checksum(url, cafile=ca)\n"
+            "assert client.info(src)['format'] == 'raw'\n"
+            "print('ok')\n"
+        )
+        protocol = _Collect()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+        reactor.spawnProcess(
+            protocol,
+            sys.executable,
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(source),
+                self.url(ticketID),
+                self.daemon.addresses.caFile,
+            ],
+            env=env,
+        )
+        code = yield protocol.done
+        self.assertEqual((code, protocol.out, protocol.err), (0, b"ok\n", b""))
+        compare(source, target)
