@@ -17,7 +17,7 @@ from imageio import _blkhash, _buffers
 from imageio._diskio import DiskIO
 from imageio.backends import BackendContext
 from imageio.client import _local
-from imageio.client._copy import Copier, CopyStats, collectExtents, planTasks
+from imageio.client._copy import Copier, CopyStats, collectExtents, planTasks, streamSize
 from imageio.client._remote import NotSupported, Remote, RemoteError, openRemote
 from imageio.interfaces import IBackend, UnsupportedOperation
 from imageio.ranges import RangeSet
@@ -252,7 +252,9 @@ class Client:
             sources, server = await self._openLocal(info, count, write=False)
             extents = await collectExtents(sources[0], info.virtualSize)
             self._startProgress(info.virtualSize)
-            tasks = planTasks(extents, pieceSize=self.bufferSize, zero=True, skip=skip)
+            # The remote end takes long streamed writes.
+            piece = streamSize(self.bufferSize)
+            tasks = planTasks(extents, pieceSize=piece, zero=True, skip=skip)
             return await self._copy(list(zip(sources, remote.backends(count), strict=True)), tasks)
         finally:
             await self._closeLocal(sources, server)

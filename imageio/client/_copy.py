@@ -36,6 +36,12 @@ MAX_ZERO = 1024 * MiB
 #: Largest extents window asked of a source at once.
 EXTENTS_WINDOW = 64 * 1024**3
 
+#: Most buffers a streamed request is long (see L{streamSize}).
+STREAM_BUFFERS = 8
+
+#: Largest streamed request: an interrupted upload loses at most this.
+MAX_STREAM = 64 * MiB
+
 COPY = "copy"
 ZERO = "zero"
 
@@ -44,6 +50,15 @@ class CopyError(Exception):
     """
     A copy failed for a reason the engine found itself (a short read).
     """
+
+
+def streamSize(bufferSize: int) -> int:
+    """
+    @return: The length of the requests streamed to a target that takes
+        long writes: eight buffers, at most L{MAX_STREAM}, at least one
+        buffer.
+    """
+    return max(bufferSize, min(MAX_STREAM, STREAM_BUFFERS * bufferSize))
 
 
 @frozen
@@ -263,6 +278,15 @@ class Copier:
                         writing = None
                     await dst.zero(task.start, task.length)
                     self.stats.zeroed += task.length
+                    self._done(task)
+                    continue
+                stream = getattr(dst, "writeStream", None)
+                if stream is not None:
+                    # One long request, read while it is sent.
+                    while len(free) < 2:
+                        free.append(memoryview(_buffers.allocate(self.bufferSize)))
+                    await stream(task.start, task.length, src.readInto, free[:2])
+                    self.stats.copied += task.length
                     self._done(task)
                     continue
                 # Page-aligned, so O_DIRECT files read into it as is.

@@ -19,14 +19,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from imageio.backends import http as _http
@@ -318,15 +318,19 @@ class Remote:
             else:
                 agent, pool = self.connector.agent()
             self._backends.append(
-                _http.HTTPBackend(
-                    reactor=self.reactor,
-                    agent=agent,
-                    pool=pool,
-                    url=self.requestURL.encode("ascii"),
-                    features=self.options.features,
-                    maxReaders=self.options.maxReaders,
-                    maxWriters=self.options.maxWriters,
-                    bufferSize=self.bufferSize,
+                StreamingTarget(
+                    self.reactor,
+                    _http.HTTPBackend(
+                        reactor=self.reactor,
+                        agent=agent,
+                        pool=pool,
+                        url=self.requestURL.encode("ascii"),
+                        features=self.options.features,
+                        maxReaders=self.options.maxReaders,
+                        maxWriters=self.options.maxWriters,
+                        bufferSize=self.bufferSize,
+                    ),
+                    self.requestURL,
                 )
             )
         return self._backends[:count]
@@ -342,8 +346,8 @@ class Remote:
         return await readJSON(response, url)
 
     def _agent(self) -> tuple[Agent, HTTPConnectionPool]:
-        backend: Any = self.backends(1)[0]
-        return backend.agent, backend.pool
+        target: Any = self.backends(1)[0]
+        return target.backend.agent, target.backend.pool
 
     async def size(self) -> int:
         try:
@@ -470,3 +474,229 @@ async def _options(reactor: Any, agent: Agent, url: str) -> ServerOptions:
         return ServerOptions()
     await raiseFor(response, url)
     raise AssertionError("not reached")
+
+
+#: Pieces a streaming body hands to the transport at once.
+STREAM_CHUNK = 256 * 1024
+
+
+@implementer(IBodyProducer)
+class StreamBody:
+    """
+    A C{PUT} body read from a source backend while it is sent: the next
+    piece is read into a free buffer while the last one goes out, so the
+    server receives one long stream instead of a request per buffer.
+
+    At most one read is in flight on the source and at most
+    C{len(views)} buffers are used; the transport's pause stops the
+    sending, and with it the reading once every buffer is full.
+
+    @ivar error: Why a source read failed, if one did.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int, memoryview], Deferred[int]],
+        offset: int,
+        length: int,
+        views: list[memoryview],
+    ) -> None:
+        self.length = length
+        self.error: BaseException | None = None
+        self._read = read
+        self._next = offset
+        self._end = offset + length
+        self._free = list(views)
+        self._ready: list[memoryview] = []
+        self._position = 0
+        self._sent = 0
+        self._consumer: Any = None
+        self._done: Deferred[None] | None = None
+        self._reading: Deferred[int] | None = None
+        self._idle: list[Deferred[None]] = []
+        self._paused = False
+        self._stopped = False
+        self._pumping = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self._consumer = consumer
+        self._done = Deferred(lambda _: self.stopProducing())
+        self._fill()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._ready.clear()
+
+    def idle(self) -> Deferred[None]:
+        """
+        @return: A Deferred firing once no read is in flight: the buffers
+            are free again.
+        """
+        if self._reading is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def _fill(self) -> None:
+        if self._stopped or self._reading is not None or not self._free or self._next >= self._end:
+            return
+        view = self._free.pop()
+        piece = view[: min(len(view), self._end - self._next)]
+        offset = self._next
+        self._reading = d = self._read(offset, piece)
+
+        def read(n: int) -> None:
+            self._reading = None
+            if n != len(piece):
+                raise OSError(5, f"Short read at offset {offset}: {n} of {len(piece)} bytes")
+            self._next += n
+            self._ready.append(piece)
+            self._pump()
+            self._fill()
+
+        def failed(reason: Failure) -> None:
+            self._reading = None
+            self.error = reason.value
+            self._stopped = True
+            if self._done is not None and not self._done.called:
+                self._done.errback(reason)
+
+        def idle(_: object) -> None:
+            waiters, self._idle = self._idle, []
+            for w in waiters:
+                w.callback(None)
+
+        d.addCallback(read).addErrback(failed).addBoth(idle)
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._paused and not self._stopped and self._ready:
+                piece = self._ready[0]
+                end = min(self._position + STREAM_CHUNK, len(piece))
+                chunk = bytes(piece[self._position : end])
+                self._position = end
+                if end == len(piece):
+                    self._ready.pop(0)
+                    self._position = 0
+                    self._free.append(_base(piece))
+                self._sent += len(chunk)
+                self._consumer.write(chunk)
+                if end == len(piece):
+                    self._fill()
+        finally:
+            self._pumping = False
+        if self._sent == self.length and self._done is not None and not self._done.called:
+            self._done.callback(None)
+
+
+def _base(piece: memoryview) -> memoryview:
+    """
+    @return: The whole buffer C{piece} is a slice of.
+    """
+    obj = piece.obj
+    return memoryview(obj) if not isinstance(obj, memoryview) else obj
+
+
+@implementer(IBackend)
+@define(eq=False)
+class StreamingTarget:
+    """
+    An http backend as a copy target that also takes long streamed writes
+    (L{writeStream}): a request per tens of MiB instead of one per buffer.
+    """
+
+    reactor: Any
+    backend: Any
+    url: str
+
+    @property
+    def name(self) -> str:
+        return str(self.backend.name)
+
+    @property
+    def blockSize(self) -> int:
+        return int(self.backend.blockSize)
+
+    @property
+    def maxReaders(self) -> int:
+        return int(self.backend.maxReaders)
+
+    @property
+    def maxWriters(self) -> int:
+        return int(self.backend.maxWriters)
+
+    def size(self) -> Deferred[int]:
+        d: Deferred[int] = self.backend.size()
+        return d
+
+    def readInto(self, offset: int, buf: memoryview) -> Deferred[int]:
+        d: Deferred[int] = self.backend.readInto(offset, buf)
+        return d
+
+    def write(self, offset: int, data: memoryview) -> Deferred[int]:
+        d: Deferred[int] = self.backend.write(offset, data)
+        return d
+
+    def zero(self, offset: int, length: int) -> Deferred[None]:
+        d: Deferred[None] = self.backend.zero(offset, length)
+        return d
+
+    def flush(self) -> Deferred[None]:
+        d: Deferred[None] = self.backend.flush()
+        return d
+
+    def extents(self, context: str, start: int, length: int) -> Deferred[Any]:
+        d: Deferred[Any] = self.backend.extents(context, start, length)
+        return d
+
+    def close(self) -> Deferred[None]:
+        d: Deferred[None] = self.backend.close()
+        return d
+
+    async def writeStream(
+        self,
+        offset: int,
+        length: int,
+        read: Callable[[int, memoryview], Deferred[int]],
+        views: list[memoryview],
+    ) -> None:
+        """
+        Write C{length} bytes at C{offset} in one C{PUT}, reading them with
+        C{read} into C{views} as they are sent.
+        """
+        body = StreamBody(read, offset, length, views)
+        features = self.backend.features
+        query = "?flush=n" if "flush" in features else ""
+        headers = Headers(
+            {
+                b"content-type": [b"application/octet-stream"],
+                b"content-range": [b"bytes %d-%d/*" % (offset, offset + length - 1)],
+            }
+        )
+        d = self.backend.agent.request(b"PUT", (self.url + query).encode("ascii"), headers, body)
+        # At least 1 MiB/s, and no silence longer than the read timeout.
+        d.addTimeout(_http.READ_TIMEOUT + length / 1024**2, self.reactor)
+        try:
+            response = await d
+        except Exception:
+            reason = Failure()
+            await body.idle()
+            if body.error is not None:
+                raise body.error from None
+            raise RemoteError(errorMessage(_http.hostError(reason))) from None
+        await body.idle()
+        if response.code not in (200, 204):
+            await _http.raiseRemoteError(response)
+        await _http.collectBody(response, 512, truncate=True)
