@@ -206,6 +206,36 @@ class UploadTests(ClientTestCase):
         self.assertGreater(stats.copied, 0)
 
     @inlineCallbacks
+    def test_oddSizeBothWays(self) -> Any:
+        """
+        An image whose size is not a multiple of the block size goes up and
+        comes back intact.
+        """
+        size = 5 * MiB + 1234
+        source = self.dir / "odd.raw"
+        data = os.urandom(size)
+        source.write_bytes(data)
+        target, url = self.target(size=size)
+        yield self.client(bufferSize=256 * 1024).upload(str(source), url)
+        self.assertEqual(target.read_bytes(), data)
+        downloaded = self.dir / "odd-down.raw"
+        yield self.client(bufferSize=256 * 1024).download(url, str(downloaded), fmt="raw")
+        self.assertEqual(downloaded.read_bytes(), data)
+
+    @inlineCallbacks
+    def test_readOnlyTicket(self) -> Any:
+        """
+        Uploading with a read-only ticket fails with the server's refusal.
+        """
+        source = self.source()
+        path = self.makeImage(self.daemon, SIZE)
+        ticketID = self.addTicket(self.daemon, path, SIZE, ops=("read",))
+        e = yield self.assertFailure(
+            self.client().upload(str(source), self.url(ticketID)), Exception
+        )
+        self.assertIn("403", str(e))
+
+    @inlineCallbacks
     def test_sourceLargerThanTarget(self) -> Any:
         """
         A source larger than the target image is refused before any byte is

@@ -106,10 +106,16 @@ def imageInfo(filename: str) -> ImageInfo:
         out = _run(["qemu-img", "info", "--output", "json", "-U", "--", filename])
         try:
             info = json.loads(out)
+            fmt = str(info["format"])
+            virtualSize = int(info["virtual-size"])
+            if fmt == "raw":
+                # qemu rounds a raw image up to whole sectors: the guest
+                # data is the file, byte for byte.
+                virtualSize = _rawSize(filename)
             return ImageInfo(
                 filename=filename,
-                format=str(info["format"]),
-                virtualSize=int(info["virtual-size"]),
+                format=fmt,
+                virtualSize=virtualSize,
                 actualSize=info.get("actual-size"),
                 backingFile=info.get("backing-filename"),
             )
@@ -124,6 +130,11 @@ def imageInfo(filename: str) -> ImageInfo:
     if header[:4] == QCOW2_MAGIC and len(header) >= 32:
         return ImageInfo(filename, "qcow2", int.from_bytes(header[24:32], "big"), None)
     return ImageInfo(filename, "raw", size, st.st_blocks * 512)
+
+
+def _rawSize(filename: str) -> int:
+    with open(filename, "rb") as f:
+        return f.seek(0, os.SEEK_END)
 
 
 def createImage(filename: str, fmt: str, size: int) -> None:
