@@ -304,7 +304,7 @@ class Client:
             self._startProgress(size)
             tasks = planTasks(
                 extents,
-                pieceSize=self.bufferSize,
+                pieceSize=streamSize(self.bufferSize),
                 zero=zeroOnly is not None,
                 skip=skip,
                 zeroOnly=zeroOnly,

@@ -280,12 +280,18 @@ class Copier:
                     self.stats.zeroed += task.length
                     self._done(task)
                     continue
-                stream = getattr(dst, "writeStream", None)
-                if stream is not None:
-                    # One long request, read while it is sent.
+                writeStream = getattr(dst, "writeStream", None)
+                readStream = getattr(src, "readStream", None)
+                if writeStream is not None or readStream is not None:
+                    # One long request, read while it is sent (or written
+                    # while it arrives), through two buffers.
                     while len(free) < 2:
                         free.append(memoryview(_buffers.allocate(self.bufferSize)))
-                    await stream(task.start, task.length, src.readInto, free[:2])
+                    if writeStream is not None:
+                        await writeStream(task.start, task.length, src.readInto, free[:2])
+                    else:
+                        assert readStream is not None
+                        await readStream(task.start, task.length, dst.write, free[:2])
                     self.stats.copied += task.length
                     self._done(task)
                     continue

@@ -22,9 +22,10 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -665,6 +666,41 @@ class StreamingTarget:
         d: Deferred[None] = self.backend.close()
         return d
 
+    async def readStream(
+        self,
+        offset: int,
+        length: int,
+        write: Callable[[int, memoryview], Deferred[int]],
+        views: list[memoryview],
+    ) -> None:
+        """
+        Read C{length} bytes at C{offset} in one ranged C{GET}, writing them
+        with C{write} from C{views} as they arrive.
+        """
+        headers = Headers({b"range": [b"bytes=%d-%d" % (offset, offset + length - 1)]})
+        d = self.backend.agent.request(b"GET", self.url.encode("ascii"), headers)
+        d.addTimeout(_http.READ_TIMEOUT, self.reactor)
+        try:
+            response = await d
+        except Exception:
+            raise RemoteError(errorMessage(_http.hostError(Failure()))) from None
+        if response.code != 206:
+            if 200 <= response.code < 300:
+                _http.discardBody(response)
+                raise RemoteError(f"Unexpected answer from the server: {response.code}")
+            await _http.raiseRemoteError(response)
+        if response.length != length:
+            _http.discardBody(response)
+            raise RemoteError(
+                f"Invalid answer from the server: expected {length} bytes, got {response.length}"
+            )
+        receiver = _StreamReceiver(write, offset, length, views, self.reactor, _http.READ_TIMEOUT)
+        response.deliverBody(receiver)
+        try:
+            await receiver.done
+        except (_http.BadResponse, _http.ReadTimeout, ResponseFailed) as e:
+            raise RemoteError(f"Download failed: {errorMessage(e)}") from None
+
     async def writeStream(
         self,
         offset: int,
@@ -700,3 +736,170 @@ class StreamingTarget:
         if response.code not in (200, 204):
             await _http.raiseRemoteError(response)
         await _http.collectBody(response, 512, truncate=True)
+
+
+class _StreamReceiver(Protocol):
+    """
+    Receives a long ranged C{GET} body into a few buffers and writes each
+    full buffer to the target while the next one fills. When every buffer
+    is full or being written, the response is paused.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[int, memoryview], Deferred[int]],
+        offset: int,
+        length: int,
+        views: list[memoryview],
+        clock: Any,
+        timeout: float,
+    ) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._write = write
+        self._offset = offset
+        self._length = length
+        self._free = list(views)
+        self._current: memoryview | None = None
+        self._filled = 0
+        self._received = 0
+        self._queued: list[tuple[int, memoryview]] = []
+        self._overflow: list[bytes] = []
+        self._writing = False
+        self._paused = False
+        self._ended = False
+        self._error: Failure | None = None
+        self._watchdog = _http.Watchdog(clock, timeout, self._timedOut)
+
+    def connectionMade(self) -> None:
+        self._watchdog.kick()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._watchdog.kick()
+        if self._received + len(data) > self._length:
+            self._fail(Failure(_http.BadResponse("Host sent more bytes than asked for")))
+            return
+        self._received += len(data)
+        if self._overflow:
+            self._overflow.append(data)
+            return
+        self._take(memoryview(data))
+
+    def _take(self, data: memoryview) -> None:
+        while data:
+            if self._current is None:
+                if not self._free:
+                    # Every buffer is full: keep the rest (a socket read at
+                    # most) until a write returns one.
+                    self._overflow.insert(0, bytes(data))
+                    self._pause()
+                    return
+                self._current = self._free.pop()
+                self._filled = 0
+            room = len(self._current) - self._filled
+            n = min(room, len(data))
+            self._current[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            data = data[n:]
+            if self._filled == len(self._current):
+                self._queue()
+
+    def _queue(self) -> None:
+        assert self._current is not None
+        if self._filled:
+            self._queued.append((self._offset, self._current[: self._filled]))
+            self._offset += self._filled
+        else:
+            self._free.append(self._current)
+        self._current = None
+        self._filled = 0
+        if not self._free:
+            self._pause()
+        self._next()
+
+    def _next(self) -> None:
+        if self._writing or self._error is not None:
+            self._finish()
+            return
+        if not self._queued:
+            self._finish()
+            return
+        offset, piece = self._queued.pop(0)
+        self._writing = True
+
+        def written(_: object) -> None:
+            self._writing = False
+            self._free.append(_whole(piece))
+            self._drain()
+            self._next()
+
+        def failed(reason: Failure) -> None:
+            self._writing = False
+            self._fail(reason)
+
+        self._write(offset, piece).addCallbacks(written, failed)
+
+    def _drain(self) -> None:
+        """
+        Move bytes kept while every buffer was full into the free ones, in
+        order, and resume the response once there is room.
+        """
+        while self._overflow and self._error is None and (self._current is not None or self._free):
+            self._take(memoryview(self._overflow.pop(0)))
+        if self._ended and self._current is not None and not self._overflow:
+            self._queue()
+        if not self._overflow and (self._free or self._current is not None):
+            self._resume()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._watchdog.stop()
+        if self._error is not None:
+            self._finish()
+            return
+        if not reason.check(ResponseDone) or self._received != self._length:
+            self._error = Failure(
+                _http.BadResponse(f"Body ended after {self._received} of {self._length} bytes")
+            )
+            if not reason.check(ResponseDone):
+                self._error = reason
+            self._finish()
+            return
+        self._ended = True
+        if self._current is not None and not self._overflow:
+            self._queue()
+        self._finish()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self._ended:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _timedOut(self) -> None:
+        self._fail(Failure(_http.ReadTimeout("Host sent nothing for too long")))
+
+    def _fail(self, reason: Failure) -> None:
+        if self._error is None:
+            self._error = reason
+            self._watchdog.stop()
+            if self.transport is not None and not self._ended:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.done.called or self._writing:
+            return
+        if self._error is not None:
+            self.done.errback(self._error)
+        elif self._ended and not self._queued and self._current is None and not self._overflow:
+            self.done.callback(None)
+
+
+def _whole(piece: memoryview) -> memoryview:
+    obj = piece.obj
+    return obj if isinstance(obj, memoryview) else memoryview(obj)
