@@ -523,14 +523,16 @@ class FallbackTests(ClientTestCase):
     def test_downloadWithoutExtents(self) -> Any:
         """
         Without C{extents} the size comes from a GET and the whole image
-        is downloaded as data.
+        is downloaded as data; its zeroes are still left as holes.
         """
-        data = os.urandom(SIZE)
+        data = os.urandom(2 * MiB) + bytes(SIZE - 2 * MiB)
         server, url = self.serve(SIZE, ["zero", "flush"])
         server.image[:] = data
         target = self.dir / "down.raw"
-        yield self.client().download(url, str(target), fmt="raw")
+        stats = yield self.client().download(url, str(target), fmt="raw")
         self.assertEqual(target.read_bytes(), data)
+        self.assertEqual(stats.copied, SIZE)
+        self.assertLessEqual(allocated(target), 3 * MiB)
 
 
 class IncrementalTests(ClientTestCase):

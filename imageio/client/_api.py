@@ -301,6 +301,9 @@ class Client:
                 await self._pool(_local.createImage, filename, fmt, size)
             info = _local.ImageInfo(filename, fmt, size)
             targets, server = await self._openLocal(info, count, write=True)
+            # The target is new (or, resumed, a hole where data is missing):
+            # zeroes in the data need not be written.
+            sparse: list[IBackend] = [_local.SparseTarget(t, self.diskio) for t in targets]
             self._startProgress(size)
             tasks = planTasks(
                 extents,
@@ -310,7 +313,7 @@ class Client:
                 zeroOnly=zeroOnly,
                 dirty=incremental,
             )
-            return await self._copy(list(zip(sources, targets, strict=True)), tasks)
+            return await self._copy(list(zip(sources, sparse, strict=True)), tasks)
         finally:
             await self._closeLocal(targets, server)
             await remote.close()

@@ -16,14 +16,16 @@ import stat
 import subprocess
 import tempfile
 import time
+from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from imageio.backends import BackendContext
 from imageio.backends import file as _file
 from imageio.backends import nbd as _nbd
-from imageio.interfaces import IBackend
+from imageio.interfaces import Extent, IBackend
 
 #: The first bytes of a qcow2 image (C{QFI\\xfb}).
 QCOW2_MAGIC = b"QFI\xfb"
@@ -364,3 +366,84 @@ def localExtents(filename: str) -> list[tuple[int, int]]:
     finally:
         os.close(fd)
     return result
+
+
+#: Granularity of the zero detection of downloads: a 64 KiB run of zeroes
+#: (a qcow2 cluster) is left as a hole.
+ZERO_BLOCK = 64 * 1024
+
+
+def dataRuns(data: memoryview, block: int = ZERO_BLOCK) -> list[tuple[int, int]]:
+    """
+    @return: The C{(start, end)} runs of C{data} that are not all zeroes,
+        in blocks of C{block} bytes. CPU work: run it on the pool.
+    """
+    from imageio._blkhash import isZero
+
+    runs: list[tuple[int, int]] = []
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), block):
+        end = min(start + block, len(view))
+        if isZero(view[start:end]):
+            continue
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
+@implementer(IBackend)
+@define(eq=False)
+class SparseTarget:
+    """
+    A new image as a download target: blocks of zeroes in the data are not
+    written, so they stay holes (servers that do not report holes send
+    them as data).
+    """
+
+    backend: IBackend
+    diskio: Any
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def blockSize(self) -> int:
+        return self.backend.blockSize
+
+    @property
+    def maxReaders(self) -> int:
+        return self.backend.maxReaders
+
+    @property
+    def maxWriters(self) -> int:
+        return self.backend.maxWriters
+
+    def size(self) -> Deferred[int]:
+        return self.backend.size()
+
+    def readInto(self, offset: int, buf: memoryview) -> Deferred[int]:
+        return self.backend.readInto(offset, buf)
+
+    def write(self, offset: int, data: memoryview) -> Deferred[int]:
+        return Deferred.fromCoroutine(self._write(offset, data))
+
+    async def _write(self, offset: int, data: memoryview) -> int:
+        runs = await self.diskio.run(dataRuns, data)
+        for start, end in runs:
+            await self.backend.write(offset + start, data[start:end])
+        return len(data)
+
+    def zero(self, offset: int, length: int) -> Deferred[None]:
+        return self.backend.zero(offset, length)
+
+    def flush(self) -> Deferred[None]:
+        return self.backend.flush()
+
+    def extents(self, context: str, start: int, length: int) -> Deferred[list[Extent]]:
+        return self.backend.extents(context, start, length)
+
+    def close(self) -> Deferred[None]:
+        return self.backend.close()

@@ -47,7 +47,11 @@ MAX_CONNECTIONS = 64
 class RemoteError(Exception):
     """
     The server refused a request or could not be reached.
+
+    @ivar status: The server's HTTP status, if it answered.
     """
+
+    status: int | None = None
 
 
 class NotSupported(RemoteError):
@@ -259,7 +263,9 @@ async def raiseFor(response: IResponse, url: str) -> None:
     text = body.decode("utf-8", "replace").strip() or response.phrase.decode("latin-1")
     text = " ".join(text.split())
     error = NotSupported if response.code in (404, 405) else RemoteError
-    raise error(f"{_shown(url)}: server answered {response.code}: {text}")
+    exc = error(f"{_shown(url)}: server answered {response.code}: {text}")
+    exc.status = response.code
+    raise exc
 
 
 def _shown(url: str) -> str:
@@ -363,7 +369,15 @@ class Remote:
         @return: The ranges this ticket's uploads wrote (C{GET .../written}).
         @raise NotSupported: If the server does not track them.
         """
-        msg = await self._getJSON("/written")
+        try:
+            msg = await self._getJSON("/written")
+        except RemoteError as e:
+            # Older servers: no such route (404, 405), or the path taken for
+            # a ticket id (upstream 2.x answers 403). The ticket itself was
+            # just accepted by OPTIONS.
+            if e.status in (403, 404, 405):
+                raise NotSupported(str(e)) from None
+            raise
         written = RangeSet()
         items = msg.get("written") if isinstance(msg, dict) else None
         if not isinstance(items, list):
