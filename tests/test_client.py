@@ -592,3 +592,32 @@ class IncrementalTests(ClientTestCase):
         data = raw.read_bytes()
         self.assertEqual(data[: 64 * 1024], bytes(64 * 1024))
         self.assertEqual(data[MiB : MiB + 64 * 1024], b"\x44" * 64 * 1024)
+
+
+class ProxyTests(ClientTestCase):
+    """
+    Through our daemon in proxy mode (a ticket whose URL is another
+    daemon's image).
+    """
+
+    @inlineCallbacks
+    def test_bothWaysThroughProxy(self) -> Any:
+        """
+        An upload and a download through a proxying daemon reach the image
+        behind it.
+        """
+        host = self.daemon
+        proxy = self.startDaemon(backend_http={"ca_file": host.addresses.caFile})
+        source = self.source()
+        image = self.makeImage(host, SIZE)
+        hostTicket = self.addTicket(host, image, SIZE, sparse=True)
+        hostURL = self.url(hostTicket)
+        proxyTicket = self.addTicket(proxy, hostURL, SIZE)
+        phost, pport = proxy.addresses.remote
+        url = f"https://{phost}:{pport}/images/{proxyTicket}"
+        client = self.client(cafile=proxy.addresses.caFile)
+        yield client.upload(str(source), url)
+        compare(source, image)
+        downloaded = self.dir / "down.raw"
+        yield client.download(url, str(downloaded), fmt="raw")
+        compare(source, downloaded)
