@@ -181,6 +181,34 @@ class CommandTests(CLITestCase):
         self.assertEqual(target.read_bytes(), data)
 
     @inlineCallbacks
+    def test_interrupted(self) -> Any:
+        """
+        Ctrl-C (SIGINT) stops a qcow2 upload cleanly: exit status 130, one
+        line on standard error, and its private qemu-nbd is gone.
+        """
+        requireQemu()
+        raw = self.image("big.raw", os.urandom(SIZE))
+        qcow2 = self.dir / "interrupted.qcow2"
+        yield self.cliTool("qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2))
+        target = self.makeImage(self.daemon, SIZE)
+        ticketID = self.addTicket(self.daemon, target, SIZE)
+
+        def onLine(protocol: _Collect, line: bytes) -> None:
+            if json.loads(line)["transferred"] > 0 and not protocol.killed:
+                protocol.killed = True
+                process.signalProcess(signal.SIGINT)
+
+        ca = self.daemon.addresses.caFile
+        args = ("-c", ca, "-w", "1", "-b", "64", "--output", "json", "upload")
+        protocol, process = self.spawn(*args, str(qcow2), self.url(ticketID), onLine=onLine)
+        protocol.killed = False  # type: ignore[attr-defined]
+        code = yield protocol.done
+        self.assertEqual(code, 130)
+        self.assertEqual(protocol.err, b"imageio-client: error: interrupted\n")
+        code, out, _ = yield self.cliTool("pgrep", "-f", str(qcow2))
+        self.assertEqual(out, b"")
+
+    @inlineCallbacks
     def test_qcow2Both(self) -> Any:
         """
         A qcow2 upload and a qcow2 download (the default format).
