@@ -15,6 +15,7 @@ the global reactor: it is an entry point, like twistd's plugin.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from imageio.client._api import BUFFER_SIZE, MAX_WORKERS, Client
 
 #: Disk-io threads of the blocking API's pool.
 POOL_THREADS = 8
+
+#: Seconds to wait for the reactor thread to stop at exit.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 class _ReactorThread:
@@ -55,6 +59,17 @@ class _ReactorThread:
             daemon=True,
         )
         self.thread.start()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """
+        Stop the reactor and the pool at exit, so that no thread is running
+        Python code while the interpreter shuts down.
+        """
+        if self.thread.is_alive():
+            self.reactor.callFromThread(self.reactor.stop)
+            self.thread.join(SHUTDOWN_TIMEOUT)
+        self.pool.stop()
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """
