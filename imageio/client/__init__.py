@@ -9,7 +9,17 @@ Scripts use the blocking functions, with upstream's names and arguments
     from imageio import client
     client.upload("disk.qcow2", "https://host:54322/images/TICKET", "ca.pem")
 
-Twisted programs use L{Client}, whose methods return Deferreds.
+Twisted programs use L{Client}, whose methods return Deferreds; it needs
+the reactor and a started disk-io pool::
+
+    pool = DiskIOPool(reactor)
+    pool.start()
+    client = Client(reactor=reactor, diskio=DiskIO(pool), cafile="ca.pem")
+    d = client.upload("disk.qcow2", url, resume=True)
+
+The pieces: L{Copier} moves extents between two L{imageio.interfaces.IBackend}s
+with several workers (the file and NBD backends locally, the http backend
+remotely); L{planTasks} turns extents into bounded copy and zero requests.
 """
 
 from imageio.client._api import BUFFER_SIZE, MAX_WORKERS, Client, ClientError
