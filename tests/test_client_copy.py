@@ -140,7 +140,8 @@ class PlanTests(SynchronousTestCase):
 
     def test_dirty(self) -> None:
         """
-        Clean extents are skipped; dirty ones copied or zeroed.
+        Clean extents are skipped; dirty ones copied or zeroed, zeroed even
+        into a new image (the zeroes hide the previous backup's data).
         """
         extents = [
             Extent(0, 10, zero=False, dirty=False),
@@ -148,7 +149,7 @@ class PlanTests(SynchronousTestCase):
             Extent(20, 10, zero=True, dirty=True),
         ]
         self.assertEqual(
-            list(planTasks(extents, pieceSize=100, dirty=True)),
+            list(planTasks(extents, pieceSize=100, zero=False, dirty=True)),
             [10, Task(COPY, 10, 10), Task(ZERO, 20, 10)],
         )
 

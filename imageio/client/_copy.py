@@ -86,7 +86,8 @@ def planTasks(
 
     @param pieceSize: Largest copy task (the workers' buffer size).
     @param zero: Zero extents become zero tasks; otherwise they are skipped
-        (the target reads as zeroes already: a new file or qcow2 image).
+        (the target reads as zeroes already: a new file or qcow2 image),
+        except dirty ones.
     @param skip: Ranges already on the target (a resumed transfer).
     @param zeroOnly: Zero extents are zeroed only within these ranges (a
         resumed download: where the file already has data).
@@ -102,7 +103,10 @@ def planTasks(
             yield extent.length
             continue
         span = (extent.start, extent.start + extent.length)
-        if extent.zero and not zero:
+        # A dirty zero extent is always zeroed: an incremental backup is
+        # rebased onto the previous one, where the zeroes must hide the
+        # older data.
+        if extent.zero and not zero and not dirty:
             yield extent.length
             continue
         if extent.zero and where is not None:
