@@ -586,6 +586,9 @@ class StreamBody:
                 self._done.errback(reason)
 
         def idle(_: object) -> None:
+            if self._reading is not None:
+                # The next read started: its own completion will tell.
+                return
             waiters, self._idle = self._idle, []
             for w in waiters:
                 w.callback(None)
