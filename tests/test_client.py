@@ -236,6 +236,33 @@ class UploadTests(ClientTestCase):
         self.assertIn("403", str(e))
 
     @inlineCallbacks
+    def test_connectionsWithinMaxWriters(self) -> Any:
+        """
+        The client opens C{workers} connections when the server allows as
+        many writers (an NBD image), one for a file (one writer).
+        """
+        requireQemu()
+        source = self.source()
+        image = self.makeImage(self.daemon, SIZE)
+        sock = self.daemon.runDir / "target.sock"
+        server = subprocess.Popen(
+            ["qemu-nbd", "-t", "-f", "raw", "-e", "16", "-k", str(sock), str(image)]
+        )
+        self.addCleanup(server.wait)
+        self.addCleanup(server.terminate)
+        for _ in range(500):
+            if sock.exists():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        ticketID = self.addTicket(self.daemon, f"nbd:unix:{sock}", SIZE)
+        stats = yield self.client(workers=3).upload(str(source), self.url(ticketID))
+        self.assertEqual(stats.workers, 3)
+        compare(source, image)
+        _, url = self.target()
+        stats = yield self.client(workers=3).upload(str(source), url)
+        self.assertEqual(stats.workers, 1)
+
+    @inlineCallbacks
     def test_sourceLargerThanTarget(self) -> Any:
         """
         A source larger than the target image is refused before any byte is

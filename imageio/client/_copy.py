@@ -190,11 +190,13 @@ class CopyStats:
     @ivar copied: Bytes read and written.
     @ivar zeroed: Bytes zeroed on the target.
     @ivar requests: Copy and zero tasks done.
+    @ivar workers: Connections (pairs of backends) used.
     """
 
     copied: int = 0
     zeroed: int = 0
     requests: int = 0
+    workers: int = 0
 
 
 @define
@@ -228,6 +230,7 @@ class Copier:
         if not self.pairs:
             raise ValueError("A copy needs at least one worker")
         self._plan = _Plan(iter(tasks), self.progress)
+        self.stats.workers = len(self.pairs)
         return ensureDeferred(self._run())
 
     def stop(self) -> None:
