@@ -54,6 +54,22 @@ class RemoteError(Exception):
     status: int | None = None
 
 
+class StreamError(Exception):
+    """
+    A streamed response broke off, went silent or sent too much.
+    """
+
+
+def networkError(reason: Failure, url: str) -> RemoteError:
+    """
+    @return: A failure to reach the server or to read its answer, as
+        L{RemoteError} naming the URL.
+    """
+    mapped = _http.hostError(reason)
+    why = getattr(mapped, "message", str(mapped))
+    return RemoteError(f"Cannot reach {_shown(url)}: {why}")
+
+
 class NotSupported(RemoteError):
     """
     The server does not offer what was asked (an older server).
@@ -230,9 +246,7 @@ async def request(
     try:
         return await d
     except Exception:
-        mapped = _http.hostError(Failure())
-        why = getattr(mapped, "message", str(mapped))
-        raise RemoteError(f"Cannot reach {_shown(url)}: {why}") from None
+        raise networkError(Failure(), url) from None
 
 
 async def readJSON(response: IResponse, url: str) -> Any:
@@ -700,12 +714,12 @@ class StreamingTarget:
         try:
             response = await d
         except Exception:
-            raise RemoteError(errorMessage(_http.hostError(Failure()))) from None
+            raise networkError(Failure(), self.url) from None
         if response.code != 206:
             if 200 <= response.code < 300:
                 _http.discardBody(response)
                 raise RemoteError(f"Unexpected answer from the server: {response.code}")
-            await _http.raiseRemoteError(response)
+            await raiseFor(response, self.url)
         if response.length != length:
             _http.discardBody(response)
             raise RemoteError(
@@ -715,8 +729,10 @@ class StreamingTarget:
         response.deliverBody(receiver)
         try:
             await receiver.done
-        except (_http.BadResponse, _http.ReadTimeout, ResponseFailed) as e:
-            raise RemoteError(f"Download failed: {errorMessage(e)}") from None
+        except (StreamError, ResponseFailed) as e:
+            raise RemoteError(
+                f"Download from {_shown(self.url)} failed: {errorMessage(e)}"
+            ) from None
 
     async def writeStream(
         self,
@@ -739,7 +755,7 @@ class StreamingTarget:
             }
         )
         d = self.backend.agent.request(b"PUT", (self.url + query).encode("ascii"), headers, body)
-        # At least 1 MiB/s, and no silence longer than the read timeout.
+        # The whole request: the read timeout plus a second per MiB.
         d.addTimeout(_http.READ_TIMEOUT + length / 1024**2, self.reactor)
         try:
             response = await d
@@ -748,10 +764,10 @@ class StreamingTarget:
             await body.idle()
             if body.error is not None:
                 raise body.error from None
-            raise RemoteError(errorMessage(_http.hostError(reason))) from None
+            raise networkError(reason, self.url) from None
         await body.idle()
         if response.code not in (200, 204):
-            await _http.raiseRemoteError(response)
+            await raiseFor(response, self.url)
         await _http.collectBody(response, 512, truncate=True)
 
 
@@ -795,7 +811,7 @@ class _StreamReceiver(Protocol):
             return
         self._watchdog.kick()
         if self._received + len(data) > self._length:
-            self._fail(Failure(_http.BadResponse("Host sent more bytes than asked for")))
+            self._fail(Failure(StreamError("Host sent more bytes than asked for")))
             return
         self._received += len(data)
         if self._overflow:
@@ -876,7 +892,7 @@ class _StreamReceiver(Protocol):
             return
         if not reason.check(ResponseDone) or self._received != self._length:
             self._error = Failure(
-                _http.BadResponse(f"Body ended after {self._received} of {self._length} bytes")
+                StreamError(f"Body ended after {self._received} of {self._length} bytes")
             )
             if not reason.check(ResponseDone):
                 self._error = reason
@@ -898,7 +914,7 @@ class _StreamReceiver(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _timedOut(self) -> None:
-        self._fail(Failure(_http.ReadTimeout("Host sent nothing for too long")))
+        self._fail(Failure(StreamError("Host sent nothing for too long")))
 
     def _fail(self, reason: Failure) -> None:
         if self._error is None:
