@@ -506,7 +506,7 @@ async def _options(reactor: Any, agent: Agent, url: str) -> ServerOptions:
 
 
 #: Pieces a streaming body hands to the transport at once.
-STREAM_CHUNK = 256 * 1024
+STREAM_CHUNK = 1024 * 1024
 
 
 @implementer(IBodyProducer)
