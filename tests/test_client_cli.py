@@ -384,3 +384,38 @@ class BlockingAPITests(CLITestCase):
         code = yield protocol.done
         self.assertEqual((code, protocol.out, protocol.err), (0, b"ok\n", b""))
         compare(source, target)
+
+    @inlineCallbacks
+    def test_imageioClient(self) -> Any:
+        """
+        C{ImageioClient} has upstream's interface: size, extents, read,
+        write, zero, flush, read_from, write_to, as a context manager.
+        """
+        target = self.makeImage(self.daemon, SIZE)
+        ticketID = self.addTicket(self.daemon, target, SIZE)
+        script = (
+            "import io, sys\n"
+            "from imageio import client\n"
+            "url, ca = sys.argv[1:]\n"
+            "with client.ImageioClient(url, cafile=ca, buffer_size=4096) as c:\n"
+            "    assert c.size() == 8 * 1024**2 and c.max_writers == 1, c.size()\n"
+            "    c.write(100, b'hello')\n"
+            "    c.read_from(io.BytesIO(b'x' * 10000), 8192, 10000)\n"
+            "    c.zero(8192, 100)\n"
+            "    c.flush()\n"
+            "    buf = bytearray(5)\n"
+            "    c.read(100, buf)\n"
+            "    assert buf == b'hello', buf\n"
+            "    out = io.BytesIO()\n"
+            "    c.write_to(out, 8192, 10000)\n"
+            "    assert out.getvalue() == bytes(100) + b'x' * 9900\n"
+            "    assert [e.zero for e in c.extents()][:2] == [False, True]\n"
+            "print('ok')\n"
+        )
+        protocol = _Collect()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+        args = [sys.executable, "-c", script, self.url(ticketID), self.daemon.addresses.caFile]
+        reactor.spawnProcess(protocol, sys.executable, args, env=env)
+        code = yield protocol.done
+        self.assertEqual((code, protocol.out, protocol.err), (0, b"ok\n", b""))

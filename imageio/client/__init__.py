@@ -27,7 +27,7 @@ from imageio.client._copy import Copier, CopyStats, Task, planTasks
 from imageio.client._local import LocalImageError
 from imageio.client._progress import JSONProgress, Progress, TextProgress
 from imageio.client._remote import NotSupported, RemoteError
-from imageio.client._sync import checksum, download, info, upload
+from imageio.client._sync import ImageioClient, checksum, download, info, upload
 
 __all__ = [
     "BUFFER_SIZE",
@@ -36,6 +36,7 @@ __all__ = [
     "ClientError",
     "Copier",
     "CopyStats",
+    "ImageioClient",
     "JSONProgress",
     "LocalImageError",
     "NotSupported",

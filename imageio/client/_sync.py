@@ -18,7 +18,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from imageio import _blkhash
 from imageio._diskio import DiskIO, DiskIOPool
 from imageio.client._api import BUFFER_SIZE, MAX_WORKERS, Client
+from imageio.interfaces import Extent
 
 #: Disk-io threads of the blocking API's pool.
 POOL_THREADS = 8
@@ -259,3 +260,118 @@ def _unsupported(**options: Any) -> None:
     for name, value in options.items():
         if value:
             raise ValueError(f"{name} is not supported by imageio.client")
+
+
+class ImageioClient:
+    """
+    Random access to one image on a server, blocking, with upstream's
+    C{ovirt_imageio.client.ImageioClient} interface: one connection, each
+    call one request.
+    """
+
+    def __init__(
+        self,
+        transfer_url: str,
+        cafile: str | None = None,
+        secure: bool = True,
+        proxy_url: str | None = None,
+        buffer_size: int = BUFFER_SIZE,
+    ) -> None:
+        self._thread, client = _client(cafile, secure, buffer_size, 1, None, proxy_url)
+        self._bufferSize = buffer_size
+        self._remote: Any = self._thread.call(
+            lambda: Deferred.fromCoroutine(client._openRemote(transfer_url))
+        )
+        self._backend: Any = self._remote.backends(1)[0]
+        self._size: int | None = None
+
+    @property
+    def max_writers(self) -> int:
+        return int(self._remote.options.maxWriters)
+
+    @property
+    def max_readers(self) -> int:
+        return int(self._remote.options.maxReaders)
+
+    def size(self) -> int:
+        """
+        @return: The image size in bytes.
+        """
+        if self._size is None:
+            self._size = int(self._thread.call(self._backend.size))
+        return self._size
+
+    def extents(self, context: str = "zero") -> Iterator[Extent]:
+        """
+        @return: The image's extents (C{start}, C{length}, C{zero},
+            C{hole}, C{dirty}).
+        """
+        from imageio.client._copy import collectExtents
+
+        size = self.size()
+        extents: list[Extent] = self._thread.call(
+            lambda: Deferred.fromCoroutine(collectExtents(self._backend, size, context))
+        )
+        yield from extents
+
+    def read(self, offset: int, buffer: Any) -> int:
+        """
+        Read C{len(buffer)} bytes at C{offset} (one ranged C{GET}).
+        """
+        view = memoryview(buffer).cast("B")
+        if offset + len(view) > self.size():
+            raise RuntimeError("Read out of image bounds")
+        n: int = self._thread.call(self._backend.readInto, offset, view)
+        return n
+
+    def write(self, offset: int, buffer: Any) -> None:
+        """
+        Write all of C{buffer} at C{offset} (one C{PUT}).
+        """
+        view = memoryview(buffer).cast("B")
+        if offset + len(view) > self.size():
+            raise RuntimeError("Write out of image bounds")
+        self._thread.call(self._backend.write, offset, view)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._thread.call(self._backend.zero, offset, length)
+
+    def flush(self) -> None:
+        self._thread.call(self._backend.flush)
+
+    def read_from(self, reader: Any, offset: int, length: int) -> None:
+        """
+        Write C{length} bytes read from C{reader} (C{readinto}) at C{offset},
+        a buffer at a time.
+        """
+        buf = bytearray(min(self._bufferSize, length))
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = reader.readinto(view[: min(len(view), length - done)])
+            if not n:
+                raise RuntimeError(f"Expected {length} bytes, got {done}")
+            self.write(offset + done, view[:n])
+            done += n
+
+    def write_to(self, writer: Any, offset: int, length: int) -> None:
+        """
+        Read C{length} bytes at C{offset} and hand them to C{writer.write}, a
+        buffer at a time.
+        """
+        buf = bytearray(min(self._bufferSize, length))
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = self.read(offset + done, view[: min(len(view), length - done)])
+            writer.write(view[:n])
+            done += n
+
+    def close(self) -> None:
+        self._thread.call(self._remote.close)
+
+    def __enter__(self) -> ImageioClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
