@@ -252,6 +252,9 @@ class HTTPBackend:
     runInPool: Callable[..., Deferred[Any]] | None = None
     name: str = "http"
     blockSize: int = 1
+    #: Mark requests as relayed (L{RELAYED_HEADER}): C{True} when a daemon
+    #: relays a client's request, C{False} for a client of its own.
+    relayed: bool = True
     _cachedSize: int | None = field(default=None, init=False)
     _zeroExtents: list[Extent] | None = field(default=None, init=False)
     _closed: bool = field(default=False, init=False)
@@ -266,7 +269,8 @@ class HTTPBackend:
         body: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
         raw = Headers({k: [v] for k, v in (headers or {}).items()})
-        raw.setRawHeaders(RELAYED_HEADER, [b"1"])
+        if self.relayed:
+            raw.setRawHeaders(RELAYED_HEADER, [b"1"])
         d: Deferred[IResponse] = self.agent.request(method, url, raw, body)
         d.addTimeout(self.readTimeout, self.reactor)
         d.addErrback(lambda f: Failure(hostError(f)))

@@ -31,6 +31,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTT
 from zope.interface import implementer
 
 from imageio.backends import http as _http
+from imageio.backends import httpclient
 from imageio.interfaces import IBackend
 from imageio.ranges import RangeSet
 
@@ -65,7 +66,7 @@ def networkError(reason: Failure, url: str) -> RemoteError:
     @return: A failure to reach the server or to read its answer, as
         L{RemoteError} naming the URL.
     """
-    mapped = _http.hostError(reason)
+    mapped = httpclient.hostError(reason)
     why = getattr(mapped, "message", str(mapped))
     return RemoteError(f"Cannot reach {_shown(url)}: {why}")
 
@@ -140,7 +141,7 @@ class UNIXEndpointFactory:
     path: str
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        return UNIXClientEndpoint(self.reactor, self.path, timeout=_http.CONNECT_TIMEOUT)
+        return UNIXClientEndpoint(self.reactor, self.path, timeout=httpclient.CONNECT_TIMEOUT)
 
 
 def errorMessage(reason: Failure | BaseException) -> str:
@@ -199,7 +200,7 @@ class Connector:
     def __attrs_post_init__(self) -> None:
         if self.secure:
             # Raises ValueError for an unreadable CA file.
-            self._policy = _http.VerifyingPolicy(_http.loadTrustRoot(self.cafile or ""))
+            self._policy = httpclient.VerifyingPolicy(httpclient.loadTrustRoot(self.cafile or ""))
         else:
             self._policy = InsecurePolicy()
 
@@ -207,14 +208,14 @@ class Connector:
         self.unixSocket = path
 
     def agent(self) -> tuple[Agent, HTTPConnectionPool]:
-        pool = _http.makePool(self.reactor, 2, 30)
+        pool = httpclient.makePool(self.reactor, 2, 30)
         if self.unixSocket is not None:
             factory = UNIXEndpointFactory(self.reactor, self.unixSocket)
             return Agent.usingEndpointFactory(self.reactor, factory, pool=pool), pool
         agent = Agent(
             self.reactor,
             contextFactory=self._policy,
-            connectTimeout=_http.CONNECT_TIMEOUT,
+            connectTimeout=httpclient.CONNECT_TIMEOUT,
             pool=pool,
         )
         return agent, pool
@@ -242,7 +243,7 @@ async def request(
     """
     raw = Headers({k: [v] for k, v in (headers or {}).items()})
     d: Deferred[IResponse] = agent.request(method, url.encode("ascii"), raw)
-    d.addTimeout(_http.READ_TIMEOUT, reactor)
+    d.addTimeout(httpclient.READ_TIMEOUT, reactor)
     try:
         return await d
     except Exception:
@@ -258,7 +259,7 @@ async def readJSON(response: IResponse, url: str) -> Any:
     if response.code != 200:
         await raiseFor(response, url)
     try:
-        body = await _http.collectBody(response, MAX_SMALL_BODY)
+        body = await httpclient.collectBody(response, MAX_SMALL_BODY)
         return json.loads(body)
     except ValueError:
         raise RemoteError(f"Invalid answer from {_shown(url)}: not JSON") from None
@@ -271,7 +272,7 @@ async def raiseFor(response: IResponse, url: str) -> None:
     Raise the server's error answer as L{RemoteError}.
     """
     try:
-        body = await _http.collectBody(response, 512, truncate=True)
+        body = await httpclient.collectBody(response, 512, truncate=True)
     except Exception:
         body = b""
     text = body.decode("utf-8", "replace").strip() or response.phrase.decode("latin-1")
@@ -350,6 +351,7 @@ class Remote:
                         maxReaders=self.options.maxReaders,
                         maxWriters=self.options.maxWriters,
                         bufferSize=self.bufferSize,
+                        relayed=False,
                     ),
                     self.requestURL,
                 )
@@ -491,7 +493,7 @@ async def _options(reactor: Any, agent: Agent, url: str) -> ServerOptions:
     response = await request(reactor, agent, b"OPTIONS", url, {b"cache-control": b"no-cache"})
     if response.code == 200:
         try:
-            body = await _http.collectBody(response, MAX_SMALL_BODY)
+            body = await httpclient.collectBody(response, MAX_SMALL_BODY)
         except Exception as e:
             raise RemoteError(
                 f"Cannot read the answer of {_shown(url)}: {errorMessage(e)}"
@@ -499,7 +501,7 @@ async def _options(reactor: Any, agent: Agent, url: str) -> ServerOptions:
         return parseOptions(body)
     if response.code in (204, 405):
         # Servers before 1.3 and 1.x proxies: GET and PUT only.
-        await _http.collectBody(response, 512, truncate=True)
+        await httpclient.collectBody(response, 512, truncate=True)
         return ServerOptions()
     await raiseFor(response, url)
     raise AssertionError("not reached")
@@ -710,22 +712,24 @@ class StreamingTarget:
         """
         headers = Headers({b"range": [b"bytes=%d-%d" % (offset, offset + length - 1)]})
         d = self.backend.agent.request(b"GET", self.url.encode("ascii"), headers)
-        d.addTimeout(_http.READ_TIMEOUT, self.reactor)
+        d.addTimeout(httpclient.READ_TIMEOUT, self.reactor)
         try:
             response = await d
         except Exception:
             raise networkError(Failure(), self.url) from None
         if response.code != 206:
             if 200 <= response.code < 300:
-                _http.discardBody(response)
+                httpclient.discardBody(response)
                 raise RemoteError(f"Unexpected answer from the server: {response.code}")
             await raiseFor(response, self.url)
         if response.length != length:
-            _http.discardBody(response)
+            httpclient.discardBody(response)
             raise RemoteError(
                 f"Invalid answer from the server: expected {length} bytes, got {response.length}"
             )
-        receiver = _StreamReceiver(write, offset, length, views, self.reactor, _http.READ_TIMEOUT)
+        receiver = _StreamReceiver(
+            write, offset, length, views, self.reactor, httpclient.READ_TIMEOUT
+        )
         response.deliverBody(receiver)
         try:
             await receiver.done
@@ -756,7 +760,7 @@ class StreamingTarget:
         )
         d = self.backend.agent.request(b"PUT", (self.url + query).encode("ascii"), headers, body)
         # The whole request: the read timeout plus a second per MiB.
-        d.addTimeout(_http.READ_TIMEOUT + length / 1024**2, self.reactor)
+        d.addTimeout(httpclient.READ_TIMEOUT + length / 1024**2, self.reactor)
         try:
             response = await d
         except Exception:
@@ -768,7 +772,7 @@ class StreamingTarget:
         await body.idle()
         if response.code not in (200, 204):
             await raiseFor(response, self.url)
-        await _http.collectBody(response, 512, truncate=True)
+        await httpclient.collectBody(response, 512, truncate=True)
 
 
 class _StreamReceiver(Protocol):
@@ -801,7 +805,7 @@ class _StreamReceiver(Protocol):
         self._paused = False
         self._ended = False
         self._error: Failure | None = None
-        self._watchdog = _http.Watchdog(clock, timeout, self._timedOut)
+        self._watchdog = httpclient.Watchdog(clock, timeout, self._timedOut)
 
     def connectionMade(self) -> None:
         self._watchdog.kick()
