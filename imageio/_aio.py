@@ -33,10 +33,15 @@ from collections import deque
 from typing import Any
 
 from attrs import define, field
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from imageio._log import Logger
+
+log = Logger()
 
 #: The most requests in flight in the kernel at once (the AIO context size);
 #: more wait in our queue. Counts against the host's C{fs.aio-max-nr}.
@@ -110,7 +115,7 @@ class AIOUnavailable(Exception):
     """
 
 
-class _Syscalls:
+class Syscalls:
     """
     The four AIO syscalls, raising L{OSError} with the errno of a failure.
     """
@@ -212,11 +217,14 @@ class AIOEngine:
         our queue.
     """
 
-    def __init__(self, reactor: Any, maxEvents: int = MAX_EVENTS) -> None:
+    def __init__(
+        self, reactor: Any, maxEvents: int = MAX_EVENTS, syscalls: Syscalls | None = None
+    ) -> None:
         self.reactor = reactor
         self.maxEvents = maxEvents
         self.running = False
-        self._sys: _Syscalls | None = None
+        self._sys: Syscalls | None = None
+        self._syscalls = syscalls
         self._ctx = 0
         self._eventfd = -1
         # Requests in the kernel, by aio_data; their buffers stay pinned.
@@ -239,7 +247,7 @@ class AIOEngine:
         if self.running:
             return
         try:
-            syscalls = _Syscalls()
+            syscalls = self._syscalls or Syscalls()
             ctx = syscalls.setup(self.maxEvents)
         except OSError as e:
             raise AIOUnavailable(f"io_setup failed: {e}") from None
@@ -302,7 +310,8 @@ class AIOEngine:
             this be C{False}.
         @return: A Deferred firing with the bytes read, or failing with
             L{OSError}; C{None} if C{view} cannot be given to the kernel
-            (read-only or not contiguous).
+            (read-only, not contiguous, or its address not a multiple of
+            C{align}).
         """
         return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align, nowait)
 
@@ -322,8 +331,8 @@ class AIOEngine:
     ) -> Deferred[int] | None:
         if not self.running:
             return fail(OSError(errno.ESHUTDOWN, "The AIO engine is not running"))
-        buffer = pin(view) if opcode == IOCB_CMD_PREAD or not view.readonly else None
-        if buffer is None:
+        buffer = pin(view)
+        if buffer is None or ctypes.addressof(buffer) % align:
             return None
         d: Deferred[int] = Deferred()
         if not view:
@@ -451,3 +460,49 @@ class AIOEngine:
 
     def logPrefix(self) -> str:
         return "aio"
+
+
+class AIOService(Service):
+    """
+    Chooses the storage I/O engine at start and logs the choice: the AIO
+    engine if the kernel allows it, else the disk-io threads.
+
+    Stopped before the disk-io pool (add it to the parent after the pool's
+    service): requests in flight complete first, then backends close their
+    files on the pool.
+
+    @ivar mode: C{"auto"}, C{"aio"} (fail to start without AIO) or
+        C{"threads"} (never use AIO).
+    """
+
+    name = "aio"
+
+    def __init__(self, engine: AIOEngine, mode: str) -> None:
+        self.engine = engine
+        self.mode = mode
+
+    def startService(self) -> None:
+        super().startService()
+        if self.mode == "threads":
+            log.info("Storage I/O engine: threads ([daemon] io_engine = threads)")
+            return
+        try:
+            self.engine.start()
+        except AIOUnavailable as e:
+            if self.mode == "aio":
+                raise SystemExit(
+                    f"[daemon] io_engine = aio, but Linux AIO is unavailable: {e}"
+                ) from None
+            log.warn(
+                "Storage I/O engine: threads (Linux AIO is unavailable: {error})", error=str(e)
+            )
+            return
+        log.info(
+            "Storage I/O engine: aio (Linux AIO, at most {maxEvents} requests in flight; "
+            "buffered files, fsync, zeroing and opening stay on the disk-io threads)",
+            maxEvents=self.engine.maxEvents,
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.engine.stop()
