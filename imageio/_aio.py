@@ -405,7 +405,8 @@ class AIOEngine:
             for request, res in done:
                 self._complete(request, res)
             del done
-            if n < len(self._events):
+            if n < len(self._events) or self._sys is None:
+                # All reaped, or a callback stopped the engine.
                 return
             block = False
 
@@ -422,6 +423,10 @@ class AIOEngine:
                     return
                 where = request.offset + request.done
                 self._finish(request, Failure(OSError(errno.EIO, f"Short write at {where}")))
+                return
+            if not self.running:
+                cancelled = OSError(errno.ECANCELED, "The AIO engine stopped")
+                self._finish(request, Failure(cancelled))
                 return
             # A short transfer on a block boundary: ask for the rest.
             self._queue.appendleft(request)
@@ -444,12 +449,15 @@ class AIOEngine:
     # IReadDescriptor
 
     def doRead(self) -> None:
+        if not self.running:
+            # Stopped in this reactor iteration; stop() reaped everything.
+            return
         try:
             os.eventfd_read(self._eventfd)
         except BlockingIOError:
             pass
         self._reap()
-        if self._queue:
+        if self._queue and self.running:
             self._submit()
 
     def fileno(self) -> int:
