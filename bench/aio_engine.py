@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """
-4 KiB O_DIRECT random reads through the file backend: the disk-io pool
+Random O_DIRECT reads (4 KiB unless told) through the file backend: the disk-io pool
 against the AIO engine, A/B in one process.
 
 Each round reads C{--reads} random 4 KiB blocks of a file through
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256 * MiB)
     parser.add_argument("--reads", type=int, default=20000)
     parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument("--block", type=int, default=4096, help="read size (default 4 KiB)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -73,7 +74,7 @@ def main() -> None:
     engine = AIOEngine(reactor)
     engine.start()
     diskio = DiskIO(pool)
-    blocks = args.size // 4096
+    blocks = args.size // args.block
     results: dict[str, list[dict[str, float]]] = {"threads": [], "aio": []}
 
     async def open_(aio: AIOEngine | None) -> FileBackend:
@@ -87,11 +88,11 @@ def main() -> None:
         remaining = [args.reads]
 
         async def worker() -> None:
-            buf = memoryview(allocate(4096))
+            buf = memoryview(allocate(args.block))
             while remaining[0] > 0:
                 remaining[0] -= 1
-                n = await backend.readInto(rng.randrange(blocks) * 4096, buf)
-                assert n == 4096
+                n = await backend.readInto(rng.randrange(blocks) * args.block, buf)
+                assert n == args.block
 
         cpu, wall = cpuSeconds(), time.perf_counter()
         await DeferredList([Deferred.fromCoroutine(worker()) for _ in range(args.depth)])
@@ -126,7 +127,12 @@ def main() -> None:
         pool.stop()
         os.unlink(path)
 
-    summary: dict[str, Any] = {"dir": args.dir, "depth": args.depth, "reads": args.reads}
+    summary: dict[str, Any] = {
+        "dir": args.dir,
+        "block": args.block,
+        "depth": args.depth,
+        "reads": args.reads,
+    }
     for name, samples in results.items():
         summary[name] = {
             key: statistics.median(s[key] for s in samples)

@@ -215,6 +215,9 @@ class AIOEngine:
     @ivar running: Between a successful L{start} and L{stop}.
     @ivar maxEvents: Size of the kernel context; further requests wait in
         our queue.
+    @ivar completed: Requests completed by the kernel, counting resubmits.
+    @ivar wouldBlock: Of those, the ones the kernel refused with C{EAGAIN}
+        (the caller did them on the pool).
     """
 
     def __init__(
@@ -223,6 +226,8 @@ class AIOEngine:
         self.reactor = reactor
         self.maxEvents = maxEvents
         self.running = False
+        self.completed = 0
+        self.wouldBlock = 0
         self._sys: Syscalls | None = None
         self._syscalls = syscalls
         self._ctx = 0
@@ -411,7 +416,10 @@ class AIOEngine:
             block = False
 
     def _complete(self, request: _Request, res: int) -> None:
+        self.completed += 1
         if res < 0:
+            if res == -errno.EAGAIN:
+                self.wouldBlock += 1
             self._finish(request, Failure(OSError(-res, os.strerror(-res))))
             return
         request.done += res

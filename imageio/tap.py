@@ -181,6 +181,16 @@ class ImageioService(MultiService):
         # before backends close their files on the pool.
         self.aio = AIOEngine(reactor)
         AIOService(self.aio, config.daemon.io_engine).setServiceParent(self)
+        self.metrics.addGauge(
+            "imageio_aio_completed",
+            "Storage requests completed by Linux AIO.",
+            lambda: self.aio.completed,
+        )
+        self.metrics.addGauge(
+            "imageio_aio_would_block",
+            "Linux AIO requests the kernel refused with EAGAIN (done on the disk-io threads).",
+            lambda: self.aio.wouldBlock,
+        )
         self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
         self._prepared = False
 
