@@ -35,7 +35,7 @@ from typing import Any
 from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -46,6 +46,8 @@ log = Logger()
 #: The most requests in flight in the kernel at once (the AIO context size);
 #: more wait in our queue. Counts against the host's C{fs.aio-max-nr}.
 MAX_EVENTS = 256
+#: The smallest context worth having when C{fs.aio-max-nr} is nearly used up.
+MIN_EVENTS = 16
 
 IOCB_CMD_PREAD = 0
 IOCB_CMD_PWRITE = 1
@@ -236,6 +238,7 @@ class AIOEngine:
         self._inFlight: dict[int, _Request] = {}
         self._queue: deque[_Request] = deque()
         self._nextId = 1
+        self._retryCall: IDelayedCall | None = None
         self._events = (IOEvent * maxEvents)()
         self._pointers = (ctypes.POINTER(IOCB) * maxEvents)()
         self._zero = Timespec(0, 0)
@@ -246,16 +249,28 @@ class AIOEngine:
         """
         Create the AIO context and watch its eventfd.
 
+        Where the host's C{fs.aio-max-nr} leaves less room than
+        C{maxEvents}, a smaller context (down to L{MIN_EVENTS}) will do.
+
         @raise AIOUnavailable: If the kernel or a sandbox refuses (C{ENOSYS},
             C{EPERM}) or C{fs.aio-max-nr} is exhausted (C{EAGAIN}).
         """
         if self.running:
             return
+        size = self.maxEvents
         try:
             syscalls = self._syscalls or Syscalls()
-            ctx = syscalls.setup(self.maxEvents)
+            while True:
+                try:
+                    ctx = syscalls.setup(size)
+                    break
+                except OSError as e:
+                    if e.errno != errno.EAGAIN or size <= MIN_EVENTS:
+                        raise
+                    size = max(MIN_EVENTS, size // 2)
         except OSError as e:
             raise AIOUnavailable(f"io_setup failed: {e}") from None
+        self.maxEvents = size
         try:
             # A sandbox may allow io_setup and deny the rest: ask once.
             syscalls.submit(ctx, 0, self._pointers)
@@ -280,6 +295,9 @@ class AIOEngine:
             return
         self.running = False
         self.reactor.removeReader(self)
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
         assert self._sys is not None
         while self._inFlight or self._queue:
             while self._queue:
@@ -375,8 +393,8 @@ class AIOEngine:
                 if e.errno == errno.EAGAIN:
                     # Out of kernel resources: retry when a request
                     # completes, or soon if none is in flight.
-                    if not self._inFlight:
-                        self.reactor.callLater(0.001, self._retry)  # type: ignore[attr-defined]
+                    if not self._inFlight and self._retryCall is None:
+                        self._retryCall = self.reactor.callLater(0.001, self._retry)
                     return
                 # The first request is bad (EBADF, EINVAL for a file that
                 # cannot do AIO): fail it alone and go on with the rest.
@@ -388,6 +406,7 @@ class AIOEngine:
                 self._nextId += 1
 
     def _retry(self) -> None:
+        self._retryCall = None
         if self.running:
             self._submit()
 

@@ -313,6 +313,26 @@ class UnavailableTests(SynchronousTestCase):
             self.assertIn(os.strerror(code), str(e.exception))
             self.assertFalse(engine.running)
 
+    def test_smallerContext(self) -> None:
+        """
+        Where C{fs.aio-max-nr} leaves less room than asked, a smaller
+        context will do.
+        """
+
+        class Limited(Syscalls):
+            def setup(self, nr: int) -> int:
+                if nr > 40:
+                    raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+                return super().setup(nr)
+
+        engine = AIOEngine(MemoryReactorClock(), maxEvents=256, syscalls=Limited())
+        try:
+            engine.start()
+        except AIOUnavailable as e:
+            raise SkipTest(str(e)) from None
+        self.addCleanup(engine.stop)
+        self.assertEqual(engine.maxEvents, 32)
+
     def test_unknownMachine(self) -> None:
         self.patch(_aio.platform, "machine", lambda: "vax")
         with self.assertRaises(AIOUnavailable):

@@ -877,6 +877,35 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         self.assertEqual(diskio.calls - before, 1)
         self.assertEqual(backend.engine, "aio")
 
+    def test_fallBackAfterRefusals(self) -> None:
+        """
+        After L{filebackend.AIO_MAX_REFUSALS} EAGAINs in a row (a device
+        that never takes non-blocking requests), the backend stops trying
+        AIO; one request that goes through resets the count.
+        """
+        self.patch(filebackend, "AIO_MAX_REFUSALS", 3)
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data)
+        realRead = backend._aio.read  # type: ignore[union-attr]
+        refuse = [True]
+
+        def read(*args: Any) -> Deferred[int] | None:
+            if refuse[0]:
+                return fail(OSError(errno.EAGAIN, "Would block"))
+            return realRead(*args)
+
+        self.patch(backend._aio, "read", read)
+        for _ in range(2):
+            self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        refuse[0] = False
+        self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        refuse[0] = True
+        for _ in range(2):
+            self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        self.assertEqual(backend.engine, "aio")
+        self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        self.assertEqual(backend.engine, "threads")
+
     def test_fallBackForGood(self) -> None:
         """
         Where the file cannot do non-blocking asynchronous I/O (EOPNOTSUPP),

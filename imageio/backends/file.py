@@ -54,6 +54,10 @@ ZERO_STEP = 128 * 1024**2
 #: again from the end of the last one.
 MAX_EXTENTS = 10_000
 
+#: AIO requests in a row the kernel may refuse with EAGAIN (it would have
+#: waited) before a backend stops trying AIO and uses the pool only.
+AIO_MAX_REFUSALS = 64
+
 #: Size of the bounce buffer for unaligned or misaligned-memory I/O.
 BOUNCE_SIZE = 1024**2
 
@@ -355,6 +359,8 @@ class FileBackend:
     _aio: AIOEngine | None = None
     # On tmpfs, where the kernel does not take RWF_NOWAIT and never waits.
     _memoryFS: bool = False
+    # AIO requests refused with EAGAIN since the last one that went through.
+    _aioRefusals: int = field(default=0, init=False)
     # Pool calls that have not returned yet; the fd outlives them.
     _inFlight: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
@@ -486,17 +492,31 @@ class FileBackend:
         self._inFlight += 1
         result: Deferred[int] = Deferred()
 
+        def succeeded(n: int) -> int:
+            self._aioRefusals = 0
+            return n
+
         def failed(f: Failure) -> Deferred[int] | Failure:
             code = f.value.errno if isinstance(f.value, OSError) else None
             if code not in _AIO_FALLBACK:
                 return f
-            if code in (errno.EOPNOTSUPP, errno.EINVAL) and self._aio is not None:
+            if code == errno.EAGAIN:
+                self._aioRefusals += 1
+            if self._aio is not None and (
+                code in (errno.EOPNOTSUPP, errno.EINVAL) or self._aioRefusals >= AIO_MAX_REFUSALS
+            ):
+                # No (non-blocking) asynchronous I/O on this file, or the
+                # device never takes it without waiting (a queue without
+                # nowait support): stop asking.
+                why = f.getErrorMessage()
+                if code == errno.EAGAIN:
+                    why = f"{self._aioRefusals} requests in a row would have waited"
                 log.info(
                     "Backend {name} path={path}: no asynchronous I/O here ({error}), "
                     "using the disk-io threads",
                     name=self.name,
                     path=self.path,
-                    error=f.getErrorMessage(),
+                    error=why,
                 )
                 self._aio = None
             # The fd stays open: this call is still counted in flight.
@@ -508,7 +528,7 @@ class FileBackend:
                 self._closeFd()
             return r
 
-        fallback = cast("Deferred[int]", d.addErrback(failed))
+        fallback = cast("Deferred[int]", d.addCallbacks(succeeded, failed))
         fallback.addBoth(done).chainDeferred(result)
         return result
 
