@@ -4,7 +4,10 @@ The C{file:} backend: images in regular files and on block devices.
 
 The image is opened with C{O_DIRECT} so transfers bypass the page cache;
 when the file system refuses it, the backend falls back to buffered I/O.
-Every system call on the image runs on the disk-io pool. Unaligned requests
+Every system call on the image runs on the disk-io pool, except aligned
+direct reads and writes, which go through the AIO engine (L{imageio._aio})
+when the daemon has one and fall back to the pool where the kernel would
+block. Unaligned requests
 go through a per-backend bounce buffer (read-modify-write of whole blocks
 for writes), so callers need not know the block size.
 
