@@ -7,9 +7,9 @@ when the file system refuses it, the backend falls back to buffered I/O.
 Every system call on the image runs on the disk-io pool, except aligned
 direct reads and writes, which go through the AIO engine (L{imageio._aio})
 when the daemon has one and fall back to the pool where the kernel would
-block. Unaligned requests
-go through a per-backend bounce buffer (read-modify-write of whole blocks
-for writes), so callers need not know the block size.
+block. Unaligned requests go through a per-backend bounce buffer
+(read-modify-write of whole blocks for writes), so callers need not know
+the block size.
 
 Unlike upstream, C{extents} reports the holes of sparse files (from
 C{SEEK_DATA}/C{SEEK_HOLE}), so clients can skip them.
