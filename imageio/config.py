@@ -47,6 +47,9 @@ class DaemonSection:
     systemd_enable: bool = True
     #: Threads of the disk-io pool (ours).
     io_threads: int = 8
+    #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
+    #: it, else the disk-io threads), aio (fail without it) or threads.
+    io_engine: str = "auto"
     #: Seconds before a connection that has sent no complete request is
     #: closed (ours; upstream hard-codes 60).
     request_timeout: int = 60
@@ -393,6 +396,11 @@ def _check(config: Config, where: dict[tuple[str, str], str]) -> None:
         port = getattr(config, section).port
         if not 0 <= port <= 65535:
             raise ConfigError(f"{origin(section, 'port')}: not a valid port: {port}")
+    if config.daemon.io_engine not in ("auto", "aio", "threads"):
+        raise ConfigError(
+            f"{origin('daemon', 'io_engine')}: expecting 'auto', 'aio' or 'threads', "
+            f"got {config.daemon.io_engine!r}"
+        )
     if config.control.transport not in ("unix", "tcp"):
         raise ConfigError(
             f"{origin('control', 'transport')}: expecting 'unix' or 'tcp', "

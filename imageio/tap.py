@@ -37,6 +37,7 @@ from twisted.web.resource import Resource
 import imageio
 from imageio import _log
 from imageio import config as _config
+from imageio._aio import AIOEngine, AIOService
 from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
@@ -305,6 +306,20 @@ class ImageioService(MultiService):
         self.pool = createPool(reactor, config.daemon.io_threads)
         DiskIOService(self.pool).setServiceParent(self)
         self.diskio = DiskIO(self.pool)
+        # After the pool: stopped before it, so AIO in flight completes
+        # before backends close their files on the pool.
+        self.aio = AIOEngine(reactor)
+        AIOService(self.aio, config.daemon.io_engine).setServiceParent(self)
+        self.metrics.addGauge(
+            "imageio_aio_completed",
+            "Storage requests completed by Linux AIO.",
+            lambda: self.aio.completed,
+        )
+        self.metrics.addGauge(
+            "imageio_aio_would_block",
+            "Linux AIO requests the kernel refused with EAGAIN (done on the disk-io threads).",
+            lambda: self.aio.wouldBlock,
+        )
         self._listeners: list[tuple[str, IStreamServerEndpoint, ImageioSite]] = []
         self._prepared = False
         self._listened = False
@@ -364,6 +379,7 @@ class ImageioService(MultiService):
         backendCtx = BackendContext(
             reactor=self.reactor,
             diskio=self.diskio,
+            aio=None if config.daemon.io_engine == "threads" else self.aio,
             bufferSize=config.backend_file.buffer_size,
             maxConnections=config.daemon.max_connections,
             caFile=config.backend_http.ca_file or config.tls.ca_file,

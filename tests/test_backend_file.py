@@ -18,12 +18,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from imageio import _buffers
+from imageio._aio import AIOEngine, AIOUnavailable
 from imageio._diskio import DiskIO, SynchronousDiskIO, createPool
 from imageio.backends import BackendContext
 from imageio.backends import file as filebackend
@@ -54,18 +56,58 @@ def openSync(
     direct: bool = True,
     diskio: Any = None,
     maxConnections: int = 8,
+    aio: AIOEngine | None = None,
 ) -> FileBackend:
     """
-    Open C{path} with a synchronous disk-io and close it in cleanup.
+    Open C{path} with a synchronous disk-io (and C{aio}, if given) and close
+    it in cleanup.
     """
     ctx = BackendContext(
-        reactor=None, diskio=diskio or SynchronousDiskIO(), maxConnections=maxConnections
+        reactor=None, diskio=diskio or SynchronousDiskIO(), maxConnections=maxConnections, aio=aio
     )
     d = openBackend(ctx, "file://" + path, write=write, sparse=sparse, dirty=False, direct=direct)
     backend = case.successResultOf(d)
     assert isinstance(backend, FileBackend)
     case.addCleanup(backend.close)
     return backend
+
+
+class InlineAIO(AIOEngine):
+    """
+    The real AIO engine, waiting in the kernel for each request it submits,
+    so that synchronous tests see results at once.
+
+    @ivar requests: Requests given to the kernel, counting resubmits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(MemoryReactorClock(), maxEvents=8)
+        self.requests = 0
+
+    def _submitNew(self, *args: Any) -> Deferred[int] | None:
+        d = super()._submitNew(*args)
+        if d is not None:
+            self.requests += 1
+        while self._queue or self._inFlight:
+            if self._inFlight:
+                self._reap(block=True)
+            else:
+                self._submit()
+        return d
+
+
+def inlineAIO(case: SynchronousTestCase) -> InlineAIO:
+    """
+    A started L{InlineAIO}, stopped in cleanup; skips where the kernel
+    forbids AIO.
+    """
+    engine = InlineAIO()
+    try:
+        engine.start()
+    except AIOUnavailable as e:
+        raise SkipTest(str(e)) from None
+    case.addCleanup(engine.stop)
+    return engine
 
 
 def readBack(
@@ -412,6 +454,9 @@ class _FileIOTestsMixin(_Mixin):
     """
 
     direct = True
+    #: Run aligned direct I/O through a real AIO engine.
+    useAIO = False
+    aio: InlineAIO | None = None
 
     def directory(self) -> str:
         path: str = os.path.abspath(self.mktemp())
@@ -421,11 +466,14 @@ class _FileIOTestsMixin(_Mixin):
     def setUp(self) -> None:
         self.dir = self.directory()
         self.rng = random.Random(42)
+        if self.useAIO:
+            self.aio = inlineAIO(self)
 
     def backend(self, data: bytes = b"", size: int | None = None, **kw: Any) -> FileBackend:
         self.path = writeFile(os.path.join(self.dir, "img"), data, size)
-        backend = openSync(self, self.path, direct=self.direct, **kw)
+        backend = openSync(self, self.path, direct=self.direct, aio=self.aio, **kw)
         self.assertEqual(backend.direct, self.direct)
+        self.assertEqual(backend.engine, "aio" if self.useAIO and self.direct else "threads")
         return backend
 
     def fileBytes(self) -> bytes:
@@ -801,6 +849,138 @@ class DirectFileIOTests(_FileIOTestsMixin, SynchronousTestCase):
             raise SkipTest("No O_DIRECT on the trial temp directory")
 
 
+class _AIOFileIOTestsMixin(_FileIOTestsMixin):
+    """
+    The same tests with the AIO engine, and that it is used.
+    """
+
+    useAIO = True
+
+    def backend(self, data: bytes = b"", size: int | None = None, **kw: Any) -> FileBackend:
+        backend = super().backend(data, size, **kw)
+        # Cached pages of the file we just wrote make RWF_NOWAIT direct I/O
+        # on a disk say EAGAIN (and go to the pool): drop them.
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return backend
+
+    def test_alignedIOUsesAIO(self) -> None:
+        """
+        Aligned reads and writes of aligned memory go through the AIO
+        engine, not the pool; unaligned ones and read-only memory still
+        work through the pool.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(64 * KiB)
+        backend = self.backend(data, diskio=diskio)
+        assert self.aio is not None
+        before = (diskio.calls, self.aio.requests)
+        view = memoryview(_buffers.allocate(16 * KiB))
+        self.assertEqual(self.successResultOf(backend.readInto(4096, view)), 16 * KiB)
+        self.assertEqual(bytes(view), data[4096 : 20 * KiB])
+        view[:] = self.rng.randbytes(16 * KiB)
+        self.assertEqual(self.successResultOf(backend.write(8192, view)), 16 * KiB)
+        self.assertEqual(readBack(self, backend, 8192, 16 * KiB), bytes(view))
+        self.assertEqual((diskio.calls - before[0], self.aio.requests - before[1]), (0, 3))
+        self.assertEqual(readBack(self, backend, 1, 100), data[1:101])
+        self.successResultOf(backend.write(0, memoryview(b"r" * 4096)))
+        self.assertEqual((diskio.calls - before[0], self.aio.requests - before[1]), (2, 3))
+        self.assertEqual(readBack(self, backend, 0, 4096), b"r" * 4096)
+
+    def test_closeWaitsForAIO(self) -> None:
+        """
+        The file stays open while an AIO request is in flight.
+        """
+        diskio = SynchronousDiskIO()
+        backend = self.backend(self.rng.randbytes(8192), diskio=diskio)
+        assert self.aio is not None
+        d: Deferred[int] = Deferred()
+        self.patch(self.aio, "read", lambda *a: d)
+        read = backend.readInto(0, memoryview(_buffers.allocate(4096)))
+        closed = backend.close()
+        self.assertNoResult(closed)
+        d.callback(4096)
+        self.assertEqual(self.successResultOf(read), 4096)
+        self.successResultOf(closed)
+
+    def test_fallBackOnEAGAIN(self) -> None:
+        """
+        Where the kernel would block (EAGAIN), the request runs on the
+        pool and the backend keeps using AIO.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data, diskio=diskio)
+        self.patch(backend._aio, "read", lambda *a: fail(OSError(errno.EAGAIN, "Would block")))
+        view = memoryview(_buffers.allocate(8192))
+        before = diskio.calls
+        self.assertEqual(self.successResultOf(backend.readInto(0, view)), 8192)
+        self.assertEqual(bytes(view), data)
+        self.assertEqual(diskio.calls - before, 1)
+        self.assertEqual(backend.engine, "aio")
+
+    def test_fallBackAfterRefusals(self) -> None:
+        """
+        After L{filebackend.AIO_MAX_REFUSALS} EAGAINs in a row (a device
+        that never takes non-blocking requests), the backend stops trying
+        AIO; one request that goes through resets the count.
+        """
+        self.patch(filebackend, "AIO_MAX_REFUSALS", 3)
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data)
+        realRead = backend._aio.read  # type: ignore[union-attr]
+        refuse = [True]
+
+        def read(*args: Any) -> Deferred[int] | None:
+            if refuse[0]:
+                return fail(OSError(errno.EAGAIN, "Would block"))
+            return realRead(*args)
+
+        self.patch(backend._aio, "read", read)
+        for _ in range(2):
+            self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        refuse[0] = False
+        self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        refuse[0] = True
+        for _ in range(2):
+            self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        self.assertEqual(backend.engine, "aio")
+        self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        self.assertEqual(backend.engine, "threads")
+
+    def test_fallBackForGood(self) -> None:
+        """
+        Where the file cannot do non-blocking asynchronous I/O (EOPNOTSUPP),
+        the backend uses the pool from then on.
+        """
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data)
+        self.patch(
+            backend._aio, "read", lambda *a: fail(OSError(errno.EOPNOTSUPP, "Not supported"))
+        )
+        self.assertEqual(readBack(self, backend, 0, 8192), data)
+        self.assertEqual(backend.engine, "threads")
+
+    def test_otherErrorsFail(self) -> None:
+        """
+        Other errors (EIO) fail the request, as from the pool.
+        """
+        backend = self.backend(self.rng.randbytes(8192))
+        self.patch(backend._aio, "write", lambda *a: fail(OSError(errno.EIO, "I/O error")))
+        view = memoryview(_buffers.allocate(4096))
+        failure = self.failureResultOf(backend.write(0, view), OSError)
+        self.assertEqual(failure.value.errno, errno.EIO)
+
+
+class DirectFileAIOTests(_AIOFileIOTestsMixin, DirectFileIOTests):
+    """
+    Regular files with O_DIRECT through the AIO engine.
+    """
+
+
 class BufferedFileIOTests(_FileIOTestsMixin, SynchronousTestCase):
     """
     Regular files with buffered I/O.
@@ -827,6 +1007,17 @@ class TmpfsFileIOTests(_FileIOTestsMixin, SynchronousTestCase):
         except OSError:
             self.direct = False
         return path
+
+
+class TmpfsFileAIOTests(_AIOFileIOTestsMixin, TmpfsFileIOTests):
+    """
+    Files on tmpfs through the AIO engine, without RWF_NOWAIT.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        if not self.direct:
+            raise SkipTest("No O_DIRECT on tmpfs here")
 
 
 @define
@@ -1023,13 +1214,15 @@ class _BlockDeviceTestsMixin(_Mixin):
 
     sectorSize = 512
     size = 4 * MiB
+    useAIO = False
 
     def setUp(self) -> None:
         self.rng = random.Random(7)
         self.model = bytearray(self.rng.randbytes(self.size))
         self.image = writeFile(self.mktemp(), bytes(self.model))
         self.device = attachLoop(self, self.image, self.sectorSize)
-        self.backend = openSync(self, self.device, maxConnections=6)
+        aio = inlineAIO(self) if self.useAIO else None
+        self.backend = openSync(self, self.device, maxConnections=6, aio=aio)
 
     def test_identity(self) -> None:
         """
@@ -1123,6 +1316,14 @@ class BlockDevice4096Tests(_BlockDeviceTestsMixin, SynchronousTestCase):
     """
 
     sectorSize = 4096
+
+
+class BlockDevice4096AIOTests(BlockDevice4096Tests):
+    """
+    Loop device with 4096-byte sectors, through the AIO engine.
+    """
+
+    useAIO = True
 
 
 class NoSpaceTests(SynchronousTestCase):

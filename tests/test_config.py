@@ -212,6 +212,7 @@ class ConfigTests(SynchronousTestCase):
             ("[local]\nenable = maybe\n", "[local] enable: expecting a boolean"),
             ("[daemon]\nmax_connections = 0\n", "[daemon] max_connections: must be positive"),
             ("[control]\ntransport = udp\n", "[control] transport: expecting 'unix' or 'tcp'"),
+            ("[daemon]\nio_engine = uring\n", "[daemon] io_engine: expecting 'auto', 'aio'"),
             ("[control]\ntransport = tcp\n", "[control] port must be set"),
             ("[backend_file]\nbuffer_size = 1000\n", "[backend_file] buffer_size"),
             ("[tls]\nkey_file = /k\n", "key_file and cert_file must be set together"),

@@ -51,6 +51,8 @@ class ImagesIntegrationTests(TestCase):
     """
 
     timeout = 120
+    #: The storage I/O engine of the daemon under test.
+    ioEngine = "auto"
 
     def setUp(self) -> None:
         from imageio import _pki
@@ -64,6 +66,7 @@ class ImagesIntegrationTests(TestCase):
         self.pki = _pki.makeTestPKI(str(self.dir / "pki"))
         config = _config.Config()
         config.daemon.systemd_enable = False
+        config.daemon.io_engine = self.ioEngine
         config.remote.host = "127.0.0.1"
         config.remote.port = 0
         config.tls.cert_file = self.pki.certFile
@@ -79,6 +82,10 @@ class ImagesIntegrationTests(TestCase):
         self.url = f"https://127.0.0.1:{self.port}/images/"
         self.source = self.dir / "source.raw"
         self.source.write_bytes(os.urandom(SIZE))
+        with open(self.source, "rb") as f:
+            # Cached pages would send every direct AIO read to the pool.
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     @inlineCallbacks
     def _stop(self) -> Any:
@@ -133,6 +140,12 @@ class ImagesIntegrationTests(TestCase):
         self.assertEqual(out.read_bytes(), self.source.read_bytes())
         info = self.service.registry.get("t1").info(0)
         self.assertEqual((info["transferred"], info["active"]), (SIZE, False))
+        aio = self.service.aio
+        if self.ioEngine == "threads":
+            self.assertEqual((aio.running, aio.completed), (False, 0))
+        elif aio.running:
+            # The reads went through AIO (or were refused with EAGAIN).
+            self.assertGreater(aio.completed, 0)
 
     @inlineCallbacks
     def test_resumeDownload(self) -> Any:
@@ -489,3 +502,11 @@ class HalfClosePlainTCPTests(HalfCloseTests):
     """
 
     tls = False
+
+
+class ThreadsEngineImagesIntegrationTests(ImagesIntegrationTests):
+    """
+    The same transfers with C{[daemon] io_engine = threads}.
+    """
+
+    ioEngine = "threads"

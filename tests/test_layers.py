@@ -5,7 +5,7 @@ The layer rule of C{imageio/}, checked on the source (README.rst, "Layout").
 Each layer imports only from the layers below it::
 
     core      imageio, interfaces, ranges, tickets, and the shared helpers
-              _log, _buffers, _diskio, _blkhash, _pki, config
+              _log, _buffers, _diskio, _aio, _blkhash, _pki, config
     backends  imageio.backends.*
     web       imageio.web.*
     apps      imageio.daemon.* | imageio.proxy.* | imageio.control.*
@@ -34,7 +34,8 @@ PACKAGE = ROOT / "imageio"
 
 #: The shared modules at the package top, all in the bottom layer: they
 #: import nothing above it. C{_log} (logging), C{_buffers} (aligned
-#: buffers), C{_diskio} (the disk-io pool the backends run on), C{_blkhash}
+#: buffers), C{_diskio} (the disk-io pool the backends run on), C{_aio}
+#: (Linux AIO, completing direct I/O on the reactor), C{_blkhash}
 #: (checksums over backend extents), C{_pki} (certificates for listeners),
 #: C{config} (INI parsing: values only, no layer's objects).
 CORE = frozenset(
@@ -46,6 +47,7 @@ CORE = frozenset(
         "imageio._log",
         "imageio._buffers",
         "imageio._diskio",
+        "imageio._aio",
         "imageio._blkhash",
         "imageio._pki",
         "imageio.config",

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from imageio.interfaces import IBackend, IBackendOpener
 
 if TYPE_CHECKING:
+    from imageio._aio import AIOEngine
     from imageio._diskio import DiskIO, SynchronousDiskIO
 
 #: URL scheme -> module under imageio.backends.
@@ -81,6 +82,8 @@ class BackendContext:
     @ivar caFile: CA bundle for C{https:} backends (proxy mode); empty for
         the system trust store.
     @ivar extra: Backend-specific options, by backend module name.
+    @ivar aio: Completes O_DIRECT reads and writes on the reactor thread,
+        if the kernel allows it; C{None} to use C{diskio} only.
     """
 
     reactor: Any
@@ -89,6 +92,7 @@ class BackendContext:
     maxConnections: int = 8
     caFile: str = ""
     extra: dict[str, Any] = field(factory=dict)
+    aio: AIOEngine | None = None
 
 
 class _Opener(Protocol):

@@ -4,9 +4,12 @@ The C{file:} backend: images in regular files and on block devices.
 
 The image is opened with C{O_DIRECT} so transfers bypass the page cache;
 when the file system refuses it, the backend falls back to buffered I/O.
-Every system call on the image runs on the disk-io pool. Unaligned requests
-go through a per-backend bounce buffer (read-modify-write of whole blocks
-for writes), so callers need not know the block size.
+Every system call on the image runs on the disk-io pool, except aligned
+direct reads and writes, which go through the AIO engine (L{imageio._aio})
+when the daemon has one and fall back to the pool where the kernel would
+block. Unaligned requests go through a per-backend bounce buffer
+(read-modify-write of whole blocks for writes), so callers need not know
+the block size.
 
 Unlike upstream, C{extents} reports the holes of sparse files (from
 C{SEEK_DATA}/C{SEEK_HOLE}), so clients can skip them.
@@ -23,7 +26,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar, cast
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -32,10 +35,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio import _aio
 from imageio._buffers import allocate
 from imageio.interfaces import Extent, IBackend, UnsupportedOperation
 
 if TYPE_CHECKING:
+    from imageio._aio import AIOEngine
     from imageio._diskio import DiskIO, SynchronousDiskIO
     from imageio.backends import BackendContext
 
@@ -51,6 +56,10 @@ ZERO_STEP = 128 * 1024**2
 #: Most extents one C{extents} call returns; a caller wanting the rest asks
 #: again from the end of the last one.
 MAX_EXTENTS = 10_000
+
+#: AIO requests in a row the kernel may refuse with EAGAIN (it would have
+#: waited) before a backend stops trying AIO and uses the pool only.
+AIO_MAX_REFUSALS = 64
 
 #: Size of the bounce buffer for unaligned or misaligned-memory I/O.
 BOUNCE_SIZE = 1024**2
@@ -70,6 +79,12 @@ BLKZEROOUT = 0x127F
 # fallocate() modes a file system or kernel may not support; anything else
 # (ENOSPC, EIO) is a real error.
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENODEV})
+
+# AIO errors after which the request is done on the pool: the kernel would
+# have blocked, cannot do it asynchronously, or the engine stopped.
+_AIO_FALLBACK = frozenset(
+    {errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL, errno.ECANCELED, errno.ESHUTDOWN}
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallocate
@@ -232,16 +247,19 @@ def openBackend(
             direct=o.direct,
             isBlock=o.isBlock,
             rmw=o.rmw,
+            aio=ctx.aio if o.direct else None,
+            memoryFS=o.memoryFS,
         )
         log.info(
             "Open backend {name} path={path} write={write} sparse={sparse} "
-            "direct={direct} blockSize={blockSize}",
+            "direct={direct} blockSize={blockSize} engine={engine}",
             name=backend.name,
             path=path,
             write=write,
             sparse=sparse,
             direct=o.direct,
             blockSize=o.blockSize,
+            engine=backend.engine,
         )
         result.callback(backend)
 
@@ -256,6 +274,7 @@ class _Opened:
     blockSize: int
     direct: bool
     rmw: _ImageLock
+    memoryFS: bool = False
 
 
 def _openPath(path: str, write: bool, direct: bool) -> _Opened:
@@ -296,7 +315,8 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
                 direct = False
             else:
                 blockSize = detected
-        return _Opened(fd, False, blockSize, direct, _imageLock(st))
+        memoryFS = direct and _aio.isMemoryFileSystem(fd)
+        return _Opened(fd, False, blockSize, direct, _imageLock(st), memoryFS)
     except BaseException:
         os.close(fd)
         raise
@@ -374,6 +394,8 @@ class FileBackend:
     @ivar direct: I/O bypasses the page cache (C{O_DIRECT}); offsets,
         lengths and memory of direct I/O must be aligned to C{blockSize}.
     @ivar isBlock: The image is a block device.
+    @ivar engine: C{"aio"} while aligned direct I/O goes through the AIO
+        engine, else C{"threads"}.
     """
 
     name: str
@@ -388,6 +410,12 @@ class FileBackend:
     direct: bool
     isBlock: bool
     _rmw: _ImageLock
+    # Aligned direct reads and writes go here first, if set.
+    _aio: AIOEngine | None = None
+    # On tmpfs, where the kernel does not take RWF_NOWAIT and never waits.
+    _memoryFS: bool = False
+    # AIO requests refused with EAGAIN since the last one that went through.
+    _aioRefusals: int = field(default=0, init=False)
     # Pool calls that have not returned yet; the fd outlives them.
     _inFlight: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
@@ -402,6 +430,10 @@ class FileBackend:
     _canFallocate: bool = field(default=True, init=False)
     _canSeekData: bool = field(default=True, init=False)
 
+    @property
+    def engine(self) -> str:
+        return "aio" if self._aio is not None else "threads"
+
     # IBackend
 
     def size(self) -> Deferred[int]:
@@ -410,6 +442,11 @@ class FileBackend:
     def readInto(self, offset: int, buf: memoryview) -> Deferred[int]:
         if offset < 0:
             return fail(ValueError(f"Negative offset: {offset}"))
+        aio = self._aio
+        if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
+            d = aio.read(self._fd, _byteView(buf), offset, self.blockSize, not self._memoryFS)
+            if d is not None:
+                return self._runAIO(d, self._readInto, offset, buf)
         return self._run(self._readInto, offset, buf)
 
     def write(self, offset: int, data: memoryview) -> Deferred[int]:
@@ -417,6 +454,11 @@ class FileBackend:
             return fail(self._readOnly())
         if offset < 0:
             return fail(ValueError(f"Negative offset: {offset}"))
+        aio = self._aio
+        if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
+            d = aio.write(self._fd, _byteView(data), offset, self.blockSize, not self._memoryFS)
+            if d is not None:
+                return self._runAIO(d, self._write, offset, data)
         return self._run(self._write, offset, data)
 
     def zero(self, offset: int, length: int) -> Deferred[None]:
@@ -486,6 +528,63 @@ class FileBackend:
             return r
 
         self._diskio.run(fn, *args, **kwargs).addBoth(done).chainDeferred(result)
+        return result
+
+    def _aligned(self, offset: int, buf: memoryview) -> bool:
+        bs = self.blockSize
+        return offset % bs == 0 and buf.nbytes % bs == 0 and buf.nbytes > 0
+
+    def _runAIO(
+        self, d: Deferred[int], fn: Callable[[int, memoryview], int], offset: int, buf: memoryview
+    ) -> Deferred[int]:
+        """
+        Count the AIO request C{d} in flight like a pool call; where the
+        kernel would block (C{EAGAIN}) or cannot do it (C{EOPNOTSUPP},
+        C{EINVAL}: no non-blocking or no asynchronous I/O on this file, or
+        memory alignment stricter than the block size), do it with C{fn}
+        on the pool instead.
+        """
+        self._inFlight += 1
+        result: Deferred[int] = Deferred()
+
+        def succeeded(n: int) -> int:
+            self._aioRefusals = 0
+            return n
+
+        def failed(f: Failure) -> Deferred[int] | Failure:
+            code = f.value.errno if isinstance(f.value, OSError) else None
+            if code not in _AIO_FALLBACK:
+                return f
+            if code == errno.EAGAIN:
+                self._aioRefusals += 1
+            if self._aio is not None and (
+                code in (errno.EOPNOTSUPP, errno.EINVAL) or self._aioRefusals >= AIO_MAX_REFUSALS
+            ):
+                # No (non-blocking) asynchronous I/O on this file, or the
+                # device never takes it without waiting (a queue without
+                # nowait support): stop asking.
+                why = f.getErrorMessage()
+                if code == errno.EAGAIN:
+                    why = f"{self._aioRefusals} requests in a row would have waited"
+                log.info(
+                    "Backend {name} path={path}: no asynchronous I/O here ({error}), "
+                    "using the disk-io threads",
+                    name=self.name,
+                    path=self.path,
+                    error=why,
+                )
+                self._aio = None
+            # The fd stays open: this call is still counted in flight.
+            return self._diskio.run(fn, offset, buf)
+
+        def done(r: int | Failure) -> int | Failure:
+            self._inFlight -= 1
+            if self._closed and self._inFlight == 0:
+                self._closeFd()
+            return r
+
+        fallback = cast("Deferred[int]", d.addCallbacks(succeeded, failed))
+        fallback.addBoth(done).chainDeferred(result)
         return result
 
     async def _zeroSteps(self, offset: int, length: int) -> None:

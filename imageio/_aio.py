@@ -1,0 +1,543 @@
+# -*- test-case-name: tests.test_aio -*-
+"""
+Storage I/O completing on the reactor thread: Linux AIO without a thread hop.
+
+L{AIOEngine} submits C{O_DIRECT} reads and writes with C{io_submit(2)} from
+the reactor thread, straight into and out of the caller's aligned buffers
+(no copy: the kernel gets the buffer's address). Each request asks the
+kernel to signal an C{eventfd} when it completes; the reactor watches that
+eventfd like a socket and L{AIOEngine} reaps completions with a
+non-blocking C{io_getevents(2)}.
+
+We call the syscalls through C{ctypes}: Linux AIO needs four syscalls and two
+fixed-layout structures, where io_uring needs shared rings, memory barriers
+and a far larger ABI, and the bindings we found either copy (C{caio}) or
+want a kernel newer than hosts run (C{liburing}).
+
+Requests carry C{RWF_NOWAIT}: where the kernel would block in C{io_submit}
+(allocating blocks, contended locks), it fails the request with C{EAGAIN}
+instead, and where a file system cannot do non-blocking I/O at all it says
+C{EOPNOTSUPP}. Callers then do that request on the disk-io pool; the reactor
+never waits for storage. Buffered (non-C{O_DIRECT}) files must not use this
+engine: the kernel does buffered AIO synchronously inside C{io_submit}.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import sys
+from collections import deque
+from typing import Any
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imageio._log import Logger
+
+log = Logger()
+
+#: The most requests in flight in the kernel at once (the AIO context size);
+#: more wait in our queue. Counts against the host's C{fs.aio-max-nr}.
+MAX_EVENTS = 256
+#: The smallest context worth having when C{fs.aio-max-nr} is nearly used up.
+MIN_EVENTS = 16
+
+IOCB_CMD_PREAD = 0
+IOCB_CMD_PWRITE = 1
+IOCB_FLAG_RESFD = 1
+RWF_NOWAIT = 0x08
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Syscall numbers by machine: x86_64 has its own table, the newer ports share
+# the generic one.
+_SYSCALLS = {
+    "x86_64": (206, 207, 208, 209),
+    "aarch64": (0, 1, 4, 2),
+    "riscv64": (0, 1, 4, 2),
+    "ppc64le": (227, 228, 229, 230),
+    "s390x": (243, 244, 245, 246),
+}
+
+if sys.byteorder == "little":
+    _KEY_FLAGS = [("aio_key", ctypes.c_uint32), ("aio_rw_flags", ctypes.c_int32)]
+else:
+    _KEY_FLAGS = [("aio_rw_flags", ctypes.c_int32), ("aio_key", ctypes.c_uint32)]
+
+
+class IOCB(ctypes.Structure):
+    """
+    C{struct iocb} from C{linux/aio_abi.h}.
+    """
+
+    _fields_ = [
+        ("aio_data", ctypes.c_uint64),
+        *_KEY_FLAGS,
+        ("aio_lio_opcode", ctypes.c_uint16),
+        ("aio_reqprio", ctypes.c_int16),
+        ("aio_fildes", ctypes.c_uint32),
+        ("aio_buf", ctypes.c_uint64),
+        ("aio_nbytes", ctypes.c_uint64),
+        ("aio_offset", ctypes.c_int64),
+        ("aio_reserved2", ctypes.c_uint64),
+        ("aio_flags", ctypes.c_uint32),
+        ("aio_resfd", ctypes.c_uint32),
+    ]
+
+
+class IOEvent(ctypes.Structure):
+    """
+    C{struct io_event} from C{linux/aio_abi.h}.
+    """
+
+    _fields_ = [
+        ("data", ctypes.c_uint64),
+        ("obj", ctypes.c_uint64),
+        ("res", ctypes.c_int64),
+        ("res2", ctypes.c_int64),
+    ]
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class AIOUnavailable(Exception):
+    """
+    The kernel, its configuration or a sandbox does not let us use Linux AIO.
+    """
+
+
+class Syscalls:
+    """
+    The four AIO syscalls, raising L{OSError} with the errno of a failure.
+    """
+
+    def __init__(self) -> None:
+        numbers = _SYSCALLS.get(platform.machine())
+        if numbers is None:
+            raise AIOUnavailable(f"no AIO syscall numbers for {platform.machine()}")
+        self.setupNr, self.destroyNr, self.geteventsNr, self.submitNr = numbers
+        self._syscall = _libc.syscall
+        self._syscall.restype = ctypes.c_long
+
+    def _call(self, *args: Any) -> int:
+        result: int = self._syscall(*args)
+        if result < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return result
+
+    def setup(self, nr: int) -> int:
+        ctx = ctypes.c_ulong(0)
+        self._call(ctypes.c_long(self.setupNr), ctypes.c_uint(nr), ctypes.byref(ctx))
+        return ctx.value
+
+    def destroy(self, ctx: int) -> None:
+        self._call(ctypes.c_long(self.destroyNr), ctypes.c_ulong(ctx))
+
+    def submit(self, ctx: int, count: int, pointers: Any) -> int:
+        return self._call(
+            ctypes.c_long(self.submitNr), ctypes.c_ulong(ctx), ctypes.c_long(count), pointers
+        )
+
+    def getevents(self, ctx: int, minNr: int, events: Any, timeout: Timespec | None) -> int:
+        return self._call(
+            ctypes.c_long(self.geteventsNr),
+            ctypes.c_ulong(ctx),
+            ctypes.c_long(minNr),
+            ctypes.c_long(len(events)),
+            events,
+            ctypes.byref(timeout) if timeout is not None else None,
+        )
+
+
+def isMemoryFileSystem(fd: int) -> bool:
+    """
+    @return: C{fd} is on tmpfs or ramfs, where direct I/O is a memory copy.
+    """
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    fsType = ctypes.c_long.from_buffer(buf).value
+    return fsType in (TMPFS_MAGIC, RAMFS_MAGIC)
+
+
+def pin(view: memoryview) -> ctypes.Array[ctypes.c_char] | None:
+    """
+    Expose a writable buffer to the kernel without copying it.
+
+    The returned object holds an export of the buffer: while it lives, the
+    buffer cannot be closed or resized, so the kernel never writes into freed
+    memory.
+
+    @return: A ctypes array over C{view}'s memory, or C{None} if the buffer
+        is read-only or not contiguous.
+    """
+    try:
+        return (ctypes.c_char * len(view)).from_buffer(view)
+    except (TypeError, ValueError):
+        return None
+
+
+@define(eq=False)
+class _Request:
+    """
+    One read or write, possibly resubmitted for the rest after a short
+    transfer.
+    """
+
+    opcode: int
+    fd: int
+    buffer: ctypes.Array[ctypes.c_char] | None
+    length: int
+    offset: int
+    align: int
+    nowait: bool
+    deferred: Deferred[int]
+    done: int = 0
+    iocb: IOCB = field(factory=IOCB)
+
+
+@implementer(IReadDescriptor)
+class AIOEngine:
+    """
+    Reads and writes on C{O_DIRECT} file descriptors through one AIO context,
+    completed on the reactor thread. Reactor thread only.
+
+    @ivar running: Between a successful L{start} and L{stop}.
+    @ivar maxEvents: Size of the kernel context; further requests wait in
+        our queue.
+    @ivar completed: Requests completed by the kernel, counting resubmits.
+    @ivar wouldBlock: Of those, the ones the kernel refused with C{EAGAIN}
+        (the caller did them on the pool).
+    """
+
+    def __init__(
+        self, reactor: Any, maxEvents: int = MAX_EVENTS, syscalls: Syscalls | None = None
+    ) -> None:
+        self.reactor = reactor
+        self.maxEvents = maxEvents
+        self.running = False
+        self.completed = 0
+        self.wouldBlock = 0
+        self._sys: Syscalls | None = None
+        self._syscalls = syscalls
+        self._ctx = 0
+        self._eventfd = -1
+        # Requests in the kernel, by aio_data; their buffers stay pinned.
+        self._inFlight: dict[int, _Request] = {}
+        self._queue: deque[_Request] = deque()
+        self._nextId = 1
+        self._retryCall: IDelayedCall | None = None
+        self._events = (IOEvent * maxEvents)()
+        self._pointers = (ctypes.POINTER(IOCB) * maxEvents)()
+        self._zero = Timespec(0, 0)
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """
+        Create the AIO context and watch its eventfd.
+
+        Where the host's C{fs.aio-max-nr} leaves less room than
+        C{maxEvents}, a smaller context (down to L{MIN_EVENTS}) will do.
+
+        @raise AIOUnavailable: If the kernel or a sandbox refuses (C{ENOSYS},
+            C{EPERM}) or C{fs.aio-max-nr} is exhausted (C{EAGAIN}).
+        """
+        if self.running:
+            return
+        size = self.maxEvents
+        try:
+            syscalls = self._syscalls or Syscalls()
+            while True:
+                try:
+                    ctx = syscalls.setup(size)
+                    break
+                except OSError as e:
+                    if e.errno != errno.EAGAIN or size <= MIN_EVENTS:
+                        raise
+                    size = max(MIN_EVENTS, size // 2)
+        except OSError as e:
+            raise AIOUnavailable(f"io_setup failed: {e}") from None
+        self.maxEvents = size
+        try:
+            # A sandbox may allow io_setup and deny the rest: ask once.
+            syscalls.submit(ctx, 0, self._pointers)
+            syscalls.getevents(ctx, 0, self._events, self._zero)
+        except OSError as e:
+            syscalls.destroy(ctx)
+            raise AIOUnavailable(f"io_submit/io_getevents failed: {e}") from None
+        self._sys, self._ctx = syscalls, ctx
+        self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.running = True
+        self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        """
+        Fail queued requests, wait for those in the kernel to complete and
+        deliver them, then destroy the context.
+
+        Waiting blocks, but only at shutdown and only for requests already
+        submitted: a buffer the kernel may still write into is never freed.
+        """
+        if not self.running:
+            return
+        self.running = False
+        self.reactor.removeReader(self)
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
+        assert self._sys is not None
+        while self._inFlight or self._queue:
+            while self._queue:
+                # Not in the kernel: nothing to wait for.
+                cancelled = OSError(errno.ECANCELED, "The AIO engine stopped")
+                self._finish(self._queue.popleft(), Failure(cancelled))
+            if self._inFlight:
+                self._reap(block=True)
+        self._sys.destroy(self._ctx)
+        os.close(self._eventfd)
+        self._eventfd = -1
+        self._sys = None
+
+    @property
+    def inFlight(self) -> int:
+        """
+        Requests submitted to the kernel and not yet reaped.
+        """
+        return len(self._inFlight)
+
+    # Requests
+
+    def read(
+        self, fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
+    ) -> Deferred[int] | None:
+        """
+        Read into all of C{view} from C{offset}, unless the file ends first.
+
+        @param align: The file's block size: a transfer ending at an offset
+            that is not a multiple of it ended at end of file.
+        @param nowait: Ask for C{RWF_NOWAIT}. Only for files in memory
+            (tmpfs), which do not support it and never wait for a disk, may
+            this be C{False}.
+        @return: A Deferred firing with the bytes read, or failing with
+            L{OSError}; C{None} if C{view} cannot be given to the kernel
+            (read-only, not contiguous, or its address not a multiple of
+            C{align}).
+        """
+        return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align, nowait)
+
+    def write(
+        self, fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
+    ) -> Deferred[int] | None:
+        """
+        Write all of C{view} at C{offset}.
+
+        @return: A Deferred firing with C{len(view)}, or failing with
+            L{OSError}; C{None} if C{view} cannot be given to the kernel.
+        """
+        return self._submitNew(IOCB_CMD_PWRITE, fd, view, offset, align, nowait)
+
+    def _submitNew(
+        self, opcode: int, fd: int, view: memoryview, offset: int, align: int, nowait: bool
+    ) -> Deferred[int] | None:
+        if not self.running:
+            return fail(OSError(errno.ESHUTDOWN, "The AIO engine is not running"))
+        buffer = pin(view)
+        if buffer is None or ctypes.addressof(buffer) % align:
+            return None
+        d: Deferred[int] = Deferred()
+        if not view:
+            d.callback(0)
+            return d
+        self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, nowait, d))
+        self._submit()
+        return d
+
+    def _submit(self) -> None:
+        """
+        Move queued requests into the kernel, as many as the context holds.
+        """
+        assert self._sys is not None
+        while self._queue and len(self._inFlight) < self.maxEvents:
+            batch = min(len(self._queue), self.maxEvents - len(self._inFlight))
+            for i in range(batch):
+                request = self._queue[i]
+                iocb = request.iocb
+                ctypes.memset(ctypes.byref(iocb), 0, ctypes.sizeof(iocb))
+                iocb.aio_data = self._nextId + i
+                iocb.aio_rw_flags = RWF_NOWAIT if request.nowait else 0
+                iocb.aio_lio_opcode = request.opcode
+                iocb.aio_fildes = request.fd
+                assert request.buffer is not None
+                iocb.aio_buf = ctypes.addressof(request.buffer) + request.done
+                iocb.aio_nbytes = request.length - request.done
+                iocb.aio_offset = request.offset + request.done
+                iocb.aio_flags = IOCB_FLAG_RESFD
+                iocb.aio_resfd = self._eventfd
+                self._pointers[i] = ctypes.pointer(iocb)
+            try:
+                submitted = self._sys.submit(self._ctx, batch, self._pointers)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    # Out of kernel resources: retry when a request
+                    # completes, or soon if none is in flight.
+                    if not self._inFlight and self._retryCall is None:
+                        self._retryCall = self.reactor.callLater(0.001, self._retry)
+                    return
+                # The first request is bad (EBADF, EINVAL for a file that
+                # cannot do AIO): fail it alone and go on with the rest.
+                self._finish(self._queue.popleft(), Failure(e))
+                continue
+            for _ in range(submitted):
+                request = self._queue.popleft()
+                self._inFlight[self._nextId] = request
+                self._nextId += 1
+
+    def _retry(self) -> None:
+        self._retryCall = None
+        if self.running:
+            self._submit()
+
+    # Completions
+
+    def _reap(self, block: bool = False) -> None:
+        """
+        Deliver completed requests; with C{block}, wait for at least one.
+        """
+        assert self._sys is not None
+        while True:
+            try:
+                n = self._sys.getevents(
+                    self._ctx, 1 if block else 0, self._events, None if block else self._zero
+                )
+            except InterruptedError:
+                continue
+            # Copy out first: callbacks may submit, reap or stop.
+            done = [(self._inFlight.pop(e.data), e.res) for e in self._events[:n]]
+            for request, res in done:
+                self._complete(request, res)
+            del done
+            if n < len(self._events) or self._sys is None:
+                # All reaped, or a callback stopped the engine.
+                return
+            block = False
+
+    def _complete(self, request: _Request, res: int) -> None:
+        self.completed += 1
+        if res < 0:
+            if res == -errno.EAGAIN:
+                self.wouldBlock += 1
+            self._finish(request, Failure(OSError(-res, os.strerror(-res))))
+            return
+        request.done += res
+        if request.done < request.length:
+            if res == 0 or (request.offset + request.done) % request.align:
+                if request.opcode == IOCB_CMD_PREAD:
+                    # End of file.
+                    self._finish(request, request.done)
+                    return
+                where = request.offset + request.done
+                self._finish(request, Failure(OSError(errno.EIO, f"Short write at {where}")))
+                return
+            if not self.running:
+                cancelled = OSError(errno.ECANCELED, "The AIO engine stopped")
+                self._finish(request, Failure(cancelled))
+                return
+            # A short transfer on a block boundary: ask for the rest.
+            self._queue.appendleft(request)
+            return
+        self._finish(request, request.done)
+
+    def _finish(self, request: _Request, result: int | Failure) -> None:
+        """
+        Unpin the buffer, then fire the request's Deferred: its callbacks may
+        close the buffer.
+        """
+        request.buffer = None
+        d = request.deferred
+        del request
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+    # IReadDescriptor
+
+    def doRead(self) -> None:
+        if not self.running:
+            # Stopped in this reactor iteration; stop() reaped everything.
+            return
+        try:
+            os.eventfd_read(self._eventfd)
+        except BlockingIOError:
+            pass
+        self._reap()
+        if self._queue and self.running:
+            self._submit()
+
+    def fileno(self) -> int:
+        return self._eventfd
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "aio"
+
+
+class AIOService(Service):
+    """
+    Chooses the storage I/O engine at start and logs the choice: the AIO
+    engine if the kernel allows it, else the disk-io threads.
+
+    Stopped before the disk-io pool (add it to the parent after the pool's
+    service): requests in flight complete first, then backends close their
+    files on the pool.
+
+    @ivar mode: C{"auto"}, C{"aio"} (fail to start without AIO) or
+        C{"threads"} (never use AIO).
+    """
+
+    name = "aio"
+
+    def __init__(self, engine: AIOEngine, mode: str) -> None:
+        self.engine = engine
+        self.mode = mode
+
+    def startService(self) -> None:
+        super().startService()
+        if self.mode == "threads":
+            log.info("Storage I/O engine: threads ([daemon] io_engine = threads)")
+            return
+        try:
+            self.engine.start()
+        except AIOUnavailable as e:
+            if self.mode == "aio":
+                raise SystemExit(
+                    f"[daemon] io_engine = aio, but Linux AIO is unavailable: {e}"
+                ) from None
+            log.warn(
+                "Storage I/O engine: threads (Linux AIO is unavailable: {error})", error=str(e)
+            )
+            return
+        log.info(
+            "Storage I/O engine: aio (Linux AIO, at most {maxEvents} requests in flight; "
+            "buffered files, fsync, zeroing and opening stay on the disk-io threads)",
+            maxEvents=self.engine.maxEvents,
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.engine.stop()
