@@ -16,7 +16,7 @@ from twisted.web.server import Request
 
 from imageio.web._response import INTERNAL_ERROR, HTTPError, sendJSON
 from imageio.web._router import MAX_SMALL_BODY, Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import ImageioSite
+from imageio.web import ImageioSite
 from tests._http import Connection, parseResponse, request
 
 

@@ -5,9 +5,7 @@ per seam:
 
   - the socket transport seam: L{imageio.web._twisted_transport};
   - the HTTP client pool seam: L{imageio.backends._twisted_client};
-  - the HTTP channel/request/decoder seam: still in
-    C{imageio.web._streaming} and C{imageio.web._response} (issue 11
-    phase 2 moves it into its own module).
+  - the HTTP channel/request/decoder seam: L{imageio.web._twisted_http}.
 
 If one of these tests fails after a Twisted upgrade, Twisted changed
 something we depend on: read the seam's module before anything else.
@@ -30,33 +28,20 @@ from twisted.web import client
 from zope.interface import implementer
 
 from imageio.backends import _twisted_client
-from imageio.web import _twisted_transport
+from imageio.web import _twisted_http, _twisted_transport
 from imageio.web._transport import ZeroCopyTCPServer, ZeroCopyUNIXServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The private names of the HTTP channel/request/decoder seam, used in
-#: C{imageio.web._streaming} (and C{_response}) until issue 11 phase 2
-#: quarantines them: file -> names.
-HTTP_SEAM_PENDING = {
-    "imageio/web/_streaming.py": {
-        "_HTTPChannel__first_line",
-        "_command",
-        "_savedTimeOut",
-        "_handlingRequest",
-        "_send100Continue",
-        "_respondToBadRequestAndDisconnect",
-        "_transferDecoder",
-        "_IdentityTransferDecoder",
-        "_disconnected",
-    },
-    "imageio/web/_response.py": {"_disconnected"},
-}
+#: Private names used outside their seam's module while a seam is being
+#: quarantined: file -> names. Empty: every seam has its module.
+HTTP_SEAM_PENDING: dict[str, set[str]] = {}
 
 #: Quarantine module -> the private names it owns.
 QUARANTINE = {
     "imageio/web/_twisted_transport.py": {n for _, n in _twisted_transport.PRIVATE_NAMES},
     "imageio/backends/_twisted_client.py": {n for _, n in _twisted_client.PRIVATE_NAMES},
+    "imageio/web/_twisted_http.py": {n for _, n in _twisted_http.PRIVATE_NAMES},
 }
 
 #: Every Twisted private name we know we use.

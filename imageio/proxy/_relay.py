@@ -59,6 +59,7 @@ from imageio.proxy._guard import GuardedEndpointFactory
 from imageio.web import (
     INTERNAL_ERROR,
     HTTPError,
+    exchangeOf,
     httpErrorFor,
     isGone,
     pushProducerOf,
@@ -435,7 +436,7 @@ class UploadRelay:
         elif failure is not None:
             log.info("Upload relay failed: {status} {message}", status=e.status, message=e.message)
         if self._early:
-            self.request.respondEarly(e)  # type: ignore[attr-defined]
+            exchangeOf(self.request).respondEarly(e)
         else:
             sendHTTPError(self.request, e)
 

@@ -11,9 +11,12 @@ layers below become HTTP statuses here, in L{httpErrorFor}, and nowhere
 else.
 """
 
+from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
 from imageio.web._jsonlist import JSONListWriter
+from imageio.web._redact import redactPath
+from imageio.web._request import exchangeOf
 from imageio.web._response import (
     INTERNAL_ERROR,
     HTTPError,
@@ -27,13 +30,8 @@ from imageio.web._response import (
     sendJSON,
 )
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import (
-    CollectSink,
-    ImageioChannel,
-    ImageioSite,
-    pushProducerOf,
-    redactPath,
-)
+from imageio.web._sinks import CollectSink
+from imageio.web._site import ImageioSite
 from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
 from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
 from imageio.web._upload import ShortBody, UploadSink
@@ -63,6 +61,8 @@ __all__ = [
     "ImageioChannel",
     "ImageioSite",
     "pushProducerOf",
+    "connectionOf",
+    "exchangeOf",
     "redactPath",
     # Bodies
     "DownloadProducer",
