@@ -343,8 +343,7 @@ class IExchange(Interface):
         """
     )
     respondedEarly = Attribute(
-        "C{bool}: the request was answered before its body was read; the "
-        "connection is closing."
+        "C{bool}: the request was answered before its body was read; the connection is closing."
     )
 
     def respondEarly(error: Exception) -> None:

@@ -25,17 +25,26 @@ from zope.interface.verify import verifyObject
 
 from imageio._buffers import BufferBudget, Lease
 from imageio.interfaces import (
+    HostTimedOut,
     IBodySink,
+    IConnection,
     IDirectBodySink,
     IDirectReader,
     IDirectReadTransport,
+    IExchange,
     IStreamingUpload,
 )
 from imageio.tickets import Ticket
-from imageio.web._response import HTTPError
-from imageio.web import ImageioChannel, ImageioSite, redactPath
+from imageio.web import (
+    ImageioChannel,
+    ImageioSite,
+    connectionOf,
+    exchangeOf,
+    redactPath,
+)
 from imageio.web._channel import MAX_REQUEST_LINE
 from imageio.web._request import StreamingRequest
+from imageio.web._response import HTTPError
 from tests._http import (
     Connection,
     FakeBackend,
@@ -87,6 +96,47 @@ class RequestLineTests(SynchronousTestCase):
         """
         for name in ("gotLength", "handleContentChunk", "requestReceived", "connectionLost"):
             self.assertTrue(callable(getattr(http.Request, name)), name)
+
+
+class ConnectionStateTests(SynchronousTestCase):
+    """
+    Handlers reach per-connection and per-request state through
+    L{IConnection} and L{IExchange} (L{connectionOf}, L{exchangeOf}).
+    """
+
+    def setUp(self) -> None:
+        self.conn, _ = connectDirect(ImageioSite(SinkResource(), "test", reactor=Clock()))
+        self.conn.send(putHead(10) + b"abc")
+        self.request = self.conn.channel.requests[-1]
+
+    def test_interfaces(self) -> None:
+        """
+        The channel provides L{IConnection} and the request L{IExchange}.
+        """
+        self.assertTrue(verifyObject(IConnection, connectionOf(self.request)))
+        self.assertIs(connectionOf(self.request), self.conn.channel)
+        self.assertTrue(verifyObject(IExchange, exchangeOf(self.request)))
+        self.assertIs(exchangeOf(self.request), self.request)
+
+    def test_otherRequests(self) -> None:
+        """
+        Requests of other sites are refused with L{TypeError}.
+        """
+        channel = http.HTTPChannel()
+        channel.makeConnection(StringTransport())
+        other = http.Request(channel)
+        self.assertRaises(TypeError, exchangeOf, other)
+        self.assertRaises(TypeError, connectionOf, other)
+
+    def test_respondEarlyDomainError(self) -> None:
+        """
+        C{respondEarly} answers a domain error with the status the web
+        layer maps it to, and closes.
+        """
+        exchangeOf(self.request).respondEarly(HostTimedOut("Timed out waiting for host"))
+        response = self.conn.response()
+        self.assertEqual(response.status, 504)
+        self.assertTrue(self.conn.closed)
 
 
 class StreamingTestCase(SynchronousTestCase):
@@ -1313,6 +1363,31 @@ class DirectReadTests(SynchronousTestCase):
             self.assertEqual(sink.pieces[-1][0], "copied")
             filled = sum(n for how, n in sink.pieces if how == "filled")
             self.assertLessEqual(filled, len(body) - 1)
+
+    def test_directBodyFramedExactly(self) -> None:
+        """
+        A Content-Length body read directly is framed exactly: bytes in it
+        that look like requests are body, never parsed as requests, and the
+        request pipelined after it is parsed once, from its first byte,
+        however the reads fall.
+        """
+        smuggled = request(b"GET", b"/smuggled") + putHead(4, b"/smuggled")
+        body = (smuggled * 200)[:5000]
+        stream = body + request(b"GET", b"/x")
+        for most in (1, 7, 4999, 5000, 5001, 100_000):
+            resource = SinkResource(size=64 * KiB)
+            conn, transport = connectDirect(ImageioSite(resource, "test", reactor=Clock()))
+            conn.send(putHead(len(body)))
+            receive(conn, transport, stream, most=most)
+            self.assertEqual(
+                [(r.status, r.body) for r in conn.responses()],
+                [(200, b"got 5000"), (200, b"hello")],
+                most,
+            )
+            self.assertEqual([bytes(s.body) for s in resource.sinks], [body], most)
+            self.assertEqual(resource.rendered, 1)
+            self.assertLessEqual(max(transport.offered, default=0), len(body) - 1)
+            self.assertFalse(conn.closed)
 
     def test_chunkedNotDirect(self) -> None:
         """

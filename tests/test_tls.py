@@ -1455,6 +1455,11 @@ class InMemoryDirectUploadTests(ContextMixin, SynchronousTestCase):
         self.assertEqual(readers, [c.wrapped])
         c.send(data + request(b"OPTIONS", b"/images/t1"))
         self.assertEqual(readers, [c.wrapped, None])
-        self.assertEqual(sum(copied), len(head) + len(request(b"OPTIONS", b"/images/t1")))
+        # Through dataReceived: the head, then the body's last byte (through
+        # Twisted's decoder, which ends the body) with the request pipelined
+        # behind it (which the channel replays to itself once the PUT is
+        # answered).
+        options = request(b"OPTIONS", b"/images/t1")
+        self.assertEqual(copied[:2], [len(head), 1 + len(options)])
         self.assertEqual([r.status for r in parseResponses(c.receive())], [200, 200])
         self.assertEqual(bytes(backend.image[: len(data)]), data)
