@@ -237,7 +237,7 @@ class ImageioChannel(HTTPChannelSeam):
     # Request heads
 
     def lineReceived(self, line: bytes) -> None:
-        if self.readingRequestLine and len(line) > MAX_REQUEST_LINE:
+        if len(line) > MAX_REQUEST_LINE and self.readingRequestLine:
             self._respondToStatus(414, b"Request-URI Too Long")
             return
         super().lineReceived(line)
