@@ -321,10 +321,19 @@ class HTTPSeamTests(SynchronousTestCase):
                 # Set on instances; pinned by the tests below.
                 continue
             self.assertTrue(hasattr(namedAny(owner), name), f"{owner}.{name} is gone")
-        self.assertEqual(
-            http._IdentityTransferDecoder.__slots__,
-            ["contentLength", "dataCallback", "finishCallback"],
-        )
+        # What IdentityBody relies on: a chunk before the last is counted
+        # off contentLength; the last ends the body through finishCallback
+        # and clears dataCallback.
+        data: list[bytes] = []
+        finished: list[bytes] = []
+        decoder = http._IdentityTransferDecoder(5, data.append, finished.append)
+        decoder.dataReceived(b"ab")
+        self.assertEqual((decoder.contentLength, data, finished), (3, [b"ab"], []))
+        decoder.contentLength -= 2
+        decoder.dataReceived(b"eNEXT")
+        self.assertEqual((data, finished), ([b"ab", b"e"], [b"NEXT"]))
+        self.assertIsNone(decoder.dataCallback)
+        self.assertEqual(decoder.contentLength, 0)
 
     def test_requestLine(self) -> None:
         """
