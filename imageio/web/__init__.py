@@ -8,7 +8,14 @@ This module is the layer's surface: C{imageio.daemon}, C{imageio.proxy},
 C{imageio.control} and C{imageio.tap} import from here, never from
 C{imageio.web._*} (C{tests/test_layers.py} checks). Domain errors from the
 layers below become HTTP statuses here, in L{httpErrorFor}, and nowhere
-else.
+else. Handlers keep per-connection and per-request state through
+L{connectionOf} (an L{imageio.interfaces.IConnection}) and L{exchangeOf}
+(an L{imageio.interfaces.IExchange}).
+
+Inside: C{_request} (streaming requests), C{_channel} (the connection),
+C{_site} (access log, metrics), C{_sinks}, C{_redact}, C{_socket}; the
+Twisted internals they need are in C{_twisted_http} and
+C{_twisted_transport} only.
 """
 
 from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
