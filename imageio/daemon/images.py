@@ -556,10 +556,10 @@ class ImageHandler:
         ticket = self.service.authorize(ticketID, WRITE)
         if offset + length > ticket.size:
             raise _outOfTicket(ticket, close=True)
+        exchange = exchangeOf(request)
         op = Operation("write", offset)
         self.service.startOperation(ticket, op)
         backend = self.service.backendFor(request, ticket)
-        exchange = exchangeOf(request)
         sink = UploadSink(
             backend,
             offset,
