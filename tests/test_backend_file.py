@@ -533,6 +533,124 @@ class _FileIOTestsMixin(_Mixin):
                 applyModel(model, offset, data)
                 self.assertEqual(self.fileBytes(), model, (offset, length))
 
+    def second(self) -> FileBackend:
+        """
+        Another backend on the image of the last L{backend} call, as a
+        second connection of the same ticket has.
+        """
+        return openSync(self, self.path, direct=self.direct, aio=self.aio)
+
+    def raceDuring(
+        self, owner: object, name: str, race: Callable[[], Deferred[Any]], before: bool = False
+    ) -> list[Deferred[Any]]:
+        """
+        Call C{race} (once) from inside the first call of C{owner.<name>}
+        (a pool-side method or system call), after it or C{before} it, as a
+        second connection's request would arrive while a pool thread is in
+        the middle of an operation.
+
+        @return: Where C{race}'s Deferred is put once it was called.
+        """
+        real = getattr(owner, name)
+        raced: list[Deferred[Any]] = []
+
+        def hooked(*args: Any) -> Any:
+            if before and not raced:
+                raced.append(race())
+            result = real(*args)
+            if not raced:
+                raced.append(race())
+            return result
+
+        self.patch(owner, name, hooked)
+        return raced
+
+    def test_alignedWriteDuringReadModifyWrite(self) -> None:
+        """
+        An aligned write of a block that another connection's unaligned
+        write is merging (between its read and its write back) is not
+        undone by the write back: each writer's bytes survive.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        bs = b.blockSize
+        dataA = memoryview(_buffers.allocate(2 * bs))[: 2 * bs]
+        dataA[:] = b"A" * 2 * bs
+        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
+        self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
+        self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
+        self.assertEqual(self.fileBytes(), b"A" * (bs + 3) + b"B" * bs + old[2 * bs + 3 :])
+
+    def test_alignedZeroDuringReadModifyWrite(self) -> None:
+        """
+        An aligned zero racing an unaligned write's merge of its last block
+        is not undone by the write back.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        bs = b.blockSize
+        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.zero(0, 2 * bs))
+        self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
+        self.assertIsNone(self.successResultOf(raced[0]))
+        self.assertEqual(self.fileBytes(), bytes(bs + 3) + b"B" * bs + old[2 * bs + 3 :])
+
+    def test_alignedWriteDuringUnalignedZero(self) -> None:
+        """
+        An aligned write racing the merge of a zero's unaligned edge is not
+        undone by the zero's write back.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        bs = b.blockSize
+        dataA = memoryview(_buffers.allocate(2 * bs))[: 2 * bs]
+        dataA[:] = b"A" * 2 * bs
+        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
+        self.assertIsNone(self.successResultOf(b.zero(bs + 3, bs)))
+        self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
+        self.assertEqual(self.fileBytes(), b"A" * (bs + 3) + bytes(bs) + old[2 * bs + 3 :])
+
+    def test_extendingWriteDuringTailTrim(self) -> None:
+        """
+        A write extending the file is not cut off by an unaligned write
+        past the end of file trimming the whole block it wrote back to its
+        own end.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O writes partial blocks as they are")
+        b = self.backend(b"o" * 4 * KiB)
+        a = self.second()
+        dataA = memoryview(_buffers.allocate(8 * KiB))
+        dataA[:] = b"A" * 8 * KiB
+        raced = self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+        self.assertEqual(self.successResultOf(b.write(4 * KiB, memoryview(b"B" * 100))), 100)
+        self.assertEqual(self.successResultOf(raced[0]), 8 * KiB)
+        self.assertEqual(
+            self.fileBytes(), b"o" * 4 * KiB + b"B" * 100 + bytes(4 * KiB - 100) + b"A" * 8 * KiB
+        )
+
+    def test_extendingWriteDuringSparseZero(self) -> None:
+        """
+        A write extending the file is not cut off by a sparse zero past the
+        end of file, which extends the file with C{ftruncate}.
+        """
+        b = self.backend(b"o" * 4 * KiB, sparse=True)
+        a = self.second()
+        dataA = memoryview(_buffers.allocate(8 * KiB))
+        dataA[:] = b"A" * 8 * KiB
+        raced = self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+        self.assertIsNone(self.successResultOf(b.zero(4 * KiB, 4 * KiB)))
+        self.assertEqual(self.successResultOf(raced[0]), 8 * KiB)
+        self.assertEqual(self.fileBytes(), b"o" * 4 * KiB + bytes(4 * KiB) + b"A" * 8 * KiB)
+
     def test_writeMisalignedMemory(self) -> None:
         """
         Data in memory that is not aligned is written correctly at aligned
