@@ -569,7 +569,8 @@ class _FileIOTestsMixin(_Mixin):
         """
         An aligned write of a block that another connection's unaligned
         write is merging (between its read and its write back) is not
-        undone by the write back: each writer's bytes survive.
+        undone by the write back: the writes are serialized, the later one
+        winning where they overlap.
         """
         if not self.direct:
             raise SkipTest("Buffered I/O does no read-modify-write")
@@ -582,7 +583,7 @@ class _FileIOTestsMixin(_Mixin):
         raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
         self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
         self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
-        self.assertEqual(self.fileBytes(), b"A" * (bs + 3) + b"B" * bs + old[2 * bs + 3 :])
+        self.assertEqual(self.fileBytes(), b"A" * 2 * bs + b"B" * 3 + old[2 * bs + 3 :])
 
     def test_alignedZeroDuringReadModifyWrite(self) -> None:
         """
@@ -598,7 +599,7 @@ class _FileIOTestsMixin(_Mixin):
         raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.zero(0, 2 * bs))
         self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
         self.assertIsNone(self.successResultOf(raced[0]))
-        self.assertEqual(self.fileBytes(), bytes(bs + 3) + b"B" * bs + old[2 * bs + 3 :])
+        self.assertEqual(self.fileBytes(), bytes(2 * bs) + b"B" * 3 + old[2 * bs + 3 :])
 
     def test_alignedWriteDuringUnalignedZero(self) -> None:
         """
@@ -616,7 +617,7 @@ class _FileIOTestsMixin(_Mixin):
         raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
         self.assertIsNone(self.successResultOf(b.zero(bs + 3, bs)))
         self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
-        self.assertEqual(self.fileBytes(), b"A" * (bs + 3) + bytes(bs) + old[2 * bs + 3 :])
+        self.assertEqual(self.fileBytes(), b"A" * 2 * bs + bytes(3) + old[2 * bs + 3 :])
 
     def test_extendingWriteDuringTailTrim(self) -> None:
         """
