@@ -9,7 +9,9 @@ direct reads and writes, which go through the AIO engine (L{imageio._aio})
 when the daemon has one and fall back to the pool where the kernel would
 block. Unaligned requests go through a per-backend bounce buffer
 (read-modify-write of whole blocks for writes), so callers need not know
-the block size.
+the block size. Writes and zeroes that touch the same blocks of an image,
+from any connection, take turns (L{_ImageWrites}), so that a
+read-modify-write never undoes another writer's bytes.
 
 Unlike upstream, C{extents} reports the holes of sparse files (from
 C{SEEK_DATA}/C{SEEK_HOLE}), so clients can skip them.
@@ -665,15 +667,28 @@ class FileBackend:
             long once it succeeded.
         """
         writes = self._writes
+        held = [True]
 
         def finished(r: object) -> None:
+            if not held:
+                return
+            held.clear()
             if not isinstance(r, Failure) and not self.isBlock and end > writes.size:
                 writes.size = end
             writes.release(claim)
 
+        def begin(_: object = None) -> Deferred[T]:
+            try:
+                return start(finished)
+            except BaseException:
+                # Never leave the blocks claimed: everyone would wait.
+                failure = Failure()
+                finished(failure)
+                return fail(failure)
+
         if claim.ready is None:
-            return start(finished)
-        return cast("Deferred[T]", claim.ready.addCallback(lambda _: start(finished)))
+            return begin()
+        return cast("Deferred[T]", claim.ready.addCallback(begin))
 
     def _aligned(self, offset: int, buf: memoryview) -> bool:
         bs = self.blockSize
