@@ -1413,6 +1413,28 @@ class WriteRegistryTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertIdle()
 
+    def test_startRaisingReleases(self) -> None:
+        """
+        A write whose start raises (a bug, a thread that cannot start)
+        fails and releases its blocks.
+        """
+        real = FileBackend._runThen
+        calls = []
+
+        def runThen(backend: FileBackend, *args: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("can't start new thread")
+            return real(backend, *args)
+
+        self.patch(FileBackend, "_runThen", runThen)
+        self.failureResultOf(self.a.write(0, self.data(10)), RuntimeError)
+        self.assertIdle()
+        second = self.b.write(0, self.data(10))
+        self.diskio.runNext()
+        self.successResultOf(second)
+        self.assertIdle()
+
     def test_cancelWaitingWithdraws(self) -> None:
         """
         Cancelling a write that waits withdraws it: it never runs, and a
