@@ -137,7 +137,28 @@ class UNIXEndpointFactory:
     path: str
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        return UNIXClientEndpoint(self.reactor, self.path, timeout=httpclient.CONNECT_TIMEOUT)
+        return _BigReads(
+            UNIXClientEndpoint(self.reactor, self.path, timeout=httpclient.CONNECT_TIMEOUT)
+        )
+
+
+@implementer(IStreamClientEndpoint)
+@frozen
+class _BigReads:
+    """
+    Connects through C{wrapped}, then lets the connection read up to
+    L{_tls.READ_SIZE} at once.
+    """
+
+    wrapped: IStreamClientEndpoint
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        def connected(protocol: Any) -> Any:
+            _tls.readMore(protocol.transport)
+            return protocol
+
+        d: Deferred[Any] = self.wrapped.connect(protocolFactory)
+        return d.addCallback(connected)
 
 
 def errorMessage(reason: Failure | BaseException) -> str:

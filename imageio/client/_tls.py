@@ -31,6 +31,20 @@ from imageio.web._tls import TLSServerFactory, TLSServerProtocol
 #: Seconds the server gets to complete the handshake.
 HANDSHAKE_TIMEOUT = 30.0
 
+#: Largest socket read of a client connection (Twisted reads 64 KiB): a
+#: download is received in fewer, larger pieces, with fewer trips through
+#: the reactor, TLS and the HTTP parser.
+READ_SIZE = 256 * 1024
+
+
+def readMore(transport: object) -> None:
+    """
+    Let C{transport} (a Twisted TCP or UNIX socket transport) read up to
+    L{READ_SIZE} bytes at once.
+    """
+    if isinstance(getattr(transport, "bufferSize", None), int):
+        transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+
 
 def makeClientContext(cafile: str | None, secure: bool) -> ssl.SSLContext:
     """
@@ -79,6 +93,10 @@ class TLSClientProtocol(TLSServerProtocol):
     The client side of one TLS connection: L{TLSServerProtocol} with a
     client C{SSLObject}, sending its hello as soon as TCP connects.
     """
+
+    def makeConnection(self, transport: Any) -> None:
+        readMore(transport)
+        super().makeConnection(transport)
 
     def connectionMade(self) -> None:
         super().connectionMade()
