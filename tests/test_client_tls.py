@@ -12,9 +12,10 @@ from typing import Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import URI
 
 from imageio import _pki
@@ -90,9 +91,9 @@ class ConnectionTests(TestCase):
         self.port = yield self.listen(self.pki.certFile, self.pki.keyFile)
 
     @inlineCallbacks
-    def listen(self, cert: str, key: str) -> Any:
+    def listen(self, cert: str, key: str, tcp: Any = None) -> Any:
         server = TLSServerEndpoint(
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            tcp or TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
             makeServerContext(cert, key),
             reactor,
         )
@@ -129,6 +130,19 @@ class ConnectionTests(TestCase):
         A DNS name in the URL is checked against the certificate's names.
         """
         return self.roundTrip(self.port, b"localhost", self.pki.caFile)
+
+    @inlineCallbacks
+    def test_ipv6(self) -> Any:
+        """
+        An IPv6 address in brackets is checked without them.
+        """
+        try:
+            port = yield self.listen(
+                self.pki.certFile, self.pki.keyFile, TCP6ServerEndpoint(reactor, 0, interface="::1")
+            )
+        except CannotListenError:
+            raise SkipTest("No IPv6 loopback") from None
+        yield self.roundTrip(port, b"[::1]", self.pki.caFile)
 
     @inlineCallbacks
     def test_wrongName(self) -> Any:
