@@ -20,7 +20,7 @@ from twisted.web.client import URI
 
 from imageio import _pki
 from imageio.client import _tls
-from imageio.web._tls import TLSServerEndpoint, makeServerContext
+from imageio.web import TLSServerEndpoint, makeServerContext
 
 reactor: Any = _reactor
 

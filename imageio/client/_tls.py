@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from imageio.web._tls import TLSServerFactory, TLSServerProtocol
+from imageio.web import TLSServerFactory, TLSServerProtocol
 
 #: Seconds the server gets to complete the handshake.
 HANDSHAKE_TIMEOUT = 30.0
