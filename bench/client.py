@@ -128,6 +128,7 @@ def bench(setup: str, local: bool, size: int, runs: int, work: Path) -> list[dic
                     "seconds": round(wall, 3),
                     "MiB/s": round(size / MiB / wall, 1),
                     "cpu_s_per_GiB": round(cpu / (size / GiB), 3),
+                    "samples": [(round(w, 3), round(c, 3)) for w, c in values],
                 }
             o, u = row["ours"], row["upstream"]
             assert isinstance(o, dict) and isinstance(u, dict)

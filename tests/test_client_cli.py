@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,27 @@ class ParserTests(SynchronousTestCase):
         self.assertRaises(
             SystemExit, _cli.parser().parse_args, ["-c", "ca", "--insecure", "info", "f"]
         )
+
+    def test_helpWithoutTwisted(self) -> None:
+        """
+        C{--help} and the package import load neither Twisted nor TLS: a
+        fresh interpreter answers in a twentieth of a CPU second. The names
+        of L{imageio.client} still resolve, loaded on first use.
+        """
+        script = (
+            "import contextlib, io, sys\n"
+            "from imageio.client import _cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    _cli.main(['--help'])\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in"
+            " ('twisted', 'OpenSSL', 'ssl', 'attr'))\n"
+            "import imageio.client\n"
+            "print(loaded, imageio.client.upload.__module__, imageio.client.MAX_WORKERS)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(out.split(), ["[]", "imageio.client._sync", "4"])
 
 
 class BlockingAPITests(CLITestCase):

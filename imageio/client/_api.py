@@ -18,36 +18,18 @@ from imageio._diskio import DiskIO
 from imageio.backends import BackendContext
 from imageio.client import _local
 from imageio.client._copy import Copier, CopyStats, collectExtents, planTasks, streamSize
+from imageio.client._defaults import BUFFER_SIZE, FORMATS, MAX_BUFFER_SIZE, MAX_WORKERS, isURL
 from imageio.client._remote import NotSupported, Remote, RemoteError, openRemote
 from imageio.interfaces import IBackend, UnsupportedOperation
 from imageio.ranges import RangeSet
 
 MiB = 1024**2
 
-#: Default buffer per worker: the largest request sent.
-BUFFER_SIZE = 8 * MiB
-
-#: Largest buffer accepted (bounded requests; NBD's limit is 32 MiB).
-MAX_BUFFER_SIZE = 32 * MiB
-
-#: Default number of connections (upstream's).
-MAX_WORKERS = 4
-
-#: Download formats.
-FORMATS = ("raw", "qcow2")
-
 
 class ClientError(Exception):
     """
     A transfer cannot be done as asked; the message says why.
     """
-
-
-def isURL(target: str) -> bool:
-    """
-    @return: Whether C{target} names a remote image rather than a file.
-    """
-    return target.startswith(("https://", "http://"))
 
 
 @define

@@ -15,10 +15,12 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from imageio.client._api import BUFFER_SIZE, FORMATS, MAX_WORKERS, isURL
-from imageio.client._progress import JSONProgress, Progress, TextProgress
+from imageio.client._defaults import BUFFER_SIZE, FORMATS, MAX_WORKERS, isURL
+
+if TYPE_CHECKING:
+    from imageio.client._progress import Progress
 
 PROG = "imageio-client"
 
@@ -107,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _progress(args: argparse.Namespace, description: str) -> Progress | None:
+    from imageio.client._progress import JSONProgress, TextProgress
+
     if args.output == "json":
         return JSONProgress(description=description, output=sys.stdout)
     if sys.stderr.isatty():
@@ -160,6 +164,8 @@ def run(args: argparse.Namespace) -> None:
                 print(f"format: {result['format']}")
                 print(f"virtual-size: {result['virtual-size']}")
     except BaseException:
+        from imageio.client._progress import TextProgress
+
         if isinstance(progress, TextProgress) and progress.output is not None:
             # End the bar's line before the error.
             progress.output.write("\n")

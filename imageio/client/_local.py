@@ -23,8 +23,6 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from imageio.backends import BackendContext
-from imageio.backends import file as _file
-from imageio.backends import nbd as _nbd
 from imageio.interfaces import Extent, IBackend
 
 #: The first bytes of a qcow2 image (C{QFI\\xfb}).
@@ -332,6 +330,8 @@ def openFile(ctx: BackendContext, filename: str, *, write: bool) -> Deferred[IBa
     Open a raw file or block device through the file backend (sparse: zero
     punches holes).
     """
+    from imageio.backends import file as _file
+
     url = "file://" + os.path.abspath(filename)
     return _file.openBackend(ctx, url, write=write, sparse=True, dirty=False)
 
@@ -342,6 +342,9 @@ def openNBD(
     """
     Connect to a private C{qemu-nbd}.
     """
+    # Imported here: a raw transfer does not load the NBD client.
+    from imageio.backends import nbd as _nbd
+
     return _nbd.openBackend(ctx, server.url, write=write, sparse=True, dirty=dirty)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,15 +24,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from imageio.backends import http as _http
 from imageio.backends import httpclient
+from imageio.client import _tls
 from imageio.interfaces import IBackend
 from imageio.ranges import RangeSet
 
@@ -68,6 +69,12 @@ def networkError(reason: Failure, url: str) -> RemoteError:
     """
     mapped = httpclient.hostError(reason)
     why = getattr(mapped, "message", str(mapped))
+    for inner in httpclient._innerFailures(reason):
+        if inner.check(ssl.SSLError):
+            # The stdlib's TLS (imageio.client._tls); httpclient knows
+            # pyOpenSSL's errors only.
+            why = f"Cannot verify the host's TLS certificate: {httpclient._describe(inner)}"
+            break
     return RemoteError(f"Cannot reach {_shown(url)}: {why}")
 
 
@@ -118,17 +125,6 @@ def parseOptions(body: bytes) -> ServerOptions:
     )
 
 
-@implementer(IPolicyForHTTPS)
-@frozen
-class InsecurePolicy:
-    """
-    TLS 1.2 at least, but no certificate or host name check (C{--insecure}).
-    """
-
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return CertificateOptions(verify=False, raiseMinimumTo=TLSVersion.TLSv1_2)
-
-
 @implementer(IAgentEndpointFactory)
 @frozen
 class UNIXEndpointFactory:
@@ -141,7 +137,28 @@ class UNIXEndpointFactory:
     path: str
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        return UNIXClientEndpoint(self.reactor, self.path, timeout=httpclient.CONNECT_TIMEOUT)
+        return _BigReads(
+            UNIXClientEndpoint(self.reactor, self.path, timeout=httpclient.CONNECT_TIMEOUT)
+        )
+
+
+@implementer(IStreamClientEndpoint)
+@frozen
+class _BigReads:
+    """
+    Connects through C{wrapped}, then lets the connection read up to
+    L{_tls.READ_SIZE} at once.
+    """
+
+    wrapped: IStreamClientEndpoint
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        def connected(protocol: Any) -> Any:
+            _tls.readMore(protocol.transport)
+            return protocol
+
+        d: Deferred[Any] = self.wrapped.connect(protocolFactory)
+        return d.addCallback(connected)
 
 
 def errorMessage(reason: Failure | BaseException) -> str:
@@ -195,14 +212,11 @@ class Connector:
     cafile: str | None
     secure: bool
     unixSocket: str | None = field(default=None, init=False)
-    _policy: Any = field(default=None, init=False)
+    _context: Any = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.secure:
-            # Raises ValueError for an unreadable CA file.
-            self._policy = httpclient.VerifyingPolicy(httpclient.loadTrustRoot(self.cafile or ""))
-        else:
-            self._policy = InsecurePolicy()
+        # Raises ValueError for an unreadable CA file.
+        self._context = _tls.makeClientContext(self.cafile, self.secure)
 
     def useUnix(self, path: str) -> None:
         self.unixSocket = path
@@ -212,13 +226,10 @@ class Connector:
         if self.unixSocket is not None:
             factory = UNIXEndpointFactory(self.reactor, self.unixSocket)
             return Agent.usingEndpointFactory(self.reactor, factory, pool=pool), pool
-        agent = Agent(
-            self.reactor,
-            contextFactory=self._policy,
-            connectTimeout=httpclient.CONNECT_TIMEOUT,
-            pool=pool,
-        )
-        return agent, pool
+        # TLS on the stdlib's ssl module, not Twisted's (pyOpenSSL): about
+        # 40% less CPU per GiB uploaded (see imageio.client._tls).
+        tls = _tls.TLSEndpointFactory(self.reactor, self._context, httpclient.CONNECT_TIMEOUT)
+        return Agent.usingEndpointFactory(self.reactor, tls, pool=pool), pool
 
 
 def unixURL(url: str) -> str:

@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 
 from imageio import _blkhash
 from imageio._diskio import DiskIO, DiskIOPool
-from imageio.client._api import BUFFER_SIZE, MAX_WORKERS, Client
+from imageio.client._api import Client
+from imageio.client._defaults import BUFFER_SIZE, MAX_WORKERS
 from imageio.interfaces import Extent
 
 #: Disk-io threads of the blocking API's pool.

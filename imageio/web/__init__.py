@@ -39,7 +39,13 @@ from imageio.web._response import (
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
 from imageio.web._sinks import CollectSink
 from imageio.web._site import ImageioSite
-from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
+from imageio.web._tls import (  # imageio.client._tls
+    TLSConfigError,
+    TLSServerEndpoint,
+    TLSServerFactory,
+    TLSServerProtocol,
+    makeServerContext,
+)
 from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
 from imageio.web._upload import ShortBody, UploadSink
 
@@ -83,4 +89,6 @@ __all__ = [
     "TLSConfigError",
     "TLSServerEndpoint",
     "makeServerContext",
+    "TLSServerFactory",
+    "TLSServerProtocol",
 ]
