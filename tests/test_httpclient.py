@@ -7,6 +7,9 @@ limits, request bodies and the silence watchdog.
 
 from __future__ import annotations
 
+import ssl
+
+from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -146,6 +149,16 @@ class HostErrorTests(SynchronousTestCase):
         e = hostError(Failure(ResponseFailed([Failure(BadResponse("bad extents"))])))
         self.assertIsInstance(e, HostInvalid)
         self.assertEqual(status(e), (502, "Invalid response from host: bad extents"))
+
+    def test_certificateErrors(self) -> None:
+        """
+        A certificate the client cannot verify, from pyOpenSSL or from the
+        standard library's C{ssl}, is L{HostInvalid} naming the cause.
+        """
+        for exc in (SSL.Error("certificate verify failed"), ssl.SSLError(1, "bad cert")):
+            e = hostError(Failure(ResponseNeverReceived([Failure(exc)])))
+            self.assertIsInstance(e, HostInvalid)
+            self.assertTrue(str(e).startswith("Cannot verify the host's TLS certificate: "), e)
 
     def test_domainErrorsKept(self) -> None:
         """

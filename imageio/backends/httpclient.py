@@ -18,6 +18,7 @@ layer (L{imageio.web.httpErrorFor}) turns them into HTTP statuses.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -411,7 +412,8 @@ def hostError(reason: Failure) -> HostError | RemoteError:
             return HostTimedOut("Timed out connecting to host")
         if f.check(ReadTimeout, defer.TimeoutError):
             return HostTimedOut("Timed out waiting for host")
-        if f.check(SSL.Error) or type(f.value).__name__ == "VerificationError":
+        # pyOpenSSL (Twisted TLS) or the stdlib (imageio.client's TLS).
+        if f.check(SSL.Error, ssl.SSLError) or type(f.value).__name__ == "VerificationError":
             return HostInvalid(f"Cannot verify the host's TLS certificate: {_describe(f)}")
         if f.check(BadResponse):
             return HostInvalid(f"Invalid response from host: {_describe(f)}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -69,12 +68,6 @@ def networkError(reason: Failure, url: str) -> RemoteError:
     """
     mapped = httpclient.hostError(reason)
     why = getattr(mapped, "message", str(mapped))
-    for inner in httpclient._innerFailures(reason):
-        if inner.check(ssl.SSLError):
-            # The stdlib's TLS (imageio.client._tls); httpclient knows
-            # pyOpenSSL's errors only.
-            why = f"Cannot verify the host's TLS certificate: {httpclient._describe(inner)}"
-            break
     return RemoteError(f"Cannot reach {_shown(url)}: {why}")
 
 
