@@ -35,6 +35,7 @@ from twisted.python.components import Componentized
 from twisted.web.resource import Resource
 
 import imageio
+import imageio._twisted_lazytls  # noqa: F401  first: the reactor core without pyOpenSSL
 from imageio import _log
 from imageio import config as _config
 from imageio._aio import AIOEngine, AIOService
