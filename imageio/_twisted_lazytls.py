@@ -16,10 +16,10 @@ which imports it itself, when it is first used.
 
 L{importReactorCore} imports those two reactor modules with the three TLS
 modules blocked, so both take their "no TLS support" branch, then unblocks
-them. Importing this module does that, once, in a process that has not
-imported the reactor core yet (C{imageio.tap}, run by C{twistd}, imports
-this module first); it is a no-op anywhere else (tests, a reactor
-installed before, C{twistd --reactor}). What it costs the process:
+them, in a process that has not imported the reactor core yet: importing
+L{imageio._leanreactor} does that, and C{imageio.tap}, run by C{twistd},
+imports it first. It is a no-op anywhere else (tests, a reactor installed
+before, C{twistd --reactor}). What it costs the process:
 
   - C{tcp.Connection} has no C{startTLS}: no imageio code uses it (our
     server transports refuse it; the HTTP client wraps its connections
@@ -93,7 +93,3 @@ def restoreReactorTLS() -> None:
     posixbase.tls = tls  # type: ignore[attr-defined]
     posixbase.ssl = ssl  # type: ignore[attr-defined]
     classImplements(posixbase.PosixReactorBase, IReactorSSL)
-
-
-#: Whether importing this module imported the reactor core without TLS.
-imported = importReactorCore()
