@@ -5,6 +5,8 @@ per seam:
 
   - the socket transport seam: L{imageio.web._twisted_transport};
   - the HTTP client pool seam: L{imageio.backends._twisted_client};
+  - the reactor core's import-time TLS seam:
+    L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor};
   - the HTTP channel/request/decoder seam: still in
     C{imageio.web._streaming} and C{imageio.web._response} (issue 11
     phase 2 moves it into its own module).
