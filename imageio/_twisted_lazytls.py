@@ -59,7 +59,9 @@ def importReactorCore() -> bool:
     Import the reactor core (L{CORE}) without its pyOpenSSL-based TLS
     support, unless something imported the core or the TLS modules before.
 
-    @return: C{True} if the core was imported here, without TLS support.
+    @return: C{True} if the core was imported here, without TLS support;
+        C{False} if something imported it before, or if importing it
+        without them failed (a later import then imports it whole).
     """
     if any(name in sys.modules for name in (*CORE, *BLOCKED, "twisted.internet.reactor")):
         return False
@@ -68,6 +70,9 @@ def importReactorCore() -> bool:
     try:
         for name in CORE:
             __import__(name)
+    except ImportError:
+        # A Twisted release that needs one of them: import it as it is.
+        return False
     finally:
         for name in BLOCKED:
             if name in sys.modules and sys.modules[name] is None:

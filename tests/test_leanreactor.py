@@ -18,7 +18,16 @@ from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imageio import _pki, _twisted_lazytls
-from tests._daemon import SubprocessDaemon, connect, control, shortTempDir, ticketBody
+from tests._daemon import (
+    SubprocessDaemon,
+    connect,
+    control,
+    shortTempDir,
+    ticketBody,
+    waitFor,
+)
+
+QEMU_NBD = shutil.which("qemu-nbd")
 
 #: Run in a fresh interpreter: what each step leaves loaded.
 SCRIPT = """
@@ -116,8 +125,10 @@ class LeanDaemonTests(TestCase):
 
     async def test_idleWithoutCryptographyHTTPSTicketWorks(self) -> None:
         """
-        At idle the daemon has not loaded cryptography; an C{https:} ticket
-        relaying to another daemon still works, loading it then.
+        At idle the daemon has not loaded cryptography, nor after serving a
+        C{file:} ticket and (with C{qemu-nbd}) an C{nbd:unix:} one; an
+        C{https:} ticket relaying to another daemon still works, loading it
+        then.
         """
 
         def scenario() -> None:
@@ -139,6 +150,14 @@ class LeanDaemonTests(TestCase):
             body = ticketBody(sourceTicket, f"file://{image}", len(data), ("read",))
             response = control(source.addresses, "PUT", f"/tickets/{sourceTicket}", body)
             self.assertEqual(response.status, 200, response.text)
+            response = control(lean.addresses, "PUT", f"/tickets/{sourceTicket}", body)
+            self.assertEqual(response.status, 200, response.text)
+            with connect(lean.addresses) as conn:
+                response = conn.request("GET", f"/images/{sourceTicket}")
+            self.assertEqual(response.body, data)
+            if QEMU_NBD is not None:
+                self._nbdTicket(lean, image, data, pkiDir)
+            self.assertFalse(_cryptographyLoaded(lean.pid), lean.output())
             host, port = source.addresses.remote
             relayTicket = str(uuid.uuid4())
             url = f"https://localhost:{port}/images/{sourceTicket}"
@@ -152,3 +171,27 @@ class LeanDaemonTests(TestCase):
             self.assertTrue(_cryptographyLoaded(lean.pid))
 
         await deferToThread(scenario)
+
+    def _nbdTicket(self, lean: SubprocessDaemon, image: Path, data: bytes, where: Path) -> None:
+        """
+        Serve C{image} with C{qemu-nbd} and read it through an C{nbd:unix:}
+        ticket of C{lean}.
+        """
+        assert QEMU_NBD is not None
+        sock = where / "nbd.sock"
+        server = subprocess.Popen(
+            [QEMU_NBD, "--socket", str(sock), "--format", "raw", "--read-only", str(image)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(server.wait)
+        self.addCleanup(server.kill)
+        self.assertTrue(waitFor(sock.exists, 10), "qemu-nbd did not start")
+        ticket = str(uuid.uuid4())
+        body = ticketBody(ticket, f"nbd:unix:{sock}", len(data), ("read",))
+        response = control(lean.addresses, "PUT", f"/tickets/{ticket}", body)
+        self.assertEqual(response.status, 200, response.text)
+        with connect(lean.addresses) as conn:
+            response = conn.request("GET", f"/images/{ticket}")
+        self.assertEqual(response.status, 200, response.text)
+        self.assertEqual(response.body, data)
