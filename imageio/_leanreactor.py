@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_twisted_seams -*-
+# -*- test-case-name: tests.test_leanreactor -*-
 """
 Importing this module imports Twisted's reactor core without its
 pyOpenSSL-based TLS support (L{imageio._twisted_lazytls.importReactorCore}),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_twisted_seams -*-
+# -*- test-case-name: tests.test_leanreactor -*-
 """
 Quarantine for the Twisted import-time TLS seam: a daemon that never makes
 a TLS client connection does not load pyOpenSSL and cryptography.
@@ -23,16 +23,18 @@ before, C{twistd --reactor}). What it costs the process:
 
   - C{tcp.Connection} has no C{startTLS}: no imageio code uses it (our
     server transports refuse it; the HTTP client wraps its connections
-    in C{TLSMemoryBIOFactory} through C{wrapClientTLS}, which imports
-    C{twisted.protocols.tls} when it runs);
+    in C{TLSMemoryBIOFactory} through C{wrapClientTLS}, and
+    C{twisted.internet.endpoints}, imported with it, imports
+    C{twisted.protocols.tls} itself);
   - the reactor's C{connectSSL} and C{listenSSL} have no implementation
     until L{restoreReactorTLS} gives them back; the HTTP client calls it
     when it is imported.
 
 The private names it relies on (C{PRIVATE_NAMES}, and the blocked modules
-L{BLOCKED}) are pinned by C{tests.test_twisted_seams}, and a test starts a
-real daemon to check that it runs without pyOpenSSL and still serves an
-C{https:} ticket.
+L{BLOCKED}) are pinned by C{tests.test_leanreactor}, which also starts a
+real daemon to check that it idles without cryptography and still serves
+an C{https:} ticket. A Twisted release that imports pyOpenSSL elsewhere in
+the core makes that test fail, not the daemon.
 """
 
 from __future__ import annotations
