@@ -61,7 +61,7 @@ def httpStack(requests: int) -> dict[str, float]:
     from imageio.backends import BackendContext, BackendOpener, memory
     from imageio.daemon.images import ImagesService, imagesResource
     from imageio.tickets import TicketRegistry
-    from imageio.web._streaming import ImageioSite
+    from imageio.web import ImageioSite
 
     size = 64 * MiB
     clock = MemoryReactorClock()

@@ -17,6 +17,8 @@ from attrs import frozen
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from twisted.internet.defer import Deferred
     from twisted.python.failure import Failure
     from twisted.web.iweb import IRequest
@@ -293,6 +295,65 @@ class IStreamingUpload(Interface):
             chunked bodies.
         @return: A sink for the body, or C{None} to let twisted.web buffer it
             as usual (small JSON bodies).
+        """
+
+
+class IConnection(Interface):
+    """
+    What a handler may keep on, and ask of, the connection a request came
+    on (L{imageio.web.connectionOf}).
+    """
+
+    contexts = Attribute(
+        """
+        C{dict}: per-ticket state of this connection, the handlers' to
+        manage (the images API keeps each ticket's open backend here).
+        """
+    )
+
+    def addCloseHook(hook: Callable[[], object]) -> None:
+        """
+        Call C{hook} when the connection closes (errors are logged).
+        """
+
+    def setIdleTimeout(seconds: float | None) -> None:
+        """
+        Close the connection after C{seconds} without activity, from now if
+        it is idle, else once the request being answered completes.
+        """
+
+    def resetTimeout() -> None:
+        """
+        Note activity (a request body making progress): the idle timeout
+        starts again.
+        """
+
+
+class IExchange(Interface):
+    """
+    One request as its handler sees it beyond C{IRequest}: what the
+    handler prepared when the headers arrived, and answers sent before the
+    body was read (L{imageio.web.exchangeOf}).
+    """
+
+    pending = Attribute(
+        """
+        What the handler's C{bodySink} prepared for its C{render} (the
+        upload being received, credentials already checked), or C{None}.
+        """
+    )
+    respondedEarly = Attribute(
+        "C{bool}: the request was answered before its body was read; the connection is closing."
+    )
+
+    def respondEarly(error: Exception) -> None:
+        """
+        Answer now, before the rest of the body was read, then close the
+        connection. Does nothing once the request was answered or the
+        client left.
+
+        @param error: An C{imageio.web.HTTPError}, or a domain error the web
+            layer maps to a status (C{imageio.web.httpErrorFor}).
         """
 
 

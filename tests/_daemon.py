@@ -199,7 +199,7 @@ def dropServerConnections(reactor: Any) -> int:
 
     @return: How many were aborted.
     """
-    from imageio.web._streaming import ImageioChannel
+    from imageio.web import ImageioChannel
     from imageio.web._tls import TLSServerProtocol
 
     count = 0

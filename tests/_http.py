@@ -25,7 +25,7 @@ from imageio.backends import BackendContext, BackendOpener, memory
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.interfaces import Extent, IBackend, IBackendOpener
 from imageio.tickets import Ticket, TicketRegistry
-from imageio.web._streaming import ImageioChannel, ImageioSite
+from imageio.web import ImageioChannel, ImageioSite
 
 _names = itertools.count()
 

@@ -533,6 +533,125 @@ class _FileIOTestsMixin(_Mixin):
                 applyModel(model, offset, data)
                 self.assertEqual(self.fileBytes(), model, (offset, length))
 
+    def second(self) -> FileBackend:
+        """
+        Another backend on the image of the last L{backend} call, as a
+        second connection of the same ticket has.
+        """
+        return openSync(self, self.path, direct=self.direct, aio=self.aio)
+
+    def raceDuring(
+        self, owner: object, name: str, race: Callable[[], Deferred[Any]], before: bool = False
+    ) -> list[Deferred[Any]]:
+        """
+        Call C{race} (once) from inside the first call of C{owner.<name>}
+        (a pool-side method or system call), after it or C{before} it, as a
+        second connection's request would arrive while a pool thread is in
+        the middle of an operation.
+
+        @return: Where C{race}'s Deferred is put once it was called.
+        """
+        real = getattr(owner, name)
+        raced: list[Deferred[Any]] = []
+
+        def hooked(*args: Any) -> Any:
+            if before and not raced:
+                raced.append(race())
+            result = real(*args)
+            if not raced:
+                raced.append(race())
+            return result
+
+        self.patch(owner, name, hooked)
+        return raced
+
+    def test_alignedWriteDuringReadModifyWrite(self) -> None:
+        """
+        An aligned write of a block that another connection's unaligned
+        write is merging (between its read and its write back) is not
+        undone by the write back: the writes are serialized, the later one
+        winning where they overlap.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        bs = b.blockSize
+        dataA = memoryview(_buffers.allocate(2 * bs))[: 2 * bs]
+        dataA[:] = b"A" * 2 * bs
+        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
+        self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
+        self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
+        self.assertEqual(self.fileBytes(), b"A" * 2 * bs + b"B" * 3 + old[2 * bs + 3 :])
+
+    def test_alignedZeroDuringReadModifyWrite(self) -> None:
+        """
+        An aligned zero racing an unaligned write's merge of its last block
+        is not undone by the write back.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        bs = b.blockSize
+        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.zero(0, 2 * bs))
+        self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
+        self.assertIsNone(self.successResultOf(raced[0]))
+        self.assertEqual(self.fileBytes(), bytes(2 * bs) + b"B" * 3 + old[2 * bs + 3 :])
+
+    def test_alignedWriteDuringUnalignedZero(self) -> None:
+        """
+        An aligned write racing the merge of a zero's unaligned edge is not
+        undone by the zero's write back.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        bs = b.blockSize
+        dataA = memoryview(_buffers.allocate(2 * bs))[: 2 * bs]
+        dataA[:] = b"A" * 2 * bs
+        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
+        self.assertIsNone(self.successResultOf(b.zero(bs + 3, bs)))
+        self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
+        self.assertEqual(self.fileBytes(), b"A" * 2 * bs + bytes(3) + old[2 * bs + 3 :])
+
+    def test_extendingWriteDuringTailTrim(self) -> None:
+        """
+        A write extending the file is not cut off by an unaligned write
+        past the end of file trimming the whole block it wrote back to its
+        own end.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O writes partial blocks as they are")
+        b = self.backend(b"o" * 4 * KiB)
+        a = self.second()
+        dataA = memoryview(_buffers.allocate(8 * KiB))
+        dataA[:] = b"A" * 8 * KiB
+        raced = self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+        self.assertEqual(self.successResultOf(b.write(4 * KiB, memoryview(b"B" * 100))), 100)
+        self.assertEqual(self.successResultOf(raced[0]), 8 * KiB)
+        self.assertEqual(
+            self.fileBytes(), b"o" * 4 * KiB + b"B" * 100 + bytes(4 * KiB - 100) + b"A" * 8 * KiB
+        )
+
+    def test_extendingWriteDuringSparseZero(self) -> None:
+        """
+        A write extending the file is not cut off by a sparse zero past the
+        end of file, which extends the file with C{ftruncate}.
+        """
+        b = self.backend(b"o" * 4 * KiB, sparse=True)
+        a = self.second()
+        dataA = memoryview(_buffers.allocate(8 * KiB))
+        dataA[:] = b"A" * 8 * KiB
+        raced = self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+        self.assertIsNone(self.successResultOf(b.zero(4 * KiB, 4 * KiB)))
+        self.assertEqual(self.successResultOf(raced[0]), 8 * KiB)
+        self.assertEqual(self.fileBytes(), b"o" * 4 * KiB + bytes(4 * KiB) + b"A" * 8 * KiB)
+
     def test_writeMisalignedMemory(self) -> None:
         """
         Data in memory that is not aligned is written correctly at aligned
@@ -1180,6 +1299,238 @@ class CloseTests(SynchronousTestCase):
         size = self.backend.size()
         self.diskio.runNext()
         self.assertEqual(self.successResultOf(size), 64 * KiB)
+
+
+class WriteRegistryTests(SynchronousTestCase):
+    """
+    Tests for the per-image registry of writes and zeroes in flight, with
+    two backends (two connections) on one image and a disk-io that runs
+    calls when the test says.
+    """
+
+    def setUp(self) -> None:
+        self.path = writeFile(self.mktemp(), b"a" * 64 * KiB)
+        self.diskio = ManualDiskIO()
+        self.a = self.open()
+        self.b = self.open()
+        self.bs = self.a.blockSize
+        if not self.a.direct:
+            raise SkipTest("No O_DIRECT on the trial temp directory: nothing to merge")
+
+    def open(self, sparse: bool = False) -> FileBackend:
+        ctx = BackendContext(reactor=None, diskio=cast(Any, self.diskio))
+        d = openBackend(ctx, "file://" + self.path, write=True, sparse=sparse, dirty=False)
+        self.diskio.runNext()
+        backend = self.successResultOf(d)
+        assert isinstance(backend, FileBackend)
+        self.addCleanup(self.close, backend)
+        return backend
+
+    def close(self, backend: FileBackend) -> None:
+        backend.close()
+        while self.diskio.pending:
+            self.diskio.runNext()
+
+    def data(self, length: int, fill: bytes = b"x") -> memoryview:
+        view = memoryview(_buffers.allocate(length))[:length]
+        view[:] = fill * length
+        return view
+
+    def pendingWrites(self) -> list[tuple[int, int]]:
+        """
+        @return: C{(offset, length)} of the writes and zeroes on the pool.
+        """
+        return [
+            (args[0], len(args[1]) if isinstance(args[1], memoryview) else args[1])
+            for fn, args, _ in self.diskio.pending
+            if getattr(fn, "__name__", "") in ("_write", "_zeroRange")
+        ]
+
+    def assertIdle(self) -> None:
+        writes = self.a._writes
+        self.assertIs(writes, self.b._writes)
+        self.assertEqual((writes.active, writes.waiting), ([], []))
+
+    def test_disjointAlignedWritesDoNotWait(self) -> None:
+        """
+        Aligned writes of disjoint ranges, from two backends and from one,
+        all go to the pool at once.
+        """
+        bs = self.bs
+        writes = [
+            self.a.write(0, self.data(bs)),
+            self.b.write(bs, self.data(2 * bs)),
+            self.a.write(3 * bs, self.data(bs)),
+            self.b.zero(4 * bs, bs),
+        ]
+        self.assertEqual(self.pendingWrites(), [(0, bs), (bs, 2 * bs), (3 * bs, bs), (4 * bs, bs)])
+        while self.diskio.pending:
+            self.diskio.runNext()
+        for d in writes:
+            self.successResultOf(d)
+        self.assertIdle()
+
+    def test_sharedBlockWaits(self) -> None:
+        """
+        Disjoint writes sharing an unaligned boundary block, and overlapping
+        writes, are serialized in order of arrival; a write overlapping only
+        a waiting one waits behind it.
+        """
+        bs = self.bs
+        first = self.a.write(0, self.data(bs + 3, b"1"))
+        second = self.b.write(bs + 3, self.data(bs, b"2"))
+        third = self.b.zero(bs + 3, 1)
+        fourth = self.a.write(2 * bs, self.data(bs, b"4"))
+        self.assertEqual(self.pendingWrites(), [(0, bs + 3)])
+        self.diskio.runNext()
+        self.assertEqual(self.successResultOf(first), bs + 3)
+        self.assertEqual(self.pendingWrites(), [(bs + 3, bs)])
+        self.diskio.runNext()
+        self.assertEqual(self.successResultOf(second), bs)
+        self.assertEqual(self.pendingWrites(), [(bs + 3, 1), (2 * bs, bs)])
+        self.diskio.runNext()
+        self.diskio.runNext()
+        self.assertIsNone(self.successResultOf(third))
+        self.assertEqual(self.successResultOf(fourth), bs)
+        self.assertIdle()
+        with open(self.path, "rb") as f:
+            self.assertEqual(
+                f.read(3 * bs + 1), b"1" * (bs + 3) + b"\0" + b"2" * (bs - 4) + b"4" * bs + b"a"
+            )
+
+    def test_failedWriteReleases(self) -> None:
+        """
+        A write failing on the pool releases its blocks to the one waiting.
+        """
+        first = self.a.write(0, self.data(10))
+        second = self.b.write(5, self.data(10))
+        fn, args, d = self.diskio.pending[0]
+        self.diskio.pending[0] = (os.read, (-1, 1), d)
+        self.diskio.runNext()
+        self.failureResultOf(first, OSError)
+        self.assertEqual(self.pendingWrites(), [(5, 10)])
+        self.diskio.runNext()
+        self.successResultOf(second)
+        self.assertIdle()
+
+    def test_startRaisingReleases(self) -> None:
+        """
+        A write whose start raises (a bug, a thread that cannot start)
+        fails and releases its blocks.
+        """
+        real = FileBackend._runThen
+        calls = []
+
+        def runThen(backend: FileBackend, *args: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("can't start new thread")
+            return real(backend, *args)
+
+        self.patch(FileBackend, "_runThen", runThen)
+        self.failureResultOf(self.a.write(0, self.data(10)), RuntimeError)
+        self.assertIdle()
+        second = self.b.write(0, self.data(10))
+        self.diskio.runNext()
+        self.successResultOf(second)
+        self.assertIdle()
+
+    def test_cancelWaitingWithdraws(self) -> None:
+        """
+        Cancelling a write that waits withdraws it: it never runs, and a
+        write that waited only behind it goes ahead.
+        """
+        bs = self.bs
+        first = self.a.write(0, self.data(bs))
+        second = self.b.write(0, self.data(2 * bs))
+        third = self.a.write(bs, self.data(bs))
+        self.assertEqual(self.pendingWrites(), [(0, bs)])
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        self.assertEqual(self.pendingWrites(), [(0, bs), (bs, bs)])
+        self.diskio.runNext()
+        self.diskio.runNext()
+        self.successResultOf(first)
+        self.successResultOf(third)
+        self.assertIdle()
+
+    def test_cancelRunningKeepsClaim(self) -> None:
+        """
+        Cancelling a write on the pool does not release its blocks before
+        the pool call returned.
+        """
+        first = self.a.write(0, self.data(10))
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        second = self.b.write(0, self.data(10))
+        self.assertEqual(self.pendingWrites(), [(0, 10)])
+        self.diskio.runNext()
+        self.assertEqual(self.pendingWrites(), [(0, 10)])
+        self.diskio.runNext()
+        self.successResultOf(second)
+        self.assertIdle()
+
+    def test_closeWhileWaiting(self) -> None:
+        """
+        A write waiting when its backend closes fails with L{BackendClosed}
+        once its turn comes, without running, and releases its turn.
+        """
+        first = self.a.write(0, self.data(10))
+        second = self.b.write(0, self.data(10))
+        third = self.a.write(0, self.data(10))
+        closed = self.b.close()
+        self.assertIs(self.diskio.pending[-1][0], os.close)
+        self.diskio.pending.pop()[2].callback(None)
+        self.successResultOf(closed)
+        self.diskio.runNext()
+        self.successResultOf(first)
+        self.failureResultOf(second, BackendClosed)
+        self.assertEqual(self.pendingWrites(), [(0, 10)])
+        self.diskio.runNext()
+        self.successResultOf(third)
+        self.assertIdle()
+
+    def test_cancelZeroWhileWaiting(self) -> None:
+        """
+        Cancelling a zero waiting for its turn withdraws it.
+        """
+        first = self.a.write(0, self.data(10))
+        zero = self.b.zero(0, 10)
+        zero.cancel()
+        self.failureResultOf(zero, CancelledError)
+        self.diskio.runNext()
+        self.successResultOf(first)
+        self.assertEqual(self.diskio.pending, [])
+        self.assertIdle()
+
+    def test_trimClaimsToEnd(self) -> None:
+        """
+        An unaligned write or a sparse zero reaching past the end of file
+        (which may set the file size) holds off every later write after
+        it; within the file they claim only their blocks.
+        """
+        bs = self.bs
+        sparse = self.open(sparse=True)
+        inside = [self.a.write(bs + 3, self.data(10)), sparse.zero(2 * bs, bs)]
+        far = self.b.write(1024 * bs, self.data(bs))
+        self.assertEqual(len(self.pendingWrites()), 3)
+        while self.diskio.pending:
+            self.diskio.runNext()
+        for d in [*inside, far]:
+            self.successResultOf(d)
+        for end, past in [
+            (2048 * bs, lambda: self.a.write(1025 * bs + 3, self.data(10))),
+            (4096 * bs, lambda: sparse.zero(3000 * bs, bs)),
+        ]:
+            first = past()
+            later = self.b.write(end, self.data(bs))
+            self.assertEqual(len(self.pendingWrites()), 1)
+            self.diskio.runNext()
+            self.successResultOf(first)
+            self.assertEqual(self.pendingWrites(), [(end, bs)])
+            self.diskio.runNext()
+            self.successResultOf(later)
+        self.assertIdle()
 
 
 def requireRoot() -> None:

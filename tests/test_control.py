@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imageio.control._metrics import Metrics
 from imageio.control.tickets import controlResource
 from imageio.tickets import MAX_TIMEOUT, Operation, TicketRegistry
-from imageio.web._streaming import ImageioSite
+from imageio.web import ImageioSite
 from tests.test_tickets import ticketBody
 
 

@@ -243,6 +243,29 @@ class OptionsTests(ImagesTestCase):
             self.send(request(b"OPTIONS", b"/images/t1")), 403, FORBIDDEN + "Transfer=tr-t1 expired"
         )
 
+    def test_expiryDuringAndAfterUpload(self) -> None:
+        """
+        A ticket expiring during a PUT lets that PUT finish (the in-flight
+        policy: expiry is checked when a request starts); the completed
+        operation extends it by its timeout, and once that passes the next
+        request on the same keep-alive connection gets 403 and is closed.
+        """
+        self.h.addTicket(bytes(4096), timeout=1, inactivity_timeout=5)
+        conn = self.h.connect()
+        body = b"slow" * 512
+        head = b"PUT /images/t1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        conn.send(head + body[:1024])
+        self.clock.advance(1.3)
+        conn.send(body[1024:])
+        self.assertEqual(conn.response().status, 200)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-2047"}))
+        response = conn.response()
+        self.assertEqual((response.status, response.body), (206, body))
+        self.clock.advance(1.2)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-0"}))
+        self.assertError(conn.response(), 403, FORBIDDEN + "Transfer=tr-t1 expired", close=True)
+        self.assertTrue(conn.closed)
+
 
 class OptionsWithoutLocalTests(ImagesTestCase):
     """

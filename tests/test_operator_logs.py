@@ -85,7 +85,7 @@ class ImagesLogTests(SynchronousTestCase):
         """
         from imageio.backends import BackendContext, BackendOpener
         from imageio.daemon.images import ImagesService, imagesResource
-        from imageio.web._streaming import ImageioSite
+        from imageio.web import ImageioSite
 
         h = self.h
         opener = BackendOpener(BackendContext(reactor=h.clock, diskio=h.diskio, bufferSize=4096))

@@ -121,7 +121,7 @@ def stopService(service: Any, reactor: Any) -> Any:
 
 
 def _channelsWithTimers(reactor: Any) -> list[Any]:
-    from imageio.web._streaming import ImageioChannel
+    from imageio.web import ImageioChannel
 
     channels = []
     for call in reactor.getDelayedCalls():

@@ -14,9 +14,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from imageio.web import ImageioSite
 from imageio.web._response import INTERNAL_ERROR, HTTPError, sendJSON
 from imageio.web._router import MAX_SMALL_BODY, Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import ImageioSite
 from tests._http import Connection, parseResponse, request
 
 

@@ -25,21 +25,26 @@ from zope.interface.verify import verifyObject
 
 from imageio._buffers import BufferBudget, Lease
 from imageio.interfaces import (
+    HostTimedOut,
     IBodySink,
+    IConnection,
     IDirectBodySink,
     IDirectReader,
     IDirectReadTransport,
+    IExchange,
     IStreamingUpload,
 )
 from imageio.tickets import Ticket
-from imageio.web._response import HTTPError
-from imageio.web._streaming import (
-    MAX_REQUEST_LINE,
+from imageio.web import (
     ImageioChannel,
     ImageioSite,
-    StreamingRequest,
+    connectionOf,
+    exchangeOf,
     redactPath,
 )
+from imageio.web._channel import MAX_REQUEST_LINE
+from imageio.web._request import StreamingRequest
+from imageio.web._response import HTTPError
 from tests._http import (
     Connection,
     FakeBackend,
@@ -58,46 +63,31 @@ MiB = 1024 * KiB
 BUFFER = 8 * KiB
 
 
-class PrivateTwistedTests(SynchronousTestCase):
+class RequestLineTests(SynchronousTestCase):
     """
-    Pin the private L{http.HTTPChannel} attributes L{StreamingRequest} and
-    L{ImageioChannel} read: if Twisted renames them, these fail first.
+    The request line is known from the channel before the body arrives
+    (the Twisted privates behind it are pinned in
+    C{tests.test_twisted_seams}).
     """
 
-    def test_requestLineAttributes(self) -> None:
+    def test_requestLine(self) -> None:
         """
         After the request line and headers, and before the body, the channel
-        holds the method, the raw path and the version in C{_command},
-        C{_path} and C{_version}.
+        holds the method, the raw path and the version; the request was
+        given its sink.
         """
         h = ImagesHarness(opener=FakeOpener(FakeBackend(bytearray(10))))
         h.addTicket(None, size=10)
         conn = h.connect()
-        channel: Any = conn.channel
-        self.assertTrue(channel._HTTPChannel__first_line)
+        channel = conn.channel
+        self.assertTrue(channel.readingRequestLine)
+        self.assertIsNone(channel.requestLine())
         conn.send(b"PUT /images/t1?flush=n HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
-        self.assertEqual(channel._command, b"PUT")
-        self.assertEqual(channel._path, b"/images/t1?flush=n")
-        self.assertEqual(channel._version, b"HTTP/1.1")
-        self.assertFalse(channel._HTTPChannel__first_line)
+        self.assertEqual(channel.requestLine(), (b"PUT", b"/images/t1?flush=n", b"HTTP/1.1"))
+        self.assertFalse(channel.readingRequestLine)
         request = channel.requests[-1]
         self.assertIsInstance(request, StreamingRequest)
         self.assertIsNotNone(request.bodySink)
-
-    def test_channelMethods(self) -> None:
-        """
-        The channel methods we override or call exist on HTTPChannel.
-        """
-        for name in (
-            "_send100Continue",
-            "_respondToBadRequestAndDisconnect",
-            "allHeadersReceived",
-            "allContentReceived",
-            "lineLengthExceeded",
-            "_savedTimeOut",
-            "_handlingRequest",
-        ):
-            self.assertTrue(hasattr(http.HTTPChannel(), name), name)
 
     def test_requestMethods(self) -> None:
         """
@@ -106,6 +96,47 @@ class PrivateTwistedTests(SynchronousTestCase):
         """
         for name in ("gotLength", "handleContentChunk", "requestReceived", "connectionLost"):
             self.assertTrue(callable(getattr(http.Request, name)), name)
+
+
+class ConnectionStateTests(SynchronousTestCase):
+    """
+    Handlers reach per-connection and per-request state through
+    L{IConnection} and L{IExchange} (L{connectionOf}, L{exchangeOf}).
+    """
+
+    def setUp(self) -> None:
+        self.conn, _ = connectDirect(ImageioSite(SinkResource(), "test", reactor=Clock()))
+        self.conn.send(putHead(10) + b"abc")
+        self.request = self.conn.channel.requests[-1]
+
+    def test_interfaces(self) -> None:
+        """
+        The channel provides L{IConnection} and the request L{IExchange}.
+        """
+        self.assertTrue(verifyObject(IConnection, connectionOf(self.request)))
+        self.assertIs(connectionOf(self.request), self.conn.channel)
+        self.assertTrue(verifyObject(IExchange, exchangeOf(self.request)))
+        self.assertIs(exchangeOf(self.request), self.request)
+
+    def test_otherRequests(self) -> None:
+        """
+        Requests of other sites are refused with L{TypeError}.
+        """
+        channel = http.HTTPChannel()
+        channel.makeConnection(StringTransport())
+        other = http.Request(channel)
+        self.assertRaises(TypeError, exchangeOf, other)
+        self.assertRaises(TypeError, connectionOf, other)
+
+    def test_respondEarlyDomainError(self) -> None:
+        """
+        C{respondEarly} answers a domain error with the status the web
+        layer maps it to, and closes.
+        """
+        exchangeOf(self.request).respondEarly(HostTimedOut("Timed out waiting for host"))
+        response = self.conn.response()
+        self.assertEqual(response.status, 504)
+        self.assertTrue(self.conn.closed)
 
 
 class StreamingTestCase(SynchronousTestCase):
@@ -1248,13 +1279,15 @@ class DirectReadTests(SynchronousTestCase):
         self.assertEqual((sink.pieces, bytes(sink.body)), ([("copied", 3)], b"abc"))
         view = self.conn.channel.readBuffer()
         assert view is not None
-        self.assertEqual(len(view), 97)
+        # All but the last byte, which goes through Twisted's decoder.
+        self.assertEqual(len(view), 96)
 
     def test_bodyIntoReaderBuffers(self) -> None:
         """
         The rest of the body fills the sink's buffers through
-        C{bufferFilled}; after the last byte the request is rendered and
-        answered and the reader unset.
+        C{bufferFilled}, but for the last byte, which goes through
+        Twisted's decoder and ends the body; then the request is rendered
+        and answered and the reader unset.
         """
         body = bytes(range(256)) * 40
         self.conn.send(putHead(len(body)) + body[:10])
@@ -1262,7 +1295,8 @@ class DirectReadTests(SynchronousTestCase):
         sink = self.resource.sinks[0]
         self.assertEqual(bytes(sink.body), body)
         self.assertEqual(sink.pieces[0], ("copied", 10))
-        self.assertEqual({how for how, _ in sink.pieces[1:]}, {"filled"})
+        self.assertEqual({how for how, _ in sink.pieces[1:-1]}, {"filled"})
+        self.assertEqual(sink.pieces[-1], ("copied", 1))
         self.assertTrue(sink.complete)
         self.assertEqual(self.resource.rendered, 1)
         [response] = self.conn.responses()
@@ -1273,18 +1307,25 @@ class DirectReadTests(SynchronousTestCase):
     def test_readBufferLimitedToContentLength(self) -> None:
         """
         C{readBuffer} offers the sink's buffer cut to the body bytes still
-        to come, and the sink's own limit when that is smaller.
+        to come but the last, and the sink's own limit when that is
+        smaller; for the last byte it offers nothing.
         """
         self.conn.send(putHead(100))
         channel = self.conn.channel
         view = channel.readBuffer()
         assert view is not None
-        self.assertEqual(len(view), 100)
+        self.assertEqual(len(view), 99)
         view[:30] = b"x" * 30
         channel.bufferFilled(30)
         view = channel.readBuffer()
         assert view is not None
-        self.assertEqual(len(view), 70)
+        self.assertEqual(len(view), 69)
+        channel.bufferFilled(69)
+        self.assertIsNone(channel.readBuffer())
+        self.assertEqual(self.transport.readers, [channel])
+        self.conn.send(b"z")
+        self.assertEqual(self.conn.response().body, b"got 100")
+        self.assertEqual(self.transport.readers, [channel, None])
         resource = SinkResource(size=64)
         conn, _ = connectDirect(ImageioSite(resource, "test", reactor=Clock()))
         conn.send(putHead(100))
@@ -1310,13 +1351,43 @@ class DirectReadTests(SynchronousTestCase):
         self.assertEqual([bytes(s.body) for s in self.resource.sinks], [first, second])
         channel = self.conn.channel
         self.assertEqual(self.transport.readers, [channel, None, channel, None])
-        # Each buffer offered was cut to what was left of its body.
+        # Each buffer offered was cut to what was left of its body but the
+        # last byte, which came through Twisted's decoder.
         left = [len(first), len(second)]
         for size in self.transport.offered:
-            if not left[0]:
+            if left[0] == 1:
                 left.pop(0)
-            self.assertLessEqual(size, left[0])
+            self.assertLessEqual(size, left[0] - 1)
             left[0] -= min(size, 4000)
+        for sink, body in zip(self.resource.sinks, (first, second), strict=True):
+            self.assertEqual(sink.pieces[-1][0], "copied")
+            filled = sum(n for how, n in sink.pieces if how == "filled")
+            self.assertLessEqual(filled, len(body) - 1)
+
+    def test_directBodyFramedExactly(self) -> None:
+        """
+        A Content-Length body read directly is framed exactly: bytes in it
+        that look like requests are body, never parsed as requests, and the
+        request pipelined after it is parsed once, from its first byte,
+        however the reads fall.
+        """
+        smuggled = request(b"GET", b"/smuggled") + putHead(4, b"/smuggled")
+        body = (smuggled * 200)[:5000]
+        stream = body + request(b"GET", b"/x")
+        for most in (1, 7, 4999, 5000, 5001, 100_000):
+            resource = SinkResource(size=64 * KiB)
+            conn, transport = connectDirect(ImageioSite(resource, "test", reactor=Clock()))
+            conn.send(putHead(len(body)))
+            receive(conn, transport, stream, most=most)
+            self.assertEqual(
+                [(r.status, r.body) for r in conn.responses()],
+                [(200, b"got 5000"), (200, b"hello")],
+                most,
+            )
+            self.assertEqual([bytes(s.body) for s in resource.sinks], [body], most)
+            self.assertEqual(resource.rendered, 1)
+            self.assertLessEqual(max(transport.offered, default=0), len(body) - 1)
+            self.assertFalse(conn.closed)
 
     def test_chunkedNotDirect(self) -> None:
         """
@@ -1430,7 +1501,8 @@ class DirectUploadTests(StreamingTestCase):
         conn.send(putHead(len(data), b"/images/t1?flush=n"))
         self.assertEqual(transport.readers, [conn.channel])
         receive(conn, transport, data, most=5000, whilePaused=self.backend.completeWrite)
-        self.assertEqual(sum(min(n, 5000) for n in transport.offered), len(data))
+        # All but the last byte, which ends the body through Twisted's decoder.
+        self.assertEqual(sum(min(n, 5000) for n in transport.offered), len(data) - 1)
         self.assertLessEqual(max(transport.offered), BUFFER)
         self.assertEqual(transport.readers, [conn.channel, None])
         while self.backend.pendingWrites():

@@ -1150,28 +1150,6 @@ class IntegrationTests(TestCase):
         self.assertEqual((code, out), (0, BODY), err)
 
     @inlineCallbacks
-    def test_handshakeDeadline(self) -> Any:
-        """
-        A client that connects and says nothing is disconnected at the
-        handshake deadline.
-        """
-        self.server.factory.handshakeTimeout = 0.2
-        client = socket.create_connection(("127.0.0.1", self.server.number))
-        self.addCleanup(client.close)
-        client.setblocking(False)
-        for _ in range(200):
-            yield deferLater(reactor, 0.02, lambda: None)
-            try:
-                if client.recv(1) == b"":
-                    break
-            except BlockingIOError:
-                continue
-            except ConnectionResetError:
-                break
-        else:
-            self.fail("the server did not close the connection")
-
-    @inlineCallbacks
     def _sClient(self, server: Server, *args: str) -> Any:
         openssl = _need("openssl")
         output, code = yield _run(
@@ -1455,6 +1433,11 @@ class InMemoryDirectUploadTests(ContextMixin, SynchronousTestCase):
         self.assertEqual(readers, [c.wrapped])
         c.send(data + request(b"OPTIONS", b"/images/t1"))
         self.assertEqual(readers, [c.wrapped, None])
-        self.assertEqual(sum(copied), len(head) + len(request(b"OPTIONS", b"/images/t1")))
+        # Through dataReceived: the head, then the body's last byte (through
+        # Twisted's decoder, which ends the body) with the request pipelined
+        # behind it (which the channel replays to itself once the PUT is
+        # answered).
+        options = request(b"OPTIONS", b"/images/t1")
+        self.assertEqual(copied[:2], [len(head), 1 + len(options)])
         self.assertEqual([r.status for r in parseResponses(c.receive())], [200, 200])
         self.assertEqual(bytes(backend.image[: len(data)]), data)

@@ -5,11 +5,9 @@ per seam:
 
   - the socket transport seam: L{imageio.web._twisted_transport};
   - the HTTP client pool seam: L{imageio.backends._twisted_client};
+  - the HTTP channel/request/decoder seam: L{imageio.web._twisted_http};
   - the reactor core's import-time TLS seam:
-    L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor};
-  - the HTTP channel/request/decoder seam: still in
-    C{imageio.web._streaming} and C{imageio.web._response} (issue 11
-    phase 2 moves it into its own module).
+    L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor}.
 
 If one of these tests fails after a Twisted upgrade, Twisted changed
 something we depend on: read the seam's module before anything else.
@@ -24,41 +22,31 @@ from typing import Any
 
 from twisted.internet import abstract, main, tcp, unix
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web import client
+from twisted.web import client, http
 from zope.interface import implementer
 
 from imageio.backends import _twisted_client
-from imageio.web import _twisted_transport
+from imageio.web import _twisted_http, _twisted_transport
 from imageio.web._transport import ZeroCopyTCPServer, ZeroCopyUNIXServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The private names of the HTTP channel/request/decoder seam, used in
-#: C{imageio.web._streaming} (and C{_response}) until issue 11 phase 2
-#: quarantines them: file -> names.
-HTTP_SEAM_PENDING = {
-    "imageio/web/_streaming.py": {
-        "_HTTPChannel__first_line",
-        "_command",
-        "_savedTimeOut",
-        "_handlingRequest",
-        "_send100Continue",
-        "_respondToBadRequestAndDisconnect",
-        "_transferDecoder",
-        "_IdentityTransferDecoder",
-        "_disconnected",
-    },
-    "imageio/web/_response.py": {"_disconnected"},
-}
+#: Private names used outside their seam's module while a seam is being
+#: quarantined: file -> names. Empty: every seam has its module.
+HTTP_SEAM_PENDING: dict[str, set[str]] = {}
 
 #: Quarantine module -> the private names it owns.
 QUARANTINE = {
     "imageio/web/_twisted_transport.py": {n for _, n in _twisted_transport.PRIVATE_NAMES},
     "imageio/backends/_twisted_client.py": {n for _, n in _twisted_client.PRIVATE_NAMES},
+    "imageio/web/_twisted_http.py": {n for _, n in _twisted_http.PRIVATE_NAMES},
 }
 
 #: Every Twisted private name we know we use.
@@ -105,16 +93,12 @@ class QuarantineTests(SynchronousTestCase):
                 problems.append(f"{where}: Twisted private {name} outside its seam's module")
         self.assertEqual(problems, [], "\n" + "\n".join(problems))
 
-    def test_pendingListShrinks(self) -> None:
+    def test_nothingPending(self) -> None:
         """
-        Every pending HTTP seam name is still used where listed: moved
-        ones must leave the list.
+        Every seam has its quarantine module: no private name is allowed
+        anywhere else.
         """
-        stale = []
-        for where, names in HTTP_SEAM_PENDING.items():
-            for name in sorted(names - namesIn((ROOT / where).read_text())):
-                stale.append(f"{where}: {name}")
-        self.assertEqual(stale, [], "no longer used, remove from HTTP_SEAM_PENDING")
+        self.assertEqual(HTTP_SEAM_PENDING, {})
 
     def test_privateTwistedImports(self) -> None:
         """
@@ -287,3 +271,257 @@ class ClientPoolSeamTests(SynchronousTestCase):
         [factory] = factories
         self.assertIsInstance(factory, _twisted_client.QuietClientFactory)
         self.assertFalse(factory.noisy)
+
+
+class _Request(http.Request):
+    """
+    A request that is never answered unless the test says so; its body
+    chunks are recorded.
+    """
+
+    def __init__(self, channel: http.HTTPChannel, queued: object = None) -> None:
+        super().__init__(channel)
+        self.chunks: list[bytes] = []
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def process(self) -> None:
+        pass
+
+
+def _channel(cls: type[_twisted_http.HTTPChannelSeam] = _twisted_http.HTTPChannelSeam) -> Any:
+    clock = Clock()
+    channel: Any = cls()
+    channel.requestFactory = _Request
+    channel.callLater = clock.callLater
+    channel.clock = clock
+    channel.makeConnection(StringTransport())
+    return channel
+
+
+def _put(length: int, path: bytes = b"/x?y", extra: bytes = b"") -> bytes:
+    return b"PUT %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (
+        path,
+        length,
+        extra,
+    )
+
+
+class HTTPSeamTests(SynchronousTestCase):
+    """
+    The C{HTTPChannel}, C{Request} and C{_IdentityTransferDecoder}
+    internals L{imageio.web._twisted_http} uses.
+    """
+
+    def test_classNamesExist(self) -> None:
+        """
+        The private names Twisted defines on its classes are there.
+        """
+        for owner, name in _twisted_http.PRIVATE_NAMES:
+            if name in {"_command", "_path", "_version", "_handlingRequest", "_transferDecoder"}:
+                # Set on instances; pinned by the tests below.
+                continue
+            self.assertTrue(hasattr(namedAny(owner), name), f"{owner}.{name} is gone")
+        # What IdentityBody relies on: a chunk before the last is counted
+        # off contentLength; the last ends the body through finishCallback
+        # and clears dataCallback.
+        data: list[bytes] = []
+        finished: list[bytes] = []
+        decoder = http._IdentityTransferDecoder(5, data.append, finished.append)
+        decoder.dataReceived(b"ab")
+        self.assertEqual((decoder.contentLength, data, finished), (3, [b"ab"], []))
+        decoder.contentLength -= 2
+        decoder.dataReceived(b"eNEXT")
+        self.assertEqual((data, finished), ([b"ab", b"e"], [b"NEXT"]))
+        self.assertIsNone(decoder.dataCallback)
+        self.assertEqual(decoder.contentLength, 0)
+
+    def test_requestLine(self) -> None:
+        """
+        The request line is readable from the request line until the body
+        is complete (C{_HTTPChannel__first_line}, C{_command}, C{_path},
+        C{_version}).
+        """
+        channel = _channel()
+        self.assertTrue(channel.readingRequestLine)
+        self.assertIsNone(channel.requestLine())
+        channel.dataReceived(b"PUT /x?y HTT")
+        self.assertTrue(channel.readingRequestLine)
+        channel.dataReceived(b"P/1.1\r\nHost: x\r\n")
+        self.assertFalse(channel.readingRequestLine)
+        self.assertEqual(channel.requestLine(), (b"PUT", b"/x?y", b"HTTP/1.1"))
+        channel.dataReceived(b"Content-Length: 2\r\n\r\na")
+        self.assertEqual(channel.requestLine(), (b"PUT", b"/x?y", b"HTTP/1.1"))
+        channel.dataReceived(b"b")
+        self.assertIsNone(channel.requestLine())
+        self.assertTrue(channel.readingRequestLine)
+
+    def test_handlingRequest(self) -> None:
+        """
+        C{handlingRequest} (C{_handlingRequest}) is true from a complete
+        request until it is answered.
+        """
+        channel = _channel()
+        channel.dataReceived(_put(1))
+        self.assertFalse(channel.handlingRequest)
+        channel.dataReceived(b"x")
+        self.assertTrue(channel.handlingRequest)
+        channel.requests[-1].finish()
+        self.assertFalse(channel.handlingRequest)
+
+    def test_setIdleTimeout(self) -> None:
+        """
+        While a request is answered the new timeout is saved
+        (C{_savedTimeOut}) and takes effect when it completes; when idle,
+        at once.
+        """
+        channel = _channel()
+        channel.setIdleTimeout(5)
+        self.assertEqual(channel.timeOut, 5)
+        channel.dataReceived(_put(1) + b"x")
+        self.assertIsNone(channel.timeOut)
+        channel.setIdleTimeout(7)
+        self.assertIsNone(channel.timeOut)
+        channel.requests[-1].finish()
+        self.assertEqual(channel.timeOut, 7)
+
+    def test_abortLater(self) -> None:
+        """
+        C{abortLater} schedules one abort (C{_abortingCall}) after
+        C{abortTimeout}.
+        """
+        channel = _channel()
+        channel.abortLater()
+        channel.abortLater()
+        self.assertEqual(len(channel.clock.getDelayedCalls()), 1)
+        channel.clock.advance(channel.abortTimeout)
+        self.assertTrue(channel.transport.disconnecting)
+
+    def test_send100ContinueHook(self) -> None:
+        """
+        Twisted's automatic C{100 Continue} (C{_send100Continue}) asks
+        C{send100Continue}.
+        """
+        for send in (True, False):
+
+            class Channel(_twisted_http.HTTPChannelSeam):
+                answer = send
+
+                def send100Continue(self) -> bool:
+                    return self.answer
+
+            channel = _channel(Channel)
+            channel.dataReceived(_put(5, extra=b"Expect: 100-continue\r\n"))
+            self.assertEqual(b"100 Continue" in channel.transport.value(), send)
+
+    def test_badRequestHook(self) -> None:
+        """
+        Twisted's own 400 (C{_respondToBadRequestAndDisconnect}) calls
+        C{badRequest}; by default Twisted answers.
+        """
+        refused: list[bool] = []
+
+        class Channel(_twisted_http.HTTPChannelSeam):
+            def badRequest(self) -> None:
+                refused.append(True)
+
+        channel = _channel(Channel)
+        channel.dataReceived(b"PUT /x HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+        self.assertEqual(refused, [True])
+        channel = _channel()
+        channel.dataReceived(b"PUT /x HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+        self.assertTrue(channel.transport.value().startswith(b"HTTP/1.1 400 "))
+
+    def test_requestGone(self) -> None:
+        """
+        C{requestGone} (C{Request._disconnected}) tells that the client left.
+        """
+        channel = _channel()
+        channel.dataReceived(_put(1) + b"x")
+        request = channel.requests[-1]
+        self.assertFalse(_twisted_http.requestGone(request))
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(_twisted_http.requestGone(request))
+
+
+class IdentityBodyTests(SynchronousTestCase):
+    """
+    L{_twisted_http.IdentityBody}: bytes read around Twisted's decoder
+    (C{_transferDecoder}, C{_IdentityTransferDecoder.contentLength}), with
+    the framing still Twisted's.
+    """
+
+    def test_onlyContentLengthBodies(self) -> None:
+        """
+        There is an identity body while a Content-Length body is arriving;
+        not before the headers end, for a chunked body, or once the body
+        ended.
+        """
+        channel = _channel()
+        self.assertIsNone(channel.identityBody())
+        channel.dataReceived(_put(3))
+        body = channel.identityBody()
+        self.assertEqual((body.remaining(), body.readable()), (3, 2))
+        channel.dataReceived(b"abc")
+        self.assertIsNone(channel.identityBody())
+        self.assertEqual((body.remaining(), body.readable()), (0, 0))
+        channel = _channel()
+        channel.dataReceived(b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertIsNone(channel.identityBody())
+
+    def test_consumedThenDecoderEnds(self) -> None:
+        """
+        Bytes read directly are counted off the body; the rest, the last
+        byte at least, goes through the decoder, which ends the body and
+        parses the request pipelined behind it.
+        """
+        channel = _channel()
+        channel.dataReceived(_put(10))
+        body = channel.identityBody()
+        body.consumed(4)
+        self.assertEqual(body.remaining(), 6)
+        body.consumed(5)
+        self.assertEqual((body.remaining(), body.readable()), (1, 0))
+        first = channel.requests[-1]
+        self.assertEqual(first.chunks, [])
+        channel.dataReceived(b"Z" + _put(2, b"/next") + b"ok")
+        self.assertEqual(first.chunks, [b"Z"])
+        self.assertEqual(first.method, b"PUT")
+        first.finish()
+        second = channel.requests[-1]
+        self.assertEqual((second.method, second.uri, second.chunks), (b"PUT", b"/next", [b"ok"]))
+
+    def test_consumedTooMuch(self) -> None:
+        """
+        Taking more than all but the last byte is refused and changes
+        nothing: the decoder keeps the end of the body.
+        """
+        channel = _channel()
+        channel.dataReceived(_put(10))
+        body = channel.identityBody()
+        self.assertRaises(ValueError, body.consumed, 10)
+        self.assertRaises(ValueError, body.consumed, -1)
+        self.assertEqual(body.remaining(), 10)
+
+    def test_bodyNeverParsedAsRequest(self) -> None:
+        """
+        A body that looks like requests, read partly directly and partly
+        through the decoder, is body: only the requests after it are
+        parsed, each exactly once.
+        """
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        payload = smuggled * 3
+        channel = _channel()
+        channel.dataReceived(_put(len(payload)))
+        body = channel.identityBody()
+        body.consumed(len(smuggled) + 5)
+        rest = payload[len(smuggled) + 5 :]
+        channel.dataReceived(rest + b"GET /real HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = channel.requests[-1]
+        self.assertEqual(b"".join(first.chunks), rest)
+        first.finish()
+        [second] = channel.requests
+        self.assertEqual((second.method, second.uri), (b"GET", b"/real"))
+        second.finish()
+        self.assertEqual(channel.requests, [])

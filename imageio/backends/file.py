@@ -9,7 +9,9 @@ direct reads and writes, which go through the AIO engine (L{imageio._aio})
 when the daemon has one and fall back to the pool where the kernel would
 block. Unaligned requests go through a per-backend bounce buffer
 (read-modify-write of whole blocks for writes), so callers need not know
-the block size.
+the block size. Writes and zeroes that touch the same blocks of an image,
+from any connection, take turns (L{_ImageWrites}), so that a
+read-modify-write never undoes another writer's bytes.
 
 Unlike upstream, C{extents} reports the holes of sparse files (from
 C{SEEK_DATA}/C{SEEK_HOLE}), so clients can skip them.
@@ -46,6 +48,10 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: Told the outcome (result or Failure) of a claimed operation's storage
+#: call when it really returned.
+_Finished = Callable[[object], None]
 
 log = Logger()
 
@@ -140,30 +146,104 @@ def fileSystemType(fd: int) -> int:
     return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 
+#: Footprint end of an operation that may cut the file short (C{ftruncate}
+#: at the end of file): it must not run beside any later writer.
+_TO_END = 2**63
+
+
 @define(eq=False)
-class _ImageLock:
+class _Footprint:
     """
-    Serializes read-modify-write of partial blocks among all backends open
-    on one image in this process, so that writers of disjoint but unaligned
-    ranges (block devices allow several) do not undo each other's bytes.
+    The blocks one write or zero may rewrite, C{[start, end)}, while it is
+    waiting or in flight.
     """
 
-    lock: threading.Lock = field(factory=threading.Lock)
+    start: int
+    end: int
+    #: Fires when the operation may start; C{None} if it started at once.
+    ready: Deferred[None] | None = None
 
 
-# Image identity -> its lock, for as long as a backend holds it.
-_LOCKS: weakref.WeakValueDictionary[tuple[int, ...], _ImageLock] = weakref.WeakValueDictionary()
-_LOCKS_GUARD = threading.Lock()
+@define(eq=False)
+class _ImageWrites:
+    """
+    The writes and zeroes in flight on one image, shared by every backend
+    open on it in this process; only the reactor thread touches it.
+
+    An operation may rewrite bytes outside its own range: an unaligned
+    direct write or zero merges whole edge blocks (read, modify, write
+    back), and an unaligned write past the end of file trims the block it
+    wrote back. So that no other writer's acknowledged bytes are undone,
+    each operation first claims its footprint: its range widened to whole
+    blocks, or to the end of the image where it may trim the file. An
+    operation whose footprint overlaps one in flight, or one waiting before
+    it, waits its turn (without blocking the reactor), in order of arrival.
+    Disjoint aligned writes, the usual parallel upload, never wait.
+
+    @ivar size: A lower bound of the file size: operations ending within it
+        cannot trim the file (files only grow in this process).
+    """
+
+    active: list[_Footprint] = field(factory=list)
+    waiting: list[_Footprint] = field(factory=list)
+    size: int = 0
+
+    def claim(self, start: int, end: int) -> _Footprint:
+        """
+        Claim C{[start, end)}; unless the claim is granted at once, its
+        C{ready} fires when it is. Cancelling C{ready} withdraws the
+        claim. A granted claim is held until L{release}.
+        """
+        fp = _Footprint(start, end)
+        if _overlaps(fp, self.active) or _overlaps(fp, self.waiting):
+            fp.ready = Deferred(lambda d: self._withdraw(fp))
+            self.waiting.append(fp)
+        else:
+            self.active.append(fp)
+        return fp
+
+    def release(self, fp: _Footprint) -> None:
+        self.active.remove(fp)
+        if self.waiting:
+            self._grant()
+
+    def _withdraw(self, fp: _Footprint) -> None:
+        self.waiting.remove(fp)
+        self._grant()
+
+    def _grant(self) -> None:
+        granted: list[_Footprint] = []
+        still: list[_Footprint] = []
+        for fp in self.waiting:
+            if _overlaps(fp, self.active) or _overlaps(fp, still):
+                still.append(fp)
+            else:
+                self.active.append(fp)
+                granted.append(fp)
+        self.waiting = still
+        # Only now: a granted operation may finish, and release, at once.
+        for fp in granted:
+            assert fp.ready is not None
+            fp.ready.callback(None)
 
 
-def _imageLock(st: os.stat_result) -> _ImageLock:
+def _overlaps(fp: _Footprint, others: list[_Footprint]) -> bool:
+    return any(o.start < fp.end and fp.start < o.end for o in others)
+
+
+# Image identity -> its writes, for as long as a backend holds them.
+_IMAGES: weakref.WeakValueDictionary[tuple[int, ...], _ImageWrites] = weakref.WeakValueDictionary()
+_IMAGES_GUARD = threading.Lock()
+
+
+def _imageWrites(st: os.stat_result) -> _ImageWrites:
     # Several device nodes may name one block device: key on st_rdev.
     key = (0, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (1, st.st_dev, st.st_ino)
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(key)
-        if lock is None:
-            lock = _LOCKS[key] = _ImageLock()
-        return lock
+    with _IMAGES_GUARD:
+        writes = _IMAGES.get(key)
+        if writes is None:
+            writes = _IMAGES[key] = _ImageWrites()
+        return writes
 
 
 class BackendClosed(Exception):
@@ -246,10 +326,12 @@ def openBackend(
             sparse=sparse,
             direct=o.direct,
             isBlock=o.isBlock,
-            rmw=o.rmw,
+            writes=o.writes,
             aio=ctx.aio if o.direct else None,
             memoryFS=o.memoryFS,
         )
+        if not o.isBlock:
+            o.writes.size = max(o.writes.size, o.size)
         log.info(
             "Open backend {name} path={path} write={write} sparse={sparse} "
             "direct={direct} blockSize={blockSize} engine={engine}",
@@ -273,8 +355,9 @@ class _Opened:
     isBlock: bool
     blockSize: int
     direct: bool
-    rmw: _ImageLock
+    writes: _ImageWrites
     memoryFS: bool = False
+    size: int = 0
 
 
 def _openPath(path: str, write: bool, direct: bool) -> _Opened:
@@ -305,7 +388,7 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
             raise ValueError(f"Not an image: {path} is on a {pseudo} file system")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         if stat.S_ISBLK(st.st_mode):
-            return _Opened(fd, True, _sectorSize(fd), direct, _imageLock(st))
+            return _Opened(fd, True, _sectorSize(fd), direct, _imageWrites(st))
         blockSize = 1
         if direct:
             detected = _detectBlockSize(fd)
@@ -316,7 +399,7 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
             else:
                 blockSize = detected
         memoryFS = direct and _aio.isMemoryFileSystem(fd)
-        return _Opened(fd, False, blockSize, direct, _imageLock(st), memoryFS)
+        return _Opened(fd, False, blockSize, direct, _imageWrites(st), memoryFS, st.st_size)
     except BaseException:
         os.close(fd)
         raise
@@ -409,7 +492,8 @@ class FileBackend:
     sparse: bool
     direct: bool
     isBlock: bool
-    _rmw: _ImageLock
+    # Writes and zeroes in flight on this image, from any backend.
+    _writes: _ImageWrites
     # Aligned direct reads and writes go here first, if set.
     _aio: AIOEngine | None = None
     # On tmpfs, where the kernel does not take RWF_NOWAIT and never waits.
@@ -454,12 +538,23 @@ class FileBackend:
             return fail(self._readOnly())
         if offset < 0:
             return fail(ValueError(f"Negative offset: {offset}"))
-        aio = self._aio
-        if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
-            d = aio.write(self._fd, _byteView(data), offset, self.blockSize, not self._memoryFS)
-            if d is not None:
-                return self._runAIO(d, self._write, offset, data)
-        return self._run(self._write, offset, data)
+        if self._closed:
+            return fail(self._closedError())
+        end = offset + _byteView(data).nbytes
+        if end == offset:
+            return self._run(self._write, offset, data)
+        bs = self.blockSize
+        claim = self._claim(offset, end, trims=self.direct and end % bs != 0)
+
+        def start(finished: _Finished) -> Deferred[int]:
+            aio = self._aio
+            if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
+                d = aio.write(self._fd, _byteView(data), offset, bs, not self._memoryFS)
+                if d is not None:
+                    return self._runAIO(d, self._write, offset, data, finished)
+            return self._runThen(finished, self._write, offset, data)
+
+        return self._whenGranted(claim, end, start)
 
     def zero(self, offset: int, length: int) -> Deferred[None]:
         """
@@ -516,13 +611,31 @@ class FileBackend:
         The caller gets its own Deferred: cancelling it does not pretend the
         thread stopped, so the fd stays open until the call really returns.
         """
+        return self._runThen(None, fn, *args, **kwargs)
+
+    def _runThen(
+        self,
+        finished: _Finished | None,
+        fn: Callable[P, T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Deferred[T]:
+        """
+        L{_run}, calling C{finished} with the outcome when the call really
+        returned (or at once, if the backend is closed).
+        """
         if self._closed:
-            return fail(self._closedError())
+            failure = Failure(self._closedError())
+            if finished is not None:
+                finished(failure)
+            return fail(failure)
         self._inFlight += 1
         result: Deferred[T] = Deferred()
 
         def done(r: T | Failure) -> T | Failure:
             self._inFlight -= 1
+            if finished is not None:
+                finished(r)
             if self._closed and self._inFlight == 0:
                 self._closeFd()
             return r
@@ -530,12 +643,64 @@ class FileBackend:
         self._diskio.run(fn, *args, **kwargs).addBoth(done).chainDeferred(result)
         return result
 
+    def _claim(self, offset: int, end: int, trims: bool) -> _Footprint:
+        """
+        Claim the blocks C{[offset, end)} touches on the image, or all from
+        the first one to the end of the image if the operation C{trims}
+        (may set the file size) and may reach past the end of file.
+        """
+        bs = self.blockSize
+        stop = _roundUp(end, bs)
+        if trims and not self.isBlock and stop > self._writes.size:
+            stop = _TO_END
+        return self._writes.claim(offset - offset % bs, stop)
+
+    def _whenGranted(
+        self, claim: _Footprint, end: int, start: Callable[[_Finished], Deferred[T]]
+    ) -> Deferred[T]:
+        """
+        Call C{start} once C{claim} is granted, with a function that its
+        storage call must call when it really returned; that releases the
+        claim. Cancelling the result while waiting withdraws the claim.
+
+        @param end: Where the operation ends: the file is at least that
+            long once it succeeded.
+        """
+        writes = self._writes
+        held = [True]
+
+        def finished(r: object) -> None:
+            if not held:
+                return
+            held.clear()
+            if not isinstance(r, Failure) and not self.isBlock and end > writes.size:
+                writes.size = end
+            writes.release(claim)
+
+        def begin(_: object = None) -> Deferred[T]:
+            try:
+                return start(finished)
+            except BaseException:
+                # Never leave the blocks claimed: everyone would wait.
+                failure = Failure()
+                finished(failure)
+                return fail(failure)
+
+        if claim.ready is None:
+            return begin()
+        return cast("Deferred[T]", claim.ready.addCallback(begin))
+
     def _aligned(self, offset: int, buf: memoryview) -> bool:
         bs = self.blockSize
         return offset % bs == 0 and buf.nbytes % bs == 0 and buf.nbytes > 0
 
     def _runAIO(
-        self, d: Deferred[int], fn: Callable[[int, memoryview], int], offset: int, buf: memoryview
+        self,
+        d: Deferred[int],
+        fn: Callable[[int, memoryview], int],
+        offset: int,
+        buf: memoryview,
+        finished: _Finished | None = None,
     ) -> Deferred[int]:
         """
         Count the AIO request C{d} in flight like a pool call; where the
@@ -579,6 +744,8 @@ class FileBackend:
 
         def done(r: int | Failure) -> int | Failure:
             self._inFlight -= 1
+            if finished is not None:
+                finished(r)
             if self._closed and self._inFlight == 0:
                 self._closeFd()
             return r
@@ -594,7 +761,14 @@ class FileBackend:
             # steps have unaligned edges.
             bs = self.blockSize
             stop = min(end, max(pos + bs - pos % bs, (pos + ZERO_STEP) // bs * bs))
-            await self._run(self._zeroRange, pos, stop - pos)
+            # A sparse zero extends a file with ftruncate; an unaligned end
+            # may trim the block written back.
+            claim = self._claim(pos, stop, trims=self.sparse or stop % bs != 0)
+
+            def start(finished: _Finished, pos: int = pos, stop: int = stop) -> Deferred[None]:
+                return self._runThen(finished, self._zeroRange, pos, stop - pos)
+
+            await self._whenGranted(claim, stop, start)
             pos = stop
 
     def _closeFd(self) -> None:
@@ -746,12 +920,11 @@ class FileBackend:
                 stop = min(end, start + len(bounce))
                 spanEnd = _roundUp(stop, bs)
                 if pos == start and stop == spanEnd:
-                    # Whole blocks: nothing to merge, so no lock.
+                    # Whole blocks: nothing to merge.
                     bounce[: stop - start] = view[pos - offset : stop - offset]
                     self._pwriteFull(start, bounce[: stop - start])
                 else:
-                    with self._rmw.lock:
-                        self._mergeBlocks(bounce, view[pos - offset : stop - offset], pos)
+                    self._mergeBlocks(bounce, view[pos - offset : stop - offset], pos)
                 pos = stop
         finally:
             self._giveBounce(bounce)
@@ -759,7 +932,8 @@ class FileBackend:
     def _mergeBlocks(self, bounce: memoryview, data: memoryview, pos: int) -> None:
         """
         Write C{data} at C{pos} (fitting in C{bounce}) merged into the blocks
-        it partly covers. Called with the image's read-modify-write lock.
+        it partly covers. The caller's claim on the image's writes covers
+        those blocks (and the end of file, if it may trim the file).
         """
         bs = self.blockSize
         start = pos - pos % bs

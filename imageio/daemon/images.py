@@ -33,6 +33,7 @@ from imageio.interfaces import (
     IBackend,
     IBackendOpener,
     IBodySink,
+    IConnection,
     UnsupportedOperation,
 )
 from imageio.ranges import (
@@ -60,7 +61,6 @@ from imageio.web import (
     CollectSink,
     DownloadProducer,
     HTTPError,
-    ImageioChannel,
     JSONListWriter,
     ReaderStalled,
     Router,
@@ -69,8 +69,10 @@ from imageio.web import (
     UploadSink,
     abortConnection,
     closeAfterResponse,
+    connectionOf,
     cors,
     enumArg,
+    exchangeOf,
     isGone,
     loadJSON,
     pushProducerOf,
@@ -161,7 +163,7 @@ class _Context:
     """
 
     ticket: Ticket
-    channel: ImageioChannel
+    connection: IConnection
     #: Download buffers kept between this connection's requests.
     buffers: _buffers.BufferPool
     backend: IBackend | None = None
@@ -173,9 +175,9 @@ class _Context:
             return
         self.closed = True
         self.buffers.close()
-        if self.channel.contexts.get(self.ticket) is self:
-            del self.channel.contexts[self.ticket]
-        self.ticket.connections.pop(self.channel, None)
+        if self.connection.contexts.get(self.ticket) is self:
+            del self.connection.contexts[self.ticket]
+        self.ticket.connections.pop(self.connection, None)
         if self.backend is not None:
             backend, self.backend = self.backend, None
             backend.close().addErrback(lambda f: log.failure("Closing backend failed", f))
@@ -228,21 +230,21 @@ class ImagesService:
                 url=redactURL(ticket.url),
             )
             return fail(HTTPError(508, str(loop), close=True))
-        channel: ImageioChannel = request.channel  # type: ignore[assignment]
-        ctx: _Context | None = channel.contexts.get(ticket)
+        connection = connectionOf(request)
+        ctx: _Context | None = connection.contexts.get(ticket)
         if ctx is not None and ctx.backend is not None:
             return succeed(ctx.backend)
         d: Deferred[IBackend] = Deferred()
         if ctx is not None:
             ctx._opening.append(d)
             return d
-        ctx = _Context(ticket, channel, _buffers.BufferPool(self.budget))
+        ctx = _Context(ticket, connection, _buffers.BufferPool(self.budget))
         ctx._opening.append(d)
-        channel.contexts[ticket] = ctx
-        ticket.connections[channel] = ctx.close
-        channel.addCloseHook(ctx.close)
+        connection.contexts[ticket] = ctx
+        ticket.connections[connection] = ctx.close
+        connection.addCloseHook(ctx.close)
         # From now on the connection lives by the ticket's inactivity timeout.
-        channel.setIdleTimeout(ticket.inactivityTimeout)
+        connection.setIdleTimeout(ticket.inactivityTimeout)
 
         def opened(backend: IBackend) -> None:
             waiters, ctx._opening = ctx._opening, []
@@ -287,8 +289,7 @@ class ImagesService:
         @return: The spare download buffers of this connection's context for
             C{ticket}, if it has one.
         """
-        contexts = getattr(request.channel, "contexts", None)
-        ctx: _Context | None = contexts.get(ticket) if contexts is not None else None
+        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
         return ctx.buffers if ctx is not None else None
 
     def startOperation(self, ticket: Ticket, op: Operation) -> None:
@@ -555,10 +556,10 @@ class ImageHandler:
         ticket = self.service.authorize(ticketID, WRITE)
         if offset + length > ticket.size:
             raise _outOfTicket(ticket, close=True)
+        exchange = exchangeOf(request)
         op = Operation("write", offset)
         self.service.startOperation(ticket, op)
         backend = self.service.backendFor(request, ticket)
-        channel = request.channel
         sink = UploadSink(
             backend,
             offset,
@@ -566,15 +567,15 @@ class ImageHandler:
             pushProducerOf(request),
             op,
             bufferSize=self.service.chunkSize,
-            onProgress=channel.resetTimeout,
+            onProgress=connectionOf(request).resetTimeout,
             budget=self.service.budget,
         )
         # Answer 403 and close at once on cancel, even while waiting for a
         # slow client, as upstream does for a PUT in progress.
-        op.onCancel = lambda: request.respondEarly(  # type: ignore[attr-defined]
+        op.onCancel = lambda: exchange.respondEarly(
             _forbidden(AuthorizationError(f"Transfer {ticket.transferID} was canceled"))
         )
-        request.upload = _Upload(ticket, op, sink, flush == "y")  # type: ignore[attr-defined]
+        exchange.pending = _Upload(ticket, op, sink, flush == "y")
         sink.whenDone().addBoth(self._uploadDone, ticket, op)
         sink.whenDone().addErrback(self._uploadFailedEarly, request, sink)
         log.debug(
@@ -604,10 +605,11 @@ class ImageHandler:
         else:
             log.failure("Upload failed", reason)
             error = HTTPError(500, INTERNAL_ERROR)
-        request.respondEarly(error)  # type: ignore[attr-defined]
+        exchangeOf(request).respondEarly(error)
 
     def handlePUT(self, request: Request, ticketID: str) -> Deferred[Any]:
-        upload: _Upload = request.upload  # type: ignore[attr-defined]
+        upload = exchangeOf(request).pending
+        assert isinstance(upload, _Upload), upload
         if queryArg(request, "close") == "y":
             closeAfterResponse(request)
         d: Deferred[Any] = upload.sink.whenDone()
@@ -631,7 +633,7 @@ class ImageHandler:
             raise HTTPError(
                 413, f"Request body too large: limit is {MAX_PATCH_BODY} bytes", close=True
             )
-        return CollectSink(request, MAX_PATCH_BODY)  # type: ignore[arg-type]
+        return CollectSink(exchangeOf(request), MAX_PATCH_BODY)
 
     def handlePATCH(self, request: Request, ticketID: str) -> Deferred[Any]:
         _ticketID(ticketID)

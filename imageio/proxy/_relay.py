@@ -59,6 +59,9 @@ from imageio.proxy._guard import GuardedEndpointFactory
 from imageio.web import (
     INTERNAL_ERROR,
     HTTPError,
+    abortConnection,
+    connectionOf,
+    exchangeOf,
     httpErrorFor,
     isGone,
     pushProducerOf,
@@ -154,8 +157,7 @@ def relayError(reason: Failure, request: Request, what: str) -> None:
     if isGone(request):
         return
     if request.startedWriting:
-        transport: Any = request.channel.transport
-        transport.abortConnection()
+        abortConnection(request)
         return
     sendHTTPError(request, e)
 
@@ -339,13 +341,12 @@ class UploadRelay:
     _watchdog: Watchdog = field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        channel = self.request.channel
         self._watchdog = Watchdog(self.clock, self.readTimeout, self._expired)
         self.pipe = Pipe(
             pushProducerOf(self.request),
             self.length,
             onComplete=self._bodyComplete,
-            onProgress=getattr(channel, "resetTimeout", lambda: None),
+            onProgress=connectionOf(self.request).resetTimeout,
             onLost=self._clientLost,
         )
 
@@ -435,7 +436,7 @@ class UploadRelay:
         elif failure is not None:
             log.info("Upload relay failed: {status} {message}", status=e.status, message=e.message)
         if self._early:
-            self.request.respondEarly(e)  # type: ignore[attr-defined]
+            exchangeOf(self.request).respondEarly(e)
         else:
             sendHTTPError(self.request, e)
 
@@ -574,9 +575,7 @@ class ResponseRelay(Protocol):
     def _abortClient(self) -> None:
         if self._request.producer is self:
             self._request.unregisterProducer()
-        transport = getattr(self._request.channel, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
+        abortConnection(self._request)
 
 
 #: Daemon response headers a download passes on.

@@ -81,6 +81,7 @@ from imageio.web import (
     HTTPError,
     ImageioSite,
     Router,
+    exchangeOf,
     isGone,
     queryArg,
     requestBody,
@@ -384,7 +385,7 @@ class ImageHandler:
         url = self.service.daemonURL(claims, query=f"flush={flush}" if flush else "")
         relay = UploadRelay(request, self.service.reactor, declared)
         relay.start(self.service.client.request(b"PUT", url, headers, relay.pipe, timeout=None))
-        request.proxyUpload = relay  # type: ignore[attr-defined]
+        exchangeOf(request).pending = relay
         log.debug(
             "PUT ticket={ticketID} size={size}",
             ticketID=shortID(claims.transferTicket),
@@ -393,24 +394,25 @@ class ImageHandler:
         return relay.pipe
 
     def handlePUT(self, request: Request, ticketID: str) -> Deferred[None] | None:
-        relay: UploadRelay = request.proxyUpload  # type: ignore[attr-defined]
+        relay = exchangeOf(request).pending
+        assert isinstance(relay, UploadRelay), relay
         return relay.respond()
 
     # PATCH
 
     def bodySinkPATCH(self, request: Request, length: int | None, ticketID: str) -> IBodySink:
-        request.proxyClaims = self.service.authorize(request, ticketID)  # type: ignore[attr-defined]
+        exchangeOf(request).pending = self.service.authorize(request, ticketID)
         if not length:
             raise HTTPError(400, "Content-Length is required", close=True)
         if length > MAX_PATCH_BODY:
             raise HTTPError(
                 413, f"Request body too large: limit is {MAX_PATCH_BODY} bytes", close=True
             )
-        return CollectSink(request, MAX_PATCH_BODY)  # type: ignore[arg-type]
+        return CollectSink(exchangeOf(request), MAX_PATCH_BODY)
 
     def handlePATCH(self, request: Request, ticketID: str) -> Deferred[None]:
-        claims: Claims | None = getattr(request, "proxyClaims", None)
-        if claims is None:
+        claims = getattr(request, "pending", None)
+        if not isinstance(claims, Claims):
             # Requests that bypassed the body sink (HTTP/2 streams).
             claims = self.service.authorize(request, ticketID)
         body = BytesProducer(requestBody(request))

@@ -8,12 +8,22 @@ This module is the layer's surface: C{imageio.daemon}, C{imageio.proxy},
 C{imageio.control} and C{imageio.tap} import from here, never from
 C{imageio.web._*} (C{tests/test_layers.py} checks). Domain errors from the
 layers below become HTTP statuses here, in L{httpErrorFor}, and nowhere
-else.
+else. Handlers keep per-connection and per-request state through
+L{connectionOf} (an L{imageio.interfaces.IConnection}) and L{exchangeOf}
+(an L{imageio.interfaces.IExchange}).
+
+Inside: C{_request} (streaming requests), C{_channel} (the connection),
+C{_site} (access log, metrics), C{_sinks}, C{_redact}, C{_socket}; the
+Twisted internals they need are in C{_twisted_http} and
+C{_twisted_transport} only.
 """
 
+from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
 from imageio.web._jsonlist import JSONListWriter
+from imageio.web._redact import redactPath
+from imageio.web._request import exchangeOf
 from imageio.web._response import (
     INTERNAL_ERROR,
     HTTPError,
@@ -27,13 +37,8 @@ from imageio.web._response import (
     sendJSON,
 )
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._streaming import (
-    CollectSink,
-    ImageioChannel,
-    ImageioSite,
-    pushProducerOf,
-    redactPath,
-)
+from imageio.web._sinks import CollectSink
+from imageio.web._site import ImageioSite
 from imageio.web._tls import TLSConfigError, TLSServerEndpoint, makeServerContext
 from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
 from imageio.web._upload import ShortBody, UploadSink
@@ -63,6 +68,8 @@ __all__ = [
     "ImageioChannel",
     "ImageioSite",
     "pushProducerOf",
+    "connectionOf",
+    "exchangeOf",
     "redactPath",
     # Bodies
     "DownloadProducer",

@@ -16,6 +16,7 @@ from twisted.web.server import Request
 import imageio
 from imageio._log import Logger
 from imageio.interfaces import HostError, HostInvalid, HostTimedOut, RemoteError
+from imageio.web._twisted_http import requestGone
 
 log = Logger()
 
@@ -86,7 +87,7 @@ def isGone(request: Request) -> bool:
     @return: Whether the response can no longer be sent: finished already
         or the client disconnected.
     """
-    return bool(request.finished or request._disconnected)
+    return bool(request.finished or requestGone(request))
 
 
 def abortConnection(request: Request) -> None:

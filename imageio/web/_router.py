@@ -26,6 +26,8 @@ from zope.interface import implementer
 
 from imageio._log import Logger
 from imageio.interfaces import IBodySink, IStreamingUpload
+from imageio.web._redact import redactPath
+from imageio.web._request import exchangeOf
 from imageio.web._response import (
     HTTPError,
     abortConnection,
@@ -35,7 +37,7 @@ from imageio.web._response import (
     sendHTTPError,
     sendInternalError,
 )
-from imageio.web._streaming import MAX_SMALL_BODY, CollectSink, redactPath
+from imageio.web._sinks import MAX_SMALL_BODY, CollectSink
 
 log = Logger()
 
@@ -104,7 +106,7 @@ class Router(Resource):
                 413, f"Request body too large: limit is {MAX_SMALL_BODY} bytes", close=True
             )
         # Small bodies are collected in memory; never spooled to disk.
-        return CollectSink(request, MAX_SMALL_BODY)  # type: ignore[arg-type]
+        return CollectSink(exchangeOf(request), MAX_SMALL_BODY)
 
     # Resource
 

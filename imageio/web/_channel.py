@@ -1,0 +1,414 @@
+# -*- test-case-name: tests.test_streaming -*-
+"""
+The HTTP connection: per-connection state for handlers (L{IConnection}),
+answers before a body is read, deadlines on request heads and bodies,
+half-closed clients, and request bodies read straight into a sink's
+buffers (L{IDirectReader}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from imageio._log import Logger
+from imageio.interfaces import (
+    IConnection,
+    IDirectBodySink,
+    IDirectReader,
+    IDirectReadTransport,
+)
+from imageio.web._request import StreamingRequest
+from imageio.web._response import SERVER, HTTPError
+from imageio.web._socket import tuneTransport
+from imageio.web._twisted_http import HTTPChannelSeam, IdentityBody
+
+log = Logger()
+
+#: Longest request line; upstream answers 414 above 4096 bytes.
+MAX_REQUEST_LINE = 4096
+
+
+@implementer(IConnection, IDirectReader, IHalfCloseableProtocol)
+class ImageioChannel(HTTPChannelSeam):
+    """
+    An HTTP connection with per-connection state for the images API.
+
+    A client may send its requests and then shut down its side of the
+    connection (C{shutdown(SHUT_WR)}, or TLS C{close_notify}): complete
+    requests are answered, then the connection closes.
+
+    @ivar contexts: Per-ticket state the data path keeps for this
+        connection (open backends), closed when the connection closes.
+    @ivar closingEarly: A request was answered before its body; ignore the
+        rest of the input.
+    @ivar readClosed: The client will send nothing more.
+    """
+
+    closingEarly = False
+    readClosed = False
+    site: Any
+    _headDeadline: IDelayedCall | None = None
+    # The body rate watch of the request whose body is arriving.
+    _bodyWatch: IDelayedCall | None = None
+    _bodyStarted = 0.0
+    _bodyReceived = 0
+    _bodyPaused = 0.0
+    _bodyPausedSince: float | None = None
+    # The body being read straight into a sink's buffers.
+    _directSink: IDirectBodySink | None = None
+    _directBody: IdentityBody | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contexts: dict[object, Any] = {}
+        self._closeHooks: list[Callable[[], object]] = []
+
+    # Request head deadline: Twisted's idle timeout restarts on every byte,
+    # so a client sending one header byte at a time (slowloris) would never
+    # be cut. The whole head must arrive within the listener's timeout.
+
+    def _startHeadDeadline(self) -> None:
+        timeout = getattr(self.site, "timeOut", None)
+        if self._headDeadline is None and timeout:
+            self._headDeadline = self.callLater(timeout, self._headTimedOut)  # type: ignore[attr-defined]
+
+    def _cancelHeadDeadline(self) -> None:
+        if self._headDeadline is not None:
+            if self._headDeadline.active():
+                self._headDeadline.cancel()
+            self._headDeadline = None
+
+    def _headTimedOut(self) -> None:
+        self._headDeadline = None
+        transport: Any = self.transport
+        log.info("Request head not complete in time from {client}", client=str(transport.getPeer()))
+        body = b"Request Timeout\n"
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nserver: %s\r\n"
+            b"content-type: text/plain; charset=UTF-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (SERVER, len(body), body)
+        )
+        self.closingEarly = True
+        # Closes, and aborts if the client does not read the answer.
+        self.timeoutConnection()
+
+    # Request body minimum rate, like Apache's mod_reqtimeout: after the
+    # site's bodyTimeout grace seconds, a body must keep arriving at
+    # bodyMinRate bytes a second on average, or it gets 408 and the
+    # connection closes. Time we paused the client ourselves (storage
+    # slower than the client, waiting for buffers) does not count.
+
+    def _seconds(self) -> float:
+        return float(self.site.reactor.seconds())
+
+    def _startBodyWatch(self) -> None:
+        site = getattr(self, "site", None)
+        grace = getattr(site, "bodyTimeout", 0)
+        rate = getattr(site, "bodyMinRate", 0)
+        if not (grace and rate) or self.length == 0:
+            return
+        self._stopBodyWatch()
+        self._bodyStarted = self._seconds()
+        self._bodyReceived = 0
+        self._bodyPaused = 0.0
+        self._bodyPausedSince = None
+        self._bodyWatch = self.callLater(grace, self._checkBodyRate)  # type: ignore[attr-defined]
+
+    def _stopBodyWatch(self) -> None:
+        if self._bodyWatch is not None:
+            if self._bodyWatch.active():
+                self._bodyWatch.cancel()
+            self._bodyWatch = None
+        self._bodyPausedSince = None
+
+    def bodyProgress(self, n: int) -> None:
+        """
+        C{n} bytes of the current request body arrived.
+        """
+        self._bodyReceived += n
+
+    def bodyPaused(self, paused: bool) -> None:
+        """
+        We stopped (or resumed) reading the request body: that time is ours,
+        not the client's.
+        """
+        if self._bodyWatch is None:
+            return
+        now = self._seconds()
+        if paused:
+            if self._bodyPausedSince is None:
+                self._bodyPausedSince = now
+        elif self._bodyPausedSince is not None:
+            self._bodyPaused += now - self._bodyPausedSince
+            self._bodyPausedSince = None
+
+    def _checkBodyRate(self) -> None:
+        self._bodyWatch = None
+        if self.closingEarly or self.handlingRequest:
+            return
+        grace: float = self.site.bodyTimeout
+        rate: float = self.site.bodyMinRate
+        now = self._seconds()
+        paused = self._bodyPaused
+        if self._bodyPausedSince is not None:
+            paused += now - self._bodyPausedSince
+        deadline = self._bodyStarted + grace + paused + self._bodyReceived / rate
+        if self._bodyPausedSince is not None or now < deadline:
+            delay = grace if self._bodyPausedSince is not None else deadline - now
+            self._bodyWatch = self.callLater(max(delay, 1.0), self._checkBodyRate)  # type: ignore[attr-defined]
+            return
+        transport: Any = self.transport
+        elapsed = now - self._bodyStarted - paused
+        log.info(
+            "Request body from {client} too slow: {received} bytes in {elapsed:.0f} s, "
+            "minimum {rate} bytes/s after {grace} s; closing",
+            client=str(transport.getPeer()),
+            received=self._bodyReceived,
+            elapsed=elapsed,
+            rate=rate,
+            grace=grace,
+        )
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.bodyTimedOut(self.site.name)
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, StreamingRequest):
+            self._stopDirectReads()
+            request.respondEarly(HTTPError(408, "Request body not received in time", close=True))
+        else:
+            self.closingEarly = True
+            self.loseConnection()
+        # Closes once the answer is sent; aborts if the client does not read.
+        self.abortLater()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        tuneTransport(self.transport)
+        metrics = getattr(self.site, "metrics", None)
+        if metrics is not None:
+            metrics.connectionOpened(self.site.name)
+
+    # IHalfCloseableProtocol
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent all it will send. A complete request being processed
+        is answered (and so are complete requests pipelined after it), then
+        the connection closes; with no complete request there is nothing to
+        answer (an incomplete body ends as a disconnect would end it).
+        """
+        self.readClosed = True
+        self._closeIfDone()
+
+    def writeConnectionLost(self) -> None:
+        self.loseConnection()
+
+    def _closeIfDone(self) -> None:
+        transport: Any = self.transport
+        if transport is None or getattr(transport, "disconnecting", False):
+            return
+        if not self.handlingRequest:
+            self.loseConnection()
+
+    def requestDone(self, request: http.Request) -> None:
+        persistent = self.persistent
+        super().requestDone(request)
+        if self.readClosed and persistent:
+            # Pipelined requests that arrived complete are being answered;
+            # once none is left, close.
+            self._closeIfDone()
+
+    # IConnection (setIdleTimeout: HTTPChannelSeam)
+
+    def addCloseHook(self, hook: Callable[[], object]) -> None:
+        """
+        Call C{hook} when the connection closes.
+        """
+        self._closeHooks.append(hook)
+
+    # Request heads
+
+    def lineReceived(self, line: bytes) -> None:
+        if len(line) > MAX_REQUEST_LINE and self.readingRequestLine:
+            self._respondToStatus(414, b"Request-URI Too Long")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self.readingRequestLine:
+            self._respondToStatus(414, b"Request-URI Too Long")
+        else:
+            self._respondToStatus(431, b"Request Header Fields Too Large")
+
+    def badRequest(self) -> None:
+        # Twisted's own 400 (bad request line, headers or Content-Length) has
+        # no body and no Content-Length; answer in our format.
+        self._respondToStatus(400, b"Bad Request")
+
+    def _respondToStatus(self, code: int, reason: bytes) -> None:
+        body = reason + b"\n"
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nserver: %s\r\ncontent-type: text/plain; charset=UTF-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (code, reason, SERVER, len(body), body)
+        )
+        self.closingEarly = True
+        self.loseConnection()
+
+    def send100Continue(self) -> bool:
+        # A request refused from its headers gets its final status instead
+        # (RFC 9110 10.1.1), so the client does not start sending the body.
+        request = self.requests[-1] if self.requests else None
+        return not (isinstance(request, StreamingRequest) and request.refusedFromHeaders)
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeadDeadline()
+        super().allHeadersReceived()
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, StreamingRequest):
+            error = request.takeEarlyError()
+            if error is not None:
+                request.respondEarly(error)
+            else:
+                self._startDirectReads(request)
+                self._startBodyWatch()
+
+    # Request bodies read straight into the sink's buffers (IDirectReader):
+    # the transport reads with recv_into (or decrypts) into the upload
+    # buffer instead of handing us bytes to copy. Only Content-Length
+    # bodies, and never their last byte: that one goes through Twisted's
+    # decoder, which ends the body and parses what follows (IdentityBody).
+
+    def _startDirectReads(self, request: StreamingRequest) -> None:
+        sink = request.bodySink
+        if not (
+            IDirectBodySink.providedBy(sink) and IDirectReadTransport.providedBy(self.transport)
+        ):
+            return
+        body = self.identityBody()
+        if body is not None and body.readable():
+            self._directSink = sink
+            self._directBody = body
+            IDirectReadTransport(self.transport).setDirectReader(self)
+
+    def _stopDirectReads(self) -> None:
+        if self._directSink is not None:
+            self._directSink = None
+            self._directBody = None
+            transport = IDirectReadTransport(self.transport, None)
+            if transport is not None:
+                transport.setDirectReader(None)
+
+    def readBuffer(self) -> memoryview | None:
+        sink, body = self._directSink, self._directBody
+        if sink is None or body is None or self.closingEarly:
+            self._stopDirectReads()
+            return None
+        readable = body.readable()
+        if not readable:
+            # The last byte: through dataReceived and the decoder.
+            return None
+        view = sink.bodyBuffer()
+        if view is None:
+            return None
+        return view[:readable]
+
+    def bufferFilled(self, n: int) -> None:
+        sink, body = self._directSink, self._directBody
+        assert sink is not None and body is not None
+        self.resetTimeout()
+        self._bodyReceived += n
+        body.consumed(n)
+        sink.bodyFilled(n)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closingEarly:
+            return
+        if data and self.readingRequestLine and not self.handlingRequest:
+            self._startHeadDeadline()
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        # However the body ended (the last bytes may have come with the
+        # headers), the next request must not read into this one's sink.
+        self._stopDirectReads()
+        self._stopBodyWatch()
+        if self.closingEarly:
+            return
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        metrics = getattr(getattr(self, "site", None), "metrics", None)
+        if metrics is not None:
+            metrics.connectionClosed(self.site.name)
+        self._cancelHeadDeadline()
+        self._stopBodyWatch()
+        self._directSink = None
+        self._directBody = None
+        hooks, self._closeHooks = self._closeHooks, []
+        try:
+            super().connectionLost(reason)
+        finally:
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.failure("Connection close hook failed")
+
+
+def connectionOf(request: IRequest | http.Request) -> IConnection:
+    """
+    @return: The connection C{request} came on, as its handlers see it.
+    @raise TypeError: For a request not made by an L{imageio.web.ImageioSite}
+        connection.
+    """
+    channel = request.channel  # type: ignore[union-attr]
+    if isinstance(channel, ImageioChannel):
+        return channel
+    raise TypeError(f"Not a connection of an imageio site: {channel!r}")
+
+
+@implementer(IPushProducer)
+@define
+class _BodyProducer:
+    """
+    The connection's transport as the producer of a request body, telling
+    the channel when reading is paused (the body rate watch does not count
+    that time against the client).
+    """
+
+    channel: ImageioChannel
+    transport: IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.channel.bodyPaused(True)
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.channel.bodyPaused(False)
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+def pushProducerOf(request: http.Request) -> IPushProducer:
+    """
+    @return: The producer that pauses reading from the client: the
+        connection's transport.
+    """
+    transport: Any = request.channel.transport
+    channel = request.channel
+    if isinstance(channel, ImageioChannel):
+        return _BodyProducer(channel, transport)
+    result: IPushProducer = transport
+    return result

@@ -1,0 +1,201 @@
+# -*- test-case-name: tests.test_twisted_seams -*-
+"""
+Quarantine for the Twisted internals of the HTTP channel/request/decoder
+seam.
+
+twisted.web has no public API for streaming request bodies
+(twisted/twisted#10190), for answering before a body is read, or for
+reading a body straight into a buffer. L{imageio.web._channel} and
+L{imageio.web._request} need a little of C{HTTPChannel}'s and C{Request}'s
+private state for that. Every private name involved is used here and only
+here, behind public names, and each is pinned by C{tests.test_twisted_seams}:
+
+  - C{HTTPChannel._HTTPChannel__first_line}: true until the request line
+    of the next request arrived;
+  - C{HTTPChannel._command}, C{_path}, C{_version}: the request line,
+    set once it arrived, deleted once the body is complete;
+  - C{HTTPChannel._handlingRequest}: a complete request is being answered;
+  - C{HTTPChannel._savedTimeOut}: the idle timeout restored after that;
+  - C{HTTPChannel._abortingCall}: the abort that follows a
+    C{loseConnection} the client does not complete;
+  - C{HTTPChannel._send100Continue()}: the automatic C{100 Continue};
+  - C{HTTPChannel._respondToBadRequestAndDisconnect()}: Twisted's own 400;
+  - C{HTTPChannel._transferDecoder} and C{http._IdentityTransferDecoder}
+    (its C{contentLength}, C{dataCallback}): the Content-Length framing
+    of the body being received, reached only through L{IdentityBody};
+  - C{Request._disconnected}: the client went away.
+
+Body framing stays Twisted's: a body read directly into a sink's buffer is
+counted off the decoder's C{contentLength} exactly as the decoder itself
+counts a chunk that is not the last one, and the last byte of every body
+goes through the decoder, whose own end-of-body path then runs
+(C{finishCallback}, and the next request is parsed from what follows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web import http
+
+#: The private names this module touches, by the Twisted class that
+#: defines them (for the pinning tests). Instance attributes are pinned
+#: on a live channel by the tests.
+PRIVATE_NAMES = (
+    ("twisted.web.http.HTTPChannel", "_HTTPChannel__first_line"),
+    ("twisted.web.http.HTTPChannel", "_command"),
+    ("twisted.web.http.HTTPChannel", "_path"),
+    ("twisted.web.http.HTTPChannel", "_version"),
+    ("twisted.web.http.HTTPChannel", "_handlingRequest"),
+    ("twisted.web.http.HTTPChannel", "_savedTimeOut"),
+    ("twisted.web.http.HTTPChannel", "_abortingCall"),
+    ("twisted.web.http.HTTPChannel", "_send100Continue"),
+    ("twisted.web.http.HTTPChannel", "_respondToBadRequestAndDisconnect"),
+    ("twisted.web.http.HTTPChannel", "_transferDecoder"),
+    ("twisted.web.http", "_IdentityTransferDecoder"),
+    ("twisted.web.http.Request", "_disconnected"),
+)
+
+_IdentityTransferDecoder: type = http._IdentityTransferDecoder  # type: ignore[attr-defined]
+
+
+class IdentityBody:
+    """
+    The Content-Length body a channel is receiving, for reads that bypass
+    Twisted's decoder. Twisted still frames the body: L{consumed} never
+    takes the last byte, which the decoder receives and ends the body with.
+    """
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self, decoder: Any) -> None:
+        self._decoder = decoder
+
+    def remaining(self) -> int:
+        """
+        @return: Body bytes not received yet (0 once the body ended).
+        """
+        decoder = self._decoder
+        if decoder.dataCallback is None or decoder.contentLength is None:
+            return 0
+        length: int = decoder.contentLength
+        return length
+
+    def readable(self) -> int:
+        """
+        @return: How many bytes may be read directly now: all but the last
+            byte of the body, which must reach the decoder.
+        """
+        return max(self.remaining() - 1, 0)
+
+    def consumed(self, n: int) -> None:
+        """
+        C{n} body bytes were read directly, at most L{readable}: the
+        decoder counts them as it counts a chunk before the last.
+
+        @raise ValueError: For more than L{readable} (the decoder's state
+            is left as it was).
+        """
+        if not 0 <= n <= self.readable():
+            raise ValueError(f"{n} bytes read directly, {self.readable()} readable")
+        self._decoder.contentLength -= n
+
+
+def identityBody(channel: http.HTTPChannel) -> IdentityBody | None:
+    """
+    @return: The Content-Length body C{channel} is receiving, or C{None}
+        (no body, a chunked one, or the body ended).
+    """
+    decoder = getattr(channel, "_transferDecoder", None)
+    if isinstance(decoder, _IdentityTransferDecoder):
+        body = IdentityBody(decoder)
+        if body.remaining():
+            return body
+    return None
+
+
+def requestGone(request: http.Request) -> bool:
+    """
+    @return: Whether the client of C{request} disconnected.
+    """
+    return bool(request._disconnected)
+
+
+class HTTPChannelSeam(http.HTTPChannel):
+    """
+    C{HTTPChannel} with the private state we use under public names, and
+    public hooks for the private methods we override.
+    """
+
+    @property
+    def readingRequestLine(self) -> bool:
+        """
+        The next bytes are (or start) a request line.
+        """
+        return bool(self._HTTPChannel__first_line)  # type: ignore[attr-defined]
+
+    def requestLine(self) -> tuple[bytes, bytes, bytes] | None:
+        """
+        @return: Method, target and version of the request whose headers or
+            body are arriving, or C{None} (no request line yet, or the
+            request is complete and being answered).
+        """
+        command = getattr(self, "_command", None)
+        if command is None:
+            return None
+        return command, self._path, self._version  # type: ignore[attr-defined]
+
+    @property
+    def handlingRequest(self) -> bool:
+        """
+        A complete request is being answered.
+        """
+        return bool(self._handlingRequest)
+
+    def setIdleTimeout(self, seconds: float | None) -> None:
+        """
+        Change the inactivity timeout, effective now if the connection is
+        idle, else once the request being answered completes (Twisted
+        restores the saved timeout then).
+        """
+        if self._handlingRequest:
+            self._savedTimeOut = seconds
+        else:
+            self.setTimeout(seconds)
+
+    def abortLater(self) -> None:
+        """
+        Abort the connection if the client has not closed it within
+        C{abortTimeout} (what C{loseConnection} after a response does).
+        """
+        if self._abortingCall is None and self.abortTimeout is not None:  # type: ignore[has-type]
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[attr-defined]
+
+    def identityBody(self) -> IdentityBody | None:
+        """
+        @return: See L{identityBody}.
+        """
+        return identityBody(self)
+
+    # Hooks
+
+    def send100Continue(self) -> bool:
+        """
+        @return: Whether the automatic C{100 Continue} is sent for the
+            request whose headers just arrived.
+        """
+        return True
+
+    def _send100Continue(self) -> None:
+        if self.send100Continue():
+            super()._send100Continue()  # type: ignore[misc]
+
+    def badRequest(self) -> None:
+        """
+        Twisted refused the request (bad request line, headers or
+        Content-Length): answer 400 and disconnect.
+        """
+        super()._respondToBadRequestAndDisconnect()  # type: ignore[misc]
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.badRequest()
