@@ -17,14 +17,18 @@ import os
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from attrs import frozen
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
+
+if TYPE_CHECKING:
+    # cryptography is imported where a certificate or key is made, never
+    # by an ordinary start that finds its files in place: it costs a
+    # daemon about 10 MiB of resident memory (issue 12).
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 log = Logger()
 
@@ -41,10 +45,14 @@ _BACKDATE = timedelta(hours=1)
 
 
 def _newKey() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _keyPEM(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -53,10 +61,14 @@ def _keyPEM(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _certPEM(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _subjectAltName(hostnames: Sequence[str], ips: Sequence[str]) -> x509.SubjectAlternativeName:
+    from cryptography import x509
+
     names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     return x509.SubjectAlternativeName(names)
@@ -82,6 +94,10 @@ def _buildCertificate(
 
     @param issuer: The issuing CA; L{None} for a self-signed certificate.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imageio"),

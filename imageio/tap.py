@@ -35,13 +35,14 @@ from twisted.python.components import Componentized
 from twisted.web.resource import Resource
 
 import imageio
+import imageio._leanreactor  # noqa: F401  first: the reactor core without pyOpenSSL
 from imageio import _log
 from imageio import config as _config
 from imageio._aio import AIOEngine, AIOService
 from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
-from imageio.backends import BackendContext, BackendOpener, namesListener
+from imageio.backends import BackendContext, BackendOpener, namesListener, readCAFile
 from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
@@ -390,11 +391,10 @@ class ImageioService(MultiService):
         )
         if backendCtx.caFile:
             # Read the CA for proxy-mode tickets now, before the reactor runs,
-            # rather than on the reactor thread at the first https: ticket.
-            from imageio.backends.httpclient import loadTrustRoot
-
+            # rather than on the reactor thread at the first https: ticket;
+            # checked without pyOpenSSL, which only such a ticket loads.
             try:
-                loadTrustRoot(backendCtx.caFile)
+                readCAFile(backendCtx.caFile)
             except ValueError as e:
                 log.warn("https: tickets will fail until fixed: {error}", error=str(e))
         images = ImagesService(

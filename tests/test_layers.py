@@ -37,6 +37,9 @@ PACKAGE = ROOT / "imageio"
 #: buffers), C{_diskio} (the disk-io pool the backends run on), C{_aio}
 #: (Linux AIO, completing direct I/O on the reactor), C{_blkhash}
 #: (checksums over backend extents), C{_pki} (certificates for listeners),
+#: C{_certdates} (certificate dates without cryptography),
+#: C{_twisted_lazytls} and C{_leanreactor} (the reactor core without
+#: pyOpenSSL),
 #: C{config} (INI parsing: values only, no layer's objects).
 CORE = frozenset(
     {
@@ -50,6 +53,9 @@ CORE = frozenset(
         "imageio._aio",
         "imageio._blkhash",
         "imageio._pki",
+        "imageio._certdates",
+        "imageio._twisted_lazytls",
+        "imageio._leanreactor",
         "imageio.config",
     }
 )

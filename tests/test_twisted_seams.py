@@ -5,7 +5,9 @@ per seam:
 
   - the socket transport seam: L{imageio.web._twisted_transport};
   - the HTTP client pool seam: L{imageio.backends._twisted_client};
-  - the HTTP channel/request/decoder seam: L{imageio.web._twisted_http}.
+  - the HTTP channel/request/decoder seam: L{imageio.web._twisted_http};
+  - the reactor core's import-time TLS seam:
+    L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor}.
 
 If one of these tests fails after a Twisted upgrade, Twisted changed
 something we depend on: read the seam's module before anything else.

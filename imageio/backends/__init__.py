@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import socket
+import ssl
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -67,6 +68,36 @@ def relayLoop(url: str, relayed: bool) -> LoopDetected | None:
             "daemon, or a daemon whose ticket names this one?)"
         )
     return None
+
+
+#: CA files read at start by L{readCAFile}, by path.
+CA_FILES: dict[str, bytes] = {}
+
+
+def readCAFile(path: str) -> bytes:
+    """
+    Read and check a CA file for C{https:} tickets now, at start, before the
+    reactor runs, and keep it for the HTTP client, which parses it with
+    pyOpenSSL at the first C{https:} ticket
+    (L{imageio.backends.httpclient.loadTrustRoot}). The check uses the
+    standard library's C{ssl}, so a daemon that never serves such a ticket
+    never loads pyOpenSSL and cryptography (about 12 MiB).
+
+    @raise ValueError: If C{path} cannot be read or holds no valid
+        certificate.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()  # off-reactor: runs at start-up
+    except OSError as e:
+        raise ValueError(f"Cannot read CA file {path}: {e.strerror}") from e
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ValueError(f"Invalid or no certificate in CA file {path}: {reason}") from e
+    CA_FILES[path] = pem
+    return pem
 
 
 @frozen

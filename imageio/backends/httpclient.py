@@ -54,6 +54,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from imageio._twisted_lazytls import restoreReactorTLS
+from imageio.backends import CA_FILES
 from imageio.backends._twisted_client import quietPool
 from imageio.interfaces import (
     HostError,
@@ -133,12 +135,17 @@ NETWORK_ERRORS = (
 
 _TRUST_ROOTS: dict[str, Any] = {}
 
+# A daemon imports the reactor core without pyOpenSSL; now that it is
+# loaded, the reactor's connectSSL and listenSSL can have it back.
+restoreReactorTLS()
+
 
 def loadTrustRoot(caFile: str) -> Any:
     """
     The trust root for verifying daemons: the certificates of C{caFile}, or
     the platform's trust store when C{caFile} is empty. Loaded once per
-    process and path (a restart picks up a changed file).
+    process and path (a restart picks up a changed file); a file the
+    daemon read at start (L{imageio.backends.readCAFile}) is not read again.
 
     @raise ValueError: If C{caFile} cannot be read or holds no certificate.
     """
@@ -147,11 +154,13 @@ def loadTrustRoot(caFile: str) -> Any:
     root = _TRUST_ROOTS.get(caFile)
     if root is not None:
         return root
-    try:
-        with open(caFile, "rb") as f:
-            pem = f.read()
-    except OSError as e:
-        raise ValueError(f"Cannot read CA file {caFile}: {e.strerror}") from e
+    pem = CA_FILES.get(caFile)
+    if pem is None:
+        try:
+            with open(caFile, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ValueError(f"Cannot read CA file {caFile}: {e.strerror}") from e
     certificates = []
     marker = b"-----END CERTIFICATE-----"
     for block in pem.split(marker)[:-1]:

@@ -25,8 +25,8 @@ from urllib.parse import unquote, urlsplit
 from attrs import define, field, frozen
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import ClientCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -98,6 +98,11 @@ class NBDAddress:
         """
         @return: A client endpoint connecting to this address.
         """
+        # Imported here: twisted.internet.endpoints imports pyOpenSSL and
+        # cryptography (about 13 MiB), which a daemon serving unix: NBD
+        # exports never needs (L{_open} connects to those without it).
+        from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+
         if self.transport == "unix":
             return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
         return HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
@@ -185,9 +190,15 @@ async def _open(
         clock=ctx.reactor,
         negotiationTimeout=NEGOTIATION_TIMEOUT,
     )
-    endpoint = address.endpoint(ctx.reactor, CONNECT_TIMEOUT)
     try:
-        await connectProtocol(endpoint, protocol)
+        if address.transport == "unix":
+            # What UNIXClientEndpoint does, without importing endpoints.
+            creator = ClientCreator(ctx.reactor, lambda: protocol)
+            await creator.connectUNIX(address.path, timeout=CONNECT_TIMEOUT)
+        else:
+            from twisted.internet.endpoints import connectProtocol
+
+            await connectProtocol(address.endpoint(ctx.reactor, CONNECT_TIMEOUT), protocol)
     except CancelledError:
         raise
     except Exception as e:

@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, NoReturn, Protocol, cast
 
 from attrs import frozen
-from cryptography import x509
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import (
@@ -50,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageio._certdates import validityPeriods
 from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
 
 if TYPE_CHECKING:
@@ -132,7 +132,18 @@ def _checkCertificates(path: str, pem: bytes, now: datetime) -> None:
     """
     Refuse a certificate file holding no certificate or an expired one; warn
     about one that is not valid yet or expires soon.
+
+    Certificates valid for a while yet are checked with the standard
+    library (L{validityPeriods}); cryptography, which costs a daemon about
+    9 MiB, is loaded only to look closer or to word a message.
     """
+    periods = validityPeriods(pem)
+    if periods is not None and all(
+        notBefore <= now and notAfter - now >= EXPIRY_WARNING for notBefore, notAfter in periods
+    ):
+        return
+    from cryptography import x509
+
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError as e:
