@@ -121,7 +121,10 @@ def httpStack(requests: int, profile: bool = False) -> dict[str, float]:
         send(raw)
         profiler.disable()
         memory.removeImage("request-cost")
-        return shares(profiler)
+        result = shares(profiler)
+        calls = sum(row[1] for row in profiler.getstats())  # type: ignore[attr-defined]
+        result["callsPerRequest"] = calls / requests
+        return result
     t0, c0 = time.perf_counter(), cpuSeconds()
     send(raw)
     elapsed, cpu = time.perf_counter() - t0, cpuSeconds() - c0
@@ -288,8 +291,10 @@ def main() -> None:
         parts = child(["--part", "http", "--requests", str(opts.requests), "--profile"])
         print(f"http stack: {cpu:.1f} us CPU per 4 KiB GET, by part (cProfile shares)\n")
         print(f"{'part':52}  {'share':>6}  {'us':>6}")
+        calls = parts.pop("callsPerRequest")
         for key, share in parts.items():
             print(f"{key.split(':', 1)[1]:52}  {share * 100:5.1f}%  {share * cpu:6.1f}")
+        print(f"\nPython function calls per request: {calls:.0f}")
         return
     print(f"{cpus} CPUs; medians of {opts.runs} runs (min-max)\n")
     rows = [

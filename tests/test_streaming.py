@@ -1070,6 +1070,33 @@ class HeadDeadlineTests(StreamingTestCase):
         self.assertTrue(conn.closed)
         self.assertEqual(conn.response().status, 408)
 
+    def test_wholeHeadArmsNoTimer(self) -> None:
+        """
+        A head that arrives in one piece (nearly every request) is parsed
+        before any deadline is armed, so it costs no timer; one arriving in
+        pieces gets its deadline from its first piece.
+        """
+        armed: list[str] = []
+        callLater = self.clock.callLater
+
+        def recording(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+            armed.append(getattr(f, "__name__", ""))
+            return callLater(delay, f, *a, **kw)
+
+        self.clock.callLater = recording  # type: ignore[method-assign]
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/info/") + request(b"GET", b"/info/"))
+        self.assertEqual([r.status for r in conn.responses()], [200, 200])
+        self.assertNotIn("_headTimedOut", armed)
+        conn.lose(ConnectionDone())
+        conn = self.h.connect()
+        conn.send(b"GET /info/ HTTP/1.1\r\n")
+        self.assertIn("_headTimedOut", armed)
+        self.clock.advance(30)
+        conn.send(b"Host: x\r\n")
+        self.clock.advance(30)
+        self.assertEqual(conn.response().status, 408)
+
     def test_noPendingCallAfterClose(self) -> None:
         """
         Closing the connection cancels the deadline.

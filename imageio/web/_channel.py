@@ -56,6 +56,7 @@ class ImageioChannel(HTTPChannelSeam):
     readClosed = False
     site: Any
     _headDeadline: IDelayedCall | None = None
+    _headsReceived = 0
     # The body rate watch of the request whose body is arriving.
     _bodyWatch: IDelayedCall | None = None
     _bodyStarted = 0.0
@@ -271,6 +272,7 @@ class ImageioChannel(HTTPChannelSeam):
         return not (isinstance(request, StreamingRequest) and request.refusedFromHeaders)
 
     def allHeadersReceived(self) -> None:
+        self._headsReceived += 1
         self._cancelHeadDeadline()
         super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
@@ -333,9 +335,16 @@ class ImageioChannel(HTTPChannelSeam):
     def dataReceived(self, data: bytes) -> None:
         if self.closingEarly:
             return
-        if data and self.readingRequestLine and not self.handlingRequest:
-            self._startHeadDeadline()
+        starting = bool(data) and self.readingRequestLine and not self.handlingRequest
+        heads = self._headsReceived
         super().dataReceived(data)
+        # The deadline starts once these bytes are parsed, in the same
+        # reactor turn: a head that arrived whole (nearly every request)
+        # needs no timer.
+        if starting and heads == self._headsReceived and not self.closingEarly:
+            transport: Any = self.transport
+            if transport is not None and not transport.disconnected:
+                self._startHeadDeadline()
 
     def allContentReceived(self) -> None:
         # However the body ended (the last bytes may have come with the
