@@ -141,14 +141,17 @@ PARTS: list[tuple[str, list[str]]] = [
     ("Request construction (twisted)", ["web/server.py:__init__"]),
     ("early resource lookup, body sink (ours)", ["_request.py:gotLength"]),
     ("head deadline, body watch (ours)", ["_channel.py:allHeadersReceived"]),
-    ("process(): Server/Date headers, resource lookup", ["web/server.py:process"]),
+    ("process(): Server/Date headers, resource lookup", ["_request.py:process"]),
     ("Router: match, method", ["_router.py:render"]),
     ("handler: CORS, Range, query args", ["images.py:handleGET"]),
     ("ticket authorization", ["tickets.py:authorize"]),
     ("backend lookup (per connection)", ["images.py:backendFor"]),
-    ("response headers, producer set-up, Deferreds", ["images.py:_startRead"]),
-    ("ticket operations (start, finish)", ["images.py:startOperation", "images.py:finishOperation"]),
-    ("download producer: start, read, write", ["_download.py:start"]),
+    ("small read: response headers, Deferreds", ["images.py:_readSmall", "images.py:_startRead"]),
+    (
+        "ticket operations (start, finish)",
+        ["images.py:startOperation", "images.py:finishOperation"],
+    ),
+    ("download producer (not used by small reads)", ["_download.py:start"]),
     ("backend read (memory, inline)", ["memory.py:readInto"]),
     ("response header writing (twisted)", ["web/http.py:writeHeaders"]),
     ("finish, request done, clean-up (twisted)", ["web/http.py:finish"]),
@@ -182,13 +185,14 @@ def shares(profiler: Any) -> dict[str, float]:
         4: [5],
         5: [6],
         6: [7, 8, 9],
-        9: [10, 11],
-        11: [12, 13, 14],
+        # A 4 KiB read is one backend read, then headers and body in one
+        # write (no download producer).
+        9: [10, 11, 12, 13, 14],
         14: [15],
     }
     for parent, children in nesting.items():
         exclusive[parent] -= sum(times[c] for c in children)
-    for (label, _), value in zip(PARTS, exclusive):
+    for (label, _), value in zip(PARTS, exclusive, strict=True):
         result["share:" + label] = value / total
     result["share:rest (send loop, StringTransport)"] = (total - times[0]) / total
     return result

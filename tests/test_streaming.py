@@ -1569,3 +1569,98 @@ class DirectUploadTests(StreamingTestCase):
         receive(conn, transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         self.assertEqual(conn.response().status, 200)
         self.assertEqual(len(self.backend.flushes), 1)
+
+
+class SmallReadTests(StreamingTestCase):
+    """
+    Small ranged reads after a connection's first request are answered from
+    one backend read into a spare buffer, without a download producer, and
+    fail as the producer's do before the headers.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.backend.image[:] = bytes(range(256)) * (len(self.backend.image) // 256)
+        self.producers = 0
+        from imageio.daemon import images
+
+        real = images.DownloadProducer
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            self.producers += 1
+            return real(*a, **kw)
+
+        self.patch(images, "DownloadProducer", counting)
+
+    def warm(self, **kw: Any) -> Connection:
+        """
+        @return: A connection whose first read left a spare buffer.
+        """
+        self.ticket(**kw)
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(self.producers, 1)
+        return conn
+
+    def test_smallRead(self) -> None:
+        """
+        The second 4 KiB read has the bytes and headers the producer sends.
+        """
+        conn = self.warm()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4100-8195"}))
+        self.assertEqual(self.backend.pendingReads(), 1)
+        self.backend.completeRead()
+        response = conn.response()
+        self.assertEqual(response.status, 206)
+        self.assertEqual(response.body, bytes(self.backend.image[4100:8196]))
+        self.assertEqual(response.header(b"content-length"), b"4096")
+        self.assertEqual(
+            response.header(b"content-range"), b"bytes 4100-8195/%d" % len(self.backend.image)
+        )
+        self.assertEqual(response.header(b"content-type"), b"application/octet-stream")
+        self.assertEqual(response.header(b"accept-ranges"), b"bytes")
+        self.assertEqual(self.producers, 1)
+        self.assertFalse(conn.closed)
+
+    def test_canceled(self) -> None:
+        """
+        A small read canceled while its backend read is in flight is
+        answered 403 at once; the removal completes.
+        """
+        conn = self.warm()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4096-8191"}))
+        d = self.registry.remove("t1")
+        self.successResultOf(d)
+        response = conn.response()
+        self.assertEqual(response.status, 403)
+        self.assertIn("was canceled", response.text)
+        self.assertTrue(conn.closed)
+        self.backend.completeRead()
+        self.assertEqual(conn.output(), b"")
+
+    def test_pastImage(self) -> None:
+        """
+        A small read inside the ticket but past the end of the image is
+        answered 416, as the producer's.
+        """
+        conn = self.warm(size=2 * len(self.backend.image))
+        end = len(self.backend.image)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=%d-%d" % (end, end + 99)}))
+        self.backend.completeRead()
+        response = conn.response()
+        self.assertEqual(response.status, 416)
+        self.assertEqual(self.producers, 1)
+
+    def test_clientGone(self) -> None:
+        """
+        A client that leaves during the read gets nothing; the buffer and
+        the ticket's operation are released.
+        """
+        conn = self.warm()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        conn.lose()
+        self.backend.completeRead()
+        self.assertEqual(conn.output(), b"")
+        self.successResultOf(self.registry.remove("t1"))

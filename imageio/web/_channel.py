@@ -57,6 +57,7 @@ class ImageioChannel(HTTPChannelSeam):
     site: Any
     _headDeadline: IDelayedCall | None = None
     _headsReceived = 0
+    _lost = False
     # The body rate watch of the request whose body is arriving.
     _bodyWatch: IDelayedCall | None = None
     _bodyStarted = 0.0
@@ -341,10 +342,8 @@ class ImageioChannel(HTTPChannelSeam):
         # The deadline starts once these bytes are parsed, in the same
         # reactor turn: a head that arrived whole (nearly every request)
         # needs no timer.
-        if starting and heads == self._headsReceived and not self.closingEarly:
-            transport: Any = self.transport
-            if transport is not None and not transport.disconnected:
-                self._startHeadDeadline()
+        if starting and heads == self._headsReceived and not (self.closingEarly or self._lost):
+            self._startHeadDeadline()
 
     def allContentReceived(self) -> None:
         # However the body ended (the last bytes may have come with the
@@ -356,6 +355,7 @@ class ImageioChannel(HTTPChannelSeam):
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self._lost = True
         metrics = getattr(getattr(self, "site", None), "metrics", None)
         if metrics is not None:
             metrics.connectionClosed(self.site.name)

@@ -27,7 +27,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from imageio._log import Logger
