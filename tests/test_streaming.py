@@ -1664,3 +1664,24 @@ class SmallReadTests(StreamingTestCase):
         self.backend.completeRead()
         self.assertEqual(conn.output(), b"")
         self.successResultOf(self.registry.remove("t1"))
+
+    def test_oneWrite(self) -> None:
+        """
+        The response head and a small body reach the transport as one write
+        (one send, one TLS record).
+        """
+        conn = self.warm()
+        writes: list[bytes] = []
+        write = conn.transport.write
+
+        def recording(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        conn.transport.write = recording  # type: ignore[method-assign]
+        conn.transport.writeSequence = lambda seq: recording(b"".join(seq))  # type: ignore[method-assign]
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(len(writes), 1)
+        response = conn.response()
+        self.assertEqual((response.status, len(response.body)), (206, 4096))
