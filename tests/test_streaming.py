@@ -1623,6 +1623,8 @@ class SmallReadTests(StreamingTestCase):
         self.assertEqual(response.header(b"accept-ranges"), b"bytes")
         self.assertEqual(self.producers, 1)
         self.assertFalse(conn.closed)
+        # Counted as transferred, as the producer's reads are.
+        self.assertEqual(self.registry.lookup("t1").transferred(), 4096 + 4096)  # type: ignore[union-attr]
 
     def test_canceled(self) -> None:
         """

@@ -487,8 +487,11 @@ class ImageHandler:
             if result.called:
                 return
             op.onCancel = None
+            gone = isGone(request)
+            if data is not None and not gone:
+                op.done = length
             self.service.finishOperation(ticket, op)
-            if isGone(request):
+            if gone:
                 result.callback(None)
                 return
             if data is None:
@@ -502,7 +505,6 @@ class ImageHandler:
                 else:
                     result.errback(TypeError(f"Backend read returned {n!r}"))
                 return
-            op.done = length
             request.setHeader(b"content-length", b"%d" % length)
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"content-disposition", contentDisposition(ticket.filename))
