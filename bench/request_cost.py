@@ -153,7 +153,7 @@ PARTS: list[tuple[str, list[str]]] = [
     ),
     ("download producer (not used by small reads)", ["_download.py:start"]),
     ("backend read (memory, inline)", ["memory.py:readInto"]),
-    ("response header writing (twisted)", ["web/http.py:writeHeaders"]),
+    ("response head formatting", ["_channel.py:writeHeaders"]),
     ("finish, request done, clean-up (twisted)", ["web/http.py:finish"]),
     ("access log and metrics (ours)", ["_site.py:log"]),
 ]
