@@ -1687,3 +1687,20 @@ class SmallReadTests(StreamingTestCase):
         self.assertEqual(len(writes), 1)
         response = conn.response()
         self.assertEqual((response.status, len(response.body)), (206, 4096))
+
+    def test_bugAfterRead(self) -> None:
+        """
+        A bug while answering (after the read) is logged and the client gets
+        500, not a request left hanging.
+        """
+        conn = self.warm()
+        from imageio.daemon import images
+
+        def broken(filename: object) -> bytes:
+            raise RuntimeError("bug")
+
+        self.patch(images, "contentDisposition", broken)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -515,8 +515,19 @@ class ImageHandler:
             request.finish()
             result.callback(None)
 
+        def safely(n: object) -> None:
+            # A bug after the read (writing the response) must not leave the
+            # request hanging: the router logs it and cuts or answers 500.
+            try:
+                done(n)
+            except Exception:
+                if not result.called:
+                    result.errback(Failure())
+                else:
+                    log.failure("Answering a small read failed")
+
         op.onCancel = canceled
-        backend.readInto(offset, buf[:length]).addBoth(done)
+        backend.readInto(offset, buf[:length]).addBoth(safely)
         return result
 
     def _shortRead(
