@@ -51,14 +51,18 @@ def cpuSeconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def httpStack(requests: int) -> dict[str, float]:
+def httpStack(requests: int, profile: bool = False) -> dict[str, float]:
     """
     CPU per 4 KiB range GET through the images site, in process.
+
+    @param profile: Run the measured requests under C{cProfile} and add
+        each part's share (L{PARTS}) to the result, as C{share:<part>}.
     """
     from twisted.internet.testing import MemoryReactorClock, StringTransport
 
     from imageio._diskio import SynchronousDiskIO
     from imageio.backends import BackendContext, BackendOpener, memory
+    from imageio.control._metrics import Metrics
     from imageio.daemon.images import ImagesService, imagesResource
     from imageio.tickets import TicketRegistry
     from imageio.web import ImageioSite
@@ -74,7 +78,8 @@ def httpStack(requests: int) -> dict[str, float]:
         runInPool=diskio.run,
         unixSocket=None,
     )
-    site = ImageioSite(imagesResource(service), "remote", reactor=clock)
+    # As the daemon's: with metrics.
+    site = ImageioSite(imagesResource(service), "remote", reactor=clock, metrics=Metrics())
     memory.createImage("request-cost", bytes(size))
     ticket = registry.add(
         {
@@ -108,11 +113,89 @@ def httpStack(requests: int) -> dict[str, float]:
             transport.clear()
 
     send(raw[: requests // 10])  # warm up
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        send(raw)
+        profiler.disable()
+        memory.removeImage("request-cost")
+        result = shares(profiler)
+        calls = sum(row[1] for row in profiler.getstats())  # type: ignore[attr-defined]
+        result["callsPerRequest"] = calls / requests
+        return result
     t0, c0 = time.perf_counter(), cpuSeconds()
     send(raw)
     elapsed, cpu = time.perf_counter() - t0, cpuSeconds() - c0
     memory.removeImage("request-cost")
     return {"cpuMicroseconds": cpu / requests * 1e6, "wallMicroseconds": elapsed / requests * 1e6}
+
+
+#: The parts of one request, each named by the functions whose time
+#: (inclusive, as C{cProfile} measures it) it is, less the time of the
+#: parts listed after it that run inside them. Function names are
+#: C{file-suffix:function}.
+PARTS: list[tuple[str, list[str]]] = [
+    ("request line and header parsing (twisted)", ["basic.py:dataReceived"]),
+    ("Request construction (twisted)", ["web/server.py:__init__"]),
+    ("early resource lookup, body sink (ours)", ["_request.py:gotLength"]),
+    ("head deadline, body watch (ours)", ["_channel.py:allHeadersReceived"]),
+    ("process(): Server/Date headers, resource lookup", ["_request.py:process"]),
+    ("Router: match, method", ["_router.py:render"]),
+    ("handler: CORS, Range, query args", ["images.py:handleGET"]),
+    ("ticket authorization", ["tickets.py:authorize"]),
+    ("backend lookup (per connection)", ["images.py:backendFor"]),
+    ("small read: response headers, Deferreds", ["images.py:_readSmall", "images.py:_startRead"]),
+    (
+        "ticket operations (start, finish)",
+        ["images.py:startOperation", "images.py:finishOperation"],
+    ),
+    ("download producer (not used by small reads)", ["_download.py:start"]),
+    ("backend read (memory, inline)", ["memory.py:readInto"]),
+    ("response head formatting", ["_channel.py:writeHeaders"]),
+    ("finish, request done, clean-up (twisted)", ["web/http.py:finish"]),
+    ("access log and metrics (ours)", ["_site.py:log"]),
+]
+
+
+def shares(profiler: Any) -> dict[str, float]:
+    """
+    @return: Each of L{PARTS}' share of the profiled time.
+    """
+    import pstats
+
+    stats: Any = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    inclusive: dict[str, float] = {}
+    total = 0.0
+    for (filename, _, name), (_, _, tottime, cumtime, _) in stats.items():
+        total += tottime
+        for _, names in PARTS:
+            for key in names:
+                suffix, function = key.split(":")
+                if filename.endswith(suffix) and name == function:
+                    inclusive[key] = inclusive.get(key, 0.0) + cumtime
+    result: dict[str, float] = {}
+    # Nested parts: each part's time less the later parts' (which all run
+    # inside the earlier ones in this order for a ranged GET).
+    times = [sum(inclusive.get(k, 0.0) for k in names) for _, names in PARTS]
+    exclusive = list(times)
+    nesting = {
+        0: [1, 2, 3, 4],
+        4: [5],
+        5: [6],
+        6: [7, 8, 9],
+        # A 4 KiB read is one backend read, then headers and body in one
+        # write (no download producer).
+        9: [10, 11, 12, 13, 14],
+        14: [15],
+    }
+    for parent, children in nesting.items():
+        exclusive[parent] -= sum(times[c] for c in children)
+    for (label, _), value in zip(PARTS, exclusive, strict=True):
+        result["share:" + label] = value / total
+    result["share:rest (send loop, StringTransport)"] = (total - times[0]) / total
+    return result
 
 
 def roundTrips(count: int, inline: bool) -> dict[str, float]:
@@ -187,12 +270,17 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=["http", "pool", "pinned", "inline"], help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="show where the http stack's time goes (cProfile, shares of the time)",
+    )
     opts = parser.parse_args()
 
     if opts.part is not None:
         # One measurement in a fresh process (one reactor each).
         if opts.part == "http":
-            result = httpStack(opts.requests)
+            result = httpStack(opts.requests, profile=opts.profile)
         else:
             if opts.part == "pinned":
                 # Threads started from now on inherit the mask.
@@ -202,6 +290,16 @@ def main() -> None:
         return
 
     cpus = len(os.sched_getaffinity(0))
+    if opts.profile:
+        cpu = child(["--part", "http", "--requests", str(opts.requests)])["cpuMicroseconds"]
+        parts = child(["--part", "http", "--requests", str(opts.requests), "--profile"])
+        print(f"http stack: {cpu:.1f} us CPU per 4 KiB GET, by part (cProfile shares)\n")
+        print(f"{'part':52}  {'share':>6}  {'us':>6}")
+        calls = parts.pop("callsPerRequest")
+        for key, share in parts.items():
+            print(f"{key.split(':', 1)[1]:52}  {share * 100:5.1f}%  {share * cpu:6.1f}")
+        print(f"\nPython function calls per request: {calls:.0f}")
+        return
     print(f"{cpus} CPUs; medians of {opts.runs} runs (min-max)\n")
     rows = [
         ("http", "http stack, per 4 KiB GET", ["--requests", str(opts.requests)]),

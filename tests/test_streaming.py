@@ -1070,6 +1070,33 @@ class HeadDeadlineTests(StreamingTestCase):
         self.assertTrue(conn.closed)
         self.assertEqual(conn.response().status, 408)
 
+    def test_wholeHeadArmsNoTimer(self) -> None:
+        """
+        A head that arrives in one piece (nearly every request) is parsed
+        before any deadline is armed, so it costs no timer; one arriving in
+        pieces gets its deadline from its first piece.
+        """
+        armed: list[str] = []
+        callLater = self.clock.callLater
+
+        def recording(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+            armed.append(getattr(f, "__name__", ""))
+            return callLater(delay, f, *a, **kw)
+
+        self.clock.callLater = recording  # type: ignore[method-assign]
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/info/") + request(b"GET", b"/info/"))
+        self.assertEqual([r.status for r in conn.responses()], [200, 200])
+        self.assertNotIn("_headTimedOut", armed)
+        conn.lose(ConnectionDone())
+        conn = self.h.connect()
+        conn.send(b"GET /info/ HTTP/1.1\r\n")
+        self.assertIn("_headTimedOut", armed)
+        self.clock.advance(30)
+        conn.send(b"Host: x\r\n")
+        self.clock.advance(30)
+        self.assertEqual(conn.response().status, 408)
+
     def test_noPendingCallAfterClose(self) -> None:
         """
         Closing the connection cancels the deadline.
@@ -1542,3 +1569,138 @@ class DirectUploadTests(StreamingTestCase):
         receive(conn, transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         self.assertEqual(conn.response().status, 200)
         self.assertEqual(len(self.backend.flushes), 1)
+
+
+class SmallReadTests(StreamingTestCase):
+    """
+    Small ranged reads after a connection's first request are answered from
+    one backend read into a spare buffer, without a download producer, and
+    fail as the producer's do before the headers.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.backend.image[:] = bytes(range(256)) * (len(self.backend.image) // 256)
+        self.producers = 0
+        from imageio.daemon import images
+
+        real = images.DownloadProducer
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            self.producers += 1
+            return real(*a, **kw)
+
+        self.patch(images, "DownloadProducer", counting)
+
+    def warm(self, **kw: Any) -> Connection:
+        """
+        @return: A connection whose first read left a spare buffer.
+        """
+        self.ticket(**kw)
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(self.producers, 1)
+        return conn
+
+    def test_smallRead(self) -> None:
+        """
+        The second 4 KiB read has the bytes and headers the producer sends.
+        """
+        conn = self.warm()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4100-8195"}))
+        self.assertEqual(self.backend.pendingReads(), 1)
+        self.backend.completeRead()
+        response = conn.response()
+        self.assertEqual(response.status, 206)
+        self.assertEqual(response.body, bytes(self.backend.image[4100:8196]))
+        self.assertEqual(response.header(b"content-length"), b"4096")
+        self.assertEqual(
+            response.header(b"content-range"), b"bytes 4100-8195/%d" % len(self.backend.image)
+        )
+        self.assertEqual(response.header(b"content-type"), b"application/octet-stream")
+        self.assertEqual(response.header(b"accept-ranges"), b"bytes")
+        self.assertEqual(self.producers, 1)
+        self.assertFalse(conn.closed)
+        # Counted as transferred, as the producer's reads are.
+        self.assertEqual(self.registry.lookup("t1").transferred(), 4096 + 4096)  # type: ignore[union-attr]
+
+    def test_canceled(self) -> None:
+        """
+        A small read canceled while its backend read is in flight is
+        answered 403 at once; the removal completes.
+        """
+        conn = self.warm()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4096-8191"}))
+        d = self.registry.remove("t1")
+        self.successResultOf(d)
+        response = conn.response()
+        self.assertEqual(response.status, 403)
+        self.assertIn("was canceled", response.text)
+        self.assertTrue(conn.closed)
+        self.backend.completeRead()
+        self.assertEqual(conn.output(), b"")
+
+    def test_pastImage(self) -> None:
+        """
+        A small read inside the ticket but past the end of the image is
+        answered 416, as the producer's.
+        """
+        conn = self.warm(size=2 * len(self.backend.image))
+        end = len(self.backend.image)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=%d-%d" % (end, end + 99)}))
+        self.backend.completeRead()
+        response = conn.response()
+        self.assertEqual(response.status, 416)
+        self.assertEqual(self.producers, 1)
+
+    def test_clientGone(self) -> None:
+        """
+        A client that leaves during the read gets nothing; the buffer and
+        the ticket's operation are released.
+        """
+        conn = self.warm()
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        conn.lose()
+        self.backend.completeRead()
+        self.assertEqual(conn.output(), b"")
+        self.successResultOf(self.registry.remove("t1"))
+
+    def test_oneWrite(self) -> None:
+        """
+        The response head and a small body reach the transport as one write
+        (one send, one TLS record).
+        """
+        conn = self.warm()
+        writes: list[bytes] = []
+        write = conn.transport.write
+
+        def recording(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        conn.transport.write = recording  # type: ignore[method-assign]
+        conn.transport.writeSequence = lambda seq: recording(b"".join(seq))  # type: ignore[method-assign]
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(len(writes), 1)
+        response = conn.response()
+        self.assertEqual((response.status, len(response.body)), (206, 4096))
+
+    def test_bugAfterRead(self) -> None:
+        """
+        A bug while answering (after the read) is logged and the client gets
+        500, not a request left hanging.
+        """
+        conn = self.warm()
+        from imageio.daemon import images
+
+        def broken(filename: object) -> bytes:
+            raise RuntimeError("bug")
+
+        self.patch(images, "contentDisposition", broken)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

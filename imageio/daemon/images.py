@@ -92,6 +92,10 @@ BASE_FEATURES = ["checksum", "extents"]
 #: Zero requests are split into steps so cancellation acts between them.
 ZERO_STEP = 128 * 1024**2
 
+#: Ranged reads up to this size are answered from one backend read into a
+#: spare buffer of the connection, without a download producer.
+SMALL_READ = 256 * 1024
+
 #: JSON bodies of PATCH requests are small; cap them.
 MAX_PATCH_BODY = 4096
 
@@ -420,9 +424,120 @@ class ImageHandler:
                 ) from None
         ticket = self.service.authorize(ticketID, READ)
         d = self.service.backendFor(request, ticket)
-        d.addCallback(self._startRead, request, ticket, byteRange)
+        d.addCallback(self._read, request, ticket, byteRange)
         d.addErrback(_failureToHTTP, request)
         return d
+
+    def _read(
+        self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
+    ) -> Deferred[Any]:
+        if (
+            self._oneRead(request, ticket, byteRange)
+            and byteRange.last - byteRange.first < SMALL_READ
+        ):
+            pool = self.service.buffersFor(request, ticket)
+            spare = pool.take() if pool is not None else None
+            if pool is not None and spare is not None:
+                return self._readSmall(backend, request, ticket, byteRange, pool, *spare)
+        d: Deferred[Any] = self._startRead(backend, request, ticket, byteRange)
+        return d
+
+    def _readSmall(
+        self,
+        backend: IBackend,
+        request: Request,
+        ticket: Ticket,
+        byteRange: Any,
+        pool: _buffers.BufferPool,
+        buf: memoryview,
+        lease: _buffers.Lease,
+    ) -> Deferred[Any]:
+        """
+        A small range inside the ticket (random reads), with a spare buffer
+        of the connection: one backend read into it, then the response in
+        one piece (it is copied for the transport anyway, see
+        C{imageio.web.DownloadProducer}), without a download producer.
+        Failures are answered as the producer's are before the headers.
+        """
+        offset, length = byteRange.first, byteRange.last - byteRange.first + 1
+        op = Operation("read", offset)
+        try:
+            self.service.startOperation(ticket, op)
+        except HTTPError:
+            pool.give(buf, lease)
+            raise
+        if _log.enabled(LogLevel.debug):
+            log.debug(
+                "READ ticket={ticketID} offset={offset} size={size}",
+                ticketID=shortID(ticket.uuid),
+                offset=offset,
+                size=length,
+            )
+        result: Deferred[Any] = Deferred()
+
+        def canceled() -> None:
+            # Answered at once; the buffer comes back when the read ends.
+            if not result.called:
+                self.service.finishOperation(ticket, op)
+                result.errback(OperationCanceled(f"Transfer {ticket.transferID} was canceled"))
+
+        def done(n: object) -> None:
+            data = bytes(buf[:n]) if isinstance(n, int) and n == length else None
+            pool.give(buf, lease)
+            if result.called:
+                return
+            op.onCancel = None
+            gone = isGone(request)
+            if data is not None and not gone:
+                op.done = length
+            self.service.finishOperation(ticket, op)
+            if gone:
+                result.callback(None)
+                return
+            if data is None:
+                if isinstance(n, int):
+                    # The range ends past the image: answer as upstream does.
+                    sized = backend.size()
+                    sized.addCallback(self._shortRead, ticket, byteRange, offset, n)
+                    sized.chainDeferred(result)
+                elif isinstance(n, Failure):
+                    result.errback(n)
+                else:
+                    result.errback(TypeError(f"Backend read returned {n!r}"))
+                return
+            request.setHeader(b"content-length", b"%d" % length)
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-disposition", contentDisposition(ticket.filename))
+            request.setHeader(b"accept-ranges", b"bytes")
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", contentRangeHeader(offset, length, ticket.size))
+            request.write(data)
+            request.finish()
+            result.callback(None)
+
+        def safely(n: object) -> None:
+            # A bug after the read (writing the response) must not leave the
+            # request hanging: the router logs it and cuts or answers 500.
+            try:
+                done(n)
+            except Exception:
+                if not result.called:
+                    result.errback(Failure())
+                else:
+                    log.failure("Answering a small read failed")
+
+        op.onCancel = canceled
+        backend.readInto(offset, buf[:length]).addBoth(safely)
+        return result
+
+    def _shortRead(
+        self, imageSize: int, ticket: Ticket, byteRange: Any, offset: int, n: int
+    ) -> None:
+        try:
+            resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
+        except RangeError as e:
+            raise _rangeError(e) from None
+        raise TruncatedImage(f"Expected {byteRange.last - offset + 1} bytes at {offset}, got {n}")
 
     @inlineCallbacks
     def _startRead(

@@ -15,6 +15,7 @@ from attrs import define
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
@@ -34,6 +35,10 @@ log = Logger()
 
 #: Longest request line; upstream answers 414 above 4096 bytes.
 MAX_REQUEST_LINE = 4096
+
+#: A response head and a first body write up to this size go to the
+#: transport as one write (one send, one TLS record).
+JOIN_HEAD = 64 * 1024
 
 
 @implementer(IConnection, IDirectReader, IHalfCloseableProtocol)
@@ -56,6 +61,10 @@ class ImageioChannel(HTTPChannelSeam):
     readClosed = False
     site: Any
     _headDeadline: IDelayedCall | None = None
+    _headsReceived = 0
+    # A response head not written yet: it goes with the body's first bytes.
+    _head: bytes | None = None
+    _lost = False
     # The body rate watch of the request whose body is arriving.
     _bodyWatch: IDelayedCall | None = None
     _bodyStarted = 0.0
@@ -218,7 +227,47 @@ class ImageioChannel(HTTPChannelSeam):
         if not self.handlingRequest:
             self.loseConnection()
 
+    # Response heads: held until the body's first bytes (or the end of the
+    # response), so that a small response is one transport write.
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        self._flushHead()
+        # Twisted's format (Headers sanitized the names and values).
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._head = b"".join(head)
+
+    def _flushHead(self) -> None:
+        head, self._head = self._head, None
+        if head is not None and self.transport is not None:
+            self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if len(data) <= JOIN_HEAD:
+                self.transport.write(head + data)  # type: ignore[union-attr]
+                return
+            self.transport.write(head)  # type: ignore[union-attr]
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def writeSequence(self, iovec: Any) -> None:
+        self._flushHead()
+        super().writeSequence(iovec)
+
+    def loseConnection(self) -> None:
+        self._flushHead()
+        super().loseConnection()
+
     def requestDone(self, request: http.Request) -> None:
+        self._flushHead()
         persistent = self.persistent
         super().requestDone(request)
         if self.readClosed and persistent:
@@ -271,6 +320,7 @@ class ImageioChannel(HTTPChannelSeam):
         return not (isinstance(request, StreamingRequest) and request.refusedFromHeaders)
 
     def allHeadersReceived(self) -> None:
+        self._headsReceived += 1
         self._cancelHeadDeadline()
         super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
@@ -333,9 +383,14 @@ class ImageioChannel(HTTPChannelSeam):
     def dataReceived(self, data: bytes) -> None:
         if self.closingEarly:
             return
-        if data and self.readingRequestLine and not self.handlingRequest:
-            self._startHeadDeadline()
+        starting = bool(data) and self.readingRequestLine and not self.handlingRequest
+        heads = self._headsReceived
         super().dataReceived(data)
+        # The deadline starts once these bytes are parsed, in the same
+        # reactor turn: a head that arrived whole (nearly every request)
+        # needs no timer.
+        if starting and heads == self._headsReceived and not (self.closingEarly or self._lost):
+            self._startHeadDeadline()
 
     def allContentReceived(self) -> None:
         # However the body ended (the last bytes may have come with the
@@ -347,6 +402,8 @@ class ImageioChannel(HTTPChannelSeam):
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self._lost = True
+        self._head = None
         metrics = getattr(getattr(self, "site", None), "metrics", None)
         if metrics is not None:
             metrics.connectionClosed(self.site.name)

@@ -52,9 +52,13 @@ from imageio.web._twisted_transport import FileDescriptorSeam
 SEND_LIMIT = 4 * 1024 * 1024
 
 #: Writes at least this large go to an idle socket at once; smaller ones
-#: (response headers, small bodies) wait for the reactor's write pass so
-#: headers and body leave in one send.
-IMMEDIATE_SEND = 64 * 1024
+#: wait for the reactor's write pass. The HTTP channel writes a response's
+#: head with its first body bytes, so a small response is one write: sent
+#: at once, it saves the write pass (two C{epoll_ctl} and a reactor turn).
+IMMEDIATE_SEND = 1
+
+#: A C{writeSequence} smaller than this is joined into one write.
+JOIN_SEQUENCE = 64 * 1024
 
 #: At most this many buffers per gathering send (well under IOV_MAX).
 MAX_IOVEC = 64
@@ -158,7 +162,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         items = list(data)
-        if sum(map(len, items)) < IMMEDIATE_SEND:
+        if sum(map(len, items)) < JOIN_SEQUENCE:
             # Response headers come as a dozen small pieces: one buffer.
             self.write(b"".join(items))
             return
