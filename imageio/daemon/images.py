@@ -111,6 +111,17 @@ def _rangeError(error: RangeError) -> HTTPError:
     return HTTPError(error.status, error.message, headers)
 
 
+def _logRead(ticket: Ticket, offset: int, length: int) -> None:
+    # Debug lines on the hot path are skipped before they are built.
+    if _log.enabled(LogLevel.debug):
+        log.debug(
+            "READ ticket={ticketID} offset={offset} size={size}",
+            ticketID=shortID(ticket.uuid),
+            offset=offset,
+            size=length,
+        )
+
+
 def contentDisposition(filename: str | None) -> bytes:
     """
     @return: C{attachment}, with the ticket's file name escaped per RFC 6266:
@@ -466,13 +477,7 @@ class ImageHandler:
         except HTTPError:
             pool.give(buf, lease)
             raise
-        if _log.enabled(LogLevel.debug):
-            log.debug(
-                "READ ticket={ticketID} offset={offset} size={size}",
-                ticketID=shortID(ticket.uuid),
-                offset=offset,
-                size=length,
-            )
+        _logRead(ticket, offset, length)
         result: Deferred[Any] = Deferred()
 
         def canceled() -> None:
@@ -568,13 +573,7 @@ class ImageHandler:
             return
         op = Operation("read", offset)
         self.service.startOperation(ticket, op)
-        if _log.enabled(LogLevel.debug):
-            log.debug(
-                "READ ticket={ticketID} offset={offset} size={size}",
-                ticketID=shortID(ticket.uuid),
-                offset=offset,
-                size=length,
-            )
+        _logRead(ticket, offset, length)
         producer = DownloadProducer(
             request,
             backend,
