@@ -7,7 +7,6 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import uuid
 from pathlib import Path
@@ -24,6 +23,7 @@ from imageio.backends import http as httpbackend
 from imageio.backends.http import BadResponse, clipExtents, parseExtents
 from imageio.interfaces import Extent, HostError, RemoteError
 from imageio.tickets import InvalidTicket
+from tests._daemon import writeFragmentedImage
 from tests.test_proxy_helpers import (
     Daemon,
     HTTPSClient,
@@ -316,16 +316,10 @@ class ProxyModeTests(TestCase):
         """
         runs = 20_000
         path = self.dir / "fragmented.raw"
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            for i in range(runs):
-                os.pwrite(fd, b"x", i * 8192)
-            os.ftruncate(fd, runs * 8192)
-        finally:
-            os.close(fd)
-        ticketA = self.daemonA.addTicket(f"file://{path}", runs * 8192, ("read",))
+        size = writeFragmentedImage(path, runs)
+        ticketA = self.daemonA.addTicket(f"file://{path}", size, ("read",))
         ticketB = self.daemonB.addTicket(
-            f"{self.daemonA.url('localhost')}/images/{ticketA}", runs * 8192, ("read",)
+            f"{self.daemonA.url('localhost')}/images/{ticketA}", size, ("read",)
         )
         reply = yield self.client.request("GET", f"/images/{ticketB}/extents")
         self.assertEqual(reply.status, 200, reply.text[:200])
