@@ -6,6 +6,7 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import uuid
@@ -18,7 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imageio import _pki
-from imageio.backends import BackendContext, isLocalAddress, namesListener
+from imageio.backends import BackendContext, ipAddress, isLocalAddress, namesListener
 from imageio.backends import http as httpbackend
 from imageio.backends.http import BadResponse, clipExtents, parseExtents
 from imageio.interfaces import Extent, HostError, RemoteError
@@ -155,6 +156,21 @@ class NamesListenerTests(SynchronousTestCase):
             self.assertTrue(isLocalAddress(host), host)
         for host in ("192.0.2.1", "2001:db8::1", "localhost", "not an address"):
             self.assertFalse(isLocalAddress(host), host)
+
+    def test_ipAddress(self) -> None:
+        """
+        An IP literal names its address, without an IPv6 zone and with an
+        IPv4-mapped address as its IPv4 address; a name names none.
+        """
+        for host, expected in [
+            ("192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+            ("::ffff:192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+            ("fe80::1%eth0", ipaddress.IPv6Address("fe80::1")),
+            ("2001:db8::1", ipaddress.IPv6Address("2001:db8::1")),
+        ]:
+            self.assertEqual(ipAddress(host), expected, host)
+        for host in ("localhost", "not an address", "", "[::1]"):
+            self.assertIsNone(ipAddress(host), host)
 
 
 class ProxyModeTests(TestCase):
