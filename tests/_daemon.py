@@ -225,6 +225,25 @@ def writeSparseImage(
             f.write(os.urandom(2**20))
 
 
+def writeFragmentedImage(path: Path, runs: int) -> int:
+    """
+    Write an image of C{runs} 8 KiB runs, each one byte of data (a 4 KiB
+    data extent) then zeroes: as fragmented as 4 KiB blocks allow, with
+    C{2 * runs} extents.
+
+    @return: Its size.
+    """
+    size = runs * 8192
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        for i in range(runs):
+            os.pwrite(fd, b"x", i * 8192)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return size
+
+
 # Subprocess daemon
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -42,7 +42,14 @@ def directFile(case: SynchronousTestCase, data: bytes) -> int:
     return fd
 
 
-def startedEngine(case: SynchronousTestCase, engine: AIOEngine) -> AIOEngine:
+_Engine = TypeVar("_Engine", bound=AIOEngine)
+
+
+def startedEngine(case: SynchronousTestCase, engine: _Engine) -> _Engine:
+    """
+    C{engine}, started and stopped in cleanup; skips where the kernel
+    forbids AIO.
+    """
     try:
         engine.start()
     except AIOUnavailable as e:

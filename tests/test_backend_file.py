@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from imageio import _buffers
-from imageio._aio import AIOEngine, AIOUnavailable
+from imageio._aio import AIOEngine
 from imageio._diskio import DiskIO, SynchronousDiskIO, createPool
 from imageio.backends import BackendContext
 from imageio.backends import file as filebackend
@@ -37,6 +37,7 @@ from imageio.backends.file import (
     parseURL,
 )
 from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from tests.test_aio import startedEngine
 
 KiB = 1024
 MiB = 1024**2
@@ -101,13 +102,7 @@ def inlineAIO(case: SynchronousTestCase) -> InlineAIO:
     A started L{InlineAIO}, stopped in cleanup; skips where the kernel
     forbids AIO.
     """
-    engine = InlineAIO()
-    try:
-        engine.start()
-    except AIOUnavailable as e:
-        raise SkipTest(str(e)) from None
-    case.addCleanup(engine.stop)
-    return engine
+    return startedEngine(case, InlineAIO())
 
 
 def readBack(
@@ -133,6 +128,15 @@ def dataView(rng: random.Random, length: int) -> memoryview:
         return memoryview(raw)
     view = memoryview(_buffers.allocate(length + 1))[style - 1 : style - 1 + length]
     view[:] = raw
+    return view
+
+
+def filledView(length: int, fill: bytes = b"x") -> memoryview:
+    """
+    C{length} bytes of C{fill} in an aligned buffer of exactly that length.
+    """
+    view = memoryview(_buffers.allocate(length))[:length]
+    view[:] = fill * length
     return view
 
 
@@ -565,6 +569,35 @@ class _FileIOTestsMixin(_Mixin):
         self.patch(owner, name, hooked)
         return raced
 
+    def raceMerge(
+        self, race: Callable[[FileBackend], Deferred[Any]]
+    ) -> tuple[bytes, FileBackend, list[Deferred[Any]]]:
+        """
+        Open 16 KiB of random bytes, and call C{race} with a second backend
+        on them once the first one's next operation has read a block to
+        merge; skips with buffered I/O, which merges nothing.
+
+        @return: The bytes, the first backend, and where L{raceDuring}
+            puts C{race}'s Deferred.
+        """
+        if not self.direct:
+            raise SkipTest("Buffered I/O does no read-modify-write")
+        old = self.rng.randbytes(16 * KiB)
+        b = self.backend(old)
+        a = self.second()
+        return old, b, self.raceDuring(FileBackend, "_readBlock", lambda: race(a))
+
+    def raceExtendingWrite(self, b: FileBackend) -> list[Deferred[Any]]:
+        """
+        Have a second backend write 8 KiB of C{b"A"} at 8 KiB, extending
+        C{b}'s 4 KiB image, just before C{b}'s next C{ftruncate}.
+
+        @return: Where L{raceDuring} puts the write's Deferred.
+        """
+        a = self.second()
+        dataA = filledView(8 * KiB, b"A")
+        return self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+
     def test_alignedWriteDuringReadModifyWrite(self) -> None:
         """
         An aligned write of a block that another connection's unaligned
@@ -572,15 +605,8 @@ class _FileIOTestsMixin(_Mixin):
         undone by the write back: the writes are serialized, the later one
         winning where they overlap.
         """
-        if not self.direct:
-            raise SkipTest("Buffered I/O does no read-modify-write")
-        old = self.rng.randbytes(16 * KiB)
-        b = self.backend(old)
-        a = self.second()
+        old, b, raced = self.raceMerge(lambda a: a.write(0, filledView(2 * a.blockSize, b"A")))
         bs = b.blockSize
-        dataA = memoryview(_buffers.allocate(2 * bs))[: 2 * bs]
-        dataA[:] = b"A" * 2 * bs
-        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
         self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
         self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
         self.assertEqual(self.fileBytes(), b"A" * 2 * bs + b"B" * 3 + old[2 * bs + 3 :])
@@ -590,13 +616,8 @@ class _FileIOTestsMixin(_Mixin):
         An aligned zero racing an unaligned write's merge of its last block
         is not undone by the write back.
         """
-        if not self.direct:
-            raise SkipTest("Buffered I/O does no read-modify-write")
-        old = self.rng.randbytes(16 * KiB)
-        b = self.backend(old)
-        a = self.second()
+        old, b, raced = self.raceMerge(lambda a: a.zero(0, 2 * a.blockSize))
         bs = b.blockSize
-        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.zero(0, 2 * bs))
         self.assertEqual(self.successResultOf(b.write(bs + 3, memoryview(b"B" * bs))), bs)
         self.assertIsNone(self.successResultOf(raced[0]))
         self.assertEqual(self.fileBytes(), bytes(2 * bs) + b"B" * 3 + old[2 * bs + 3 :])
@@ -606,15 +627,8 @@ class _FileIOTestsMixin(_Mixin):
         An aligned write racing the merge of a zero's unaligned edge is not
         undone by the zero's write back.
         """
-        if not self.direct:
-            raise SkipTest("Buffered I/O does no read-modify-write")
-        old = self.rng.randbytes(16 * KiB)
-        b = self.backend(old)
-        a = self.second()
+        old, b, raced = self.raceMerge(lambda a: a.write(0, filledView(2 * a.blockSize, b"A")))
         bs = b.blockSize
-        dataA = memoryview(_buffers.allocate(2 * bs))[: 2 * bs]
-        dataA[:] = b"A" * 2 * bs
-        raced = self.raceDuring(FileBackend, "_readBlock", lambda: a.write(0, dataA))
         self.assertIsNone(self.successResultOf(b.zero(bs + 3, bs)))
         self.assertEqual(self.successResultOf(raced[0]), 2 * bs)
         self.assertEqual(self.fileBytes(), b"A" * 2 * bs + bytes(3) + old[2 * bs + 3 :])
@@ -628,10 +642,7 @@ class _FileIOTestsMixin(_Mixin):
         if not self.direct:
             raise SkipTest("Buffered I/O writes partial blocks as they are")
         b = self.backend(b"o" * 4 * KiB)
-        a = self.second()
-        dataA = memoryview(_buffers.allocate(8 * KiB))
-        dataA[:] = b"A" * 8 * KiB
-        raced = self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+        raced = self.raceExtendingWrite(b)
         self.assertEqual(self.successResultOf(b.write(4 * KiB, memoryview(b"B" * 100))), 100)
         self.assertEqual(self.successResultOf(raced[0]), 8 * KiB)
         self.assertEqual(
@@ -644,10 +655,7 @@ class _FileIOTestsMixin(_Mixin):
         end of file, which extends the file with C{ftruncate}.
         """
         b = self.backend(b"o" * 4 * KiB, sparse=True)
-        a = self.second()
-        dataA = memoryview(_buffers.allocate(8 * KiB))
-        dataA[:] = b"A" * 8 * KiB
-        raced = self.raceDuring(os, "ftruncate", lambda: a.write(8 * KiB, dataA), before=True)
+        raced = self.raceExtendingWrite(b)
         self.assertIsNone(self.successResultOf(b.zero(4 * KiB, 4 * KiB)))
         self.assertEqual(self.successResultOf(raced[0]), 8 * KiB)
         self.assertEqual(self.fileBytes(), b"o" * 4 * KiB + bytes(4 * KiB) + b"A" * 8 * KiB)
@@ -1331,11 +1339,6 @@ class WriteRegistryTests(SynchronousTestCase):
         while self.diskio.pending:
             self.diskio.runNext()
 
-    def data(self, length: int, fill: bytes = b"x") -> memoryview:
-        view = memoryview(_buffers.allocate(length))[:length]
-        view[:] = fill * length
-        return view
-
     def pendingWrites(self) -> list[tuple[int, int]]:
         """
         @return: C{(offset, length)} of the writes and zeroes on the pool.
@@ -1358,9 +1361,9 @@ class WriteRegistryTests(SynchronousTestCase):
         """
         bs = self.bs
         writes = [
-            self.a.write(0, self.data(bs)),
-            self.b.write(bs, self.data(2 * bs)),
-            self.a.write(3 * bs, self.data(bs)),
+            self.a.write(0, filledView(bs)),
+            self.b.write(bs, filledView(2 * bs)),
+            self.a.write(3 * bs, filledView(bs)),
             self.b.zero(4 * bs, bs),
         ]
         self.assertEqual(self.pendingWrites(), [(0, bs), (bs, 2 * bs), (3 * bs, bs), (4 * bs, bs)])
@@ -1377,10 +1380,10 @@ class WriteRegistryTests(SynchronousTestCase):
         a waiting one waits behind it.
         """
         bs = self.bs
-        first = self.a.write(0, self.data(bs + 3, b"1"))
-        second = self.b.write(bs + 3, self.data(bs, b"2"))
+        first = self.a.write(0, filledView(bs + 3, b"1"))
+        second = self.b.write(bs + 3, filledView(bs, b"2"))
         third = self.b.zero(bs + 3, 1)
-        fourth = self.a.write(2 * bs, self.data(bs, b"4"))
+        fourth = self.a.write(2 * bs, filledView(bs, b"4"))
         self.assertEqual(self.pendingWrites(), [(0, bs + 3)])
         self.diskio.runNext()
         self.assertEqual(self.successResultOf(first), bs + 3)
@@ -1402,8 +1405,8 @@ class WriteRegistryTests(SynchronousTestCase):
         """
         A write failing on the pool releases its blocks to the one waiting.
         """
-        first = self.a.write(0, self.data(10))
-        second = self.b.write(5, self.data(10))
+        first = self.a.write(0, filledView(10))
+        second = self.b.write(5, filledView(10))
         fn, args, d = self.diskio.pending[0]
         self.diskio.pending[0] = (os.read, (-1, 1), d)
         self.diskio.runNext()
@@ -1428,9 +1431,9 @@ class WriteRegistryTests(SynchronousTestCase):
             return real(backend, *args)
 
         self.patch(FileBackend, "_runThen", runThen)
-        self.failureResultOf(self.a.write(0, self.data(10)), RuntimeError)
+        self.failureResultOf(self.a.write(0, filledView(10)), RuntimeError)
         self.assertIdle()
-        second = self.b.write(0, self.data(10))
+        second = self.b.write(0, filledView(10))
         self.diskio.runNext()
         self.successResultOf(second)
         self.assertIdle()
@@ -1441,9 +1444,9 @@ class WriteRegistryTests(SynchronousTestCase):
         write that waited only behind it goes ahead.
         """
         bs = self.bs
-        first = self.a.write(0, self.data(bs))
-        second = self.b.write(0, self.data(2 * bs))
-        third = self.a.write(bs, self.data(bs))
+        first = self.a.write(0, filledView(bs))
+        second = self.b.write(0, filledView(2 * bs))
+        third = self.a.write(bs, filledView(bs))
         self.assertEqual(self.pendingWrites(), [(0, bs)])
         second.cancel()
         self.failureResultOf(second, CancelledError)
@@ -1459,10 +1462,10 @@ class WriteRegistryTests(SynchronousTestCase):
         Cancelling a write on the pool does not release its blocks before
         the pool call returned.
         """
-        first = self.a.write(0, self.data(10))
+        first = self.a.write(0, filledView(10))
         first.cancel()
         self.failureResultOf(first, CancelledError)
-        second = self.b.write(0, self.data(10))
+        second = self.b.write(0, filledView(10))
         self.assertEqual(self.pendingWrites(), [(0, 10)])
         self.diskio.runNext()
         self.assertEqual(self.pendingWrites(), [(0, 10)])
@@ -1475,9 +1478,9 @@ class WriteRegistryTests(SynchronousTestCase):
         A write waiting when its backend closes fails with L{BackendClosed}
         once its turn comes, without running, and releases its turn.
         """
-        first = self.a.write(0, self.data(10))
-        second = self.b.write(0, self.data(10))
-        third = self.a.write(0, self.data(10))
+        first = self.a.write(0, filledView(10))
+        second = self.b.write(0, filledView(10))
+        third = self.a.write(0, filledView(10))
         closed = self.b.close()
         self.assertIs(self.diskio.pending[-1][0], os.close)
         self.diskio.pending.pop()[2].callback(None)
@@ -1494,7 +1497,7 @@ class WriteRegistryTests(SynchronousTestCase):
         """
         Cancelling a zero waiting for its turn withdraws it.
         """
-        first = self.a.write(0, self.data(10))
+        first = self.a.write(0, filledView(10))
         zero = self.b.zero(0, 10)
         zero.cancel()
         self.failureResultOf(zero, CancelledError)
@@ -1511,19 +1514,19 @@ class WriteRegistryTests(SynchronousTestCase):
         """
         bs = self.bs
         sparse = self.open(sparse=True)
-        inside = [self.a.write(bs + 3, self.data(10)), sparse.zero(2 * bs, bs)]
-        far = self.b.write(1024 * bs, self.data(bs))
+        inside = [self.a.write(bs + 3, filledView(10)), sparse.zero(2 * bs, bs)]
+        far = self.b.write(1024 * bs, filledView(bs))
         self.assertEqual(len(self.pendingWrites()), 3)
         while self.diskio.pending:
             self.diskio.runNext()
         for d in [*inside, far]:
             self.successResultOf(d)
         for end, past in [
-            (2048 * bs, lambda: self.a.write(1025 * bs + 3, self.data(10))),
+            (2048 * bs, lambda: self.a.write(1025 * bs + 3, filledView(10))),
             (4096 * bs, lambda: sparse.zero(3000 * bs, bs)),
         ]:
             first = past()
-            later = self.b.write(end, self.data(bs))
+            later = self.b.write(end, filledView(bs))
             self.assertEqual(len(self.pendingWrites()), 1)
             self.diskio.runNext()
             self.successResultOf(first)

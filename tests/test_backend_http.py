@@ -6,8 +6,8 @@ ticket whose C{url} is another daemon's C{https://.../images/<id>}.
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import os
 import socket
 import uuid
 from pathlib import Path
@@ -19,11 +19,12 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imageio import _pki
-from imageio.backends import BackendContext, isLocalAddress, namesListener
+from imageio.backends import BackendContext, ipAddress, isLocalAddress, namesListener
 from imageio.backends import http as httpbackend
 from imageio.backends.http import BadResponse, clipExtents, parseExtents
 from imageio.interfaces import Extent, HostError, RemoteError
 from imageio.tickets import InvalidTicket
+from tests._daemon import writeFragmentedImage
 from tests.test_proxy_helpers import (
     Daemon,
     HTTPSClient,
@@ -155,6 +156,21 @@ class NamesListenerTests(SynchronousTestCase):
             self.assertTrue(isLocalAddress(host), host)
         for host in ("192.0.2.1", "2001:db8::1", "localhost", "not an address"):
             self.assertFalse(isLocalAddress(host), host)
+
+    def test_ipAddress(self) -> None:
+        """
+        An IP literal names its address, without an IPv6 zone and with an
+        IPv4-mapped address as its IPv4 address; a name names none.
+        """
+        for host, expected in [
+            ("192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+            ("::ffff:192.0.2.1", ipaddress.IPv4Address("192.0.2.1")),
+            ("fe80::1%eth0", ipaddress.IPv6Address("fe80::1")),
+            ("2001:db8::1", ipaddress.IPv6Address("2001:db8::1")),
+        ]:
+            self.assertEqual(ipAddress(host), expected, host)
+        for host in ("localhost", "not an address", "", "[::1]"):
+            self.assertIsNone(ipAddress(host), host)
 
 
 class ProxyModeTests(TestCase):
@@ -316,16 +332,10 @@ class ProxyModeTests(TestCase):
         """
         runs = 20_000
         path = self.dir / "fragmented.raw"
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            for i in range(runs):
-                os.pwrite(fd, b"x", i * 8192)
-            os.ftruncate(fd, runs * 8192)
-        finally:
-            os.close(fd)
-        ticketA = self.daemonA.addTicket(f"file://{path}", runs * 8192, ("read",))
+        size = writeFragmentedImage(path, runs)
+        ticketA = self.daemonA.addTicket(f"file://{path}", size, ("read",))
         ticketB = self.daemonB.addTicket(
-            f"{self.daemonA.url('localhost')}/images/{ticketA}", runs * 8192, ("read",)
+            f"{self.daemonA.url('localhost')}/images/{ticketA}", size, ("read",)
         )
         reply = yield self.client.request("GET", f"/images/{ticketB}/extents")
         self.assertEqual(reply.status, 200, reply.text[:200])

@@ -27,6 +27,18 @@ class ConfigTests(SynchronousTestCase):
         path.write_text(text)
         return path
 
+    def assertRefused(self, cases: list[tuple[str, str]]) -> None:
+        """
+        Each drop-in text of C{cases} fails to load with an error saying its
+        message and, unless it is not INI at all, naming the file.
+        """
+        for text, message in cases:
+            path = self.write("10.conf", text)
+            e = self.assertRaises(config.ConfigError, config.loadDir, self.dir)
+            self.assertIn(message, str(e))
+            if "invalid syntax" not in message:
+                self.assertIn(str(path), str(e))
+
     def test_defaults(self) -> None:
         """
         With no files, the embedded defaults are upstream's.
@@ -181,11 +193,7 @@ class ConfigTests(SynchronousTestCase):
             ("[handler_logfile]\nargs = (\n", "[handler_logfile] args: expecting a Python literal"),
             ("[handler_logfile]\nargs = ()\n", "[handler_logfile] args: expecting the log file"),
         ]
-        for text, message in cases:
-            path = self.write("10.conf", text)
-            e = self.assertRaises(config.ConfigError, config.loadDir, self.dir)
-            self.assertIn(message, str(e))
-            self.assertIn(str(path), str(e))
+        self.assertRefused(cases)
 
     def test_booleansAsUpstream(self) -> None:
         """
@@ -220,12 +228,7 @@ class ConfigTests(SynchronousTestCase):
             ("[daemon]\npoll_interval = nan\n", "[daemon] poll_interval: expecting a finite"),
             ("not ini at all", "invalid syntax"),
         ]
-        for text, message in cases:
-            path = self.write("10.conf", text)
-            e = self.assertRaises(config.ConfigError, config.loadDir, self.dir)
-            self.assertIn(message, str(e))
-            if "invalid syntax" not in message:
-                self.assertIn(str(path), str(e))
+        self.assertRefused(cases)
 
     def test_neverNamesDefaultAsFile(self) -> None:
         """

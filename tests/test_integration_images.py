@@ -45,21 +45,29 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-class ImagesIntegrationTests(TestCase):
+class _ServiceTestCase(TestCase):
     """
-    Transfers with real clients against the real service.
+    The service built as in production on the real reactor: the remote
+    listener on an ephemeral port, the local and control UNIX sockets.
+
+    @ivar config: Its configuration.
+    @ivar service: The running service.
+    @ivar port: The remote listener's port.
     """
 
-    timeout = 120
+    #: Whether the remote listener speaks TLS.
+    tls = True
     #: The storage I/O engine of the daemon under test.
     ioEngine = "auto"
+    #: Prefix of the temporary directory holding the UNIX sockets.
+    socketPrefix = "imageio-it-"
 
     def setUp(self) -> None:
         from imageio import _pki
         from imageio.tap import ImageioService
 
         # UNIX socket paths must be short: keep them out of _trial_temp.
-        self.sockets = tempfile.mkdtemp(prefix="imageio-it-")
+        self.sockets = tempfile.mkdtemp(prefix=self.socketPrefix)
         self.addCleanup(shutil.rmtree, self.sockets, True)
         self.dir = Path(self.mktemp()).absolute()
         self.dir.mkdir()
@@ -69,23 +77,17 @@ class ImagesIntegrationTests(TestCase):
         config.daemon.io_engine = self.ioEngine
         config.remote.host = "127.0.0.1"
         config.remote.port = 0
+        config.tls.enable = self.tls
         config.tls.cert_file = self.pki.certFile
         config.tls.key_file = self.pki.keyFile
         config.local.socket = os.path.join(self.sockets, "local.sock")
         config.control.socket = os.path.join(self.sockets, "control.sock")
+        self.config = config
         self.service = ImageioService(config, reactor, self.dir / "state")
         self.service.startService()
         self.addCleanup(self._stop)
         address: Any = self.service.ports["remote"].getHost()
         self.port = address.port
-        self.local = config.local.socket
-        self.url = f"https://127.0.0.1:{self.port}/images/"
-        self.source = self.dir / "source.raw"
-        self.source.write_bytes(os.urandom(SIZE))
-        with open(self.source, "rb") as f:
-            # Cached pages would send every direct AIO read to the pool.
-            os.fsync(f.fileno())
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     @inlineCallbacks
     def _stop(self) -> Any:
@@ -106,6 +108,25 @@ class ImagesIntegrationTests(TestCase):
                 "transfer_id": f"tr-{uuid}",
             }
         )
+
+
+class ImagesIntegrationTests(_ServiceTestCase):
+    """
+    Transfers with real clients against the real service.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.local = self.config.local.socket
+        self.url = f"https://127.0.0.1:{self.port}/images/"
+        self.source = self.dir / "source.raw"
+        self.source.write_bytes(os.urandom(SIZE))
+        with open(self.source, "rb") as f:
+            # Cached pages would send every direct AIO read to the pool.
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def newImage(self, name: str = "target.raw", size: int = SIZE) -> Path:
         path = self.dir / name
@@ -378,7 +399,7 @@ def _halfClosedExchange(
             return data
 
 
-class HalfCloseTests(TestCase):
+class HalfCloseTests(_ServiceTestCase):
     """
     A client that sends its request and then shuts down its sending side
     gets its answer, then the connection closes: on the remote listener
@@ -386,44 +407,13 @@ class HalfCloseTests(TestCase):
     """
 
     timeout = 60
-    tls = True
+    socketPrefix = "imageio-hc-"
 
     def setUp(self) -> None:
-        from imageio import _pki
-        from imageio.tap import ImageioService
-
-        self.sockets = tempfile.mkdtemp(prefix="imageio-hc-")
-        self.addCleanup(shutil.rmtree, self.sockets, True)
-        self.dir = Path(self.mktemp()).absolute()
-        self.dir.mkdir()
-        self.pki = _pki.makeTestPKI(str(self.dir / "pki"))
-        config = _config.Config()
-        config.daemon.systemd_enable = False
-        config.remote.host = "127.0.0.1"
-        config.remote.port = 0
-        config.tls.enable = self.tls
-        config.tls.cert_file = self.pki.certFile
-        config.tls.key_file = self.pki.keyFile
-        config.local.socket = os.path.join(self.sockets, "local.sock")
-        config.control.socket = os.path.join(self.sockets, "control.sock")
-        self.config = config
-        self.service = ImageioService(config, reactor, self.dir / "state")
-        self.service.startService()
-        self.addCleanup(ImagesIntegrationTests._stop, self)  # type: ignore[arg-type]
-        address: Any = self.service.ports["remote"].getHost()
-        self.port = address.port
+        super().setUp()
         image = self.dir / "image.raw"
         image.write_bytes(b"0123456789" * 100)
-        self.service.registry.add(
-            {
-                "uuid": "t1",
-                "size": 1000,
-                "ops": ["read", "write"],
-                "timeout": 300,
-                "url": image.as_uri(),
-                "transfer_id": "tr-t1",
-            }
-        )
+        self.addTicket(image, ("read", "write"), size=1000)
 
     def exchange(self, family: int, address: Any, raw: bytes, tls: bool = False) -> Any:
         context = None

@@ -7,7 +7,6 @@ as the engine signs them (L{tests.engine}).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import time
@@ -33,6 +32,7 @@ from imageio.proxy._guard import isAllowedAddress
 from imageio.proxy._relay import DaemonClient
 from imageio.tap import ImageioService
 from tests import engine
+from tests._daemon import writeFragmentedImage
 from tests.test_proxy_helpers import (
     Daemon,
     HTTPSClient,
@@ -392,22 +392,16 @@ class AuthorizationHeaderTests(ProxyTestCase):
         """
         runs = 20_000
         path = self.dir / "fragmented.raw"
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            for i in range(runs):
-                os.pwrite(fd, b"x", i * 8192)
-            os.ftruncate(fd, runs * 8192)
-        finally:
-            os.close(fd)
+        size = writeFragmentedImage(path, runs)
         ticketID = str(uuid.uuid4())
-        self.daemon.addTicket(f"file://{path}", runs * 8192, ("read",), ticketID)
+        self.daemon.addTicket(f"file://{path}", size, ("read",), ticketID)
         reply = yield self.client.request(
             "GET", f"/images/{ticketID}/extents", headers=self.auth(ticketID)
         )
         self.assertEqual(reply.status, 200, reply.text[:200])
         extents = json.loads(reply.body)
         self.assertEqual(len(extents), 2 * runs)
-        self.assertEqual(sum(e["length"] for e in extents), runs * 8192)
+        self.assertEqual(sum(e["length"] for e in extents), size)
 
     @inlineCallbacks
     def test_head(self) -> Any:

@@ -641,12 +641,22 @@ class ConnectionTests(StreamingTestCase):
         A chunked body to a handler that does not stream is collected in
         memory only up to the limit, then refused with 413.
         """
+        self.assertChunkedBodyCapped(b"DELETE")
+
+    def assertChunkedBodyCapped(self, method: bytes) -> None:
+        """
+        Send C{method} to C{/images/t1} with a chunked body of 80 KiB, more
+        than a handler that does not stream collects: it is refused with 413
+        and the connection closes.
+        """
         conn = self.h.connect()
-        conn.send(b"DELETE /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(
+            b"%s /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % method
+        )
         for _ in range(20):
             conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")
         response = conn.response()
-        self.assertEqual(response.status, 413)
+        self.assertEqual((method, response.status), (method, 413))
         self.assertTrue(conn.closed)
 
     def noSpooling(self) -> None:
@@ -688,15 +698,7 @@ class ConnectionTests(StreamingTestCase):
         self.noSpooling()
         self.ticket()
         for method in (b"GET", b"OPTIONS"):
-            conn = self.h.connect()
-            conn.send(
-                b"%s /images/t1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" % method
-            )
-            for _ in range(20):
-                conn.send(b"1000\r\n" + b"x" * 4096 + b"\r\n")
-            response = conn.response()
-            self.assertEqual(response.status, 413)
-            self.assertTrue(conn.closed)
+            self.assertChunkedBodyCapped(method)
 
     def test_bodylessMethodsSmallBodyAnswered(self) -> None:
         """

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -389,13 +390,23 @@ class TwistdTests(SynchronousTestCase):
         (self.dir / "conf.d").mkdir(parents=True)
         self.state = self.dir / "state"
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
+    def start(
+        self, *args: str, twistd: Sequence[str] = TWISTD, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
+        """
+        Start C{twistd -n imageio} with C{args} in the test directory,
+        killed in cleanup.
+
+        @param twistd: How to run C{twistd}.
+        @param env: Its environment, if not ours.
+        """
         process = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", "imageio", *args],
+            [*twistd, "-n", "--pidfile=", "imageio", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=str(self.dir),
+            env=env,
         )
 
         def cleanup() -> None:
@@ -465,15 +476,9 @@ class TwistdTests(SynchronousTestCase):
         (vendor / "conf.d" / "75-vendor.conf").write_text("[remote]\nport = 1\nhost = 127.0.0.1\n")
         (admin / "conf.d" / "99-user.conf").write_text("[remote]\nport = 0\n")
         run = self.dir / "run"
-        process = subprocess.Popen(
-            _systemTwistd(admin, vendor) + ["-n", "--pidfile=", "imageio"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=str(self.dir),
-            env=_environ(RUNTIME_DIRECTORY=str(run)),
+        process = self.start(
+            twistd=_systemTwistd(admin, vendor), env=_environ(RUNTIME_DIRECTORY=str(run))
         )
-        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
         sock = run / "sock"
         self.waitForSocket(sock, process)
         response = _unixGet(str(sock), "/tickets/nope")
@@ -535,15 +540,10 @@ class TwistdTests(SynchronousTestCase):
             "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
             f"[control]\ntransport = tcp\nport = {port}\n"
         )
-        process = subprocess.Popen(
-            _systemTwistd(admin, vendor) + ["-n", "--pidfile=", "imageio"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=str(self.dir),
+        process = self.start(
+            twistd=_systemTwistd(admin, vendor),
             env=_environ(RUNTIME_DIRECTORY=str(self.dir / "run")),
         )
-        self.addCleanup(lambda: (process.poll() is None and process.kill(), process.wait()))
         deadline = time.monotonic() + 30
         while True:
             try:

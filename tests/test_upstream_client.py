@@ -26,7 +26,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from imageio import _pki
 from imageio import config as _config
 from imageio.tap import ImageioService
-from tests._daemon import writeSparseImage
+from tests._daemon import writeFragmentedImage, writeSparseImage
 
 try:
     from ovirt_imageio import client as upstream
@@ -112,21 +112,15 @@ class UpstreamClientTests(TestCase):
         """
         image = self.dir / "fragmented.raw"
         runs = 20_000
-        fd = os.open(image, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            for i in range(runs):
-                os.pwrite(fd, b"x", i * 8192)
-            os.ftruncate(fd, runs * 8192)
-        finally:
-            os.close(fd)
-        url = self.addTicket(image, runs * 8192, ["read"])
+        imageSize = writeFragmentedImage(image, runs)
+        url = self.addTicket(image, imageSize, ["read"])
 
         def extents() -> tuple[int, list[Any]]:
             with upstream.ImageioClient(url, cafile=self.pki.caFile) as c:
                 return c.size(), list(c.extents())
 
         size, got = yield deferToThread(extents)
-        self.assertEqual(size, runs * 8192)
+        self.assertEqual(size, imageSize)
         self.assertEqual(len(got), 2 * runs)
         self.assertEqual(
             [(e.start, e.length, e.zero) for e in got[:2]], [(0, 4096, False), (4096, 4096, True)]

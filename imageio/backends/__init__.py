@@ -138,6 +138,22 @@ _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
 _WILDCARDS = frozenset({"", "0", "0.0.0.0", "::"})
 
 
+def ipAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    @param host: An IP address, IPv6 possibly with a zone (C{%eth0}, left
+        out).
+    @return: The address C{host} names, an IPv4-mapped IPv6 address as the
+        IPv4 address it maps; C{None} if C{host} is no IP address.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def isLocalAddress(host: str) -> bool:
     """
     @param host: An IP address.
@@ -145,12 +161,9 @@ def isLocalAddress(host: str) -> bool:
         unspecified address, or an address of one of its interfaces (which
         a socket can bind to; no other address can).
     """
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    address = ipAddress(host)
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if address.is_loopback or address.is_unspecified:
         return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET

@@ -630,6 +630,17 @@ class FileBackend:
                 finished(failure)
             return fail(failure)
         self._inFlight += 1
+        return self._untilReturned(self._diskio.run(fn, *args, **kwargs), finished)
+
+    def _untilReturned(self, call: Deferred[T], finished: _Finished | None) -> Deferred[T]:
+        """
+        Once C{call}, already counted in flight, really returned: stop
+        counting it, tell C{finished}, and close the fd if the backend was
+        closed meanwhile.
+
+        @return: C{call}'s outcome in a Deferred of its own, whose
+            cancelling leaves C{call} (and the fd) alone.
+        """
         result: Deferred[T] = Deferred()
 
         def done(r: T | Failure) -> T | Failure:
@@ -640,7 +651,7 @@ class FileBackend:
                 self._closeFd()
             return r
 
-        self._diskio.run(fn, *args, **kwargs).addBoth(done).chainDeferred(result)
+        call.addBoth(done).chainDeferred(result)
         return result
 
     def _claim(self, offset: int, end: int, trims: bool) -> _Footprint:
@@ -710,7 +721,6 @@ class FileBackend:
         on the pool instead.
         """
         self._inFlight += 1
-        result: Deferred[int] = Deferred()
 
         def succeeded(n: int) -> int:
             self._aioRefusals = 0
@@ -742,17 +752,8 @@ class FileBackend:
             # The fd stays open: this call is still counted in flight.
             return self._diskio.run(fn, offset, buf)
 
-        def done(r: int | Failure) -> int | Failure:
-            self._inFlight -= 1
-            if finished is not None:
-                finished(r)
-            if self._closed and self._inFlight == 0:
-                self._closeFd()
-            return r
-
         fallback = cast("Deferred[int]", d.addCallbacks(succeeded, failed))
-        fallback.addBoth(done).chainDeferred(result)
-        return result
+        return self._untilReturned(fallback, finished)
 
     async def _zeroSteps(self, offset: int, length: int) -> None:
         pos, end = offset, offset + length

@@ -12,7 +12,6 @@ proxy is configured for it (tests, all-in-one labs).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from imageio._log import Logger
+from imageio.backends import ipAddress
 
 log = Logger()
 
@@ -41,12 +41,9 @@ def isAllowedAddress(host: str, allowLoopback: bool) -> bool:
     @param host: An IP address (IPv6 possibly with a zone).
     @return: Whether the proxy may connect to it.
     """
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    address = ipAddress(host)
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if address.is_link_local or address.is_multicast or address.is_unspecified:
         return False
     if address.is_loopback:
