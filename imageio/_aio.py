@@ -20,6 +20,8 @@ instead, and where a file system cannot do non-blocking I/O at all it says
 C{EOPNOTSUPP}. Callers then do that request on the disk-io pool; the reactor
 never waits for storage. Buffered (non-C{O_DIRECT}) files must not use this
 engine: the kernel does buffered AIO synchronously inside C{io_submit}.
+Neither may files on tmpfs (L{isMemoryFileSystem}): there direct I/O is a
+memory copy done inside C{io_submit}, page-cached data moved on the reactor.
 """
 
 from __future__ import annotations

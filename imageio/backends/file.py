@@ -327,8 +327,10 @@ def openBackend(
             direct=o.direct,
             isBlock=o.isBlock,
             writes=o.writes,
-            aio=ctx.aio if o.direct else None,
-            memoryFS=o.memoryFS,
+            # On tmpfs a direct read or write is a memory copy done inside
+            # io_submit, on the reactor thread, for as long as the copy
+            # takes: page-cached data moved on the reactor. The pool does it.
+            aio=ctx.aio if o.direct and not o.memoryFS else None,
         )
         if not o.isBlock:
             o.writes.size = max(o.writes.size, o.size)
@@ -496,8 +498,6 @@ class FileBackend:
     _writes: _ImageWrites
     # Aligned direct reads and writes go here first, if set.
     _aio: AIOEngine | None = None
-    # On tmpfs, where the kernel does not take RWF_NOWAIT and never waits.
-    _memoryFS: bool = False
     # AIO requests refused with EAGAIN since the last one that went through.
     _aioRefusals: int = field(default=0, init=False)
     # Pool calls that have not returned yet; the fd outlives them.
@@ -528,7 +528,7 @@ class FileBackend:
             return fail(ValueError(f"Negative offset: {offset}"))
         aio = self._aio
         if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
-            d = aio.read(self._fd, _byteView(buf), offset, self.blockSize, not self._memoryFS)
+            d = aio.read(self._fd, _byteView(buf), offset, self.blockSize)
             if d is not None:
                 return self._runAIO(d, self._readInto, offset, buf)
         return self._run(self._readInto, offset, buf)
@@ -549,7 +549,7 @@ class FileBackend:
         def start(finished: _Finished) -> Deferred[int]:
             aio = self._aio
             if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
-                d = aio.write(self._fd, _byteView(data), offset, bs, not self._memoryFS)
+                d = aio.write(self._fd, _byteView(data), offset, bs)
                 if d is not None:
                     return self._runAIO(d, self._write, offset, data, finished)
             return self._runThen(finished, self._write, offset, data)
