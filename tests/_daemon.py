@@ -424,6 +424,21 @@ def procStatus(pid: int | str, key: str) -> int:
     raise KeyError(key)
 
 
+def acceptingUNIX(path: str) -> bool:
+    """
+    @return: Whether a server accepts connections on UNIX socket C{path}
+        (a socket file exists between a server's bind and its listen).
+    """
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 def waitFor(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """
     Poll C{predicate} (blocking) until it is true or C{timeout} passed.

@@ -10,7 +10,6 @@ import errno
 import os
 import shutil
 import signal
-import socket as _socket
 import tempfile
 from typing import Any
 
@@ -36,6 +35,7 @@ from imageio.backends.nbd import (
     parseURL,
 )
 from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from tests._daemon import acceptingUNIX
 
 MiB = 1024**2
 
@@ -405,20 +405,6 @@ class BackendTests(SynchronousTestCase):
 # Integration with qemu-nbd.
 
 
-def _accepting(path: str) -> bool:
-    """
-    @return: Whether a server accepts connections on UNIX socket C{path}.
-    """
-    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
 QEMU_NBD = shutil.which("qemu-nbd")
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -506,7 +492,7 @@ class QemuNBDTests(TestCase):
         for _ in range(500):
             # The socket file appears at bind(), before listen(): connecting
             # in between is refused, so wait until a connection is taken.
-            if _accepting(socket):
+            if acceptingUNIX(socket):
                 return f"nbd:unix:{socket}", process
             if protocol.ended.called:
                 break

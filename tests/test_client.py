@@ -23,7 +23,7 @@ from twisted.web.server import Site
 
 from imageio._diskio import DiskIO, DiskIOPool
 from imageio.client import Client, ClientError, RemoteError
-from tests._daemon import DaemonTestCase, InProcessDaemon, writeSparseImage
+from tests._daemon import DaemonTestCase, InProcessDaemon, acceptingUNIX, writeSparseImage
 
 MiB = 1024**2
 
@@ -68,6 +68,22 @@ class ClientTestCase(DaemonTestCase):
     """
 
     timeout = 60
+
+    @inlineCallbacks
+    def startQemuNBD(self, args: list[str], sock: Path) -> Any:
+        """
+        Start C{qemu-nbd ARGS}, stopped at cleanup, and wait until it
+        accepts connections on C{sock} (its socket file exists before it
+        listens).
+        """
+        server = subprocess.Popen(["qemu-nbd", *args])
+        self.addCleanup(server.wait)
+        self.addCleanup(server.terminate)
+        for _ in range(500):
+            if acceptingUNIX(str(sock)):
+                return
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"qemu-nbd did not listen on {sock}")
 
     def setUp(self) -> None:
         self.daemon: InProcessDaemon = self.startDaemon()
@@ -245,15 +261,7 @@ class UploadTests(ClientTestCase):
         source = self.source()
         image = self.makeImage(self.daemon, SIZE)
         sock = self.daemon.runDir / "target.sock"
-        server = subprocess.Popen(
-            ["qemu-nbd", "-t", "-f", "raw", "-e", "16", "-k", str(sock), str(image)]
-        )
-        self.addCleanup(server.wait)
-        self.addCleanup(server.terminate)
-        for _ in range(500):
-            if sock.exists():
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield self.startQemuNBD(["-t", "-f", "raw", "-e", "16", "-k", str(sock), str(image)], sock)
         ticketID = self.addTicket(self.daemon, f"nbd:unix:{sock}", SIZE)
         stats = yield self.client(workers=3).upload(str(source), self.url(ticketID))
         self.assertEqual(stats.workers, 3)
@@ -584,28 +592,10 @@ class IncrementalTests(ClientTestCase):
         subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b1"], check=True)
         subprocess.run([*io, "write -P 0x44 1M 64k", str(image)], check=True, capture_output=True)
         sock = self.daemon.runDir / "nbd.sock"
-        server = subprocess.Popen(
-            [
-                "qemu-nbd",
-                "-t",
-                "-r",
-                "-f",
-                "qcow2",
-                "-B",
-                "b1",
-                "-e",
-                "8",
-                "-k",
-                str(sock),
-                str(image),
-            ]
+        yield self.startQemuNBD(
+            ["-t", "-r", "-f", "qcow2", "-B", "b1", "-e", "8", "-k", str(sock), str(image)],
+            sock,
         )
-        self.addCleanup(server.wait)
-        self.addCleanup(server.terminate)
-        for _ in range(500):
-            if sock.exists():
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
         ticketID = self.addTicket(
             self.daemon, f"nbd:unix:{sock}", 4 * MiB, ops=("read",), dirty=True
         )
