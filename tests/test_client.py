@@ -17,12 +17,12 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from imageio._diskio import DiskIO, DiskIOPool
-from imageio.client import Client, ClientError, RemoteError
+from imageio.client import Client, ClientError, RemoteError, _local
 from tests._daemon import DaemonTestCase, InProcessDaemon, acceptingUNIX, writeSparseImage
 
 MiB = 1024**2
@@ -638,3 +638,34 @@ class ProxyTests(ClientTestCase):
         downloaded = self.dir / "down.raw"
         yield client.download(url, str(downloaded), fmt="raw")
         compare(source, downloaded)
+
+
+class QemuNBDListeningTests(SynchronousTestCase):
+    """
+    L{_local.QemuNBD.listening}, which the client polls from the reactor's
+    clock, each look on the pool.
+    """
+
+    def server(self, script: str) -> _local.QemuNBD:
+        directory = self.mktemp()
+        os.mkdir(directory)
+        process = subprocess.Popen(["sh", "-c", script], stderr=subprocess.PIPE)
+        self.addCleanup(process.wait)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(lambda: process.stderr and process.stderr.close())
+        return _local.QemuNBD(process, directory)
+
+    def test_notYet(self) -> None:
+        """
+        A server that runs but does not listen yet is not listening.
+        """
+        self.assertFalse(self.server("sleep 30").listening())
+
+    def test_exited(self) -> None:
+        """
+        A server that exited is an error naming its last line on stderr.
+        """
+        server = self.server("echo first >&2; echo 'cannot open image' >&2; exit 3")
+        server.process.wait()
+        e = self.assertRaises(_local.LocalImageError, server.listening)
+        self.assertEqual(str(e), "qemu-nbd failed: cannot open image")

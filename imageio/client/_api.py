@@ -12,6 +12,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.task import deferLater
 
 from imageio import _blkhash, _buffers
 from imageio._diskio import DiskIO
@@ -189,12 +190,22 @@ class Client:
                     )
                 )
                 assert server is not None
+                await self._whenListening(server)
                 for _ in range(count):
                     backends.append(await _local.openNBD(ctx, server, write=write))
         except BaseException:
             await self._closeLocal(backends, server)
             raise
         return backends, server
+
+    async def _whenListening(self, server: _local.QemuNBD) -> None:
+        # Polled from the reactor's clock; each look at the process and
+        # /proc/net/unix runs on the pool.
+        deadline = self.reactor.seconds() + _local.QEMU_NBD_TIMEOUT
+        while not await self._pool(server.listening):
+            if self.reactor.seconds() > deadline:
+                raise _local.LocalImageError("qemu-nbd did not start listening")
+            await deferLater(self.reactor, 0.005, lambda: None)
 
     async def _closeLocal(self, backends: list[IBackend], server: _local.QemuNBD | None) -> None:
         await DeferredList([b.close() for b in backends], consumeErrors=True)

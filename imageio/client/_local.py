@@ -15,7 +15,6 @@ import shutil
 import stat
 import subprocess
 import tempfile
-import time
 from typing import Any
 
 from attrs import define, field, frozen
@@ -215,7 +214,8 @@ class QemuNBD:
         cls, filename: str, fmt: str, *, readOnly: bool, shared: int, bitmap: str | None = None
     ) -> QemuNBD:
         """
-        Start serving C{filename} and wait until it listens. Blocking.
+        Start serving C{filename}; it listens soon after (L{listening}).
+        Blocking: call it on the disk-io pool.
         """
         qemuNBD = _tool("qemu-nbd")
         directory = tempfile.mkdtemp(prefix="imageio-client-")
@@ -253,27 +253,23 @@ class QemuNBD:
         except OSError as e:
             shutil.rmtree(directory, ignore_errors=True)
             raise LocalImageError(f"Cannot run qemu-nbd: {e.strerror}") from None
-        server = cls(process, directory)
-        try:
-            server._waitListening()
-        except BaseException:
-            server.stop()
-            raise
-        return server
+        return cls(process, directory)
 
-    def _waitListening(self) -> None:
-        deadline = time.monotonic() + QEMU_NBD_TIMEOUT
-        while not _listening(self.socket):
-            if self.process.poll() is not None:
-                assert self.process.stderr is not None
-                lines = self.process.stderr.read().decode("utf-8", "replace").strip()
-                message = (
-                    lines.splitlines()[-1] if lines else f"exit status {self.process.returncode}"
-                )
-                raise LocalImageError(f"qemu-nbd failed: {message}")
-            if time.monotonic() > deadline:
-                raise LocalImageError("qemu-nbd did not start listening")
-            time.sleep(0.005)
+    def listening(self) -> bool:
+        """
+        @return: Whether the server listens yet. Blocking (reads
+            C{/proc/net/unix}): call it on the disk-io pool.
+        @raise LocalImageError: If the server exited, with its last error
+            line.
+        """
+        if _listening(self.socket):
+            return True
+        if self.process.poll() is not None:
+            assert self.process.stderr is not None
+            lines = self.process.stderr.read().decode("utf-8", "replace").strip()
+            message = lines.splitlines()[-1] if lines else f"exit status {self.process.returncode}"
+            raise LocalImageError(f"qemu-nbd failed: {message}")
+        return False
 
     def stop(self) -> None:
         """
