@@ -204,7 +204,6 @@ class _Request:
     length: int
     offset: int
     align: int
-    nowait: bool
     deferred: Deferred[int]
     done: int = 0
     iocb: IOCB = field(factory=IOCB)
@@ -323,25 +322,22 @@ class AIOEngine:
     # Requests
 
     def read(
-        self, fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
+        self, fd: int, view: memoryview, offset: int, align: int = 1
     ) -> Deferred[int] | None:
         """
         Read into all of C{view} from C{offset}, unless the file ends first.
 
         @param align: The file's block size: a transfer ending at an offset
             that is not a multiple of it ended at end of file.
-        @param nowait: Ask for C{RWF_NOWAIT}. Only for files in memory
-            (tmpfs), which do not support it and never wait for a disk, may
-            this be C{False}.
         @return: A Deferred firing with the bytes read, or failing with
             L{OSError}; C{None} if C{view} cannot be given to the kernel
             (read-only, not contiguous, or its address not a multiple of
             C{align}).
         """
-        return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align, nowait)
+        return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align)
 
     def write(
-        self, fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
+        self, fd: int, view: memoryview, offset: int, align: int = 1
     ) -> Deferred[int] | None:
         """
         Write all of C{view} at C{offset}.
@@ -349,10 +345,10 @@ class AIOEngine:
         @return: A Deferred firing with C{len(view)}, or failing with
             L{OSError}; C{None} if C{view} cannot be given to the kernel.
         """
-        return self._submitNew(IOCB_CMD_PWRITE, fd, view, offset, align, nowait)
+        return self._submitNew(IOCB_CMD_PWRITE, fd, view, offset, align)
 
     def _submitNew(
-        self, opcode: int, fd: int, view: memoryview, offset: int, align: int, nowait: bool
+        self, opcode: int, fd: int, view: memoryview, offset: int, align: int
     ) -> Deferred[int] | None:
         if not self.running:
             return fail(OSError(errno.ESHUTDOWN, "The AIO engine is not running"))
@@ -363,7 +359,7 @@ class AIOEngine:
         if not view:
             d.callback(0)
             return d
-        self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, nowait, d))
+        self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, d))
         self._submit()
         return d
 
@@ -379,7 +375,7 @@ class AIOEngine:
                 iocb = request.iocb
                 ctypes.memset(ctypes.byref(iocb), 0, ctypes.sizeof(iocb))
                 iocb.aio_data = self._nextId + i
-                iocb.aio_rw_flags = RWF_NOWAIT if request.nowait else 0
+                iocb.aio_rw_flags = RWF_NOWAIT
                 iocb.aio_lio_opcode = request.opcode
                 iocb.aio_fildes = request.fd
                 assert request.buffer is not None
