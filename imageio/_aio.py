@@ -321,9 +321,7 @@ class AIOEngine:
 
     # Requests
 
-    def read(
-        self, fd: int, view: memoryview, offset: int, align: int = 1
-    ) -> Deferred[int] | None:
+    def read(self, fd: int, view: memoryview, offset: int, align: int = 1) -> Deferred[int] | None:
         """
         Read into all of C{view} from C{offset}, unless the file ends first.
 
@@ -336,9 +334,7 @@ class AIOEngine:
         """
         return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align)
 
-    def write(
-        self, fd: int, view: memoryview, offset: int, align: int = 1
-    ) -> Deferred[int] | None:
+    def write(self, fd: int, view: memoryview, offset: int, align: int = 1) -> Deferred[int] | None:
         """
         Write all of C{view} at C{offset}.
 
