@@ -89,3 +89,38 @@ class NewsFragmentTests(SynchronousTestCase):
         config = (ROOT / "pyproject.toml").read_text()
         configured = re.findall(r'^directory = "(\w+)"$', config, re.M)
         self.assertEqual([t for t in configured if t != "newsfragments"], list(FRAGMENT_TYPES))
+
+
+#: The lines git writes around a conflict when a merge stops (the "=======" between
+#: them is also a reStructuredText underline, so it is not looked for).
+CONFLICT_MARKER = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+
+
+class ConflictMarkerTests(SynchronousTestCase):
+    """
+    No merge left its conflict markers in the project's text.
+    """
+
+    def test_noConflictMarkers(self) -> None:
+        """
+        No source, test, configuration or documentation file has a line
+        that starts with a merge conflict marker.
+        """
+        problems = []
+        suffixes = {".py", ".rst", ".md", ".toml", ".cfg", ".conf", ".service", ".txt", ""}
+        for top in ("imageio", "tests", "bench", "etc", "twisted", "newsfragments", ".ci"):
+            for path in sorted((ROOT / top).rglob("*")):
+                if not path.is_file() or path.suffix not in suffixes or "results" in path.parts:
+                    continue
+                try:
+                    text = path.read_text()
+                except UnicodeDecodeError:
+                    continue
+                for m in CONFLICT_MARKER.finditer(text):
+                    line = text.count("\n", 0, m.start()) + 1
+                    problems.append(f"{path.relative_to(ROOT)}:{line}")
+        for name in ("README.rst", "CHANGELOG.rst", "setup.py", "pyproject.toml"):
+            text = (ROOT / name).read_text()
+            for m in CONFLICT_MARKER.finditer(text):
+                problems.append(f"{name}:{text.count(chr(10), 0, m.start()) + 1}")
+        self.assertEqual(problems, [], "\n" + "\n".join(problems))
