@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_project -*-
 """
 Tests for the project's housekeeping: every module names an existing test
-module in its C{test-case-name} header, and every release note fragment is
-named so that towncrier picks it up.
+module in its C{test-case-name} header, every release note fragment is
+named so that towncrier picks it up, and no merge left conflict markers.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class NewsFragmentTests(SynchronousTestCase):
 
 #: The lines git writes around a conflict when a merge stops (the "=======" between
 #: them is also a reStructuredText underline, so it is not looked for).
-CONFLICT_MARKER = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+CONFLICT_MARKER = re.compile(r"^(<{7} |>{7} )", re.M)
 
 
 class ConflictMarkerTests(SynchronousTestCase):
