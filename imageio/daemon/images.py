@@ -974,28 +974,13 @@ class ChecksumHandler:
                 op.onCancel = None
             # Page-aligned: O_DIRECT reads go straight into it.
             buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
-            extents: list[Any] = []
-            position = 0
-            while position < size:
-                got = yield backend.extents("zero", position, size - position)
-                if not got:
-                    break
-                extents.extend(got)
-                position = got[-1].start + got[-1].length
-            # Blocks are aligned to the image start, as upstream's, and may
-            # span several extents: a block is zero only if all of them are.
-            for block in _blkhash.splitBlocks(extents, blockSize):
+
+            def progress(end: int) -> None:
                 if op.canceled:
                     raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-                if block.zero:
-                    yield self.service.runInPool(hasher.zero, block.length)
-                else:
-                    view = buf[: block.length]
-                    n = yield backend.readInto(block.start, view)
-                    if n != block.length:
-                        raise OSError(5, f"Short read at {block.start}")
-                    yield self.service.runInPool(hasher.update, view)
-                op.done = block.start + block.length
+                op.done = end
+
+            yield _blkhash.hashBackend(backend, size, hasher, buf, self.service.runInPool, progress)
             result = {
                 "algorithm": algorithm,
                 "block_size": blockSize,
