@@ -819,7 +819,7 @@ class ExtentsHandler:
 
     Reports real holes for files (SEEK_DATA/SEEK_HOLE), and accepts a
     window so multi-TiB images need not be described in one answer. Long
-    answers are streamed in slices (L{JSONListWriter}).
+    answers are gathered and written in slices (L{JSONListWriter}).
     """
 
     service: ImagesService
@@ -843,7 +843,7 @@ class ExtentsHandler:
             # answer); each part is merged and encoded on the pool and
             # written once the transport took the previous one, so a map of
             # millions of extents costs neither memory nor reactor time.
-            writer = JSONListWriter(request)
+            writer = JSONListWriter(request, self.service.budget)
             held: Extent | None = None
             position = start
             try:
@@ -859,6 +859,7 @@ class ExtentsHandler:
                 if held is not None:
                     items, _ = yield self.service.runInPool(_encodeExtents, held, [], True)
                     yield writer.write(items)
+                yield writer.finish()
             except Exception:
                 if isGone(request):
                     # The client left: nobody to answer.
@@ -873,8 +874,8 @@ class ExtentsHandler:
                         ticketID=shortID(ticket.uuid),
                     )
                 abortConnection(request)
-                return
-            writer.finish()
+            finally:
+                writer.release()
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
