@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imageio._certdates import validityPeriods
+from imageio._certdates import certificateDates
 from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
 
 if TYPE_CHECKING:
@@ -133,14 +133,15 @@ def _checkCertificates(path: str, pem: bytes, now: datetime) -> None:
     Refuse a certificate file holding no certificate or an expired one; warn
     about one that is not valid yet or expires soon.
 
-    Certificates valid for a while yet are checked with the standard
-    library (L{validityPeriods}); cryptography, which costs a daemon about
-    9 MiB, is loaded only to look closer or to word a message.
+    Certificates are read with the standard library (L{certificateDates}),
+    which also names their subjects in the warnings; cryptography, which
+    costs a daemon about 9 MiB, is loaded only for a file that reads
+    cannot, or to word the error that stops the daemon.
     """
-    periods = validityPeriods(pem)
-    if periods is not None and all(
-        notBefore <= now and notAfter - now >= EXPIRY_WARNING for notBefore, notAfter in periods
-    ):
+    found = certificateDates(pem)
+    if found is not None and all(cert.notAfter > now for cert in found):
+        for cert in found:
+            _warnDates(path, cert.subject or "(no common name)", cert.notBefore, cert.notAfter, now)
         return
     from cryptography import x509
 
@@ -155,21 +156,26 @@ def _checkCertificates(path: str, pem: bytes, now: datetime) -> None:
             raise TLSConfigError(
                 f"Certificate {subject} in {path} expired on {notAfter.isoformat()}"
             )
-        if cert.not_valid_before_utc > now:
-            log.warn(
-                "Certificate {subject} in {path} is not valid until {notBefore};"
-                " is the clock right?",
-                subject=subject,
-                path=path,
-                notBefore=cert.not_valid_before_utc.isoformat(),
-            )
-        if notAfter - now < EXPIRY_WARNING:
-            log.warn(
-                "Certificate {subject} in {path} expires on {notAfter}",
-                subject=subject,
-                path=path,
-                notAfter=notAfter.isoformat(),
-            )
+        _warnDates(path, subject, cert.not_valid_before_utc, notAfter, now)
+
+
+def _warnDates(
+    path: str, subject: str, notBefore: datetime, notAfter: datetime, now: datetime
+) -> None:
+    if notBefore > now:
+        log.warn(
+            "Certificate {subject} in {path} is not valid until {notBefore}; is the clock right?",
+            subject=subject,
+            path=path,
+            notBefore=notBefore.isoformat(),
+        )
+    if notAfter - now < EXPIRY_WARNING:
+        log.warn(
+            "Certificate {subject} in {path} expires on {notAfter}",
+            subject=subject,
+            path=path,
+            notAfter=notAfter.isoformat(),
+        )
 
 
 def makeServerContext(
