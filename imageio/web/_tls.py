@@ -139,9 +139,10 @@ def _checkCertificates(path: str, pem: bytes, now: datetime) -> None:
     cannot, or to word the error that stops the daemon.
     """
     found = certificateDates(pem)
-    if found is not None and all(cert.notAfter > now for cert in found):
-        for cert in found:
-            _warnDates(path, cert.subject or "(no common name)", cert.notBefore, cert.notAfter, now)
+    if found is not None and all(dates.notAfter > now for dates in found):
+        for dates in found:
+            subject = dates.subject or "(no common name)"
+            _warnDates(path, subject, dates.notBefore, dates.notAfter, now)
         return
     from cryptography import x509
 
