@@ -18,4 +18,4 @@ imported = importReactorCore()
 #: Whether importing this module imported C{twisted.web.server} without
 #: Perspective Broker and the template system
 #: (L{imageio._twisted_leanweb.importServer}).
-leanServer = importServer()
+leanweb = importServer()
