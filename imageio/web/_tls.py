@@ -276,6 +276,11 @@ def _describeError(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+#: What a connection's wrapped protocol is replaced with once it was told
+#: the connection was lost.
+_LOST = _Protocol()
+
+
 @implementer(
     ITCPTransport,
     ISSLTransport,
@@ -421,6 +426,11 @@ class TLSServerProtocol(_Protocol):
         # Nothing more will be sent: held buffers are free again. After the
         # protocol heard of the loss, so writers do not write again.
         self._dropPlain()
+        # The wrapped protocol keeps us as its transport: forget it, as
+        # Twisted's transports forget their protocol, so that the two (and
+        # the TLS state, some 350 KiB after a transfer) are freed now
+        # rather than by the cyclic garbage collector, much later.
+        self.wrappedProtocol = _LOST
 
     # IHalfCloseableProtocol, as seen from the TCP transport
 
@@ -642,7 +652,12 @@ class TLSServerProtocol(_Protocol):
             self._abort()
 
     def _send(self, data: bytes | memoryview) -> None:
-        if self._zeroCopy is None:
+        tcp = self._zeroCopy
+        if tcp is None or (
+            not self._plain and len(data) <= WRITE_SIZE and tcp.pendingBytes() < CIPHERTEXT_QUEUED
+        ):
+            # Encrypted at once: Twisted's transports, and small writes
+            # (response heads, small bodies) when nothing waits.
             self._encrypt(data)
             return
         view = data if isinstance(data, memoryview) else memoryview(data)
