@@ -71,8 +71,11 @@ READ_SIZE = 256 * 1024
 #: Measured on 2 GiB downloads, when a whole buffer was encrypted at once:
 #: 512 KiB cost 12% less CPU than 256 KiB (fewer sends) and than 4 MiB
 #: (ciphertext no longer in cache when sent). Encrypting as the socket
-#: drains (L{CIPHERTEXT_QUEUED}), 256 KiB keeps 1.5 MiB less at the peak of
-#: a download than 512 KiB (the BIO keeps a piece's size allocated).
+#: drains (L{CIPHERTEXT_QUEUED}), 256 KiB keeps 0.5-1 MiB less at the
+#: peak of a download than 512 KiB (the BIO keeps a piece's size
+#: allocated, glibc's heap grows with the larger pieces) for about 7% more
+#: CPU per GiB (A/B, 8 samples each), as much as encrypting a whole buffer
+#: at once did before.
 WRITE_SIZE = 256 * 1024
 
 #: Over our socket transports, plaintext is encrypted as the socket drains:
