@@ -73,7 +73,7 @@ READ_SIZE = 256 * 1024
 #: (ciphertext no longer in cache when sent). Encrypting as the socket
 #: drains (L{CIPHERTEXT_QUEUED}), 256 KiB keeps 0.5-1 MiB less at the
 #: peak of a download than 512 KiB (the BIO keeps a piece's size
-#: allocated, glibc's heap grows with the larger pieces) for about 7% more
+#: allocated, glibc's heap grows with the larger pieces) for 7-10% more
 #: CPU per GiB (A/B, 8 samples each), as much as encrypting a whole buffer
 #: at once did before.
 WRITE_SIZE = 256 * 1024
