@@ -8,6 +8,8 @@ per seam:
   - the HTTP channel/request/decoder seam: L{imageio.web._twisted_http};
   - the reactor core's import-time TLS seam:
     L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor}.
+  - C{twisted.web.server}'s import-time seam (no PB, no templates):
+    L{imageio._twisted_leanweb}, pinned by C{tests.test_leanreactor}.
 
 If one of these tests fails after a Twisted upgrade, Twisted changed
 something we depend on: read the seam's module before anything else.
