@@ -1651,6 +1651,34 @@ class SmallReadTests(StreamingTestCase):
         self.assertIn((b"content-disposition", b'attachment; filename="disk 1.raw"'), heads[1][1])
         self.assertIn((b"access-control-allow-origin", b"*"), heads[1][1])
 
+    def test_openBackendNoWait(self) -> None:
+        """
+        Once the connection's backend is open, a read does not wait for it
+        through C{backendFor}, unless the request is relayed (which
+        C{backendFor} checks for loops).
+        """
+        conn = self.warm()
+        from imageio.daemon.images import ImagesService
+
+        calls: list[object] = []
+        real = ImagesService.backendFor
+
+        def counting(*a: Any) -> Any:
+            calls.append(a)
+            return real(*a)
+
+        self.patch(ImagesService, "backendFor", counting)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(calls, [])
+        conn.send(
+            request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095", b"Imageio-Relayed": b"1"})
+        )
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(len(calls), 1)
+
     def test_canceled(self) -> None:
         """
         A small read canceled while its backend read is in flight is

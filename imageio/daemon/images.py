@@ -232,6 +232,20 @@ class ImagesService:
         except AuthorizationError as e:
             raise _forbidden(e, close) from None
 
+    def openedBackend(self, request: Request, ticket: Ticket) -> IBackend | None:
+        """
+        @return: The backend of this connection for C{ticket} if it is open
+            and the request may use it, else C{None}: then L{backendFor}
+            opens it, waits for it, or refuses the request.
+        """
+        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
+        if ctx is None or ctx.backend is None:
+            return None
+        if request.requestHeaders.hasHeader(RELAYED_HEADER):
+            # backendFor decides whether that would be a loop.
+            return None
+        return ctx.backend
+
     def backendFor(self, request: Request, ticket: Ticket) -> Deferred[IBackend]:
         """
         @return: The backend of this connection for C{ticket}, opening it on
@@ -435,8 +449,17 @@ class ImageHandler:
                     e.status, e.message, [(b"content-range", b"bytes */%d" % ticket.size)]
                 ) from None
         ticket = self.service.authorize(ticketID, READ)
-        d = self.service.backendFor(request, ticket)
-        d.addCallback(self._read, request, ticket, byteRange)
+        backend = self.service.openedBackend(request, ticket)
+        if backend is not None:
+            # The connection's backend is open (every request after its
+            # first): no Deferred to wait for it.
+            try:
+                d = self._read(backend, request, ticket, byteRange)
+            except Exception:
+                d = fail()
+        else:
+            d = self.service.backendFor(request, ticket)
+            d.addCallback(self._read, request, ticket, byteRange)
         d.addErrback(_failureToHTTP, request)
         return d
 
