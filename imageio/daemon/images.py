@@ -112,6 +112,19 @@ def _rangeError(error: RangeError) -> HTTPError:
     return HTTPError(error.status, error.message, headers)
 
 
+def _resolve(byteRange: Any, ticket: Ticket, imageSize: int) -> tuple[int, int]:
+    """
+    @return: Offset and length of C{byteRange} in an image of C{imageSize}
+        bytes served through C{ticket}.
+    @raise HTTPError: 416 (with what is satisfiable) for a range past the
+        end, as upstream answers; the small-read and producer paths share it.
+    """
+    try:
+        return resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
+    except RangeError as e:
+        raise _rangeError(e) from None
+
+
 def _logRead(ticket: Ticket, offset: int, length: int) -> None:
     # Debug lines on the hot path are skipped before they are built.
     if _log.enabled(LogLevel.debug):
@@ -574,10 +587,7 @@ class ImageHandler:
     def _shortRead(
         self, imageSize: int, ticket: Ticket, byteRange: Any, offset: int, n: int
     ) -> None:
-        try:
-            resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
-        except RangeError as e:
-            raise _rangeError(e) from None
+        _resolve(byteRange, ticket, imageSize)
         raise TruncatedImage(f"Expected {byteRange.last - offset + 1} bytes at {offset}, got {n}")
 
     @inlineCallbacks
@@ -592,10 +602,7 @@ class ImageHandler:
             offset, length = byteRange.first, byteRange.last - byteRange.first + 1
         else:
             imageSize = yield backend.size()
-            try:
-                offset, length = resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
-            except RangeError as e:
-                raise _rangeError(e) from None
+            offset, length = _resolve(byteRange, ticket, imageSize)
         request.setHeader(b"content-length", b"%d" % length)
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-disposition", contentDisposition(ticket.filename))
@@ -640,10 +647,7 @@ class ImageHandler:
                 if f.check(TruncatedImage) and imageSize is None:
                     # The range ends past the image: answer as upstream does.
                     imageSize = yield backend.size()
-                    try:
-                        resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
-                    except RangeError as e:
-                        raise _rangeError(e) from None
+                    _resolve(byteRange, ticket, imageSize)
                 f.raiseException()
             if f.check(OperationCanceled):
                 log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
