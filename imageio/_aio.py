@@ -244,9 +244,6 @@ class AIOEngine:
         self._queue: deque[_Request] = deque()
         self._nextId = 1
         self._retryCall: IDelayedCall | None = None
-        # Delivering completions (in _reap): a read submitted from a
-        # callback is not delivered inline.
-        self._delivering = False
         self._events = (IOEvent * maxEvents)()
         self._pointers = (ctypes.POINTER(IOCB) * maxEvents)()
         self._zero = Timespec(0, 0)
@@ -370,13 +367,6 @@ class AIOEngine:
             return d
         self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, nowait, d))
         self._submit()
-        if not nowait and not self._delivering and self._inFlight:
-            # Only files in memory (tmpfs) go without RWF_NOWAIT, and there
-            # the kernel completed the request inside io_submit: deliver it
-            # now instead of a reactor turn later for the eventfd. Not from
-            # a completion's callback, so that reads started there cannot
-            # recurse; those wait for the eventfd.
-            self.doRead()
         return d
 
     def _submit(self) -> None:
@@ -440,12 +430,8 @@ class AIOEngine:
                 continue
             # Copy out first: callbacks may submit, reap or stop.
             done = [(self._inFlight.pop(e.data), e.res) for e in self._events[:n]]
-            delivering, self._delivering = self._delivering, True
-            try:
-                for request, res in done:
-                    self._complete(request, res)
-            finally:
-                self._delivering = delivering
+            for request, res in done:
+                self._complete(request, res)
             del done
             if n < len(self._events) or self._sys is None:
                 # All reaped, or a callback stopped the engine.

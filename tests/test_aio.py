@@ -44,25 +44,6 @@ def directFile(case: SynchronousTestCase, data: bytes) -> int:
     return fd
 
 
-def tmpfsFile(case: SynchronousTestCase, data: bytes) -> int:
-    """
-    Write C{data} to a file on C{/dev/shm} and open it with C{O_DIRECT} for
-    reading; skips where there is no writable tmpfs taking C{O_DIRECT}.
-    """
-    if not os.access("/dev/shm", os.W_OK):
-        raise SkipTest("No writable /dev/shm")
-    fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="imageio-test-")
-    case.addCleanup(os.unlink, path)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError as e:
-        raise SkipTest(f"No O_DIRECT on tmpfs here: {e}") from None
-    case.addCleanup(os.close, fd)
-    return fd
-
-
 _Engine = TypeVar("_Engine", bound=AIOEngine)
 
 
@@ -170,8 +151,18 @@ class EngineTests(TestCase):
         On tmpfs the kernel refuses C{RWF_NOWAIT} (EOPNOTSUPP); a read
         without it (C{nowait=False}) completes, through the eventfd.
         """
+        if not os.access("/dev/shm", os.W_OK):
+            raise SkipTest("No writable /dev/shm")
         data = os.urandom(16 * KiB)
-        fd = tmpfsFile(self, data)
+        fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="imageio-test-")
+        self.addCleanup(os.unlink, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            raise SkipTest(f"No O_DIRECT on tmpfs here: {e}") from None
+        self.addCleanup(os.close, fd)
         self.assertTrue(_aio.isMemoryFileSystem(fd))
         engine = self.engine()
         buf = memoryview(_buffers.allocate(4096))
@@ -181,41 +172,6 @@ class EngineTests(TestCase):
         n = await engine.read(fd, buf, 4096, 4096, nowait=False)  # type: ignore[misc]
         self.assertEqual(n, 4096)
         self.assertEqual(bytes(buf), data[4096:8192])
-
-    def test_tmpfsDeliveredAtOnce(self) -> None:
-        """
-        On tmpfs the kernel completes a read inside C{io_submit}: its
-        Deferred has fired when C{read} returns, without a reactor turn. A
-        read started from a completion's callback is not delivered inside
-        it (no recursion): it waits for the eventfd.
-        """
-        fd = tmpfsFile(self, os.urandom(16 * KiB))
-        disk = directFile(self, os.urandom(8192))
-        engine = startedEngine(self, AIOEngine(MemoryReactorClock()))
-        first, second = (memoryview(_buffers.allocate(4096)) for _ in range(2))
-        d = engine.read(fd, first, 0, 4096, nowait=False)
-        assert d is not None
-        self.assertEqual(self.successResultOf(d), 4096)
-        self.assertEqual(engine.inFlight, 0)
-
-        results: list[object] = []
-
-        def readAgain(result: object) -> None:
-            results.append(result)
-            nested = engine.read(fd, second, 8192, 4096, nowait=False)
-            assert nested is not None
-            nested.addBoth(results.append)
-            results.append(engine.inFlight)
-
-        # A disk read completes through the eventfd, its callback reads
-        # from tmpfs.
-        onDisk = engine.read(disk, memoryview(_buffers.allocate(4096)), 0, 4096)
-        assert onDisk is not None
-        onDisk.addBoth(readAgain)
-        while len(results) < 3:
-            engine._reap(block=True)
-        self.assertEqual(results[1:], [1, 4096])
-        self.assertEqual(engine.inFlight, 0)
 
     def test_notMemoryFileSystem(self) -> None:
         """
