@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from attrs import define, field
@@ -495,10 +496,10 @@ class ProbeTests(SynchronousTestCase):
             os.close(w)
 
 
-class SpliceIntegrationTests(_ServiceTestCase):
+class _SpliceServiceCase(_ServiceTestCase):
     """
-    Downloads over the local UNIX socket from real files, through the real
-    file backend, disk-io pool and transport.
+    The service with a read ticket for a real file; counts which producer
+    each download used.
     """
 
     timeout = 120
@@ -574,6 +575,13 @@ class SpliceIntegrationTests(_ServiceTestCase):
             except OSError:
                 pass
         self.fail(f"Timed out waiting for {what}: {fds}")
+
+
+class SpliceIntegrationTests(_SpliceServiceCase):
+    """
+    Downloads over the local UNIX socket from real files, through the real
+    file backend, disk-io pool and transport.
+    """
 
     @inlineCallbacks
     def test_wholeImage(self) -> Any:
@@ -702,3 +710,37 @@ class SpliceIntegrationTests(_ServiceTestCase):
         self.assertEqual(len(positions), 1)
         self.assertLessEqual(producer._position - producer._delivered, producer._capacity)
         self.assertLess(producer._position, SIZE // 2)
+
+
+class SpliceDisabledTests(_SpliceServiceCase):
+    """
+    C{[daemon] splice = false}: every download takes the usual path.
+    """
+
+    def setUp(self) -> None:
+        from imageio import config as _config
+
+        # The configuration is built by the base class: load the option the
+        # way an operator sets it, then apply it before the service starts.
+        path = Path(self.mktemp())
+        path.write_text("[daemon]\nsplice = false\n")
+        loaded = _config.load([path])
+        self.assertFalse(loaded.daemon.splice)
+        original = _config.Config
+
+        def withoutSplice() -> Any:
+            c = original()
+            c.daemon.splice = loaded.daemon.splice
+            return c
+
+        self.patch(_config, "Config", withoutSplice)
+        super().setUp()
+
+    @inlineCallbacks
+    def test_wholeImage(self) -> Any:
+        """
+        The whole image, through the usual producer.
+        """
+        status, body = yield self.get()
+        self.assertEqual((status, body == self.data), (200, True))
+        self.assertEqual((len(self.started), len(self.fallback)), (0, 1))
