@@ -151,6 +151,9 @@ class SocketTransport:
     def abortConnection(self) -> None:
         self.aborted = True
 
+    def getHandle(self) -> socket.socket:
+        return self.sock
+
 
 @define
 class FakeChannel:
@@ -281,6 +284,18 @@ class SpliceProducerTests(SynchronousTestCase):
         self.assertEqual(self.backend.filled, len(self.image) // 512 * 512)
         self.assertIsNone(self.transport.writer)
         self.assertEqual(fdCount(), self.fds)
+
+    def test_sendBuffer(self) -> None:
+        """
+        The socket's send buffer is raised towards a pipe's worth, so one
+        wake-up moves more than the default 200 KiB (as far as the kernel
+        lets this process).
+        """
+        sock = self.transport.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
+        before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.producer().start()
+        self.assertGreater(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), before)
 
     def test_unalignedEdges(self) -> None:
         """
