@@ -221,6 +221,8 @@ class SpliceProducerTests(SynchronousTestCase):
         self.op = Operation("read", 0)
         self.fds = fdCount()
         self.patch(_splice, "_usable", True)
+        # Small socket buffers, so that the socket fills in these tests.
+        self.patch(_splice, "SEND_BUFFER", 0)
 
     def producer(
         self, offset: int = 0, length: int | None = None, idleTimeout: float | None = None
@@ -291,6 +293,7 @@ class SpliceProducerTests(SynchronousTestCase):
         wake-up moves more than the default 200 KiB (as far as the kernel
         lets this process).
         """
+        self.patch(_splice, "SEND_BUFFER", _splice.PIPE_SIZE)
         sock = self.transport.sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * KiB)
         before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
