@@ -608,12 +608,15 @@ class SpliceIntegrationTests(_SpliceServiceCase):
         transferred, and no pipe stays open.
         """
         fds = yield self.openFds()
+        sent = self.service.metrics.bytesSent["local"]
         status, body = yield self.get()
         self.assertEqual((status, len(body)), (200, SIZE))
         self.assertEqual(body, self.data)
         self.assertEqual((len(self.started), len(self.fallback)), (1, 0))
         info = self.service.registry.get("t1").info(0)
         self.assertEqual((info["transferred"], info["active"]), (SIZE, False))
+        # The access log and the metrics count the spliced bytes.
+        self.assertEqual(self.service.metrics.bytesSent["local"] - sent, SIZE)
         yield self.waitFor(lambda: fdCount() <= fds, "the pipe to close")
 
     @inlineCallbacks
