@@ -547,13 +547,15 @@ class _SpliceServiceCase(_ServiceTestCase):
         self.patch(DownloadProducer, "start", countDownload)
         self.addTicket(self.source, ("read",))
 
-    def get(self, headers: dict[str, str] | None = None) -> Deferred[tuple[int, bytes]]:
+    def get(
+        self, headers: dict[str, str] | None = None, ticket: str = "t1"
+    ) -> Deferred[tuple[int, bytes]]:
         path = self.local
 
         def client() -> tuple[int, bytes]:
             conn = _UnixHTTPConnection(path)
             try:
-                conn.request("GET", "/images/t1", headers=headers or {})
+                conn.request("GET", f"/images/{ticket}", headers=headers or {})
                 r = conn.getresponse()
                 return r.status, r.read()
             finally:
@@ -636,9 +638,41 @@ class SpliceIntegrationTests(_SpliceServiceCase):
             status, body = yield self.get({"Range": f"bytes={first}-{last}"})
             self.assertEqual(status, 206)
             self.assertEqual(body, self.data[first : last + 1], (first, last))
-        # Closed ranges under one read (4 MiB) skip asking the image size,
-        # which a spliced download needs first.
-        self.assertEqual(len(self.started), 3)
+        self.assertEqual(len(self.started), 4)
+
+    @inlineCallbacks
+    def test_upstreamClientRange(self) -> Any:
+        """
+        Upstream's client asks 4 MiB at a time: spliced too.
+        """
+        status, body = yield self.get({"Range": f"bytes={MiB}-{5 * MiB - 1}"})
+        self.assertEqual((status, body == self.data[MiB : 5 * MiB]), (206, True))
+        self.assertEqual((len(self.started), len(self.fallback)), (1, 0))
+
+    @inlineCallbacks
+    def test_rangePastImage(self) -> Any:
+        """
+        A ticket larger than its image: ranges past the image's end get
+        the answers the buffer producer gives (a 416 before any byte).
+        """
+        self.addTicket(self.source, ("read",), uuid="t2", size=SIZE + 8 * MiB)
+        ranges = [
+            (SIZE - 3 * MiB, SIZE - 1),
+            (SIZE - MiB, SIZE + 3 * MiB - 1),
+            (SIZE + MiB, SIZE + 5 * MiB - 1),
+            (SIZE - 2 * MiB, SIZE + 6 * MiB),
+        ]
+        spliced = []
+        for first, last in ranges:
+            spliced.append((yield self.get({"Range": f"bytes={first}-{last}"}, "t2")))
+        # Only the range the image has was spliced.
+        self.assertEqual(len(self.started), 1)
+        self.patch(SpliceProducer, "applies", staticmethod(lambda *args: False))
+        usual = []
+        for first, last in ranges:
+            usual.append((yield self.get({"Range": f"bytes={first}-{last}"}, "t2")))
+        self.assertEqual([status for status, _ in spliced], [206, 416, 416, 416])
+        self.assertEqual(spliced, usual)
 
     @inlineCallbacks
     def test_httpsNotSpliced(self) -> Any:

@@ -559,6 +559,17 @@ class ImageHandler:
             # tells whether the image has the bytes, which saves a size()
             # round trip to the disk-io pool on every request.
             offset, length = byteRange.first, byteRange.last - byteRange.first + 1
+            if self.service.splice and SpliceProducer.applies(request, backend, length):
+                # A spliced range is read in pipe-sized steps, and a short
+                # image must still be a 416 before the head: ask first
+                # (upstream's client asks 4 MiB at a time).
+                imageSize = yield backend.size()
+                try:
+                    offset, length = resolveRange(
+                        byteRange, ticket.size, min(ticket.size, imageSize)
+                    )
+                except RangeError as e:
+                    raise _rangeError(e) from None
         else:
             imageSize = yield backend.size()
             try:
