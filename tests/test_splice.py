@@ -449,6 +449,25 @@ class SpliceProducerTests(SynchronousTestCase):
         self.assertEqual(fdCount(), self.fds)
         self.assertFalse(_splice.spliceUsable())
 
+    def test_smallPipe(self) -> None:
+        """
+        A pipe much smaller than asked (the kernel refused the size): the
+        usual path, with nothing written and no pipe left.
+        """
+
+        def defaultPipe(size: int) -> tuple[int, int]:
+            return os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+        self.patch(_splice, "openPipe", defaultPipe)
+        producer = self.producer()
+        producer.size = _splice.PIPE_SIZE
+        done = producer.start()
+        self.failureResultOf(done, SpliceRefused)
+        self.assertFalse(self.request.startedWriting)
+        self.assertEqual(self.backend.calls, 0)
+        self.assertEqual(fdCount(), self.fds)
+        self.assertTrue(_splice.spliceUsable())
+
     def test_truncated(self) -> None:
         """
         The image ends before the range: before the head, done fails with

@@ -43,6 +43,11 @@ log = Logger()
 #: the per-user pipe page limits).
 PIPE_SIZE = 1024 * 1024
 
+#: A smaller pipe than this (the kernel refused the size asked, as for an
+#: unprivileged user past C{fs.pipe-user-pages-soft}) costs more pool
+#: round trips per GiB than the buffer path: that transfer takes it.
+MIN_PIPE = 256 * 1024
+
 #: Send buffer asked for a socket a download is spliced into (the kernel
 #: doubles it, and caps it at C{net.core.wmem_max} unless the daemon may
 #: exceed it). The default (about 200 KiB) takes a fifth of a pipe per
@@ -219,6 +224,10 @@ class SpliceProducer:
         except OSError as e:
             self._closePipe()
             self.done.errback(SpliceRefused(f"No pipe: {e}"))
+            return self.done
+        if self._capacity < min(self.size, MIN_PIPE):
+            self._closePipe()
+            self.done.errback(SpliceRefused(f"Pipe of {self._capacity} bytes only"))
             return self.done
         _raiseSendBuffer(self._transport, SEND_BUFFER)
         self.request.registerProducer(self, True)
