@@ -405,6 +405,7 @@ class ImageioService(MultiService):
             bufferSize=config.backend_file.buffer_size,
             unixSocket=unixSocket,
             budget=self.budget,
+            splice=config.daemon.splice,
         )
         timeout = config.daemon.request_timeout
         if config.remote.enable:

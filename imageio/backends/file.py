@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from imageio import _aio
 from imageio._buffers import allocate
-from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from imageio.interfaces import Extent, IBackend, ISpliceSource, UnsupportedOperation
 
 if TYPE_CHECKING:
     from imageio._aio import AIOEngine
@@ -83,6 +83,9 @@ BOUNCE_SIZE = 1024**2
 
 #: Size of the shared buffer of zeroes written when fallocate cannot zero.
 ZERO_BUFFER_SIZE = 1024**2
+
+# splice(2) into a pipe without waiting for room in it.
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -476,7 +479,7 @@ def _appendExtent(extents: list[Extent], start: int, stop: int, zero: bool) -> N
     extents.append(Extent(start, stop - start, zero=zero, hole=False))
 
 
-@implementer(IBackend)
+@implementer(IBackend, ISpliceSource)
 @define
 class FileBackend:
     """
@@ -537,6 +540,19 @@ class FileBackend:
         if self._aio is None:
             return "threads"
         return "aio" if self._aioSyncMax is None else "aio-small-reads"
+
+    @property
+    def spliceAlignment(self) -> int | None:
+        # Direct reads only: buffered ones would put page-cache pages in the
+        # pipe, which a later write could change before they are sent.
+        return self.blockSize if self.direct else None
+
+    def spliceInto(self, offset: int, length: int, pipe: int) -> Deferred[int]:
+        if not self.direct:
+            return fail(UnsupportedOperation(f"Backend {self.name} is not direct: {self.path}"))
+        if offset < 0 or length <= 0:
+            return fail(ValueError(f"Invalid range: offset={offset} length={length}"))
+        return self._run(self._spliceInto, offset, length, pipe)
 
     # IBackend
 
@@ -822,6 +838,27 @@ class FileBackend:
         return UnsupportedOperation(f"Backend {self.name} was opened read-only: {self.path}")
 
     # Pool-side work
+
+    def _spliceInto(self, offset: int, length: int, pipe: int) -> int:
+        done = 0
+        while done < length:
+            try:
+                n = os.splice(
+                    self._fd, pipe, length - done, offset_src=offset + done, flags=_SPLICE_FLAGS
+                )
+            except BlockingIOError:
+                # The pipe is full.
+                break
+            if n == 0:
+                raise EOFError(f"Image {self.path} ends at {offset + done}")
+            done += n
+            if (offset + done) % self.blockSize:
+                # A direct read stopping inside a block stopped at the end
+                # of the image; the bytes before it are in the pipe.
+                if done < length:
+                    raise EOFError(f"Image {self.path} ends at {offset + done}")
+                break
+        return done
 
     def _readInto(self, offset: int, buf: memoryview) -> int:
         view = _byteView(buf)

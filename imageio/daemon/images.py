@@ -65,6 +65,8 @@ from imageio.web import (
     ReaderStalled,
     Router,
     ShortBody,
+    SpliceProducer,
+    SpliceRefused,
     TruncatedImage,
     UploadSink,
     abortConnection,
@@ -229,6 +231,9 @@ class ImagesService:
     unixSocket: str | None = None
     #: The memory all transfer buffers and checksum blocks share.
     budget: _buffers.BufferBudget = field(factory=_buffers.BufferBudget)
+    #: Send large downloads from direct files over plain sockets with
+    #: C{splice(2)} (L{imageio.web.SpliceProducer}).
+    splice: bool = True
 
     @property
     def chunkSize(self) -> int:
@@ -600,6 +605,12 @@ class ImageHandler:
             # tells whether the image has the bytes, which saves a size()
             # round trip to the disk-io pool on every request.
             offset, length = byteRange.first, byteRange.last - byteRange.first + 1
+            if self.service.splice and SpliceProducer.applies(request, backend, length):
+                # A spliced range is read in pipe-sized steps, and a short
+                # image must still be a 416 before the head: ask first
+                # (upstream's client asks 4 MiB at a time).
+                imageSize = yield backend.size()
+                offset, length = _resolve(byteRange, ticket, imageSize)
         else:
             imageSize = yield backend.size()
             offset, length = _resolve(byteRange, ticket, imageSize)
@@ -617,54 +628,93 @@ class ImageHandler:
         op = Operation("read", offset)
         self.service.startOperation(ticket, op)
         _logRead(ticket, offset, length)
-        producer = DownloadProducer(
-            request,
-            backend,
-            offset,
-            length,
-            op,
-            self.service.clock,
-            bufferSize=self.service.chunkSize,
-            idleTimeout=ticket.inactivityTimeout,
-            pool=self.service.buffersFor(request, ticket),
-            budget=self.service.budget,
-        )
-        op.onCancel = lambda: producer.cancel(
-            OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-        )
         try:
+            if (
+                self.service.splice
+                and imageSize is not None
+                and SpliceProducer.applies(request, backend, length)
+            ):
+                # A plain socket and a direct file: file -> pipe -> socket
+                # in the kernel. The size is known, so a short image is a
+                # 416 before the head, as below, whichever read finds it.
+                spliced = SpliceProducer(
+                    request,
+                    backend,
+                    offset,
+                    length,
+                    op,
+                    self.service.clock,
+                    idleTimeout=ticket.inactivityTimeout,
+                )
+                op.onCancel = lambda: spliced.cancel(
+                    OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+                )
+                try:
+                    yield spliced.start()
+                    return
+                except SpliceRefused:
+                    # Nothing was written: the usual path below.
+                    op.onCancel = None
+            producer = DownloadProducer(
+                request,
+                backend,
+                offset,
+                length,
+                op,
+                self.service.clock,
+                bufferSize=self.service.chunkSize,
+                idleTimeout=ticket.inactivityTimeout,
+                pool=self.service.buffersFor(request, ticket),
+                budget=self.service.budget,
+            )
+            op.onCancel = lambda: producer.cancel(
+                OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+            )
             yield producer.start()
         except Exception:
-            f = Failure()
-            if isGone(request):
-                return
-            if not request.startedWriting:
-                # Failed before the first byte: the headers are not out yet,
-                # so the client gets a proper error instead of a cut.
-                for name in _GET_HEADERS:
-                    request.responseHeaders.removeHeader(name)
-                request.setResponseCode(200)
-                if f.check(TruncatedImage) and imageSize is None:
-                    # The range ends past the image: answer as upstream does.
-                    imageSize = yield backend.size()
-                    _resolve(byteRange, ticket, imageSize)
-                f.raiseException()
-            if f.check(OperationCanceled):
-                log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
-            elif f.check(ReaderStalled):
-                # A client that stopped reading is cut as planned: not an error.
-                log.info(
-                    "Download for ticket {ticketID} cut: {reason}",
-                    ticketID=shortID(ticket.uuid),
-                    reason=f.getErrorMessage(),
-                )
-            elif not f.check(ConnectionError):
-                log.failure(
-                    "Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid)
-                )
-            abortConnection(request)
+            yield self._readFailed(Failure(), request, ticket, byteRange, imageSize, backend)
         finally:
             self.service.finishOperation(ticket, op)
+
+    @inlineCallbacks
+    def _readFailed(
+        self,
+        f: Failure,
+        request: Request,
+        ticket: Ticket,
+        byteRange: Any,
+        imageSize: int | None,
+        backend: IBackend,
+    ) -> Any:
+        """
+        A download producer failed with C{f}: answer an error if the head
+        is not out yet, else log why and cut the connection.
+        """
+        if isGone(request):
+            return
+        if not request.startedWriting:
+            # Failed before the first byte: the headers are not out yet,
+            # so the client gets a proper error instead of a cut.
+            for name in _GET_HEADERS:
+                request.responseHeaders.removeHeader(name)
+            request.setResponseCode(200)
+            if f.check(TruncatedImage) and imageSize is None:
+                # The range ends past the image: answer as upstream does.
+                imageSize = yield backend.size()
+                _resolve(byteRange, ticket, imageSize)
+            f.raiseException()
+        if f.check(OperationCanceled):
+            log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
+        elif f.check(ReaderStalled):
+            # A client that stopped reading is cut as planned: not an error.
+            log.info(
+                "Download for ticket {ticketID} cut: {reason}",
+                ticketID=shortID(ticket.uuid),
+                reason=f.getErrorMessage(),
+            )
+        elif not f.check(ConnectionError):
+            log.failure("Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid))
+        abortConnection(request)
 
     def _oneRead(self, request: Request, ticket: Ticket, byteRange: Any) -> bool:
         """

@@ -39,6 +39,7 @@ from imageio.web._response import (
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
 from imageio.web._sinks import CollectSink
 from imageio.web._site import ImageioSite
+from imageio.web._splice import SpliceProducer, SpliceRefused
 from imageio.web._tls import (  # imageio.client._tls
     TLSConfigError,
     TLSServerEndpoint,
@@ -81,6 +82,8 @@ __all__ = [
     "redactPath",
     # Bodies
     "DownloadProducer",
+    "SpliceProducer",
+    "SpliceRefused",
     "ReaderStalled",
     "TruncatedImage",
     "ShortBody",

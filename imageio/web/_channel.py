@@ -243,6 +243,13 @@ class ImageioChannel(HTTPChannelSeam):
         head.append(b"\r\n")
         self._head = b"".join(head)
 
+    def flushHead(self) -> None:
+        """
+        Write a held response head to the transport now: a writer sending
+        the body past the transport (C{splice(2)}) needs it sent first.
+        """
+        self._flushHead()
+
     def _flushHead(self) -> None:
         head, self._head = self._head, None
         if head is not None and self.transport is not None:
