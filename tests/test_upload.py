@@ -553,10 +553,31 @@ class AllocateTests(SynchronousTestCase):
 
     def test_hugePagesForLargeBuffers(self) -> None:
         """
-        Buffers of L{_buffers.HUGE_PAGE} bytes and more ask for transparent
-        huge pages.
+        Buffers to be filled whole (C{huge}) of L{_buffers.HUGE_PAGE} bytes
+        and more ask for transparent huge pages; others do not.
         """
         if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
             raise SkipTest("This kernel has no transparent huge pages")
-        buf = _buffers.allocate(_buffers.HUGE_PAGE)
+        self.assertNotIn("hg", _mappingOf(_buffers.allocate(_buffers.HUGE_PAGE))[1])
+        buf = _buffers.allocate(_buffers.HUGE_PAGE, huge=True)
         self.assertIn("hg", _mappingOf(buf)[1])
+        self.assertNotIn("hg", _mappingOf(_buffers.allocate(64 * 1024, huge=True))[1])
+
+    def test_uploadBuffersHuge(self) -> None:
+        """
+        L{UploadSink} fills its buffers whole, so it asks for huge pages.
+        """
+        if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+            raise SkipTest("This kernel has no transparent huge pages")
+        sink = UploadSink(
+            Deferred(),
+            0,
+            8 * _buffers.HUGE_PAGE,
+            StringTransport(),
+            Operation("write", 0),
+            bufferSize=2 * _buffers.HUGE_PAGE,
+        )
+        view = sink.bodyBuffer()
+        assert view is not None
+        self.assertEqual(len(view), 2 * _buffers.HUGE_PAGE)
+        self.assertIn("hg", _mappingOf(view)[1])
