@@ -21,7 +21,7 @@ log = Logger()
 ALIGNMENT = mmap.PAGESIZE
 
 
-#: Buffers of at least this size may ask for transparent huge pages.
+#: Upload buffers of at least this size ask for transparent huge pages.
 HUGE_PAGE = 2 * 1024 * 1024
 
 
@@ -31,24 +31,25 @@ def allocate(size: int, huge: bool = False) -> mmap.mmap:
     to a whole page).
 
     Anonymous mmap gives page alignment for free and returns the memory to
-    the system when the buffer is closed or collected. The mapping is
-    private, not shared (Python's default for anonymous maps, which puts
-    the pages in shmem, where a first touch costs more: 1.8-2.6 ms instead
-    of 3.2-4.2 ms per fresh 4 MiB in a VM). C{MADV_DONTFORK} keeps the
-    buffers out of forked children (helper processes), so a fork never
-    makes them copy-on-write under an O_DIRECT transfer.
+    the system when the buffer is closed or collected.
 
     @param huge: The buffer will be filled whole (an upload buffer, sized
-        to the body): if it has at least L{HUGE_PAGE} bytes, ask for
-        transparent huge pages (C{MADV_HUGEPAGE}), so a fresh 4 MiB buffer
-        takes two page faults instead of 1024 (0.2-0.3 ms). Not for
-        buffers that may be touched only in part (a small read into a
-        download buffer would then hold a 2 MiB page).
+        to the body). It is then private memory rather than Python's
+        default shared anonymous memory (shmem), where a first touch costs
+        more (3.2-4.2 ms instead of 1.8-2.6 ms per fresh 4 MiB in a VM),
+        asks for transparent huge pages (C{MADV_HUGEPAGE}) from
+        L{HUGE_PAGE} bytes on, so a fresh 4 MiB buffer takes two page
+        faults instead of 1024 (0.2-0.3 ms), and is kept out of forked
+        children (C{MADV_DONTFORK}: no copy-on-write under an O_DIRECT
+        transfer). Not for buffers that may be touched only in part: a
+        small read into a huge download buffer would hold a 2 MiB page.
     """
     size = max(ALIGNMENT, (size + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
+    if not huge:
+        return mmap.mmap(-1, size)
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     _advise(buf, getattr(mmap, "MADV_DONTFORK", None))
-    if huge and size >= HUGE_PAGE:
+    if size >= HUGE_PAGE:
         _advise(buf, getattr(mmap, "MADV_HUGEPAGE", None))
     return buf
 

@@ -538,11 +538,11 @@ class AllocateTests(SynchronousTestCase):
 
     def test_privateNotForked(self) -> None:
         """
-        Buffers are private anonymous memory (not shmem, where every first
-        touch is a shmem page fault) and are not copied into forked
-        children.
+        Buffers to be filled whole are private anonymous memory (not shmem,
+        where every first touch is a shmem page fault) and are not copied
+        into forked children; others stay shared anonymous memory.
         """
-        buf = _buffers.allocate(64 * 1024)
+        buf = _buffers.allocate(64 * 1024, huge=True)
         perms, flags = _mappingOf(buf)
         self.assertEqual(perms[3], "p")
         self.assertNotIn("sh", flags)
@@ -550,6 +550,7 @@ class AllocateTests(SynchronousTestCase):
         self.assertNotIn("hg", flags)
         self.assertEqual(ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _buffers.ALIGNMENT, 0)
         self.assertEqual(bytes(buf[:16]), bytes(16))
+        self.assertEqual(_mappingOf(_buffers.allocate(64 * 1024))[0][3], "s")
 
     def test_hugePagesForLargeBuffers(self) -> None:
         """
