@@ -459,13 +459,14 @@ class ImageioService(MultiService):
     def _tlsEndpoint(
         self, endpoint: IStreamServerEndpoint, certFile: str = "", keyFile: str = ""
     ) -> IStreamServerEndpoint:
-        from imageio import _pki
         from imageio.web import TLSConfigError, TLSServerEndpoint, makeServerContext
 
         tls = self.config.tls
         certFile = certFile or tls.cert_file
         keyFile = keyFile or tls.key_file
         if not certFile:
+            from imageio import _pki
+
             certFile, keyFile = _pki.ensureSelfSigned(str(self.stateDir / "pki"))
             log.warn(
                 "No [tls] key_file/cert_file configured: using the self-signed "

@@ -1697,6 +1697,57 @@ class SmallReadTests(StreamingTestCase):
         # Counted as transferred, as the producer's reads are.
         self.assertEqual(self.registry.lookup("t1").transferred(), 4096 + 4096)  # type: ignore[union-attr]
 
+    def test_sameHead(self) -> None:
+        """
+        The small read's status line and headers are those the producer
+        sent for the same range, in the same order, with a quoted file name
+        in C{Content-Disposition} and CORS headers.
+        """
+        self.ticket(filename="disk 1.raw")
+        conn = self.h.connect()
+        heads = []
+        for _ in range(2):
+            conn.send(
+                request(
+                    b"GET", b"/images/t1", {b"Range": b"bytes=4096-8191", b"Origin": b"https://x"}
+                )
+            )
+            self.backend.completeRead()
+            response = conn.response()
+            heads.append((response.status, [h for h in response.headers if h[0] != b"date"]))
+        self.assertEqual(self.producers, 1)
+        self.assertEqual(heads[1], heads[0])
+        self.assertIn((b"content-disposition", b'attachment; filename="disk 1.raw"'), heads[1][1])
+        self.assertIn((b"access-control-allow-origin", b"*"), heads[1][1])
+
+    def test_openBackendNoWait(self) -> None:
+        """
+        Once the connection's backend is open, a read does not wait for it
+        through C{backendFor}, unless the request is relayed (which
+        C{backendFor} checks for loops).
+        """
+        conn = self.warm()
+        from imageio.daemon.images import ImagesService
+
+        calls: list[object] = []
+        real = ImagesService.backendFor
+
+        def counting(*a: Any) -> Any:
+            calls.append(a)
+            return real(*a)
+
+        self.patch(ImagesService, "backendFor", counting)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(calls, [])
+        conn.send(
+            request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095", b"Imageio-Relayed": b"1"})
+        )
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(len(calls), 1)
+
     def test_canceled(self) -> None:
         """
         A small read canceled while its backend read is in flight is

@@ -7,7 +7,9 @@ when the file system refuses it, the backend falls back to buffered I/O.
 Every system call on the image runs on the disk-io pool, except aligned
 direct reads and writes, which go through the AIO engine (L{imageio._aio})
 when the daemon has one and fall back to the pool where the kernel would
-block. Unaligned requests go through a per-backend bounce buffer
+block. On tmpfs, where AIO completes inside C{io_submit} (a memory copy on
+the reactor thread), only reads up to L{SYNC_AIO_MAX_READ} go through the
+engine. Unaligned requests go through a per-backend bounce buffer
 (read-modify-write of whole blocks for writes), so callers need not know
 the block size. Writes and zeroes that touch the same blocks of an image,
 from any connection, take turns (L{_ImageWrites}), so that a
@@ -66,6 +68,15 @@ MAX_EXTENTS = 10_000
 #: AIO requests in a row the kernel may refuse with EAGAIN (it would have
 #: waited) before a backend stops trying AIO and uses the pool only.
 AIO_MAX_REFUSALS = 64
+
+#: Largest read given to the AIO engine on a file system where AIO completes
+#: inside C{io_submit} (tmpfs: direct I/O there is a memory copy, made on
+#: the calling thread, the reactor's). 64 KiB is the most one reactor socket
+#: send moves anyway: its copy costs 5-10 us on this kind of machine against
+#: 60-100 us CPU and a cross-CPU wake-up for the disk-io pool's round trip. A
+#: 4 MiB read would hold the reactor for 0.5-5 ms, so larger reads, and all
+#: writes (which may allocate pages), stay on the pool there.
+SYNC_AIO_MAX_READ = 64 * 1024
 
 #: Size of the bounce buffer for unaligned or misaligned-memory I/O.
 BOUNCE_SIZE = 1024**2
@@ -327,10 +338,12 @@ def openBackend(
             direct=o.direct,
             isBlock=o.isBlock,
             writes=o.writes,
+            aio=ctx.aio if o.direct else None,
             # On tmpfs a direct read or write is a memory copy done inside
             # io_submit, on the reactor thread, for as long as the copy
-            # takes: page-cached data moved on the reactor. The pool does it.
-            aio=ctx.aio if o.direct and not o.memoryFS else None,
+            # takes: only small reads go there, larger ones and writes to
+            # the pool.
+            aioSyncMax=SYNC_AIO_MAX_READ if o.memoryFS else None,
         )
         if not o.isBlock:
             o.writes.size = max(o.writes.size, o.size)
@@ -480,7 +493,8 @@ class FileBackend:
         lengths and memory of direct I/O must be aligned to C{blockSize}.
     @ivar isBlock: The image is a block device.
     @ivar engine: C{"aio"} while aligned direct I/O goes through the AIO
-        engine, else C{"threads"}.
+        engine, C{"aio-small-reads"} where only reads up to
+        L{SYNC_AIO_MAX_READ} do (tmpfs), else C{"threads"}.
     """
 
     name: str
@@ -498,6 +512,10 @@ class FileBackend:
     _writes: _ImageWrites
     # Aligned direct reads and writes go here first, if set.
     _aio: AIOEngine | None = None
+    # Where AIO completes inside io_submit, on the reactor (tmpfs): only
+    # reads up to this many bytes go to the engine, without RWF_NOWAIT
+    # (refused there), and no writes. None: AIO is asynchronous here.
+    _aioSyncMax: int | None = None
     # AIO requests refused with EAGAIN since the last one that went through.
     _aioRefusals: int = field(default=0, init=False)
     # Pool calls that have not returned yet; the fd outlives them.
@@ -516,7 +534,9 @@ class FileBackend:
 
     @property
     def engine(self) -> str:
-        return "aio" if self._aio is not None else "threads"
+        if self._aio is None:
+            return "threads"
+        return "aio" if self._aioSyncMax is None else "aio-small-reads"
 
     # IBackend
 
@@ -528,7 +548,14 @@ class FileBackend:
             return fail(ValueError(f"Negative offset: {offset}"))
         aio = self._aio
         if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
-            d = aio.read(self._fd, _byteView(buf), offset, self.blockSize)
+            limit = self._aioSyncMax
+            if limit is None:
+                d = aio.read(self._fd, _byteView(buf), offset, self.blockSize)
+            elif buf.nbytes <= limit:
+                # Completes inside io_submit: a bounded copy, no thread hop.
+                d = aio.read(self._fd, _byteView(buf), offset, self.blockSize, False)
+            else:
+                d = None
             if d is not None:
                 return self._runAIO(d, self._readInto, offset, buf)
         return self._run(self._readInto, offset, buf)
@@ -547,7 +574,7 @@ class FileBackend:
         claim = self._claim(offset, end, trims=self.direct and end % bs != 0)
 
         def start(finished: _Finished) -> Deferred[int]:
-            aio = self._aio
+            aio = self._aio if self._aioSyncMax is None else None
             if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
                 d = aio.write(self._fd, _byteView(data), offset, bs)
                 if d is not None:

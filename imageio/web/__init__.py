@@ -47,6 +47,7 @@ from imageio.web._tls import (  # imageio.client._tls
     makeServerContext,
 )
 from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
+from imageio.web._twisted_http import setSafeHeaders
 from imageio.web._upload import ShortBody, UploadSink
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "sendError",
     "sendHTTPError",
     "sendJSON",
+    "setSafeHeaders",
     "loadJSON",
     "JSONListWriter",
     # Routing

@@ -337,7 +337,9 @@ class ImageioChannel(HTTPChannelSeam):
             error = request.takeEarlyError()
             if error is not None:
                 request.respondEarly(error)
-            else:
+            elif self.length != 0:
+                # A body follows (Content-Length, or chunked: None); a GET
+                # has none, and neither a direct read nor a watch.
                 self._startDirectReads(request)
                 self._startBodyWatch()
 
