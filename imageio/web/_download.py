@@ -14,6 +14,8 @@ size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ISSLTransport
@@ -49,9 +51,147 @@ class ReaderStalled(Exception):
     """
 
 
+class ResponseProducer:
+    """
+    What L{DownloadProducer} and L{imageio.web._splice.SpliceProducer}
+    share: the life of a producer streaming a response body under the
+    transport's control (pausing, the inactivity timer, canceling, cutting
+    the response, finishing it, and L{done}).
+
+    A mixin without state: the subclass (an attrs class) declares the
+    attributes below, and implements L{_pump} and, when it holds anything,
+    L{_ending} and L{_ended}.
+
+    @ivar done: Fires when the response is complete; fails when it was cut.
+    @ivar idleTimeout: Abort when the client reads nothing for this long.
+    """
+
+    if not TYPE_CHECKING:
+        # The slotted subclass holds the state: no instance dict (hidden
+        # from mypy, which takes the declarations below for slots missing).
+        __slots__ = ()
+
+    request: Request
+    op: Operation
+    clock: IReactorTime
+    idleTimeout: float | None
+    done: Deferred[None]
+    _paused: bool
+    _stopped: bool
+    _stall: IDelayedCall | None
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        if self._paused or self._stopped:
+            return
+        self._paused = True
+        if self.idleTimeout and self._stall is None:
+            self._stall = self.clock.callLater(self.idleTimeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        if self._stall is not None:
+            self._cancelStall()
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._stop(Failure(ConnectionError("Client disconnected")))
+
+    def cancel(self, reason: Exception | None = None) -> None:
+        """
+        The transfer was canceled: stop now, cutting the response if it
+        started.
+
+        @param reason: What L{done} fails with, L{OperationCanceled} by
+            default.
+        """
+        self._abort(Failure(reason or OperationCanceled("Transfer was canceled")))
+
+    # For subclasses
+
+    def _pump(self) -> None:
+        """
+        Move the transfer on: read, write or finish what can be now.
+        """
+        raise NotImplementedError()
+
+    def _ending(self, complete: bool) -> None:
+        """
+        The transfer ends (C{complete}: the whole body was written): let go
+        of the transport, before the producer leaves the request.
+        """
+
+    def _ended(self, complete: bool) -> None:
+        """
+        The producer left the request (and finished it when C{complete}):
+        give back what it holds, before L{done} fires.
+        """
+
+    def _begin(self) -> Deferred[None]:
+        """
+        Register with the request and start pumping.
+
+        @return: L{done}.
+        """
+        self.request.registerProducer(self, True)
+        # A real transport calls stopProducing on disconnect; notifyFinish
+        # also covers test transports.
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._pump()
+        return self.done
+
+    def _startStall(self) -> None:
+        if self.idleTimeout and self._stall is None:
+            self._stall = self.clock.callLater(self.idleTimeout, self._stalled)
+
+    def _cancelStall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._abort(Failure(ReaderStalled(f"Client read nothing for {self.idleTimeout} seconds")))
+
+    def _finish(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._cancelStall()
+        self._ending(True)
+        self.request.unregisterProducer()
+        self.request.finish()
+        self._ended(True)
+        self.done.callback(None)
+
+    def _abort(self, reason: Failure) -> None:
+        # Once the headers are out, cut the connection so the client sees a
+        # short body; before that, L{done} fails and the caller answers.
+        if self._stopped:
+            return
+        transport = getattr(self.request.channel, "transport", None)
+        self._stop(reason)
+        if transport is not None and self.request.startedWriting:
+            transport.abortConnection()
+
+    def _stop(self, reason: Failure) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._cancelStall()
+        self._ending(False)
+        # After a disconnect the request has no channel left to unregister
+        # from (Request.connectionLost cleared it).
+        if self.request.producer is self and self.request.channel is not None:
+            self.request.unregisterProducer()
+        self._ended(False)
+        self.done.errback(reason)
+
+
 @implementer(IPushProducer)
 @define
-class DownloadProducer:
+class DownloadProducer(ResponseProducer):
     """
     Streams C{length} bytes at C{offset} of C{backend} into C{request},
     whose headers (with C{Content-Length}) are already set.
@@ -109,42 +249,7 @@ class DownloadProducer:
             self._mode = _HELD
         elif ISSLTransport.providedBy(transport):
             self._mode = _CONSUMED
-        self.request.registerProducer(self, True)
-        # A real transport calls stopProducing on disconnect; notifyFinish
-        # also covers test transports.
-        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self._pump()
-        return self.done
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        if self._paused or self._stopped:
-            return
-        self._paused = True
-        if self.idleTimeout:
-            self._stall = self.clock.callLater(self.idleTimeout, self._stalled)
-
-    def resumeProducing(self) -> None:
-        if self._stall is not None:
-            if self._stall.active():
-                self._stall.cancel()
-            self._stall = None
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._stop(Failure(ConnectionError("Client disconnected")))
-
-    def cancel(self, reason: Exception | None = None) -> None:
-        """
-        The transfer was canceled: stop now, cutting the response if it
-        started.
-
-        @param reason: What L{done} fails with, L{OperationCanceled} by
-            default.
-        """
-        self._abort(Failure(reason or OperationCanceled("Transfer was canceled")))
+        return self._begin()
 
     # Internals
 
@@ -274,50 +379,17 @@ class DownloadProducer:
             return
         self._abort(reason)
 
-    def _stalled(self) -> None:
-        self._stall = None
-        self._abort(Failure(ReaderStalled(f"Client read nothing for {self.idleTimeout} seconds")))
+    def _ending(self, complete: bool) -> None:
+        self._finished = complete
 
-    def _finish(self) -> None:
-        self._stopped = True
-        self._finished = True
-        self._cancelStall()
-        self.request.unregisterProducer()
-        self.request.finish()
-        # Buffers in the free list are neither being read into nor held by
-        # the transport (it copied or encrypted them); held ones come back
-        # when sent (_drained).
-        for buf in self._free:
-            self._giveBack(buf)
+    def _ended(self, complete: bool) -> None:
+        if complete:
+            # Buffers in the free list are neither being read into nor held
+            # by the transport (it copied or encrypted them); held ones come
+            # back when sent (_drained).
+            for buf in self._free:
+                self._giveBack(buf)
         self._release()
-        self.done.callback(None)
-
-    def _abort(self, reason: Failure) -> None:
-        # Once the headers are out, cut the connection so the client sees a
-        # short body; before that, L{done} fails and the caller answers.
-        if self._stopped:
-            return
-        transport = getattr(self.request.channel, "transport", None)
-        self._stop(reason)
-        if transport is not None and self.request.startedWriting:
-            transport.abortConnection()
-
-    def _stop(self, reason: Failure) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._cancelStall()
-        # After a disconnect the request has no channel left to unregister
-        # from (Request.connectionLost cleared it).
-        if self.request.producer is self and self.request.channel is not None:
-            self.request.unregisterProducer()
-        self._release()
-        self.done.errback(reason)
-
-    def _cancelStall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
 
     def _release(self) -> None:
         if self._acquiring is not None:

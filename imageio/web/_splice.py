@@ -34,7 +34,7 @@ from zope.interface import implementer
 from imageio._log import Logger
 from imageio.interfaces import IDirectWriter, IDirectWriteTransport, ISpliceSource
 from imageio.tickets import Operation, OperationCanceled
-from imageio.web._download import ReaderStalled, TruncatedImage
+from imageio.web._download import ResponseProducer, TruncatedImage
 
 log = Logger()
 
@@ -146,7 +146,7 @@ def _raiseSendBuffer(transport: Any, size: int) -> None:
 
 @implementer(IPushProducer, IDirectWriter)
 @define(eq=False)
-class SpliceProducer:
+class SpliceProducer(ResponseProducer):
     """
     Streams C{length} bytes at C{offset} of C{backend} into C{request},
     whose headers (with C{Content-Length}) are set, like
@@ -230,33 +230,7 @@ class SpliceProducer:
             self.done.errback(SpliceRefused(f"Pipe of {self._capacity} bytes only"))
             return self.done
         _raiseSendBuffer(self._transport, SEND_BUFFER)
-        self.request.registerProducer(self, True)
-        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self._pump()
-        return self.done
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        if self._paused or self._stopped:
-            return
-        self._paused = True
-        self._startStall()
-
-    def resumeProducing(self) -> None:
-        self._cancelStall()
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._stop(Failure(ConnectionError("Client disconnected")))
-
-    def cancel(self, reason: Exception | None = None) -> None:
-        """
-        The transfer was canceled: stop now, cutting the response if it
-        started.
-        """
-        self._abort(Failure(reason or OperationCanceled("Transfer was canceled")))
+        return self._begin()
 
     # IDirectWriter
 
@@ -389,38 +363,10 @@ class SpliceProducer:
         self._transport.directWriteReady()
         self._pump()
 
-    def _finish(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._cancelStall()
+    def _ending(self, complete: bool) -> None:
         self._detach()
-        self._closePipe()
-        self.request.unregisterProducer()
-        self.request.finish()
-        self.done.callback(None)
-
-    def _abort(self, reason: Failure) -> None:
-        # As DownloadProducer: once the headers are out, cut the connection
-        # so the client sees a short body.
-        if self._stopped:
-            return
-        transport = getattr(self.request.channel, "transport", None)
-        self._stop(reason)
-        if transport is not None and self.request.startedWriting:
-            transport.abortConnection()
-
-    def _stop(self, reason: Failure) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._cancelStall()
-        self._detach()
-        if not self._filling:
+        if complete or not self._filling:
             self._closePipe()
-        if self.request.producer is self and self.request.channel is not None:
-            self.request.unregisterProducer()
-        self.done.errback(reason)
 
     def _detach(self) -> None:
         if self._attached:
@@ -435,16 +381,3 @@ class SpliceProducer:
         if pipe is not None:
             for fd in pipe:
                 os.close(fd)
-
-    def _startStall(self) -> None:
-        if self.idleTimeout and self._stall is None:
-            self._stall = self.clock.callLater(self.idleTimeout, self._stalled)
-
-    def _cancelStall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
-
-    def _stalled(self) -> None:
-        self._stall = None
-        self._abort(Failure(ReaderStalled(f"Client read nothing for {self.idleTimeout} seconds")))
