@@ -1,8 +1,9 @@
 """
 Shared helpers for tests that drive the real HTTP parser: an images site
 over the C{memory:} backend with a fake clock, a connected channel over a
-L{StringTransport}, a raw-HTTP response parser, and fake backends whose
-Deferreds the test fires.
+L{StringTransport}, a raw-HTTP response parser, fake backends whose
+Deferreds the test fires, and the fake request the download producers
+write to.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import IResource
 from zope.interface import implementer
@@ -414,9 +416,61 @@ class Connection:
         The client went away.
         """
         from twisted.internet.error import ConnectionLost
-        from twisted.python.failure import Failure
 
         self.channel.connectionLost(Failure(reason or ConnectionLost()))
+
+
+@define
+class FakeChannel:
+    """
+    A channel: just its transport.
+    """
+
+    transport: Any
+
+
+@define
+class FakeRequest:
+    """
+    The part of a request the download producers
+    (L{imageio.web.DownloadProducer}, L{imageio.web.SpliceProducer}) use:
+    what is written is kept in L{written}; L{lose} loses the connection.
+    """
+
+    channel: Any
+    written: list[Any] = field(factory=list)
+    producer: Any = None
+    finished: bool = False
+    startedWriting: bool = False
+    _finishes: list[Deferred[None]] = field(factory=list)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: Any) -> None:
+        self.startedWriting = True
+        self.written.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def notifyFinish(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._finishes.append(d)
+        return d
+
+    def lose(self) -> None:
+        self.channel = None
+        for d in self._finishes:
+            d.errback(Failure(ConnectionError("lost")))
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(bytes(d) for d in self.written)
 
 
 def chunks(data: bytes, size: int) -> Iterator[bytes]:

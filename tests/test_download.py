@@ -8,12 +8,11 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
@@ -22,7 +21,7 @@ from imageio._buffers import BufferBudget, BufferPool
 from imageio.interfaces import IBackend, IZeroCopyTransport
 from imageio.tickets import Operation, OperationCanceled
 from imageio.web._download import HOLD_MIN, DownloadProducer, ReaderStalled, TruncatedImage
-from tests._http import FakeBackend, countAllocations
+from tests._http import FakeBackend, FakeChannel, FakeRequest, countAllocations
 
 BUFFER = 4096
 
@@ -38,53 +37,6 @@ class TLSStringTransport(StringTransport):
 
     def write(self, data: Any) -> None:
         super().write(bytes(data))
-
-
-@define
-class FakeChannel:
-    transport: StringTransport
-
-
-@define
-class FakeRequest:
-    """
-    The part of a request a L{DownloadProducer} uses.
-    """
-
-    channel: Any
-    written: list[Any] = field(factory=list)
-    producer: Any = None
-    finished: bool = False
-    startedWriting: bool = False
-    _finishes: list[Deferred[None]] = field(factory=list)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert streaming
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def write(self, data: Any) -> None:
-        self.startedWriting = True
-        self.written.append(data)
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def notifyFinish(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._finishes.append(d)
-        return d
-
-    def lose(self) -> None:
-        self.channel = None
-        for d in self._finishes:
-            d.errback(Failure(ConnectionError("lost")))
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(bytes(d) for d in self.written)
 
 
 class DownloadProducerTests(SynchronousTestCase):

@@ -34,6 +34,7 @@ from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImag
 from imageio.web._splice import SpliceProducer, SpliceRefused
 from imageio.web._transport import ZeroCopyTCPServer, ZeroCopyUNIXServer
 from tests._daemon import fdCount
+from tests._http import FakeChannel, FakeRequest
 from tests.test_integration_images import SIZE, _ServiceTestCase, _UnixHTTPConnection
 
 KiB = 1024
@@ -156,49 +157,20 @@ class SocketTransport:
 
 
 @define
-class FakeChannel:
-    transport: Any
-
-
-@define
-class FakeRequest:
+class SocketRequest(FakeRequest):
     """
-    The part of a request a L{SpliceProducer} uses; writes go to the
-    transport, as Twisted's do.
+    The request a L{SpliceProducer} writes to: writes go to the transport,
+    as Twisted's do, and count in L{sentLength}, as the producer's spliced
+    bytes do.
     """
 
-    channel: Any
-    producer: Any = None
-    finished: bool = False
-    startedWriting: bool = False
     sentLength: int = 0
-    _finishes: list[Deferred[None]] = field(factory=list)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert streaming
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
 
     def write(self, data: bytes) -> None:
         self.startedWriting = True
         self.sentLength += len(data)
         if data:
             self.channel.transport.write(data)
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def notifyFinish(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self._finishes.append(d)
-        return d
-
-    def lose(self) -> None:
-        self.channel = None
-        for d in self._finishes:
-            d.errback(Failure(ConnectionError("lost")))
 
 
 class SpliceProducerTests(SynchronousTestCase):
@@ -216,7 +188,7 @@ class SpliceProducerTests(SynchronousTestCase):
         b.setblocking(False)
         self.peer = b
         self.transport = SocketTransport(a)
-        self.request = FakeRequest(FakeChannel(self.transport))
+        self.request = SocketRequest(FakeChannel(self.transport))
         self.clock = Clock()
         self.op = Operation("read", 0)
         self.fds = fdCount()
