@@ -628,6 +628,15 @@ class ImageHandler:
         op = Operation("read", offset)
         self.service.startOperation(ticket, op)
         _logRead(ticket, offset, length)
+        # What either producer streams, and where from.
+        common = (request, backend, offset, length, op, self.service.clock)
+
+        def cancelWith(producer: DownloadProducer | SpliceProducer) -> None:
+            # Canceling the operation cancels the producer.
+            op.onCancel = lambda: producer.cancel(
+                OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+            )
+
         try:
             if (
                 self.service.splice
@@ -637,18 +646,8 @@ class ImageHandler:
                 # A plain socket and a direct file: file -> pipe -> socket
                 # in the kernel. The size is known, so a short image is a
                 # 416 before the head, as below, whichever read finds it.
-                spliced = SpliceProducer(
-                    request,
-                    backend,
-                    offset,
-                    length,
-                    op,
-                    self.service.clock,
-                    idleTimeout=ticket.inactivityTimeout,
-                )
-                op.onCancel = lambda: spliced.cancel(
-                    OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-                )
+                spliced = SpliceProducer(*common, idleTimeout=ticket.inactivityTimeout)
+                cancelWith(spliced)
                 try:
                     yield spliced.start()
                     return
@@ -656,20 +655,13 @@ class ImageHandler:
                     # Nothing was written: the usual path below.
                     op.onCancel = None
             producer = DownloadProducer(
-                request,
-                backend,
-                offset,
-                length,
-                op,
-                self.service.clock,
+                *common,
                 bufferSize=self.service.chunkSize,
                 idleTimeout=ticket.inactivityTimeout,
                 pool=self.service.buffersFor(request, ticket),
                 budget=self.service.budget,
             )
-            op.onCancel = lambda: producer.cancel(
-                OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-            )
+            cancelWith(producer)
             yield producer.start()
         except Exception:
             yield self._readFailed(Failure(), request, ticket, byteRange, imageSize, backend)
