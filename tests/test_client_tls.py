@@ -6,6 +6,7 @@ daemon's TLS server on a real loopback socket with the test PKI.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,49 @@ class _Collect(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if not self.done.called:
             self.done.errback(reason)
+
+
+class _SocketTransport:
+    """
+    The attributes of a Twisted socket transport that L{_tls.readMore} tunes.
+    """
+
+    bufferSize = 65536
+    SEND_LIMIT = 131072
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+class TuningTests(TestCase):
+    def test_unixSocket(self) -> None:
+        """
+        A UNIX socket connection reads 256 KiB and sends 1 MiB at once, with
+        a send buffer of 1 MiB (the kernel reports it doubled).
+        """
+        a, b = socket.socketpair(socket.AF_UNIX)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        transport = _SocketTransport(a)
+        _tls.readMore(transport)
+        self.assertEqual(transport.bufferSize, _tls.READ_SIZE)
+        self.assertEqual(transport.SEND_LIMIT, _tls.SEND_SIZE)
+        after = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.assertGreater(after, before)
+        self.assertGreaterEqual(after, _tls.UNIX_SNDBUF)
+
+    def test_tcpSocketKeepsItsBuffer(self) -> None:
+        """
+        A TCP socket's send buffer is left to the kernel's autotuning.
+        """
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(s.close)
+        before = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        transport = _SocketTransport(s)
+        _tls.readMore(transport)
+        self.assertEqual(transport.SEND_LIMIT, _tls.SEND_SIZE)
+        self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), before)
 
 
 class ContextTests(TestCase):

@@ -16,6 +16,7 @@ address) against C{cafile} or the system's trust store.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any
 
@@ -36,14 +37,30 @@ HANDSHAKE_TIMEOUT = 30.0
 #: the reactor, TLS and the HTTP parser.
 READ_SIZE = 256 * 1024
 
+#: Largest send of a client connection (Twisted sends 128 KiB per reactor
+#: iteration).
+SEND_SIZE = 1024 * 1024
+
+#: Send buffer of a UNIX socket connection (the kernel's default is about
+#: 208 KiB): an upload hands the kernel up to 1 MiB per wake-up, and the
+#: daemon receives it in as large pieces. 20-40% faster uploads over the
+#: UNIX socket at 10-15% less client CPU (bench/README.rst).
+UNIX_SNDBUF = 1024 * 1024
+
 
 def readMore(transport: object) -> None:
     """
     Let C{transport} (a Twisted TCP or UNIX socket transport) read up to
-    L{READ_SIZE} bytes at once.
+    L{READ_SIZE} bytes and send up to L{SEND_SIZE} bytes at once, and give a
+    UNIX socket a send buffer of L{UNIX_SNDBUF}.
     """
     if isinstance(getattr(transport, "bufferSize", None), int):
         transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
+    if isinstance(getattr(transport, "SEND_LIMIT", None), int):
+        transport.SEND_LIMIT = SEND_SIZE  # type: ignore[attr-defined]
+    sock = getattr(transport, "socket", None)
+    if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
 
 def makeClientContext(cafile: str | None, secure: bool) -> ssl.SSLContext:
