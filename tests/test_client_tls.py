@@ -15,12 +15,12 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.client import URI
 
 from imageio import _pki
 from imageio.client import _tls
+from imageio.client._connect import READ_SIZE, SEND_SIZE, UNIX_SNDBUF, tuneSocket
 from imageio.web import TLSServerEndpoint, makeServerContext
 
 reactor: Any = _reactor
@@ -32,10 +32,14 @@ class _Echo(Protocol):
 
 
 class _Collect(Protocol):
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, payload: bytes) -> None:
         self.expected = expected
+        self.payload = payload
         self.data = bytearray()
         self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -49,7 +53,7 @@ class _Collect(Protocol):
 
 class _SocketTransport:
     """
-    The attributes of a Twisted socket transport that L{_tls.readMore} tunes.
+    The attributes of a Twisted socket transport that L{tuneSocket} tunes.
     """
 
     bufferSize = 65536
@@ -70,12 +74,12 @@ class TuningTests(TestCase):
         self.addCleanup(b.close)
         before = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         transport = _SocketTransport(a)
-        _tls.readMore(transport)
-        self.assertEqual(transport.bufferSize, _tls.READ_SIZE)
-        self.assertEqual(transport.SEND_LIMIT, _tls.SEND_SIZE)
+        tuneSocket(transport)
+        self.assertEqual(transport.bufferSize, READ_SIZE)
+        self.assertEqual(transport.SEND_LIMIT, SEND_SIZE)
         after = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self.assertGreater(after, before)
-        self.assertGreaterEqual(after, _tls.UNIX_SNDBUF)
+        self.assertGreaterEqual(after, UNIX_SNDBUF)
 
     def test_tcpSocketKeepsItsBuffer(self) -> None:
         """
@@ -85,8 +89,8 @@ class TuningTests(TestCase):
         self.addCleanup(s.close)
         before = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         transport = _SocketTransport(s)
-        _tls.readMore(transport)
-        self.assertEqual(transport.SEND_LIMIT, _tls.SEND_SIZE)
+        tuneSocket(transport)
+        self.assertEqual(transport.SEND_LIMIT, SEND_SIZE)
         self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), before)
 
 
@@ -147,20 +151,22 @@ class ConnectionTests(TestCase):
 
     @inlineCallbacks
     def roundTrip(self, port: Any, host: bytes, cafile: str | None, secure: bool = True) -> Any:
-        factory = _tls.TLSEndpointFactory(reactor, _tls.makeClientContext(cafile, secure), 5)
-        uri = URI.fromBytes(b"https://%s:%d/" % (host, port.getHost().port))
-        endpoint = factory.endpointForURI(uri)
+        context = _tls.makeClientContext(cafile, secure)
+        hostname = host.decode("ascii").strip("[]")
+        address = "::1" if hostname == "::1" else "127.0.0.1"
         payload = bytes(range(256)) * 4096 * 3  # 3 MiB: many records both ways
-        collect = _Collect(len(payload))
-        protocol = yield endpoint.connect(Factory.forProtocol(lambda: collect))
-        self.assertIs(protocol, collect)
-        protocol.transport.write(payload)
+        collect = _Collect(len(payload), payload)
+        factory = _tls.wrapFactory(
+            reactor, ClientFactory.forProtocol(lambda: collect), context, hostname
+        )
+        reactor.connectTCP(address, port.getHost().port, factory, timeout=5)
         try:
             data = yield collect.done
         finally:
-            protocol.transport.loseConnection()
+            if collect.transport is not None:
+                collect.transport.loseConnection()
         self.assertEqual(data, payload)
-        return protocol
+        return collect
 
     def test_verified(self) -> None:
         """

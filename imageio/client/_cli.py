@@ -119,6 +119,9 @@ def _progress(args: argparse.Namespace, description: str) -> Progress | None:
 
 
 def run(args: argparse.Namespace) -> None:
+    # First: the reactor core without pyOpenSSL (as the daemon's), which
+    # the command never uses (its TLS is the stdlib's).
+    import imageio._leanreactor  # noqa: F401
     from imageio.client import _sync
 
     thread = _sync.reactorThread()
