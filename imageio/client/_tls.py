@@ -104,10 +104,12 @@ class TLSClientFactory(TLSServerFactory):
         pass
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-        self.wrappedFactory.clientConnectionFailed(connector, reason)
+        wrapped: Any = self.wrappedFactory
+        wrapped.clientConnectionFailed(connector, reason)
 
     def clientConnectionLost(self, connector: Any, reason: Any) -> None:
-        self.wrappedFactory.clientConnectionLost(connector, reason)
+        wrapped: Any = self.wrappedFactory
+        wrapped.clientConnectionLost(connector, reason)
 
 
 def wrapFactory(
