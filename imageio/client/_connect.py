@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from attrs import define, field
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import DNSLookupError, NotConnectingError
 from twisted.internet.interfaces import IAddress, IConnector, IResolutionReceiver
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
@@ -275,8 +275,13 @@ class HTTPPool:
         connector: IConnector | None = None
 
         def cancel(d: Deferred[Any]) -> None:
-            if connector is not None and getattr(connector, "state", None) == "connecting":
-                connector.stopConnecting()
+            if connector is not None:
+                try:
+                    connector.stopConnecting()
+                except NotConnectingError:
+                    # Connected: the connection is closed by its protocol
+                    # (HTTP11ClientProtocol cancels its request).
+                    pass
 
         connected: Deferred[Any] = Deferred(cancel)
         protocol = _Connection(self._quiescent, connected)
