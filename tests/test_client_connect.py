@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from imageio.backends._twisted_newclient import ResponseNeverReceived
+from imageio.backends.httpclient import ResponseNeverReceived
 from imageio.client import _connect
 from imageio.client._connect import HTTPPool
 

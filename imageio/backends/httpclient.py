@@ -41,7 +41,10 @@ from zope.interface import implementer
 from imageio._twisted_lazytls import restoreReactorTLS
 from imageio.backends import CA_FILES
 from imageio.backends._twisted_newclient import (
+    HTTP11ClientProtocol,
+    Request,
     RequestGenerationFailed,
+    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
@@ -547,4 +550,12 @@ __all__ = [
     "remoteError",
     "raiseRemoteError",
     "Watchdog",
+    # Twisted's HTTP/1.1 client protocol, for imageio.client's own pool.
+    "HTTP11ClientProtocol",
+    "Request",
+    "RequestNotSent",
+    "RequestTransmissionFailed",
+    "ResponseDone",
+    "ResponseFailed",
+    "ResponseNeverReceived",
 ]

@@ -35,7 +35,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from imageio.backends._twisted_newclient import (
+from imageio.backends.httpclient import (
     HTTP11ClientProtocol,
     Request,
     RequestNotSent,

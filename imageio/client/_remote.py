@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from imageio.backends import http as _http
 from imageio.backends import httpclient
-from imageio.backends._twisted_newclient import ResponseDone, ResponseFailed
+from imageio.backends.httpclient import ResponseDone, ResponseFailed
 from imageio.client import _tls
 from imageio.client._connect import HTTPPool
 from imageio.interfaces import IBackend
