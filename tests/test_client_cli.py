@@ -401,6 +401,25 @@ class ParserTests(SynchronousTestCase):
             SystemExit, _cli.parser().parse_args, ["-c", "ca", "--insecure", "info", "f"]
         )
 
+    def test_commandExitsQuickly(self) -> None:
+        """
+        The program stops the reactor thread, flushes its output and leaves
+        with L{_cli.main}'s status without tearing the interpreter down.
+        """
+        from imageio.client import _sync
+
+        calls: list[object] = []
+        self.patch(_cli, "main", lambda: 3)
+        self.patch(_sync, "shutdown", lambda: calls.append("shutdown"))
+
+        def exit(code: int) -> None:
+            calls.append(code)
+            raise SystemExit(code)
+
+        self.patch(os, "_exit", exit)
+        self.assertRaises(SystemExit, _cli.command)
+        self.assertEqual(calls, ["shutdown", 3])
+
     def test_helpWithoutTwisted(self) -> None:
         """
         C{--help} and the package import load neither Twisted nor TLS: a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -209,5 +210,24 @@ def _message(e: BaseException) -> str:
     return errorMessage(e)
 
 
+def command() -> NoReturn:
+    """
+    The C{imageio-client} program: L{main}, then exit without tearing the
+    interpreter down. Freeing some 450 modules one by one cost a transfer
+    0.05-0.1 CPU seconds; the reactor thread and the disk-io pool are
+    stopped and the output flushed first, as an ordinary exit would.
+    """
+    code = main()
+    from imageio.client import _sync
+
+    _sync.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
