@@ -409,7 +409,7 @@ class ParserTests(SynchronousTestCase):
         from imageio.client import _sync
 
         calls: list[object] = []
-        self.patch(_cli, "main", lambda: 3)
+        self.patch(_cli, "main", lambda program: 3 if program else 0)
         self.patch(_sync, "shutdown", lambda: calls.append("shutdown"))
 
         def exit(code: int) -> None:
