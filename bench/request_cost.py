@@ -145,7 +145,7 @@ PARTS: list[tuple[str, list[str]]] = [
     ("Router: match, method", ["_router.py:render"]),
     ("handler: CORS, Range, query args", ["images.py:handleGET"]),
     ("ticket authorization", ["tickets.py:authorize"]),
-    ("backend lookup (per connection)", ["images.py:backendFor"]),
+    ("backend lookup (per connection)", ["images.py:backendFor", "images.py:openedBackend"]),
     ("small read: response headers, Deferreds", ["images.py:_readSmall", "images.py:_startRead"]),
     (
         "ticket operations (start, finish)",

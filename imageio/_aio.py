@@ -20,8 +20,11 @@ instead, and where a file system cannot do non-blocking I/O at all it says
 C{EOPNOTSUPP}. Callers then do that request on the disk-io pool; the reactor
 never waits for storage. Buffered (non-C{O_DIRECT}) files must not use this
 engine: the kernel does buffered AIO synchronously inside C{io_submit}.
-Neither may files on tmpfs (L{isMemoryFileSystem}): there direct I/O is a
-memory copy done inside C{io_submit}, page-cached data moved on the reactor.
+On tmpfs (L{isMemoryFileSystem}) direct I/O is a memory copy done inside
+C{io_submit}, on the reactor thread, and the file system refuses
+C{RWF_NOWAIT}: callers give such files only small reads, without the flag
+(C{nowait=False}), so that the copy is a bounded slice (see
+L{imageio.backends.file.SYNC_AIO_MAX_READ}).
 """
 
 from __future__ import annotations
@@ -204,6 +207,7 @@ class _Request:
     length: int
     offset: int
     align: int
+    nowait: bool
     deferred: Deferred[int]
     done: int = 0
     iocb: IOCB = field(factory=IOCB)
@@ -321,18 +325,24 @@ class AIOEngine:
 
     # Requests
 
-    def read(self, fd: int, view: memoryview, offset: int, align: int = 1) -> Deferred[int] | None:
+    def read(
+        self, fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
+    ) -> Deferred[int] | None:
         """
         Read into all of C{view} from C{offset}, unless the file ends first.
 
         @param align: The file's block size: a transfer ending at an offset
             that is not a multiple of it ended at end of file.
+        @param nowait: Ask for C{RWF_NOWAIT}. Only for files in memory
+            (tmpfs), which refuse it and never wait for a disk, may this be
+            C{False}, and then only for reads small enough that the copy
+            C{io_submit} does on the calling thread is a bounded slice.
         @return: A Deferred firing with the bytes read, or failing with
             L{OSError}; C{None} if C{view} cannot be given to the kernel
             (read-only, not contiguous, or its address not a multiple of
             C{align}).
         """
-        return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align)
+        return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align, nowait)
 
     def write(self, fd: int, view: memoryview, offset: int, align: int = 1) -> Deferred[int] | None:
         """
@@ -341,10 +351,10 @@ class AIOEngine:
         @return: A Deferred firing with C{len(view)}, or failing with
             L{OSError}; C{None} if C{view} cannot be given to the kernel.
         """
-        return self._submitNew(IOCB_CMD_PWRITE, fd, view, offset, align)
+        return self._submitNew(IOCB_CMD_PWRITE, fd, view, offset, align, True)
 
     def _submitNew(
-        self, opcode: int, fd: int, view: memoryview, offset: int, align: int
+        self, opcode: int, fd: int, view: memoryview, offset: int, align: int, nowait: bool
     ) -> Deferred[int] | None:
         if not self.running:
             return fail(OSError(errno.ESHUTDOWN, "The AIO engine is not running"))
@@ -355,7 +365,7 @@ class AIOEngine:
         if not view:
             d.callback(0)
             return d
-        self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, d))
+        self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, nowait, d))
         self._submit()
         return d
 
@@ -371,7 +381,7 @@ class AIOEngine:
                 iocb = request.iocb
                 ctypes.memset(ctypes.byref(iocb), 0, ctypes.sizeof(iocb))
                 iocb.aio_data = self._nextId + i
-                iocb.aio_rw_flags = RWF_NOWAIT
+                iocb.aio_rw_flags = RWF_NOWAIT if request.nowait else 0
                 iocb.aio_lio_opcode = request.opcode
                 iocb.aio_fildes = request.fd
                 assert request.buffer is not None

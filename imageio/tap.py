@@ -405,6 +405,7 @@ class ImageioService(MultiService):
             bufferSize=config.backend_file.buffer_size,
             unixSocket=unixSocket,
             budget=self.budget,
+            splice=config.daemon.splice,
         )
         timeout = config.daemon.request_timeout
         if config.remote.enable:
@@ -459,13 +460,14 @@ class ImageioService(MultiService):
     def _tlsEndpoint(
         self, endpoint: IStreamServerEndpoint, certFile: str = "", keyFile: str = ""
     ) -> IStreamServerEndpoint:
-        from imageio import _pki
         from imageio.web import TLSConfigError, TLSServerEndpoint, makeServerContext
 
         tls = self.config.tls
         certFile = certFile or tls.cert_file
         keyFile = keyFile or tls.key_file
         if not certFile:
+            from imageio import _pki
+
             certFile, keyFile = _pki.ensureSelfSigned(str(self.stateDir / "pki"))
             log.warn(
                 "No [tls] key_file/cert_file configured: using the self-signed "

@@ -8,8 +8,10 @@ syscalls.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import tempfile
 from typing import Any, TypeVar
 
 from twisted.internet import reactor
@@ -143,6 +145,47 @@ class EngineTests(TestCase):
         self.assertEqual(bytes(buf[:n]), data)
         n = await engine.read(fd, buf[:4096], 12288, 4096)  # type: ignore[misc]
         self.assertEqual(n, 0)
+
+    async def test_tmpfsWithoutNowait(self) -> None:
+        """
+        On tmpfs the kernel refuses C{RWF_NOWAIT} (EOPNOTSUPP); a read
+        without it (C{nowait=False}) completes, through the eventfd.
+        """
+        if not os.access("/dev/shm", os.W_OK):
+            raise SkipTest("No writable /dev/shm")
+        data = os.urandom(16 * KiB)
+        fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="imageio-test-")
+        self.addCleanup(os.unlink, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            raise SkipTest(f"No O_DIRECT on tmpfs here: {e}") from None
+        self.addCleanup(os.close, fd)
+        self.assertTrue(_aio.isMemoryFileSystem(fd))
+        engine = self.engine()
+        buf = memoryview(_buffers.allocate(4096))
+        with self.assertRaises(OSError) as e:
+            await engine.read(fd, buf, 4096, 4096)  # type: ignore[misc]
+        self.assertEqual(e.exception.errno, errno.EOPNOTSUPP)
+        n = await engine.read(fd, buf, 4096, 4096, nowait=False)  # type: ignore[misc]
+        self.assertEqual(n, 4096)
+        self.assertEqual(bytes(buf), data[4096:8192])
+
+    def test_notMemoryFileSystem(self) -> None:
+        """
+        A file in the trial directory is not on tmpfs (unless it is).
+        """
+        fd = directFile(self, b"x" * 4096)
+        buf = ctypes.create_string_buffer(256)
+        self.assertEqual(_aio._libc.fstatfs(fd, buf), 0)
+        onTmpfs = ctypes.c_long.from_buffer(buf).value == _aio.TMPFS_MAGIC
+        self.assertEqual(_aio.isMemoryFileSystem(fd), onTmpfs)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.assertFalse(_aio.isMemoryFileSystem(r))
 
     async def test_errorFromCompletion(self) -> None:
         """

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from imageio import _buffers
-from imageio._aio import AIOEngine
+from imageio._aio import TMPFS_MAGIC, AIOEngine
 from imageio._diskio import DiskIO, SynchronousDiskIO, createPool
 from imageio.backends import BackendContext
 from imageio.backends import file as filebackend
@@ -461,7 +461,8 @@ class _FileIOTestsMixin(_Mixin):
     #: Run aligned direct I/O through a real AIO engine.
     useAIO = False
     aio: InlineAIO | None = None
-    #: The directory is on tmpfs, where direct I/O never goes through AIO.
+    #: The directory is on tmpfs, where only small direct reads go through
+    #: AIO.
     memoryFS = False
 
     def directory(self) -> str:
@@ -479,8 +480,10 @@ class _FileIOTestsMixin(_Mixin):
         self.path = writeFile(os.path.join(self.dir, "img"), data, size)
         backend = openSync(self, self.path, direct=self.direct, aio=self.aio, **kw)
         self.assertEqual(backend.direct, self.direct)
-        aio = self.useAIO and self.direct and not self.memoryFS
-        self.assertEqual(backend.engine, "aio" if aio else "threads")
+        engine = "threads"
+        if self.useAIO and self.direct:
+            engine = "aio-small-reads" if self.memoryFS else "aio"
+        self.assertEqual(backend.engine, engine)
         return backend
 
     def fileBytes(self) -> bytes:
@@ -1143,27 +1146,139 @@ class TmpfsFileIOTests(_FileIOTestsMixin, SynchronousTestCase):
 
 class TmpfsFileAIOTests(TmpfsFileIOTests):
     """
-    Files on tmpfs with an AIO engine running: their direct I/O still goes
-    through the pool, since on tmpfs C{io_submit} itself copies the bytes,
-    on the reactor thread.
+    Files on tmpfs with an AIO engine running. There C{io_submit} itself
+    copies the bytes, on the reactor thread, and C{RWF_NOWAIT} is refused:
+    aligned direct reads up to L{filebackend.SYNC_AIO_MAX_READ} go through
+    the engine without the flag, larger reads and all writes through the
+    pool. Every test of L{TmpfsFileIOTests} runs this way too.
     """
 
     useAIO = True
 
-    def test_poolNotAIO(self) -> None:
-        """
-        Aligned reads and writes of a tmpfs file make no AIO request.
-        """
-        if not self.direct:
+    def backend(self, data: bytes = b"", size: int | None = None, **kw: Any) -> FileBackend:
+        if not self.direct and self._testMethodName in TmpfsFileAIOTests.__dict__:
             raise SkipTest("No O_DIRECT on tmpfs here")
-        diskio = SynchronousDiskIO()
-        backend = self.backend(b"x" * 8192, diskio=diskio)
+        return super().backend(data, size, **kw)
+
+    def recordReads(self, backend: FileBackend) -> list[tuple[int, bool]]:
+        """
+        @return: A list to which each read given to the AIO engine adds its
+            length and C{nowait} flag.
+        """
         assert self.aio is not None
+        realRead = self.aio.read
+        reads: list[tuple[int, bool]] = []
+
+        def read(
+            fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
+        ) -> Any:
+            reads.append((len(view), nowait))
+            return realRead(fd, view, offset, align, nowait)
+
+        self.patch(self.aio, "read", read)
+        return reads
+
+    def test_smallReadsAIO(self) -> None:
+        """
+        Aligned reads up to L{filebackend.SYNC_AIO_MAX_READ} go through the
+        engine, without C{RWF_NOWAIT}, and make no pool call.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(256 * KiB)
+        backend = self.backend(data, diskio=diskio)
+        reads = self.recordReads(backend)
+        limit = filebackend.SYNC_AIO_MAX_READ
+        self.assertEqual(limit, 64 * KiB)
         before = diskio.calls
-        view = memoryview(_buffers.allocate(4096))
-        self.assertEqual(self.successResultOf(backend.readInto(4096, view)), 4096)
-        self.assertEqual(self.successResultOf(backend.write(0, view)), 4096)
-        self.assertEqual((self.aio.requests, diskio.calls - before), (0, 2))
+        self.assertEqual(readBack(self, backend, 8192, 4096), data[8192:12288])
+        self.assertEqual(readBack(self, backend, 64 * KiB, limit), data[64 * KiB : 128 * KiB])
+        self.assertEqual(reads, [(4096, False), (limit, False)])
+        self.assertEqual(diskio.calls - before, 0)
+        self.assertEqual(backend.engine, "aio-small-reads")
+
+    def test_largeReadsAndWritesOnPool(self) -> None:
+        """
+        A read one block larger than L{filebackend.SYNC_AIO_MAX_READ}, and
+        aligned writes of any size, go through the pool: their copy inside
+        C{io_submit} would hold the reactor.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(256 * KiB)
+        backend = self.backend(data, diskio=diskio)
+        reads = self.recordReads(backend)
+        assert self.aio is not None
+        before = (diskio.calls, self.aio.requests)
+        size = filebackend.SYNC_AIO_MAX_READ + 4096
+        self.assertEqual(readBack(self, backend, 0, size), data[:size])
+        self.successResultOf(backend.write(0, filledView(4096, b"w")))
+        self.assertEqual(readBack(self, backend, 0, 4096), b"w" * 4096)
+        self.assertEqual(reads, [(4096, False)])
+        self.assertEqual((diskio.calls - before[0], self.aio.requests - before[1]), (2, 1))
+
+    def test_thresholdIsTheConstant(self) -> None:
+        """
+        The limit is L{filebackend.SYNC_AIO_MAX_READ} as it was when the
+        file was opened.
+        """
+        self.patch(filebackend, "SYNC_AIO_MAX_READ", 8192)
+        data = self.rng.randbytes(64 * KiB)
+        backend = self.backend(data)
+        reads = self.recordReads(backend)
+        for length in (4096, 8192, 12288):
+            self.assertEqual(readBack(self, backend, 0, length), data[:length])
+        self.assertEqual(reads, [(4096, False), (8192, False)])
+
+    def test_stoppedEngineUsesPool(self) -> None:
+        """
+        With the engine stopped (the daemon shutting down), small reads go
+        through the pool.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data, diskio=diskio)
+        assert self.aio is not None
+        self.aio.stop()
+        before = diskio.calls
+        self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        self.assertEqual((diskio.calls - before, self.aio.requests), (1, 0))
+
+    def test_fallBackForGood(self) -> None:
+        """
+        If the kernel refuses AIO on the file after all (EOPNOTSUPP), the
+        read is done on the pool and the backend uses the pool from then on.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data, diskio=diskio)
+        assert self.aio is not None
+        self.patch(self.aio, "read", lambda *a: fail(OSError(errno.EOPNOTSUPP, "Not supported")))
+        before = diskio.calls
+        self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
+        self.assertEqual(backend.engine, "threads")
+        self.assertEqual(readBack(self, backend, 4096, 4096), data[4096:])
+        self.assertEqual(diskio.calls - before, 2)
+
+    def test_detected(self) -> None:
+        """
+        Files on tmpfs are detected as such when opened; files elsewhere
+        are not (if the trial directory is not on tmpfs too).
+        """
+        backend = self.backend(b"x" * 4096)
+        self.assertEqual(backend._aioSyncMax, filebackend.SYNC_AIO_MAX_READ)
+        other = os.path.abspath(self.mktemp())
+        writeFile(other, b"x" * 4096, None)
+        fd = os.open(other, os.O_RDONLY)
+        try:
+            if fileSystemType(fd) == TMPFS_MAGIC:
+                raise SkipTest("The trial directory is on tmpfs")
+        finally:
+            os.close(fd)
+        try:
+            elsewhere = openSync(self, other, aio=self.aio)
+        except OSError as e:
+            raise SkipTest(f"Cannot open {other}: {e}") from None
+        self.assertIsNone(elsewhere._aioSyncMax)
+        self.assertEqual(elsewhere.engine, "aio" if elsewhere.direct else "threads")
 
 
 @define

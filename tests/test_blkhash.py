@@ -10,17 +10,23 @@ tests pin compatibility without needing upstream installed.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from imageio._blkhash import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
     DEFAULT_BLOCK_SIZE,
+    ZERO_BATCH,
     Block,
+    BlockCutter,
     Hasher,
     InvalidParameter,
     checkAlgorithm,
+    hashBackend,
     isZero,
     parseBlockSize,
     splitBlocks,
@@ -404,3 +410,146 @@ class SplitBlocksTests(SynchronousTestCase):
         No extents, no blocks.
         """
         self.assertEqual(self.split([], 256), [])
+
+
+class BlockCutterTests(SynchronousTestCase):
+    """
+    Tests for L{BlockCutter}: extents fed a window at a time.
+    """
+
+    def test_windowsGiveTheSameBlocks(self) -> None:
+        """
+        Feeding the extents one at a time, with blocks spanning windows,
+        gives the blocks of feeding them all at once.
+        """
+        extents = imageExtents(zeroTail=True)
+        for blockSize in (MiB, 4 * MiB):
+            cutter = BlockCutter(blockSize)
+            blocks = []
+            for extent in extents:
+                blocks.extend(cutter.cut([extent]))
+            last = cutter.rest()
+            self.assertIsNotNone(last)
+            blocks.append(last)
+            self.assertEqual(blocks, list(splitBlocks(extents, blockSize)))
+
+    def test_restOnce(self) -> None:
+        """
+        The short block is given once, and none when the extents end on a
+        block boundary.
+        """
+        cutter = BlockCutter(256)
+        self.assertEqual(list(cutter.cut([Extent(0, 300, zero=False)])), [Block(0, 256, False)])
+        self.assertEqual(cutter.rest(), Block(256, 44, False))
+        self.assertIsNone(cutter.rest())
+        cutter = BlockCutter(256)
+        list(cutter.cut([Extent(0, 512, zero=True)]))
+        self.assertIsNone(cutter.rest())
+
+
+class WindowedBackend:
+    """
+    A backend over an image in memory that reports extents at most
+    C{window} at a time and records every call.
+    """
+
+    def __init__(self, image: bytearray, extents: list[Extent], window: int = 1) -> None:
+        self.image = image
+        self.imageExtents = extents
+        self.window = window
+        self.calls: list[tuple[str, int]] = []
+
+    def extents(self, context: str, start: int, length: int) -> Deferred[list[Extent]]:
+        self.calls.append(("extents", start))
+        got = [
+            e for e in self.imageExtents if e.start + e.length > start and e.start < start + length
+        ]
+        return succeed(got[: self.window])
+
+    def readInto(self, offset: int, buf: memoryview) -> Deferred[int]:
+        self.calls.append(("read", offset))
+        n = len(buf)
+        buf[:] = self.image[offset : offset + n]
+        return succeed(n)
+
+
+class HashBackendTests(SynchronousTestCase):
+    """
+    Tests for L{hashBackend}.
+    """
+
+    def hash(
+        self,
+        backend: WindowedBackend,
+        blockSize: int,
+        progress: Callable[[int], None] = lambda end: None,
+        pool: list[int] | None = None,
+        size: int = SIZE,
+    ) -> tuple[Hasher, Deferred[None]]:
+        def runInPool(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            if pool is not None:
+                pool.append(1)
+            return maybeDeferred(fn, *args)
+
+        h = Hasher(DEFAULT_ALGORITHM, blockSize)
+        d = hashBackend(backend, size, h, memoryview(bytearray(blockSize)), runInPool, progress)
+        return h, d
+
+    def test_upstreamChecksum(self) -> None:
+        """
+        Extents one at a time give upstream's checksum.
+        """
+        for zeroTail in (False, True):
+            backend = WindowedBackend(makeImage(zeroTail), imageExtents(zeroTail))
+            h, d = self.hash(backend, MiB)
+            self.successResultOf(d)
+            self.assertEqual(h.hexdigest(), UPSTREAM[(zeroTail, DEFAULT_ALGORITHM, MiB)])
+
+    def test_streams(self) -> None:
+        """
+        Blocks are read as their extents arrive, not after the whole map is
+        collected: memory stays one window of extents.
+        """
+        backend = WindowedBackend(makeImage(False), imageExtents(False))
+        self.successResultOf(self.hash(backend, MiB)[1])
+        firstRead = backend.calls.index(("read", 0))
+        lastExtents = max(i for i, call in enumerate(backend.calls) if call[0] == "extents")
+        self.assertLess(firstRead, lastExtents)
+
+    def test_zeroRunsBatched(self) -> None:
+        """
+        A run of zero blocks is hashed with one pool call per
+        L{ZERO_BATCH} blocks, not one per block.
+        """
+        size = (ZERO_BATCH + 10) * 4096
+        backend = WindowedBackend(bytearray(), [Extent(0, size, zero=True)])
+        pool: list[int] = []
+        progress: list[int] = []
+        h, d = self.hash(backend, 4096, progress.append, pool, size)
+        self.successResultOf(d)
+        self.assertEqual(len(pool), 2)
+        self.assertEqual(h.hashed, size)
+        self.assertEqual(progress[-1], size)
+
+    def test_progressStops(self) -> None:
+        """
+        An exception from C{progress} stops the work before the next read.
+        """
+        backend = WindowedBackend(makeImage(False), imageExtents(False))
+
+        def progress(end: int) -> None:
+            if end > 0:
+                raise RuntimeError("canceled")
+
+        h, d = self.hash(backend, MiB, progress)
+        self.failureResultOf(d, RuntimeError)
+        self.assertEqual([c for c in backend.calls if c[0] == "read"], [("read", 0)])
+
+    def test_shortRead(self) -> None:
+        """
+        A short read fails with C{EIO}, naming the offset.
+        """
+        backend = WindowedBackend(makeImage(False), imageExtents(False))
+        backend.readInto = lambda offset, buf: succeed(len(buf) - 1)  # type: ignore[method-assign]
+        f = self.failureResultOf(self.hash(backend, MiB)[1], OSError)
+        self.assertIn("Short read at 0", str(f.value))

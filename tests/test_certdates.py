@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.name import _ASN1Type
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from imageio import _pki
-from imageio._certdates import validityPeriods
+from imageio._certdates import certificateDates, validityPeriods
 from imageio.web import makeServerContext
 
 
@@ -83,18 +86,77 @@ class ValidityPeriodsTests(SynchronousTestCase):
 
     def test_serverContextWithoutCryptography(self) -> None:
         """
-        A certificate valid for a while yet is checked without importing
-        cryptography; one expiring soon still gets cryptography's look.
+        Certificates valid for a while yet, or expiring within 30 days (the
+        test PKI's), are checked without importing cryptography, and the
+        warning names the subject; an expired one gets cryptography's look.
         """
         directory = self.mktemp()
         cert, key = _pki.ensureSelfSigned(directory)
         # The import system reads sys.modules itself: patch the entry.
         self.addCleanup(sys.modules.__setitem__, "cryptography", sys.modules["cryptography"])
         sys.modules["cryptography"] = None  # type: ignore[assignment]
-        makeServerContext(cert, key)
+        with capturedLogs() as events:
+            makeServerContext(cert, key)
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.warn], [])
+        with capturedLogs() as events:
+            makeServerContext(self.pki.certFile, self.pki.keyFile)
+        [event] = [e for e in events if e["log_level"] >= LogLevel.warn]
+        self.assertEqual(event["subject"], "CN=localhost")
+        self.assertEqual(event["path"], self.pki.certFile)
+        self.assertIn("expires on", formatEvent(event))
         self.assertRaises(
-            ImportError, makeServerContext, self.pki.certFile, self.pki.keyFile
-        )  # expires within 30 days: cryptography words the warning
+            ImportError,
+            makeServerContext,
+            self.pki.expiredCertFile,
+            self.pki.expiredKeyFile,
+        )
+
+    def test_subjects(self) -> None:
+        """
+        L{certificateDates} names each certificate of a chain by its common
+        name, or C{""} without one, in any of the string types.
+        """
+        pem = Path(self.pki.chainFile).read_bytes()
+        subjects = [c.subject for c in certificateDates(pem) or []]
+        self.assertEqual(
+            subjects,
+            [
+                "CN=" + c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+                for c in x509.load_pem_x509_certificates(pem)
+            ],
+        )
+        key = _pki._newKey()
+        now = datetime.now(UTC)
+        for name, expected in (
+            (x509.Name([]), ""),
+            (
+                x509.Name(
+                    [
+                        x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "o"),
+                        x509.NameAttribute(x509.NameOID.COMMON_NAME, "h\u00e9"),
+                    ]
+                ),
+                "CN=h\u00e9",
+            ),
+            (
+                x509.Name(
+                    [x509.NameAttribute(x509.NameOID.COMMON_NAME, "bmp", _type=_ASN1Type.BMPString)]
+                ),
+                "CN=bmp",
+            ),
+        ):
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(name)
+                .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ca")]))
+                .public_key(key.public_key())
+                .serial_number(1)
+                .not_valid_before(now)
+                .not_valid_after(now + timedelta(days=1))
+                .sign(key, hashes.SHA256())
+            )
+            [dates] = certificateDates(_pki._certPEM(cert)) or []
+            self.assertEqual(dates.subject, expected)
 
     def test_notYetValid(self) -> None:
         """

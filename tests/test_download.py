@@ -551,18 +551,25 @@ class DownloadProducerHeldTests(SynchronousTestCase):
         self.assertTrue(all(type(d) is memoryview for d in self.request.written[:-1]))
         self.assertEqual(self.allocations, [HOLD_MIN])
 
-    def test_tlsWinsOverZeroCopy(self) -> None:
+    def test_zeroCopyWinsOverTLS(self) -> None:
         """
-        A transport that is both TLS and zero-copy is treated as TLS: buffers
-        are reused at once whatever it reports pending.
+        A transport that is both TLS and zero-copy (ours, which encrypts as
+        the socket drains) holds the buffers like a socket transport: one
+        is reused only once L{whenDrained} fires.
         """
         alsoProvides(self.transport, ISSLTransport)
-        self.backend.manual = False
-        self.successResultOf(self.producer().start())
-        self.assertGreater(self.transport.pendingBytes(), 0)
-        self.assertEqual(self.transport.drainRequests, 0)
-        self.assertTrue(all(type(d) is memoryview for d in self.request.written[:-1]))
-        self.assertEqual(self.allocations, [HOLD_MIN])
+        done = self.producer().start()
+        self.backend.completeRead()
+        self.backend.completeRead()
+        self.assertEqual(len(self.backend.reads), 2)
+        self.assertEqual(self.transport.pendingBytes(), 2 * HOLD_MIN)
+        self.transport.send()
+        self.assertEqual(len(self.backend.reads), 3)
+        self.runToEnd(done)
+        self.successResultOf(done)
+        self.transport.send()
+        self.assertTrue(self.transport.sent == self.image, "The client got other bytes")
+        self.assertEqual(self.allocations, [HOLD_MIN, HOLD_MIN])
 
     def test_plainTransportGetsBytes(self) -> None:
         """

@@ -1833,8 +1833,10 @@ class LargeExtentsTests(SynchronousTestCase):
         # A small cap per backend call stands for the real one (10,000) on
         # a map of millions of extents.
         self.patch(filebackend, "MAX_EXTENTS", 50)
-        # Answers over 4 KiB are streamed (1 MiB in production).
+        # Answers over 4 KiB are streamed (64 MiB in production, or 1 MiB
+        # when the buffer budget is used up).
         self.patch(_jsonlist, "MAX_BUFFERED", 4096)
+        self.patch(_jsonlist, "MAX_WHOLE", 4096)
         path = os.path.abspath(self.mktemp())
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -1998,6 +2000,132 @@ class LargeExtentsTests(SynchronousTestCase):
         self.assertNotIn(b"content-length", head.lower())
         self.assertEqual(json.loads(body), self.expected)
         self.assertTrue(conn.closed)
+
+
+def wholeAnswer(data: bytes) -> bool:
+    """
+    @return: Whether C{data} holds a response head and all the body its
+        C{Content-Length} announces.
+    """
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.lower().split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    raise AssertionError(f"no content-length: {head!r}")
+
+
+class WholeExtentsTests(LargeExtentsTests):
+    """
+    Extents answers longer than L{_jsonlist.MAX_BUFFERED} are held against
+    the buffer budget and sent with C{Content-Length}, as clients expect,
+    a slice at a time; only when the budget cannot hold them are they
+    streamed without a length.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(_jsonlist, "MAX_WHOLE", 1024**2)
+
+    def test_streamedInSlices(self) -> None:
+        """
+        An answer of many slices gets C{Content-Length} and the whole map,
+        written a slice per write, and the budget's bytes are given back.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        writes: list[bytes] = []
+        write = transport.write
+        self.patch(transport, "write", lambda data: (writes.append(data), write(data)))
+        conn.send(request(b"GET", b"/images/t1/extents?context=zero"))
+        self.assertGreater(self.h.budget.used, 0)
+        for _ in range(10000):
+            if wholeAnswer(transport.value()):
+                break
+            transport.producer.resumeProducing()
+        response = parseResponses(transport.value())[0]
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(response.body))
+        self.assertIsNone(response.header(b"transfer-encoding"))
+        self.assertEqual(json.loads(response.body), self.expected)
+        self.assertGreater(len(writes), 10)
+        self.assertTrue(all(len(w) < 50 * 80 for w in writes[1:]), max(map(len, writes)))
+        self.assertEqual(self.h.budget.used, 0)
+        self.assertFalse(conn.closed)
+
+    def test_windowStreamedToo(self) -> None:
+        """
+        A window is answered the same way.
+        """
+        response = self.h.roundTrip(
+            request(b"GET", b"/images/t1/extents?start=4096&length=8192000")
+        )
+        self.assertEqual(response.header(b"content-length"), b"%d" % len(response.body))
+        self.assertEqual(json.loads(response.body), self.expected[1:])
+        self.assertEqual(self.h.budget.used, 0)
+
+    def test_backpressure(self) -> None:
+        """
+        While the client does not read, the gathered answer is not written
+        all at once: one slice per time the transport drains.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        sent = len(transport.value())
+        rounds = 0
+        while not wholeAnswer(transport.value()) and rounds < 10000:
+            transport.producer.resumeProducing()
+            self.assertLess(len(transport.value()) - sent, 50 * 80)
+            sent = len(transport.value())
+            rounds += 1
+        self.assertGreater(rounds, 10)
+        self.assertEqual(json.loads(parseResponses(transport.value())[0].body), self.expected)
+
+    def test_clientGoneMidAnswer(self) -> None:
+        """
+        A client that leaves in the middle of the answer stops it, and the
+        budget's bytes are given back.
+        """
+        conn = self.h.connect()
+        transport = self.pauseOnWrite(conn)
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        self.assertGreater(self.h.budget.used, 0)
+        conn.lose()
+        self.assertEqual(self.h.budget.used, 0)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"content-length", head.lower())
+        self.assertLess(
+            len(body), int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_http10(self) -> None:
+        """
+        An HTTP/1.0 client gets C{Content-Length} too.
+        """
+        conn = self.h.connect()
+        conn.send(b"GET /images/t1/extents HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        head, _, body = conn.output().partition(b"\r\n\r\n")
+        self.assertIn(b"content-length: %d" % len(body), head.lower())
+        self.assertEqual(json.loads(body), self.expected)
+
+    def test_budgetUsedUp(self) -> None:
+        """
+        When the buffer budget cannot hold the answer, it is streamed
+        without a length rather than waiting for memory.
+        """
+        self.h.budget.limit = 8192
+        hog = self.h.budget.tryAcquire(8000)
+        self.assertIsNotNone(hog)
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1/extents"))
+        response, _, complete = decodeChunked(conn.output())
+        self.assertTrue(complete)
+        self.assertEqual(response.header(b"transfer-encoding"), b"chunked")
+        self.assertEqual(json.loads(response.body), self.expected)
+        self.assertEqual(self.h.budget.used, 8000)
 
 
 class RelayLoopTests(ImagesTestCase):

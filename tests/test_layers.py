@@ -39,7 +39,8 @@ PACKAGE = ROOT / "imageio"
 #: (checksums over backend extents), C{_pki} (certificates for listeners),
 #: C{_certdates} (certificate dates without cryptography),
 #: C{_twisted_lazytls} and C{_leanreactor} (the reactor core without
-#: pyOpenSSL),
+#: pyOpenSSL), C{_twisted_leanweb} (C{twisted.web.server} without PB and
+#: templates),
 #: C{config} (INI parsing: values only, no layer's objects).
 CORE = frozenset(
     {
@@ -55,6 +56,7 @@ CORE = frozenset(
         "imageio._pki",
         "imageio._certdates",
         "imageio._twisted_lazytls",
+        "imageio._twisted_leanweb",
         "imageio._leanreactor",
         "imageio.config",
     }

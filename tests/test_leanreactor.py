@@ -6,6 +6,8 @@ C{https:} ticket needs them.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imageio import _pki, _twisted_lazytls
+from imageio import _pki, _twisted_lazytls, _twisted_leanweb
 from tests._daemon import (
     SubprocessDaemon,
     connect,
@@ -51,6 +53,113 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 steps["bio"] = posixbase.tls.TLSMemoryBIOFactory is TLSMemoryBIOFactory
 print(json.dumps(steps))
 """
+
+
+#: Run in a fresh interpreter: what the lean import of twisted.web.server
+#: leaves out, and that what it left out still comes when asked for.
+WEB_SCRIPT = """
+import json, sys
+heavy = ("twisted.spread", "twisted.web.util", "twisted.web.template", "xml.sax",
+         "pyexpat", "decimal", "hyperlink")
+loaded = lambda: sorted(m for m in heavy if m in sys.modules)
+import imageio._leanreactor as lean
+import imageio.tap, imageio.daemon.images, imageio.backends.file
+from twisted.web import server
+steps = {"imported": lean.leanweb, "tap": loaded()}
+steps["request"] = server.Request.__mro__[1].__module__
+failure = server.util.formatFailure
+steps["util"] = failure.__module__
+import twisted.web.util, twisted.spread.pb
+steps["real"] = [twisted.web.util.formatFailure is failure,
+                 twisted.spread.pb.Copyable.__module__]
+print(json.dumps(steps))
+"""
+
+
+class LeanWebTests(SynchronousTestCase):
+    """
+    L{_twisted_leanweb.importServer}.
+    """
+
+    def test_noOpOnceImported(self) -> None:
+        """
+        With C{twisted.web.server} imported, nothing happens.
+        """
+        from twisted.web import server
+
+        self.assertFalse(_twisted_leanweb.importServer())
+        self.assertIs(sys.modules["twisted.web.server"], server)
+
+    def test_freshProcess(self) -> None:
+        """
+        In a fresh process, the daemon's modules are imported without
+        Perspective Broker, the template system, C{xml.sax} and
+        C{decimal}; C{twisted.web.server}'s error pages still get the real
+        C{twisted.web.util}, and importing it or C{twisted.spread.pb}
+        later gives the real modules.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", WEB_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        self.assertEqual(
+            json.loads(result.stdout.splitlines()[-1]),
+            {
+                "imported": True,
+                "tap": [],
+                "request": "imageio._twisted_leanweb",
+                "util": "twisted.web._template_util",
+                "real": [True, "twisted.spread.flavors"],
+            },
+        )
+
+    def test_serverUsesOnlyStandIns(self) -> None:
+        """
+        C{twisted.web.server} takes from C{twisted.spread.pb} exactly
+        L{_twisted_leanweb.SPREAD_NAMES}, and uses C{twisted.web.util} only
+        as C{util.<name>} inside functions, for names in
+        L{_twisted_leanweb.UTIL_NAMES}; every name exists in the real
+        modules; the modules imported first are all it imports from
+        Twisted besides.
+        """
+        from twisted.spread import pb
+        from twisted.web import server, util
+
+        tree = ast.parse(inspect.getsource(server))
+        spread = set()
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                if node.module == "twisted.spread.pb":
+                    spread.update(alias.name for alias in node.names)
+        self.assertEqual(spread, set(_twisted_leanweb.SPREAD_NAMES))
+        inFunctions: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                inFunctions.update(id(n) for n in ast.walk(node))
+        used = set()
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "util"
+            ):
+                self.assertIn(id(node), inFunctions, f"util.{node.attr} at import time")
+                used.add(node.attr)
+        self.assertLessEqual(used, set(_twisted_leanweb.UTIL_NAMES))
+        for name in _twisted_leanweb.SPREAD_NAMES:
+            self.assertTrue(hasattr(pb, name), name)
+        for name in _twisted_leanweb.UTIL_NAMES:
+            self.assertTrue(hasattr(util, name), name)
+        twisted = {m for m in imported if m.startswith("twisted.") and m.count(".") > 1}
+        self.assertLessEqual(
+            twisted - {"twisted.spread.pb"},
+            set(_twisted_leanweb._FIRST) | {"twisted.internet.error", "twisted.python.compat"},
+        )
 
 
 class ReactorCoreTests(SynchronousTestCase):
@@ -112,6 +221,14 @@ class ReactorCoreTests(SynchronousTestCase):
         )
 
 
+def _mapped(pid: int, name: str) -> bool:
+    """
+    @return: Whether an extension module or library called C{name} is
+        mapped into process C{pid}.
+    """
+    return name in Path(f"/proc/{pid}/maps").read_text()
+
+
 def _cryptographyLoaded(pid: int) -> bool:
     """
     @return: Whether cryptography's Rust extension (which pyOpenSSL loads)
@@ -161,6 +278,10 @@ class LeanDaemonTests(TestCase):
             with connect(lean.addresses) as conn:
                 response = conn.request("GET", f"/images/{sourceTicket}")
             self.assertEqual(response.body, data)
+            # Nor the template system's XML parser, nor Perspective
+            # Broker's decimal (twisted.web.server's lean import).
+            self.assertFalse(_mapped(lean.pid, "pyexpat"), lean.output())
+            self.assertFalse(_mapped(lean.pid, "_decimal"), lean.output())
             if QEMU_NBD is not None:
                 self._nbdTicket(lean, image, data, pkiDir)
             self.assertFalse(_cryptographyLoaded(lean.pid), lean.output())

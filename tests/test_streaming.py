@@ -1362,6 +1362,75 @@ class DirectReadTests(SynchronousTestCase):
         assert view is not None
         self.assertEqual(len(view), 64)
 
+    def test_readsCountedWhenSpaceFull(self) -> None:
+        """
+        The rest of the offered space is offered again after a read, and
+        the sink hears of the bytes once that space is full: one
+        C{bodyFilled} for many reads.
+        """
+        self.conn.send(putHead(100))
+        channel = self.conn.channel
+        view = channel.readBuffer()
+        assert view is not None
+        view[:30] = b"a" * 30
+        channel.bufferFilled(30)
+        sink = self.resource.sinks[0]
+        self.assertEqual(sink.pieces, [])
+        rest = channel.readBuffer()
+        assert rest is not None
+        self.assertEqual(len(rest), 69)
+        rest[:69] = b"b" * 69
+        channel.bufferFilled(69)
+        self.assertEqual(sink.pieces, [("filled", 99)])
+        self.assertEqual(bytes(sink.body), b"a" * 30 + b"b" * 69)
+        self.conn.send(b"z")
+        self.assertEqual(self.conn.response().body, b"got 100")
+
+    def test_pendingReadsCountedOnLoss(self) -> None:
+        """
+        Bytes read into the offered space reach the sink before it hears
+        that the connection was lost.
+        """
+        self.conn.send(putHead(100))
+        receive(self.conn, self.transport, b"x" * 40, most=10)
+        sink = self.resource.sinks[0]
+        self.assertEqual(sink.pieces, [])
+        self.conn.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((sink.pieces, bytes(sink.body)), ([("filled", 40)], b"x" * 40))
+        self.assertIsNotNone(sink.lost)
+
+    def test_pendingReadsCountedWhenStopped(self) -> None:
+        """
+        Bytes read into the offered space reach the sink when the client
+        half-closes, or when the body rate watch looks.
+        """
+        self.conn.send(putHead(100))
+        receive(self.conn, self.transport, b"x" * 40, most=10)
+        sink = self.resource.sinks[0]
+        self.conn.channel.readConnectionLost()
+        self.assertEqual(sink.pieces, [("filled", 40)])
+
+    def test_directReadsKeepConnectionAlive(self) -> None:
+        """
+        Body bytes read straight into the sink's buffers count as activity
+        for the idle timeout although they do not reset it one by one: the
+        connection times out C{timeout} seconds after the last byte, not
+        before.
+        """
+        clock = Clock()
+        site = ImageioSite(SinkResource(size=64 * KiB), "test", timeout=10, reactor=clock)
+        site.bodyMinRate = 0
+        conn, transport = connectDirect(site)
+        conn.send(putHead(64 * KiB))
+        for _ in range(10):
+            clock.advance(4)
+            receive(conn, transport, b"x" * 100)
+        self.assertEqual(site.resource.sinks[0].pieces, [])
+        clock.advance(9.5)
+        self.assertFalse(conn.closed)
+        clock.advance(0.5)
+        self.assertTrue(transport.disconnecting)
+
     def test_pipelinedAfterDirectBody(self) -> None:
         """
         Requests pipelined behind a body read into the sink's buffers are
@@ -1627,6 +1696,57 @@ class SmallReadTests(StreamingTestCase):
         self.assertFalse(conn.closed)
         # Counted as transferred, as the producer's reads are.
         self.assertEqual(self.registry.lookup("t1").transferred(), 4096 + 4096)  # type: ignore[union-attr]
+
+    def test_sameHead(self) -> None:
+        """
+        The small read's status line and headers are those the producer
+        sent for the same range, in the same order, with a quoted file name
+        in C{Content-Disposition} and CORS headers.
+        """
+        self.ticket(filename="disk 1.raw")
+        conn = self.h.connect()
+        heads = []
+        for _ in range(2):
+            conn.send(
+                request(
+                    b"GET", b"/images/t1", {b"Range": b"bytes=4096-8191", b"Origin": b"https://x"}
+                )
+            )
+            self.backend.completeRead()
+            response = conn.response()
+            heads.append((response.status, [h for h in response.headers if h[0] != b"date"]))
+        self.assertEqual(self.producers, 1)
+        self.assertEqual(heads[1], heads[0])
+        self.assertIn((b"content-disposition", b'attachment; filename="disk 1.raw"'), heads[1][1])
+        self.assertIn((b"access-control-allow-origin", b"*"), heads[1][1])
+
+    def test_openBackendNoWait(self) -> None:
+        """
+        Once the connection's backend is open, a read does not wait for it
+        through C{backendFor}, unless the request is relayed (which
+        C{backendFor} checks for loops).
+        """
+        conn = self.warm()
+        from imageio.daemon.images import ImagesService
+
+        calls: list[object] = []
+        real = ImagesService.backendFor
+
+        def counting(*a: Any) -> Any:
+            calls.append(a)
+            return real(*a)
+
+        self.patch(ImagesService, "backendFor", counting)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(calls, [])
+        conn.send(
+            request(b"GET", b"/images/t1", {b"Range": b"bytes=0-4095", b"Imageio-Relayed": b"1"})
+        )
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(len(calls), 1)
 
     def test_canceled(self) -> None:
         """

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IListeningPort,
@@ -39,7 +39,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imageio.interfaces import IZeroCopyTransport
+from imageio.interfaces import IDirectWriter, IZeroCopyTransport
 from imageio.web._transport import (
     JOIN_SEQUENCE,
     TCPServerEndpoint,
@@ -215,6 +215,27 @@ class RecordingPushProducer:
 
 
 @implementer(IPullProducer)
+@implementer(IDirectWriter)
+class _BytesWriter:
+    """
+    A direct writer sending bytes with C{os.write} on the socket.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.view = memoryview(data)
+        self.calls = 0
+
+    def sendTo(self, fd: int) -> bool:
+        self.calls += 1
+        while self.view:
+            try:
+                n = os.write(fd, self.view)
+            except BlockingIOError:
+                return True
+            self.view = self.view[n:]
+        return False
+
+
 class ChunkPullProducer:
     """
     A pull producer writing C{data} in C{chunk}-byte writes, one per
@@ -319,6 +340,37 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         received = await reading
         self.assertEqual(len(received), LARGE)
         self.assertTrue(received == expected, "Received bytes differ from the buffer")
+
+    async def test_directWriterAfterQueue(self) -> None:
+        """
+        A direct writer sends into the socket only once everything written
+        to the transport before is sent, and again whenever the socket is
+        writable while it has bytes left.
+        """
+        transport, client = await self.connect()
+        head, body = payload(LARGE), payload(LARGE, seed=2)
+        writer = _BytesWriter(bytes(body))
+        transport.write(head)
+        self.assertGreater(transport.pendingBytes(), 0)
+        transport.setDirectWriter(writer)
+        transport.directWriteReady()
+        self.assertEqual(writer.calls, 0)
+        received = await client.read(2 * LARGE)
+        self.assertTrue(received == bytes(head) + bytes(body), "Received bytes differ")
+        self.assertGreater(writer.calls, 1)
+        transport.setDirectWriter(None)
+
+    async def test_directWriterLost(self) -> None:
+        """
+        A direct writer's socket error is a lost connection.
+        """
+        transport, client = await self.connect()
+        writer = _BytesWriter(bytes(payload(LARGE)))
+        transport.setDirectWriter(writer)
+        transport.directWriteReady()
+        client.reset()
+        reason = await self.lost()
+        self.assertIsInstance(reason.value, (ConnectionDone, ConnectionLost, ConnectionAborted))
 
     async def test_startTLSRefused(self) -> None:
         """

@@ -8,6 +8,8 @@ per seam:
   - the HTTP channel/request/decoder seam: L{imageio.web._twisted_http};
   - the reactor core's import-time TLS seam:
     L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor}.
+  - C{twisted.web.server}'s import-time seam (no PB, no templates):
+    L{imageio._twisted_leanweb}, pinned by C{tests.test_leanreactor}.
 
 If one of these tests fails after a Twisted upgrade, Twisted changed
 something we depend on: read the seam's module before anything else.
@@ -30,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import client, http
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from imageio.backends import _twisted_client, _twisted_newclient
@@ -491,6 +494,43 @@ class HTTPSeamTests(SynchronousTestCase):
         self.assertFalse(_twisted_http.requestGone(request))
         channel.connectionLost(Failure(ConnectionDone()))
         self.assertTrue(_twisted_http.requestGone(request))
+
+
+class HeaderSeamTests(SynchronousTestCase):
+    """
+    L{_twisted_http.setSafeHeaders} and L{_twisted_http.hasAnyHeader}
+    (C{Headers._rawHeaders}) agree with C{Headers}' public methods.
+    """
+
+    def test_setSafeHeadersAsSetRawHeaders(self) -> None:
+        """
+        Headers set by canonical name read back through C{getRawHeaders}
+        under any spelling, and compare equal to the same headers set
+        through C{setRawHeaders}, in the same order.
+        """
+        names = [b"Content-Length", b"Content-Range", b"Accept-Ranges", b"Server", b"Date"]
+        fast, slow = Headers(), Headers()
+        fast.setRawHeaders(b"x-first", [b"1"])
+        slow.setRawHeaders(b"x-first", [b"1"])
+        _twisted_http.setSafeHeaders(fast, {name: [b"v%d" % i] for i, name in enumerate(names)})
+        for i, name in enumerate(names):
+            slow.setRawHeaders(name.lower(), [b"v%d" % i])
+            self.assertEqual(fast.getRawHeaders(name.upper()), [b"v%d" % i])
+        self.assertEqual(fast, slow)
+        self.assertEqual(list(fast.getAllRawHeaders()), list(slow.getAllRawHeaders()))
+
+    def test_hasAnyHeader(self) -> None:
+        """
+        Header names received in any case are found by their canonical
+        spelling.
+        """
+        headers = Headers()
+        names = frozenset({b"Origin", b"Access-Control-Request-Method"})
+        self.assertFalse(_twisted_http.hasAnyHeader(headers, names))
+        headers.addRawHeader(b"host", b"x")
+        self.assertFalse(_twisted_http.hasAnyHeader(headers, names))
+        headers.addRawHeader(b"ACCESS-control-request-METHOD", b"GET")
+        self.assertTrue(_twisted_http.hasAnyHeader(headers, names))
 
 
 class IdentityBodyTests(SynchronousTestCase):

@@ -6,6 +6,7 @@ Tests for L{imageio.web._upload.UploadSink}.
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from imageio import _buffers
@@ -509,3 +510,75 @@ class DirectBodyTests(SynchronousTestCase):
         self.backend.completeWrites()
         self.successResultOf(sink.whenDone())
         self.assertEqual(bytes(self.backend.image[: 3 * BUFFER]), b"q" * 2 * BUFFER + b"r" * BUFFER)
+
+
+def _mappingOf(buf: Any) -> tuple[str, set[str]]:
+    """
+    @return: The permissions and C{VmFlags} of the mapping holding C{buf},
+        from C{/proc/self/smaps}.
+    """
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    perms: str | None = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=2)[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(x, 16) for x in first.split("-"))
+                perms = line.split()[1] if start <= address < end else None
+            elif perms is not None and line.startswith("VmFlags:"):
+                return perms, set(line.split()[1:])
+    raise AssertionError(f"No mapping at {address:#x}")
+
+
+class AllocateTests(SynchronousTestCase):
+    """
+    L{_buffers.allocate}: page-aligned buffers that are cheap to touch for
+    the first time.
+    """
+
+    def test_privateNotForked(self) -> None:
+        """
+        Buffers to be filled whole are private anonymous memory (not shmem,
+        where every first touch is a shmem page fault) and are not copied
+        into forked children; others stay shared anonymous memory.
+        """
+        buf = _buffers.allocate(64 * 1024, huge=True)
+        perms, flags = _mappingOf(buf)
+        self.assertEqual(perms[3], "p")
+        self.assertNotIn("sh", flags)
+        self.assertIn("dc", flags)
+        self.assertNotIn("hg", flags)
+        self.assertEqual(ctypes.addressof(ctypes.c_char.from_buffer(buf)) % _buffers.ALIGNMENT, 0)
+        self.assertEqual(bytes(buf[:16]), bytes(16))
+        self.assertEqual(_mappingOf(_buffers.allocate(64 * 1024))[0][3], "s")
+
+    def test_hugePagesForLargeBuffers(self) -> None:
+        """
+        Buffers to be filled whole (C{huge}) of L{_buffers.HUGE_PAGE} bytes
+        and more ask for transparent huge pages; others do not.
+        """
+        if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+            raise SkipTest("This kernel has no transparent huge pages")
+        self.assertNotIn("hg", _mappingOf(_buffers.allocate(_buffers.HUGE_PAGE))[1])
+        buf = _buffers.allocate(_buffers.HUGE_PAGE, huge=True)
+        self.assertIn("hg", _mappingOf(buf)[1])
+        self.assertNotIn("hg", _mappingOf(_buffers.allocate(64 * 1024, huge=True))[1])
+
+    def test_uploadBuffersHuge(self) -> None:
+        """
+        L{UploadSink} fills its buffers whole, so it asks for huge pages.
+        """
+        if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+            raise SkipTest("This kernel has no transparent huge pages")
+        sink = UploadSink(
+            Deferred(),
+            0,
+            8 * _buffers.HUGE_PAGE,
+            StringTransport(),
+            Operation("write", 0),
+            bufferSize=2 * _buffers.HUGE_PAGE,
+        )
+        view = sink.bodyBuffer()
+        assert view is not None
+        self.assertEqual(len(view), 2 * _buffers.HUGE_PAGE)
+        self.assertIn("hg", _mappingOf(view)[1])

@@ -7,7 +7,9 @@ when the file system refuses it, the backend falls back to buffered I/O.
 Every system call on the image runs on the disk-io pool, except aligned
 direct reads and writes, which go through the AIO engine (L{imageio._aio})
 when the daemon has one and fall back to the pool where the kernel would
-block. Unaligned requests go through a per-backend bounce buffer
+block. On tmpfs, where AIO completes inside C{io_submit} (a memory copy on
+the reactor thread), only reads up to L{SYNC_AIO_MAX_READ} go through the
+engine. Unaligned requests go through a per-backend bounce buffer
 (read-modify-write of whole blocks for writes), so callers need not know
 the block size. Writes and zeroes that touch the same blocks of an image,
 from any connection, take turns (L{_ImageWrites}), so that a
@@ -39,7 +41,7 @@ from zope.interface import implementer
 
 from imageio import _aio
 from imageio._buffers import allocate
-from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from imageio.interfaces import Extent, IBackend, ISpliceSource, UnsupportedOperation
 
 if TYPE_CHECKING:
     from imageio._aio import AIOEngine
@@ -67,11 +69,23 @@ MAX_EXTENTS = 10_000
 #: waited) before a backend stops trying AIO and uses the pool only.
 AIO_MAX_REFUSALS = 64
 
+#: Largest read given to the AIO engine on a file system where AIO completes
+#: inside C{io_submit} (tmpfs: direct I/O there is a memory copy, made on
+#: the calling thread, the reactor's). 64 KiB is the most one reactor socket
+#: send moves anyway: its copy costs 5-10 us on this kind of machine against
+#: 60-100 us CPU and a cross-CPU wake-up for the disk-io pool's round trip. A
+#: 4 MiB read would hold the reactor for 0.5-5 ms, so larger reads, and all
+#: writes (which may allocate pages), stay on the pool there.
+SYNC_AIO_MAX_READ = 64 * 1024
+
 #: Size of the bounce buffer for unaligned or misaligned-memory I/O.
 BOUNCE_SIZE = 1024**2
 
 #: Size of the shared buffer of zeroes written when fallocate cannot zero.
 ZERO_BUFFER_SIZE = 1024**2
+
+# splice(2) into a pipe without waiting for room in it.
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -327,10 +341,12 @@ def openBackend(
             direct=o.direct,
             isBlock=o.isBlock,
             writes=o.writes,
+            aio=ctx.aio if o.direct else None,
             # On tmpfs a direct read or write is a memory copy done inside
             # io_submit, on the reactor thread, for as long as the copy
-            # takes: page-cached data moved on the reactor. The pool does it.
-            aio=ctx.aio if o.direct and not o.memoryFS else None,
+            # takes: only small reads go there, larger ones and writes to
+            # the pool.
+            aioSyncMax=SYNC_AIO_MAX_READ if o.memoryFS else None,
         )
         if not o.isBlock:
             o.writes.size = max(o.writes.size, o.size)
@@ -463,7 +479,7 @@ def _appendExtent(extents: list[Extent], start: int, stop: int, zero: bool) -> N
     extents.append(Extent(start, stop - start, zero=zero, hole=False))
 
 
-@implementer(IBackend)
+@implementer(IBackend, ISpliceSource)
 @define
 class FileBackend:
     """
@@ -480,7 +496,8 @@ class FileBackend:
         lengths and memory of direct I/O must be aligned to C{blockSize}.
     @ivar isBlock: The image is a block device.
     @ivar engine: C{"aio"} while aligned direct I/O goes through the AIO
-        engine, else C{"threads"}.
+        engine, C{"aio-small-reads"} where only reads up to
+        L{SYNC_AIO_MAX_READ} do (tmpfs), else C{"threads"}.
     """
 
     name: str
@@ -498,6 +515,10 @@ class FileBackend:
     _writes: _ImageWrites
     # Aligned direct reads and writes go here first, if set.
     _aio: AIOEngine | None = None
+    # Where AIO completes inside io_submit, on the reactor (tmpfs): only
+    # reads up to this many bytes go to the engine, without RWF_NOWAIT
+    # (refused there), and no writes. None: AIO is asynchronous here.
+    _aioSyncMax: int | None = None
     # AIO requests refused with EAGAIN since the last one that went through.
     _aioRefusals: int = field(default=0, init=False)
     # Pool calls that have not returned yet; the fd outlives them.
@@ -516,7 +537,22 @@ class FileBackend:
 
     @property
     def engine(self) -> str:
-        return "aio" if self._aio is not None else "threads"
+        if self._aio is None:
+            return "threads"
+        return "aio" if self._aioSyncMax is None else "aio-small-reads"
+
+    @property
+    def spliceAlignment(self) -> int | None:
+        # Direct reads only: buffered ones would put page-cache pages in the
+        # pipe, which a later write could change before they are sent.
+        return self.blockSize if self.direct else None
+
+    def spliceInto(self, offset: int, length: int, pipe: int) -> Deferred[int]:
+        if not self.direct:
+            return fail(UnsupportedOperation(f"Backend {self.name} is not direct: {self.path}"))
+        if offset < 0 or length <= 0:
+            return fail(ValueError(f"Invalid range: offset={offset} length={length}"))
+        return self._run(self._spliceInto, offset, length, pipe)
 
     # IBackend
 
@@ -528,7 +564,14 @@ class FileBackend:
             return fail(ValueError(f"Negative offset: {offset}"))
         aio = self._aio
         if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
-            d = aio.read(self._fd, _byteView(buf), offset, self.blockSize)
+            limit = self._aioSyncMax
+            if limit is None:
+                d = aio.read(self._fd, _byteView(buf), offset, self.blockSize)
+            elif buf.nbytes <= limit:
+                # Completes inside io_submit: a bounded copy, no thread hop.
+                d = aio.read(self._fd, _byteView(buf), offset, self.blockSize, False)
+            else:
+                d = None
             if d is not None:
                 return self._runAIO(d, self._readInto, offset, buf)
         return self._run(self._readInto, offset, buf)
@@ -547,7 +590,7 @@ class FileBackend:
         claim = self._claim(offset, end, trims=self.direct and end % bs != 0)
 
         def start(finished: _Finished) -> Deferred[int]:
-            aio = self._aio
+            aio = self._aio if self._aioSyncMax is None else None
             if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
                 d = aio.write(self._fd, _byteView(data), offset, bs)
                 if d is not None:
@@ -795,6 +838,27 @@ class FileBackend:
         return UnsupportedOperation(f"Backend {self.name} was opened read-only: {self.path}")
 
     # Pool-side work
+
+    def _spliceInto(self, offset: int, length: int, pipe: int) -> int:
+        done = 0
+        while done < length:
+            try:
+                n = os.splice(
+                    self._fd, pipe, length - done, offset_src=offset + done, flags=_SPLICE_FLAGS
+                )
+            except BlockingIOError:
+                # The pipe is full.
+                break
+            if n == 0:
+                raise EOFError(f"Image {self.path} ends at {offset + done}")
+            done += n
+            if (offset + done) % self.blockSize:
+                # A direct read stopping inside a block stopped at the end
+                # of the image; the bytes before it are in the pipe.
+                if done < length:
+                    raise EOFError(f"Image {self.path} ends at {offset + done}")
+                break
+        return done
 
     def _readInto(self, offset: int, buf: memoryview) -> int:
         view = _byteView(buf)

@@ -328,21 +328,22 @@ class Client:
         backends, server = await self._openLocal(info, 1, write=False)
         try:
             backend = backends[0]
-            extents = await collectExtents(backend, info.virtualSize)
             self._startProgress(info.virtualSize)
             hasher = _blkhash.Hasher(algorithm, blockSize)
             view = memoryview(_buffers.allocate(blockSize))
-            if True:
-                for block in _blkhash.splitBlocks(extents, blockSize):
-                    if block.zero:
-                        hasher.zero(block.length)
-                    else:
-                        piece = view[: block.length]
-                        n = await backend.readInto(block.start, piece)
-                        if n != block.length:
-                            raise ClientError(f"Short read from {target} at {block.start}")
-                        await self._pool(hasher.update, piece)
-                    self._update(block.length)
+            done = 0
+
+            def progress(end: int) -> None:
+                nonlocal done
+                self._update(end - done)
+                done = end
+
+            try:
+                await _blkhash.hashBackend(
+                    backend, info.virtualSize, hasher, view, self._pool, progress
+                )
+            except OSError as e:
+                raise ClientError(f"Cannot read {target}: {e.strerror or e}") from None
             return {
                 "algorithm": algorithm,
                 "block_size": blockSize,

@@ -65,6 +65,8 @@ from imageio.web import (
     ReaderStalled,
     Router,
     ShortBody,
+    SpliceProducer,
+    SpliceRefused,
     TruncatedImage,
     UploadSink,
     abortConnection,
@@ -82,6 +84,7 @@ from imageio.web import (
     sendEmpty,
     sendError,
     sendJSON,
+    setSafeHeaders,
 )
 
 log = Logger()
@@ -109,6 +112,19 @@ def _rangeError(error: RangeError) -> HTTPError:
     if isinstance(error, RangeNotSatisfiable):
         headers.append((b"content-range", error.contentRange()))
     return HTTPError(error.status, error.message, headers)
+
+
+def _resolve(byteRange: Any, ticket: Ticket, imageSize: int) -> tuple[int, int]:
+    """
+    @return: Offset and length of C{byteRange} in an image of C{imageSize}
+        bytes served through C{ticket}.
+    @raise HTTPError: 416 (with what is satisfiable) for a range past the
+        end, as upstream answers; the small-read and producer paths share it.
+    """
+    try:
+        return resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
+    except RangeError as e:
+        raise _rangeError(e) from None
 
 
 def _logRead(ticket: Ticket, offset: int, length: int) -> None:
@@ -215,6 +231,9 @@ class ImagesService:
     unixSocket: str | None = None
     #: The memory all transfer buffers and checksum blocks share.
     budget: _buffers.BufferBudget = field(factory=_buffers.BufferBudget)
+    #: Send large downloads from direct files over plain sockets with
+    #: C{splice(2)} (L{imageio.web.SpliceProducer}).
+    splice: bool = True
 
     @property
     def chunkSize(self) -> int:
@@ -230,6 +249,20 @@ class ImagesService:
             return self.registry.authorize(ticketID, op)
         except AuthorizationError as e:
             raise _forbidden(e, close) from None
+
+    def openedBackend(self, request: Request, ticket: Ticket) -> IBackend | None:
+        """
+        @return: The backend of this connection for C{ticket} if it is open
+            and the request may use it, else C{None}: then L{backendFor}
+            opens it, waits for it, or refuses the request.
+        """
+        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
+        if ctx is None or ctx.backend is None:
+            return None
+        if request.requestHeaders.hasHeader(RELAYED_HEADER):
+            # backendFor decides whether that would be a loop.
+            return None
+        return ctx.backend
 
     def backendFor(self, request: Request, ticket: Ticket) -> Deferred[IBackend]:
         """
@@ -434,8 +467,17 @@ class ImageHandler:
                     e.status, e.message, [(b"content-range", b"bytes */%d" % ticket.size)]
                 ) from None
         ticket = self.service.authorize(ticketID, READ)
-        d = self.service.backendFor(request, ticket)
-        d.addCallback(self._read, request, ticket, byteRange)
+        backend = self.service.openedBackend(request, ticket)
+        if backend is not None:
+            # The connection's backend is open (every request after its
+            # first): no Deferred to wait for it.
+            try:
+                d = self._read(backend, request, ticket, byteRange)
+            except Exception:
+                d = fail()
+        else:
+            d = self.service.backendFor(request, ticket)
+            d.addCallback(self._read, request, ticket, byteRange)
         d.addErrback(_failureToHTTP, request)
         return d
 
@@ -510,12 +552,24 @@ class ImageHandler:
                 else:
                     result.errback(TypeError(f"Backend read returned {n!r}"))
                 return
-            request.setHeader(b"content-length", b"%d" % length)
-            request.setHeader(b"content-type", b"application/octet-stream")
-            request.setHeader(b"content-disposition", contentDisposition(ticket.filename))
-            request.setHeader(b"accept-ranges", b"bytes")
             request.setResponseCode(206)
-            request.setHeader(b"content-range", contentRangeHeader(offset, length, ticket.size))
+            # The same headers as _startRead's, in the same order, without
+            # Twisted's encoding and sanitizing of each (about ten calls).
+            headers = {
+                b"Content-Length": [b"%d" % length],
+                b"Content-Type": [b"application/octet-stream"],
+            }
+            disposition = contentDisposition(ticket.filename)
+            # Ticket file names cannot hold control characters; should one,
+            # Twisted's sanitizing takes care of it.
+            safe = b"\r" not in disposition and b"\n" not in disposition
+            if safe:
+                headers[b"Content-Disposition"] = [disposition]
+            headers[b"Accept-Ranges"] = [b"bytes"]
+            headers[b"Content-Range"] = [contentRangeHeader(offset, length, ticket.size)]
+            setSafeHeaders(request.responseHeaders, headers)
+            if not safe:
+                request.setHeader(b"content-disposition", disposition)
             request.write(data)
             request.finish()
             result.callback(None)
@@ -538,10 +592,7 @@ class ImageHandler:
     def _shortRead(
         self, imageSize: int, ticket: Ticket, byteRange: Any, offset: int, n: int
     ) -> None:
-        try:
-            resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
-        except RangeError as e:
-            raise _rangeError(e) from None
+        _resolve(byteRange, ticket, imageSize)
         raise TruncatedImage(f"Expected {byteRange.last - offset + 1} bytes at {offset}, got {n}")
 
     @inlineCallbacks
@@ -554,12 +605,15 @@ class ImageHandler:
             # tells whether the image has the bytes, which saves a size()
             # round trip to the disk-io pool on every request.
             offset, length = byteRange.first, byteRange.last - byteRange.first + 1
+            if self.service.splice and SpliceProducer.applies(request, backend, length):
+                # A spliced range is read in pipe-sized steps, and a short
+                # image must still be a 416 before the head: ask first
+                # (upstream's client asks 4 MiB at a time).
+                imageSize = yield backend.size()
+                offset, length = _resolve(byteRange, ticket, imageSize)
         else:
             imageSize = yield backend.size()
-            try:
-                offset, length = resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
-            except RangeError as e:
-                raise _rangeError(e) from None
+            offset, length = _resolve(byteRange, ticket, imageSize)
         request.setHeader(b"content-length", b"%d" % length)
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-disposition", contentDisposition(ticket.filename))
@@ -574,57 +628,93 @@ class ImageHandler:
         op = Operation("read", offset)
         self.service.startOperation(ticket, op)
         _logRead(ticket, offset, length)
-        producer = DownloadProducer(
-            request,
-            backend,
-            offset,
-            length,
-            op,
-            self.service.clock,
-            bufferSize=self.service.chunkSize,
-            idleTimeout=ticket.inactivityTimeout,
-            pool=self.service.buffersFor(request, ticket),
-            budget=self.service.budget,
-        )
-        op.onCancel = lambda: producer.cancel(
-            OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-        )
         try:
+            if (
+                self.service.splice
+                and imageSize is not None
+                and SpliceProducer.applies(request, backend, length)
+            ):
+                # A plain socket and a direct file: file -> pipe -> socket
+                # in the kernel. The size is known, so a short image is a
+                # 416 before the head, as below, whichever read finds it.
+                spliced = SpliceProducer(
+                    request,
+                    backend,
+                    offset,
+                    length,
+                    op,
+                    self.service.clock,
+                    idleTimeout=ticket.inactivityTimeout,
+                )
+                op.onCancel = lambda: spliced.cancel(
+                    OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+                )
+                try:
+                    yield spliced.start()
+                    return
+                except SpliceRefused:
+                    # Nothing was written: the usual path below.
+                    op.onCancel = None
+            producer = DownloadProducer(
+                request,
+                backend,
+                offset,
+                length,
+                op,
+                self.service.clock,
+                bufferSize=self.service.chunkSize,
+                idleTimeout=ticket.inactivityTimeout,
+                pool=self.service.buffersFor(request, ticket),
+                budget=self.service.budget,
+            )
+            op.onCancel = lambda: producer.cancel(
+                OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+            )
             yield producer.start()
         except Exception:
-            f = Failure()
-            if isGone(request):
-                return
-            if not request.startedWriting:
-                # Failed before the first byte: the headers are not out yet,
-                # so the client gets a proper error instead of a cut.
-                for name in _GET_HEADERS:
-                    request.responseHeaders.removeHeader(name)
-                request.setResponseCode(200)
-                if f.check(TruncatedImage) and imageSize is None:
-                    # The range ends past the image: answer as upstream does.
-                    imageSize = yield backend.size()
-                    try:
-                        resolveRange(byteRange, ticket.size, min(ticket.size, imageSize))
-                    except RangeError as e:
-                        raise _rangeError(e) from None
-                f.raiseException()
-            if f.check(OperationCanceled):
-                log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
-            elif f.check(ReaderStalled):
-                # A client that stopped reading is cut as planned: not an error.
-                log.info(
-                    "Download for ticket {ticketID} cut: {reason}",
-                    ticketID=shortID(ticket.uuid),
-                    reason=f.getErrorMessage(),
-                )
-            elif not f.check(ConnectionError):
-                log.failure(
-                    "Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid)
-                )
-            abortConnection(request)
+            yield self._readFailed(Failure(), request, ticket, byteRange, imageSize, backend)
         finally:
             self.service.finishOperation(ticket, op)
+
+    @inlineCallbacks
+    def _readFailed(
+        self,
+        f: Failure,
+        request: Request,
+        ticket: Ticket,
+        byteRange: Any,
+        imageSize: int | None,
+        backend: IBackend,
+    ) -> Any:
+        """
+        A download producer failed with C{f}: answer an error if the head
+        is not out yet, else log why and cut the connection.
+        """
+        if isGone(request):
+            return
+        if not request.startedWriting:
+            # Failed before the first byte: the headers are not out yet,
+            # so the client gets a proper error instead of a cut.
+            for name in _GET_HEADERS:
+                request.responseHeaders.removeHeader(name)
+            request.setResponseCode(200)
+            if f.check(TruncatedImage) and imageSize is None:
+                # The range ends past the image: answer as upstream does.
+                imageSize = yield backend.size()
+                _resolve(byteRange, ticket, imageSize)
+            f.raiseException()
+        if f.check(OperationCanceled):
+            log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
+        elif f.check(ReaderStalled):
+            # A client that stopped reading is cut as planned: not an error.
+            log.info(
+                "Download for ticket {ticketID} cut: {reason}",
+                ticketID=shortID(ticket.uuid),
+                reason=f.getErrorMessage(),
+            )
+        elif not f.check(ConnectionError):
+            log.failure("Download for ticket {ticketID} was cut", f, ticketID=shortID(ticket.uuid))
+        abortConnection(request)
 
     def _oneRead(self, request: Request, ticket: Ticket, byteRange: Any) -> bool:
         """
@@ -819,7 +909,7 @@ class ExtentsHandler:
 
     Reports real holes for files (SEEK_DATA/SEEK_HOLE), and accepts a
     window so multi-TiB images need not be described in one answer. Long
-    answers are streamed in slices (L{JSONListWriter}).
+    answers are gathered and written in slices (L{JSONListWriter}).
     """
 
     service: ImagesService
@@ -843,7 +933,7 @@ class ExtentsHandler:
             # answer); each part is merged and encoded on the pool and
             # written once the transport took the previous one, so a map of
             # millions of extents costs neither memory nor reactor time.
-            writer = JSONListWriter(request)
+            writer = JSONListWriter(request, self.service.budget)
             held: Extent | None = None
             position = start
             try:
@@ -859,6 +949,7 @@ class ExtentsHandler:
                 if held is not None:
                     items, _ = yield self.service.runInPool(_encodeExtents, held, [], True)
                     yield writer.write(items)
+                yield writer.finish()
             except Exception:
                 if isGone(request):
                     # The client left: nobody to answer.
@@ -873,8 +964,8 @@ class ExtentsHandler:
                         ticketID=shortID(ticket.uuid),
                     )
                 abortConnection(request)
-                return
-            writer.finish()
+            finally:
+                writer.release()
 
         d = self.service.backendFor(request, ticket)
         d.addCallback(extents)
@@ -974,28 +1065,13 @@ class ChecksumHandler:
                 op.onCancel = None
             # Page-aligned: O_DIRECT reads go straight into it.
             buf = memoryview(_buffers.allocate(blockSize))  # type: ignore[arg-type]
-            extents: list[Any] = []
-            position = 0
-            while position < size:
-                got = yield backend.extents("zero", position, size - position)
-                if not got:
-                    break
-                extents.extend(got)
-                position = got[-1].start + got[-1].length
-            # Blocks are aligned to the image start, as upstream's, and may
-            # span several extents: a block is zero only if all of them are.
-            for block in _blkhash.splitBlocks(extents, blockSize):
+
+            def progress(end: int) -> None:
                 if op.canceled:
                     raise OperationCanceled(f"Transfer {ticket.transferID} was canceled")
-                if block.zero:
-                    yield self.service.runInPool(hasher.zero, block.length)
-                else:
-                    view = buf[: block.length]
-                    n = yield backend.readInto(block.start, view)
-                    if n != block.length:
-                        raise OSError(5, f"Short read at {block.start}")
-                    yield self.service.runInPool(hasher.update, view)
-                op.done = block.start + block.length
+                op.done = end
+
+            yield _blkhash.hashBackend(backend, size, hasher, buf, self.service.runInPool, progress)
             result = {
                 "algorithm": algorithm,
                 "block_size": blockSize,

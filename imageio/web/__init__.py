@@ -39,6 +39,7 @@ from imageio.web._response import (
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
 from imageio.web._sinks import CollectSink
 from imageio.web._site import ImageioSite
+from imageio.web._splice import SpliceProducer, SpliceRefused
 from imageio.web._tls import (  # imageio.client._tls
     TLSConfigError,
     TLSServerEndpoint,
@@ -47,6 +48,7 @@ from imageio.web._tls import (  # imageio.client._tls
     makeServerContext,
 )
 from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
+from imageio.web._twisted_http import setSafeHeaders
 from imageio.web._upload import ShortBody, UploadSink
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "sendError",
     "sendHTTPError",
     "sendJSON",
+    "setSafeHeaders",
     "loadJSON",
     "JSONListWriter",
     # Routing
@@ -79,6 +82,8 @@ __all__ = [
     "redactPath",
     # Bodies
     "DownloadProducer",
+    "SpliceProducer",
+    "SpliceRefused",
     "ReaderStalled",
     "TruncatedImage",
     "ShortBody",

@@ -4,10 +4,11 @@ Download producer: a byte range of a backend streamed to a response.
 
 A push producer with two reusable, page-aligned buffers: while one chunk
 waits for the transport (paused because the socket is full), the next is
-read on the disk-io pool. TLS transports encrypt a buffer at once, so it is
-free again when C{write} returns; our socket transports
+read on the disk-io pool. Our socket transports
 (L{imageio.interfaces.IZeroCopyTransport}) send it without a copy and give
-it back once sent. Memory per download is two buffers, whatever the image
+it back once sent, our TLS transport once encrypted (as the socket drains);
+other TLS transports encrypt it at once, so it is free again when C{write}
+returns. Memory per download is two buffers, whatever the image
 size.
 """
 
@@ -100,13 +101,14 @@ class DownloadProducer:
             when it was cut.
         """
         self._position = self.offset
-        # TLS transports encrypt what they are given at once; ours hold the
-        # buffer until sent; others (Twisted's) accept only bytes.
+        # Ours (sockets, and TLS over them) hold the buffer until sent or
+        # encrypted; other TLS transports encrypt what they are given at
+        # once; others (Twisted's) accept only bytes.
         transport = getattr(self.request.channel, "transport", None)
-        if ISSLTransport.providedBy(transport):
-            self._mode = _CONSUMED
-        elif IZeroCopyTransport.providedBy(transport):
+        if IZeroCopyTransport.providedBy(transport):
             self._mode = _HELD
+        elif ISSLTransport.providedBy(transport):
+            self._mode = _CONSUMED
         self.request.registerProducer(self, True)
         # A real transport calls stopProducing on disconnect; notifyFinish
         # also covers test transports.

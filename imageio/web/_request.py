@@ -42,7 +42,7 @@ from imageio.web._response import (
     sendInternalError,
 )
 from imageio.web._sinks import MAX_SMALL_BODY, CollectSink, DiscardSink, tooLarge
-from imageio.web._twisted_http import HTTPChannelSeam, requestGone
+from imageio.web._twisted_http import HTTPChannelSeam, requestGone, setSafeHeaders
 
 log = Logger()
 
@@ -130,9 +130,7 @@ class StreamingRequest(server.Request):
             return
         channel: Any = self.channel
         self.site = site = channel.site
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [SERVER])
-        headers.setRawHeaders(b"date", [_httpDate()])
+        setSafeHeaders(self.responseHeaders, {b"Server": [SERVER], b"Date": [_httpDate()]})
         self.prepath = []
         self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
         try:

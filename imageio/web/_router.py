@@ -38,6 +38,7 @@ from imageio.web._response import (
     sendInternalError,
 )
 from imageio.web._sinks import MAX_SMALL_BODY, CollectSink
+from imageio.web._twisted_http import hasAnyHeader
 
 log = Logger()
 
@@ -196,6 +197,12 @@ def enumArg(request: Request, name: str, values: Sequence[str], default: str) ->
     return value
 
 
+#: Request headers that make L{cors} answer, as Twisted spells them.
+_CORS_TRIGGERS = frozenset(
+    {b"Origin", b"Access-Control-Request-Headers", b"Access-Control-Request-Method"}
+)
+
+
 def cors(request: Request, allowMethods: bytes = b"*") -> None:
     """
     Add upstream's CORS headers when the request asks for them.
@@ -203,6 +210,8 @@ def cors(request: Request, allowMethods: bytes = b"*") -> None:
     @param allowMethods: C{Access-Control-Allow-Methods} for preflights.
     """
     headers = request.requestHeaders
+    if not hasAnyHeader(headers, _CORS_TRIGGERS):
+        return
     triggered = False
     if headers.hasHeader(b"origin"):
         request.setHeader(b"access-control-allow-origin", b"*")

@@ -19,6 +19,10 @@ For uploads they read the other way round: an HTTP connection receiving a
 request body sets itself as the L{IDirectReader}, and the body is read with
 C{recv_into} straight into the upload's buffer.
 
+A download over a plain socket may send the bytes itself, moving them from
+a pipe into the socket with C{splice(2)} (L{IDirectWriter}): the transport
+asks it to, once everything written before was sent.
+
 The transports are Twisted's own with C{write}, C{writeSequence} and
 C{doWrite} replaced; L{TCPServerEndpoint} and L{UNIXServerEndpoint} listen
 with them.
@@ -45,7 +49,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementedBy, implementer, implementer_only
 from zope.interface.interface import InterfaceClass
 
-from imageio.interfaces import IDirectReader, IDirectReadTransport, IZeroCopyTransport
+from imageio.interfaces import (
+    IDirectReader,
+    IDirectReadTransport,
+    IDirectWriter,
+    IDirectWriteTransport,
+    IZeroCopyTransport,
+)
 from imageio.web._twisted_transport import FileDescriptorSeam
 
 #: Most bytes handed to the kernel per send call.
@@ -87,6 +97,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
     _queued = 0
     _drainWaiters: list[Deferred[None]] | None = None
     _directReader: IDirectReader | None = None
+    _directWriter: IDirectWriter | None = None
     _host: Any = None
     _peer: Any = None
 
@@ -131,6 +142,23 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         assert reader is not None
         reader.bufferFilled(n)
         return None
+
+    def setDirectWriter(self, writer: IDirectWriter | None) -> None:
+        self._directWriter = writer
+
+    def directWriteReady(self) -> None:
+        writer = self._directWriter
+        if writer is None or not self.connected or self.disconnected or self._queued:
+            # With buffers queued we already wait for writability; doWrite
+            # sends them first, then asks the writer.
+            return
+        try:
+            blocked = writer.sendTo(self.socket.fileno())
+        except OSError:
+            # doWrite meets the same error and reports the lost connection.
+            blocked = True
+        if blocked:
+            self.startWriting()  # type: ignore[attr-defined]
 
     def pendingBytes(self) -> int:
         return self._queued
@@ -188,6 +216,14 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             if sent < size:
                 # The socket is full: wait for the next write pass.
                 return None
+        writer = self._directWriter
+        if writer is not None:
+            # Only now: its bytes follow everything written before.
+            try:
+                if writer.sendTo(self.socket.fileno()):
+                    return None
+            except OSError:
+                return main.CONNECTION_LOST
         return self._drained()
 
     # Internals
@@ -253,6 +289,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
 
     def connectionLost(self, reason: Failure) -> None:
         self._directReader = None
+        self._directWriter = None
         self._queue = None
         self._queued = 0
         super().connectionLost(reason)  # type: ignore[misc]
@@ -269,7 +306,13 @@ def _withoutTLS(base: type) -> list[InterfaceClass]:
     return [i for i in implementedBy(base).interfaces() if i is not ITLSTransport]
 
 
-@implementer_only(IZeroCopyTransport, IDirectReadTransport, ITCPTransport, *_withoutTLS(tcp.Server))
+@implementer_only(
+    IZeroCopyTransport,
+    IDirectReadTransport,
+    IDirectWriteTransport,
+    ITCPTransport,
+    *_withoutTLS(tcp.Server),
+)
 class ZeroCopyTCPServer(_ZeroCopyMixin, tcp.Server):
     """
     A TCP server connection whose writes are not copied.
@@ -277,7 +320,11 @@ class ZeroCopyTCPServer(_ZeroCopyMixin, tcp.Server):
 
 
 @implementer_only(
-    IZeroCopyTransport, IDirectReadTransport, ITCPTransport, *_withoutTLS(unix.Server)
+    IZeroCopyTransport,
+    IDirectReadTransport,
+    IDirectWriteTransport,
+    ITCPTransport,
+    *_withoutTLS(unix.Server),
 )
 class ZeroCopyUNIXServer(_ZeroCopyMixin, unix.Server):
     """

@@ -23,7 +23,10 @@ here, behind public names, and each is pinned by C{tests.test_twisted_seams}:
   - C{HTTPChannel._transferDecoder} and C{http._IdentityTransferDecoder}
     (its C{contentLength}, C{dataCallback}): the Content-Length framing
     of the body being received, reached only through L{IdentityBody};
-  - C{Request._disconnected}: the client went away.
+  - C{Request._disconnected}: the client went away;
+  - C{Headers._rawHeaders}: the header dict, keyed by canonical names
+    (C{Content-Length}), for response headers we set without Twisted's
+    per-name encoding and per-value sanitizing (L{setSafeHeaders}).
 
 Body framing stays Twisted's: a body read directly into a sink's buffer is
 counted off the decoder's C{contentLength} exactly as the decoder itself
@@ -37,6 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.web import http
+from twisted.web.http_headers import Headers
 
 #: The private names this module touches, by the Twisted class that
 #: defines them (for the pinning tests). Instance attributes are pinned
@@ -54,6 +58,7 @@ PRIVATE_NAMES = (
     ("twisted.web.http.HTTPChannel", "_transferDecoder"),
     ("twisted.web.http", "_IdentityTransferDecoder"),
     ("twisted.web.http.Request", "_disconnected"),
+    ("twisted.web.http_headers.Headers", "_rawHeaders"),
 )
 
 _IdentityTransferDecoder: type = http._IdentityTransferDecoder  # type: ignore[attr-defined]
@@ -119,6 +124,27 @@ def requestGone(request: http.Request) -> bool:
     @return: Whether the client of C{request} disconnected.
     """
     return bool(request._disconnected)
+
+
+def setSafeHeaders(headers: Headers, values: dict[bytes, list[bytes]]) -> None:
+    """
+    Set response headers as C{headers.setRawHeaders} would, for names in
+    Twisted's canonical form (C{b"Content-Length"}) and values we made
+    ourselves from constants and numbers, which need no sanitizing: one
+    dict update instead of about ten calls per header.
+
+    @param values: Canonical name -> values, none containing CR or LF.
+    """
+    headers._rawHeaders.update(values)
+
+
+def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
+    """
+    @param names: Header names in Twisted's canonical form.
+    @return: Whether C{headers} has any of C{names}: one set operation
+        instead of a C{hasHeader} call (and name encoding) per name.
+    """
+    return not headers._rawHeaders.keys().isdisjoint(names)
 
 
 class HTTPChannelSeam(http.HTTPChannel):

@@ -212,7 +212,8 @@ class UploadSink:
     def _allocate(self, lease: _buffers.Lease) -> memoryview:
         self._allocated += 1
         self._leases.append(lease)
-        return memoryview(_buffers.allocate(lease.size))  # type: ignore[arg-type]
+        # Filled whole (sized to the body): huge pages where the kernel has them.
+        return memoryview(_buffers.allocate(lease.size, huge=True))  # type: ignore[arg-type]
 
     def _granted(self, lease: _buffers.Lease) -> None:
         self._acquiring = None
