@@ -54,7 +54,7 @@ setup(
     entry_points={
         "console_scripts": [
             "imageio-ctl = imageio.control.ctl:main",
-            "imageio-client = imageio.client._cli:main",
+            "imageio-client = imageio.client._cli:command",
         ],
     },
     classifiers=[

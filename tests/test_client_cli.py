@@ -239,6 +239,67 @@ class CommandTests(CLITestCase):
         return code, out, err
 
 
+#: Runs the command line, then prints its exit status and which TLS
+#: modules it loaded.
+LEAN_SCRIPT = (
+    "import sys\n"
+    "from imageio.client import _cli\n"
+    "code = _cli.main(sys.argv[1:])\n"
+    "names = ('OpenSSL', 'cryptography', 'service_identity', 'twisted.internet.ssl',\n"
+    "         'twisted.internet.endpoints', 'twisted.web.client')\n"
+    "print(code, sorted(n for n in names if n in sys.modules))\n"
+)
+
+
+class StartUpTests(CLITestCase):
+    """
+    A transfer loads neither pyOpenSSL nor cryptography: over the UNIX
+    socket it needs no TLS, and over HTTPS its TLS is the stdlib's.
+    """
+
+    @inlineCallbacks
+    def leanTransfers(self, daemon: InProcessDaemon) -> Any:
+        source = self.image("source.raw", os.urandom(MiB))
+        target = self.makeImage(daemon, SIZE)
+        ticketID = self.addTicket(daemon, target, SIZE)
+        host, port = daemon.addresses.remote
+        url = f"https://{host}:{port}/images/{ticketID}"
+        ca = daemon.addresses.caFile
+        downloaded = self.dir / "down.raw"
+        for args in (
+            ("upload", str(source), url),
+            ("download", "-f", "raw", url, str(downloaded)),
+            ("checksum", url),
+        ):
+            protocol = _Collect()
+            env = dict(os.environ)
+            env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+            reactor.spawnProcess(
+                protocol,
+                sys.executable,
+                [sys.executable, "-c", LEAN_SCRIPT, "-c", ca, *args],
+                env=env,
+            )
+            code = yield protocol.done
+            self.assertEqual((code, protocol.err.decode()), (0, ""))
+            self.assertEqual(protocol.out.decode().splitlines()[-1], "0 []", args[0])
+        compare(source, target)
+        compare(source, downloaded)
+
+    def test_unixSocket(self) -> Any:
+        """
+        Through the daemon's UNIX socket (after the first C{OPTIONS} over
+        HTTPS).
+        """
+        return self.leanTransfers(self.daemon)
+
+    def test_https(self) -> Any:
+        """
+        Over HTTPS only: the daemon offers no UNIX socket.
+        """
+        return self.leanTransfers(self.startDaemon(local={"enable": False}))
+
+
 class ErrorTests(CLITestCase):
     """
     Every failure exits non-zero with one line on standard error.
@@ -339,6 +400,25 @@ class ParserTests(SynchronousTestCase):
         self.assertRaises(
             SystemExit, _cli.parser().parse_args, ["-c", "ca", "--insecure", "info", "f"]
         )
+
+    def test_commandExitsQuickly(self) -> None:
+        """
+        The program stops the reactor thread, flushes its output and leaves
+        with L{_cli.main}'s status without tearing the interpreter down.
+        """
+        from imageio.client import _sync
+
+        calls: list[object] = []
+        self.patch(_cli, "main", lambda program: 3 if program else 0)
+        self.patch(_sync, "shutdown", lambda: calls.append("shutdown"))
+
+        def exit(code: int) -> None:
+            calls.append(code)
+            raise SystemExit(code)
+
+        self.patch(os, "_exit", exit)
+        self.assertRaises(SystemExit, _cli.command)
+        self.assertEqual(calls, ["shutdown", 3])
 
     def test_helpWithoutTwisted(self) -> None:
         """

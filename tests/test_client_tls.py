@@ -6,6 +6,7 @@ daemon's TLS server on a real loopback socket with the test PKI.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,12 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial.unittest import SkipTest, TestCase
-from twisted.web.client import URI
 
 from imageio import _pki
 from imageio.client import _tls
+from imageio.client._connect import READ_SIZE, SEND_SIZE, UNIX_SNDBUF, tuneSocket
 from imageio.web import TLSServerEndpoint, makeServerContext
 
 reactor: Any = _reactor
@@ -31,10 +32,14 @@ class _Echo(Protocol):
 
 
 class _Collect(Protocol):
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, payload: bytes) -> None:
         self.expected = expected
+        self.payload = payload
         self.data = bytearray()
         self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -44,6 +49,49 @@ class _Collect(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if not self.done.called:
             self.done.errback(reason)
+
+
+class _SocketTransport:
+    """
+    The attributes of a Twisted socket transport that L{tuneSocket} tunes.
+    """
+
+    bufferSize = 65536
+    SEND_LIMIT = 131072
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+
+class TuningTests(TestCase):
+    def test_unixSocket(self) -> None:
+        """
+        A UNIX socket connection reads 256 KiB and sends 1 MiB at once, with
+        a send buffer of 1 MiB (the kernel reports it doubled).
+        """
+        a, b = socket.socketpair(socket.AF_UNIX)
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        before = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        transport = _SocketTransport(a)
+        tuneSocket(transport)
+        self.assertEqual(transport.bufferSize, READ_SIZE)
+        self.assertEqual(transport.SEND_LIMIT, SEND_SIZE)
+        after = a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.assertGreater(after, before)
+        self.assertGreaterEqual(after, UNIX_SNDBUF)
+
+    def test_tcpSocketKeepsItsBuffer(self) -> None:
+        """
+        A TCP socket's send buffer is left to the kernel's autotuning.
+        """
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(s.close)
+        before = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        transport = _SocketTransport(s)
+        tuneSocket(transport)
+        self.assertEqual(transport.SEND_LIMIT, SEND_SIZE)
+        self.assertEqual(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), before)
 
 
 class ContextTests(TestCase):
@@ -103,20 +151,22 @@ class ConnectionTests(TestCase):
 
     @inlineCallbacks
     def roundTrip(self, port: Any, host: bytes, cafile: str | None, secure: bool = True) -> Any:
-        factory = _tls.TLSEndpointFactory(reactor, _tls.makeClientContext(cafile, secure), 5)
-        uri = URI.fromBytes(b"https://%s:%d/" % (host, port.getHost().port))
-        endpoint = factory.endpointForURI(uri)
+        context = _tls.makeClientContext(cafile, secure)
+        hostname = host.decode("ascii").strip("[]")
+        address = "::1" if hostname == "::1" else "127.0.0.1"
         payload = bytes(range(256)) * 4096 * 3  # 3 MiB: many records both ways
-        collect = _Collect(len(payload))
-        protocol = yield endpoint.connect(Factory.forProtocol(lambda: collect))
-        self.assertIs(protocol, collect)
-        protocol.transport.write(payload)
+        collect = _Collect(len(payload), payload)
+        factory = _tls.wrapFactory(
+            reactor, ClientFactory.forProtocol(lambda: collect), context, hostname
+        )
+        reactor.connectTCP(address, port.getHost().port, factory, timeout=5)
         try:
             data = yield collect.done
         finally:
-            protocol.transport.loseConnection()
+            if collect.transport is not None:
+                collect.transport.loseConnection()
         self.assertEqual(data, payload)
-        return protocol
+        return collect
 
     def test_verified(self) -> None:
         """

@@ -43,8 +43,11 @@ steps["reactor"] = loaded()
 steps["reactorSSL"] = IReactorSSL.providedBy(reactor)
 import imageio.tap
 steps["tap"] = loaded()
-import imageio.backends.httpclient
+import imageio.backends.httpclient, imageio.backends.http
 steps["client"] = loaded()
+steps["restoredEarly"] = IReactorSSL.providedBy(reactor)
+imageio.backends.httpclient.loadTrustRoot("")
+steps["trust"] = loaded()
 steps["restored"] = IReactorSSL.providedBy(reactor) and posixbase.tls is not None
 from twisted.protocols.tls import TLSMemoryBIOFactory
 steps["bio"] = posixbase.tls.TLSMemoryBIOFactory is TLSMemoryBIOFactory
@@ -194,8 +197,9 @@ class ReactorCoreTests(SynchronousTestCase):
         """
         In a fresh process, importing L{imageio._leanreactor} first keeps
         pyOpenSSL and cryptography out of the reactor and of
-        C{imageio.tap}; importing the HTTP client loads them and gives the
-        reactor its C{IReactorSSL} back.
+        C{imageio.tap}, and of the HTTP client and backend modules until
+        they make a Twisted TLS client (a trust root), which loads them and
+        gives the reactor its C{IReactorSSL} back.
         """
         result = subprocess.run(
             [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True
@@ -208,7 +212,9 @@ class ReactorCoreTests(SynchronousTestCase):
                 "reactor": False,
                 "reactorSSL": False,
                 "tap": False,
-                "client": True,
+                "client": False,
+                "restoredEarly": False,
+                "trust": True,
                 "restored": True,
                 "bio": True,
             },

@@ -35,7 +35,7 @@ from twisted.web import client, http
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from imageio.backends import _twisted_client
+from imageio.backends import _twisted_client, _twisted_newclient
 from imageio.web import _twisted_http, _twisted_transport
 from imageio.web._transport import ZeroCopyTCPServer, ZeroCopyUNIXServer
 
@@ -49,6 +49,7 @@ HTTP_SEAM_PENDING: dict[str, set[str]] = {}
 QUARANTINE = {
     "imageio/web/_twisted_transport.py": {n for _, n in _twisted_transport.PRIVATE_NAMES},
     "imageio/backends/_twisted_client.py": {n for _, n in _twisted_client.PRIVATE_NAMES},
+    "imageio/backends/_twisted_newclient.py": {n for _, n in _twisted_newclient.PRIVATE_NAMES},
     "imageio/web/_twisted_http.py": {n for _, n in _twisted_http.PRIVATE_NAMES},
 }
 
@@ -231,6 +232,53 @@ class TransportSeamTests(SynchronousTestCase):
                 transport._isSendBufferFull,
                 _twisted_transport.FileDescriptorSeam._isSendBufferFull,
             )
+
+
+class NewClientSeamTests(SynchronousTestCase):
+    """
+    The HTTP/1.1 client protocol L{imageio.backends._twisted_newclient}
+    takes from C{twisted.web._newclient}, as L{imageio.client._connect}
+    uses it.
+    """
+
+    def test_sameAsTwistedWebClient(self) -> None:
+        """
+        Every name is the class C{twisted.web.client} exports under it, so
+        failures compare the same either way.
+        """
+        for name in _twisted_newclient.__all__:
+            self.assertIs(getattr(_twisted_newclient, name), getattr(client, name), name)
+        for owner, name in _twisted_newclient.PRIVATE_NAMES:
+            self.assertTrue(hasattr(namedAny(owner), name), f"{owner}.{name} is gone")
+
+    def test_signatures(self) -> None:
+        """
+        The protocol takes a quiescent callback, a request can be
+        persistent.
+        """
+        self.assertEqual(
+            list(inspect.signature(_twisted_newclient.HTTP11ClientProtocol.__init__).parameters),
+            ["self", "quiescentCallback"],
+        )
+        self.assertEqual(
+            list(inspect.signature(_twisted_newclient.Request.__init__).parameters),
+            ["self", "method", "uri", "headers", "bodyProducer", "persistent"],
+        )
+
+    def test_quiescentState(self) -> None:
+        """
+        A new protocol is C{QUIESCENT} (the pool reuses connections in that
+        state) and refuses a request in any other state.
+        """
+        protocol = _twisted_newclient.HTTP11ClientProtocol()
+        self.assertEqual(protocol.state, "QUIESCENT")
+        protocol.makeConnection(StringTransport())
+        headers = client.Headers({b"host": [b"localhost"]})
+        request = _twisted_newclient.Request(b"GET", b"/", headers, None, True)
+        protocol.request(request)
+        self.assertEqual(protocol.state, "WAITING")
+        failure = self.failureResultOf(protocol.request(request))
+        failure.trap(_twisted_newclient.RequestNotSent)
 
 
 class ClientPoolSeamTests(SynchronousTestCase):

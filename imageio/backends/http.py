@@ -31,7 +31,7 @@ import itertools
 import json
 from bisect import bisect_right
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from attrs import define, field
@@ -40,13 +40,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from imageio._log import Logger
 from imageio.backends import RELAYED_HEADER, BackendContext
+from imageio.backends._twisted_newclient import ResponseDone
 from imageio.backends.httpclient import (
     CACHED_CONNECTION_TIMEOUT,
     MAX_ERROR_TEXT,
@@ -66,6 +66,9 @@ from imageio.backends.httpclient import (
 )
 from imageio.interfaces import Extent, HostInvalid, IBackend, UnsupportedOperation
 from imageio.ranges import parseJSONInteger
+
+if TYPE_CHECKING:
+    from twisted.web.client import Agent, HTTPConnectionPool
 
 log = Logger()
 

@@ -19,11 +19,11 @@ layer (L{imageio.web.httpErrorFor}) turns them into HTTP statuses.
 from __future__ import annotations
 
 import ssl
+import sys
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
-from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import (
@@ -33,30 +33,23 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    TLSVersion,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestGenerationFailed,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from imageio._twisted_lazytls import restoreReactorTLS
 from imageio.backends import CA_FILES
-from imageio.backends._twisted_client import quietPool
+from imageio.backends._twisted_newclient import (
+    HTTP11ClientProtocol,
+    Request,
+    RequestGenerationFailed,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from imageio.interfaces import (
     HostError,
     HostInvalid,
@@ -64,6 +57,15 @@ from imageio.interfaces import (
     HostUnavailable,
     RemoteError,
 )
+
+if TYPE_CHECKING:
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+# pyOpenSSL, Twisted's TLS (twisted.internet.ssl) and twisted.web.client
+# (which imports pyOpenSSL through twisted.internet.endpoints) are imported
+# where a Twisted TLS client is made (makeAgent, loadTrustRoot, makePool),
+# not here: the client (imageio.client) uses this module over UNIX sockets
+# and its own stdlib TLS, without them.
 
 #: Seconds to wait for a TCP connection to the daemon (upstream's default).
 CONNECT_TIMEOUT = 10.0
@@ -111,8 +113,9 @@ class BodyTooLarge(Exception):
 
 
 #: Failures that mean a daemon could not be reached or read; anything else
-#: is a bug and is logged as one.
-NETWORK_ERRORS = (
+#: is a bug and is logged as one. With pyOpenSSL's C{SSL.Error}: see
+#: L{networkErrors}.
+NETWORK_ERRORS_WITHOUT_TLS = (
     error.ConnectError,
     error.ConnectionLost,
     error.ConnectionDone,
@@ -123,21 +126,35 @@ NETWORK_ERRORS = (
     RequestGenerationFailed,
     CancelledError,
     defer.TimeoutError,
-    SSL.Error,
     ReadTimeout,
     BadResponse,
     BodyTooLarge,
 )
 
 
+def _pyOpenSSLError() -> tuple[type[BaseException], ...]:
+    """
+    @return: pyOpenSSL's C{SSL.Error} if pyOpenSSL was imported; none can
+        be raised otherwise.
+    """
+    module = sys.modules.get("OpenSSL.SSL")
+    error = getattr(module, "Error", None)
+    return (error,) if isinstance(error, type) else ()
+
+
+def networkErrors() -> tuple[type[BaseException], ...]:
+    """
+    @return: Failures that mean a daemon could not be reached or read:
+        L{NETWORK_ERRORS_WITHOUT_TLS}, and pyOpenSSL's C{SSL.Error} once a
+        Twisted TLS client exists.
+    """
+    return NETWORK_ERRORS_WITHOUT_TLS + _pyOpenSSLError()
+
+
 # TLS
 
 
 _TRUST_ROOTS: dict[str, Any] = {}
-
-# A daemon imports the reactor core without pyOpenSSL; now that it is
-# loaded, the reactor's connectSSL and listenSSL can have it back.
-restoreReactorTLS()
 
 
 def loadTrustRoot(caFile: str) -> Any:
@@ -149,6 +166,12 @@ def loadTrustRoot(caFile: str) -> Any:
 
     @raise ValueError: If C{caFile} cannot be read or holds no certificate.
     """
+    from OpenSSL import SSL
+    from twisted.internet.ssl import Certificate, platformTrust, trustRootFromCertificates
+
+    # A daemon imports the reactor core without pyOpenSSL; now that it is
+    # loaded, the reactor's connectSSL and listenSSL can have it back.
+    restoreReactorTLS()
     if not caFile:
         return platformTrust()
     root = _TRUST_ROOTS.get(caFile)
@@ -191,6 +214,8 @@ class VerifyingPolicy:
     trustRoot: Any
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        from twisted.internet.ssl import TLSVersion, optionsForClientTLS
+
         creator: IOpenSSLClientConnectionCreator = optionsForClientTLS(
             hostname.decode("ascii"),
             trustRoot=self.trustRoot,
@@ -206,6 +231,8 @@ def makePool(reactor: Any, maxPerHost: int, idleTimeout: int) -> HTTPConnectionP
     Only requests without a body (GET, OPTIONS) are ever retried on a fresh
     connection, by Twisted's pool; an upload is never replayed.
     """
+    from imageio.backends._twisted_client import quietPool
+
     pool = quietPool(reactor)
     pool.maxPersistentPerHost = maxPerHost
     pool.cachedConnectionTimeout = idleTimeout
@@ -218,6 +245,8 @@ def makeAgent(reactor: Any, caFile: str, pool: HTTPConnectionPool) -> Agent:
 
     @raise ValueError: If C{caFile} is unusable.
     """
+    from twisted.web.client import Agent
+
     return Agent(
         reactor,
         contextFactory=VerifyingPolicy(loadTrustRoot(caFile)),
@@ -422,7 +451,8 @@ def hostError(reason: Failure) -> HostError | RemoteError:
         if f.check(ReadTimeout, defer.TimeoutError):
             return HostTimedOut("Timed out waiting for host")
         # pyOpenSSL (Twisted TLS) or the stdlib (imageio.client's TLS).
-        if f.check(SSL.Error, ssl.SSLError) or type(f.value).__name__ == "VerificationError":
+        tls = f.check(ssl.SSLError, *_pyOpenSSLError())
+        if tls or type(f.value).__name__ == "VerificationError":
             return HostInvalid(f"Cannot verify the host's TLS certificate: {_describe(f)}")
         if f.check(BadResponse):
             return HostInvalid(f"Invalid response from host: {_describe(f)}")
@@ -503,7 +533,8 @@ __all__ = [
     "MAX_ERROR_TEXT",
     "WRITE_CHUNK",
     "CACHED_CONNECTION_TIMEOUT",
-    "NETWORK_ERRORS",
+    "NETWORK_ERRORS_WITHOUT_TLS",
+    "networkErrors",
     "ReadTimeout",
     "BadResponse",
     "BodyTooLarge",
@@ -519,4 +550,12 @@ __all__ = [
     "remoteError",
     "raiseRemoteError",
     "Watchdog",
+    # Twisted's HTTP/1.1 client protocol, for imageio.client's own pool.
+    "HTTP11ClientProtocol",
+    "Request",
+    "RequestNotSent",
+    "RequestTransmissionFailed",
+    "ResponseDone",
+    "ResponseFailed",
+    "ResponseNeverReceived",
 ]

@@ -11,7 +11,9 @@ The global options are those of upstream's C{examples/imageio-client}::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -118,12 +120,21 @@ def _progress(args: argparse.Namespace, description: str) -> Progress | None:
     return None
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, program: bool = False) -> None:
+    # First: the reactor core without pyOpenSSL (as the daemon's), which
+    # the command never uses (its TLS is the stdlib's).
+    import imageio._leanreactor  # noqa: F401
     from imageio.client import _sync
 
     thread = _sync.reactorThread()
     from imageio._diskio import DiskIO
     from imageio.client._api import Client
+
+    if program:
+        # Everything imported so far lives as long as the program: the
+        # cycle collector need not walk it again on every collection
+        # during the transfer (about 10% less CPU per GiB).
+        gc.freeze()
 
     progress: Progress | None = None
     if args.command in ("upload", "download"):
@@ -178,14 +189,17 @@ def _print(result: Any) -> None:
     print(json.dumps(result, indent=None))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, program: bool = False) -> int:
     """
     Run the command line; exit status 0 on success, 1 on failure (with one
     line on standard error), 2 for bad usage.
+
+    @param program: The process is the C{imageio-client} program (not a
+        caller's): its heap may be tuned for it.
     """
     args = parser().parse_args(argv)
     try:
-        run(args)
+        run(args, program)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: error: interrupted\n")
         return 130
@@ -206,5 +220,24 @@ def _message(e: BaseException) -> str:
     return errorMessage(e)
 
 
+def command() -> NoReturn:
+    """
+    The C{imageio-client} program: L{main}, then exit without tearing the
+    interpreter down. Freeing some 450 modules one by one cost a transfer
+    0.05-0.1 CPU seconds; the reactor thread and the disk-io pool are
+    stopped and the output flushed first, as an ordinary exit would.
+    """
+    code = main(program=True)
+    from imageio.client import _sync
+
+    _sync.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -110,6 +110,17 @@ _lock = threading.Lock()
 _thread: _ReactorThread | None = None
 
 
+def shutdown() -> None:
+    """
+    Stop the reactor thread and its pool, if they were started (as at
+    exit).
+    """
+    with _lock:
+        thread = _thread
+    if thread is not None:
+        thread.stop()
+
+
 def reactorThread() -> _ReactorThread:
     """
     @return: The reactor thread, started on first use.

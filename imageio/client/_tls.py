@@ -20,30 +20,13 @@ import ssl
 from typing import Any
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
+from twisted.internet.interfaces import IProtocolFactory
 
+from imageio.client._connect import tuneSocket
 from imageio.web import TLSServerFactory, TLSServerProtocol
 
 #: Seconds the server gets to complete the handshake.
 HANDSHAKE_TIMEOUT = 30.0
-
-#: Largest socket read of a client connection (Twisted reads 64 KiB): a
-#: download is received in fewer, larger pieces, with fewer trips through
-#: the reactor, TLS and the HTTP parser.
-READ_SIZE = 256 * 1024
-
-
-def readMore(transport: object) -> None:
-    """
-    Let C{transport} (a Twisted TCP or UNIX socket transport) read up to
-    L{READ_SIZE} bytes at once.
-    """
-    if isinstance(getattr(transport, "bufferSize", None), int):
-        transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
 
 
 def makeClientContext(cafile: str | None, secure: bool) -> ssl.SSLContext:
@@ -95,7 +78,7 @@ class TLSClientProtocol(TLSServerProtocol):
     """
 
     def makeConnection(self, transport: Any) -> None:
-        readMore(transport)
+        tuneSocket(transport)
         super().makeConnection(transport)
 
     def connectionMade(self) -> None:
@@ -115,45 +98,31 @@ class TLSClientFactory(TLSServerFactory):
             return None
         return TLSClientProtocol(self, wrapped)
 
+    # What the reactor's connectTCP tells a client factory: passed on.
 
-@implementer(IStreamClientEndpoint)
-@frozen
-class TLSClientEndpoint:
+    def startedConnecting(self, connector: Any) -> None:
+        pass
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        wrapped: Any = self.wrappedFactory
+        wrapped.clientConnectionFailed(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+        wrapped: Any = self.wrappedFactory
+        wrapped.clientConnectionLost(connector, reason)
+
+
+def wrapFactory(
+    reactor: Any, factory: IProtocolFactory, context: ssl.SSLContext, hostname: str
+) -> TLSClientFactory:
     """
-    Connects through C{wrapped} (TCP) and speaks TLS to the server.
+    @return: A factory for TCP connections that speak TLS to C{hostname}
+        (verified as C{context} says) and HTTP through C{factory}'s
+        protocols.
     """
-
-    reactor: Any
-    wrapped: IStreamClientEndpoint
-    context: ssl.SSLContext
-    hostname: str
-
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        factory = TLSClientFactory(
-            protocolFactory,
-            _ClientSide(self.context, self.hostname),  # type: ignore[arg-type]
-            self.reactor,
-            HANDSHAKE_TIMEOUT,
-        )
-        d: Deferred[Any] = self.wrapped.connect(factory)
-        return d.addCallback(lambda protocol: protocol.wrappedProtocol)
-
-
-@implementer(IAgentEndpointFactory)
-@frozen
-class TLSEndpointFactory:
-    """
-    Endpoints for an L{twisted.web.client.Agent}: C{https} URLs over
-    L{TLSClientEndpoint}, C{http} ones over plain TCP.
-    """
-
-    reactor: Any
-    context: ssl.SSLContext
-    connectTimeout: float
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        tcp = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.connectTimeout)
-        if uri.scheme != b"https":
-            return tcp
-        hostname = uri.host.decode("ascii").strip("[]")
-        return TLSClientEndpoint(self.reactor, tcp, self.context, hostname)
+    return TLSClientFactory(
+        factory,
+        _ClientSide(context, hostname),  # type: ignore[arg-type]
+        reactor,
+        HANDSHAKE_TIMEOUT,
+    )

@@ -43,7 +43,6 @@ from imageio.backends.httpclient import (
     CACHED_CONNECTION_TIMEOUT,
     CONNECT_TIMEOUT,
     MAX_ERROR_TEXT,
-    NETWORK_ERRORS,
     READ_TIMEOUT,
     ReadTimeout,
     VerifyingPolicy,
@@ -52,6 +51,7 @@ from imageio.backends.httpclient import (
     hostError,
     loadTrustRoot,
     makePool,
+    networkErrors,
     remoteError,
 )
 from imageio.interfaces import IBodySink
@@ -148,7 +148,7 @@ def relayError(reason: Failure, request: Request, what: str) -> None:
     known = httpErrorFor(reason.value)
     if known is not None:
         e = known
-    elif reason.check(*NETWORK_ERRORS):
+    elif reason.check(*networkErrors()):
         e = _httpError(hostError(reason))
         log.info("{what} failed: {status} {message}", what=what, status=e.status, message=e.message)
     else:
@@ -407,7 +407,7 @@ class UploadRelay:
     def _answer(self, result: IResponse | Failure) -> Deferred[None]:
         if isinstance(result, Failure):
             mapped = httpErrorFor(result.value)
-            if mapped is None and result.check(*NETWORK_ERRORS):
+            if mapped is None and result.check(*networkErrors()):
                 mapped = _httpError(hostError(result))
             self._send(mapped, result)
             return defer.succeed(None)
