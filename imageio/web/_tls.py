@@ -70,13 +70,8 @@ READ_SIZE = 256 * 1024
 #: hold its whole ciphertext in the outgoing BIO and a copy of it at once.
 #: Measured on 2 GiB downloads, when a whole buffer was encrypted at once:
 #: 512 KiB cost 12% less CPU than 256 KiB (fewer sends) and than 4 MiB
-#: (ciphertext no longer in cache when sent). Encrypting as the socket
-#: drains (L{CIPHERTEXT_QUEUED}), 256 KiB keeps 0.5-1 MiB less at the
-#: peak of a download than 512 KiB (the BIO keeps a piece's size
-#: allocated, glibc's heap grows with the larger pieces) for 7-10% more
-#: CPU per GiB (A/B, 8 samples each), as much as encrypting a whole buffer
-#: at once did before.
-WRITE_SIZE = 256 * 1024
+#: (ciphertext no longer in cache when sent).
+WRITE_SIZE = 512 * 1024
 
 #: Over our socket transports, plaintext is encrypted as the socket drains:
 #: a written buffer is held (L{IZeroCopyTransport}) and the next piece is
@@ -85,7 +80,12 @@ WRITE_SIZE = 256 * 1024
 #: L{WRITE_SIZE}, instead of a whole download buffer's worth (issue 12).
 #: It must stay above the transport's C{bufferSize} (64 KiB), so that the
 #: transport has paused its producer whenever plaintext waits here.
-CIPHERTEXT_QUEUED = 128 * 1024
+#: Measured against encrypting whole buffers at once (bench/run, GET HTTPS,
+#: ours/before): 256 KiB pieces with 128 KiB queued cost 1.22x the CPU per
+#: GiB at 0.85x the throughput (more wake-ups, each moving less); 512/128
+#: 1.05-1.09x; 512/512 0.98x CPU and 1-2 MiB more at the peak than 256/128;
+#: 512 KiB/1 MiB 0.99x CPU and 3 MiB more.
+CIPHERTEXT_QUEUED = 512 * 1024
 
 #: Seconds a client gets to complete the TLS handshake (reliability F.29;
 #: QEMU's NBD server uses the same deadline).
