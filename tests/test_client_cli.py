@@ -68,15 +68,19 @@ class CLITestCase(DaemonTestCase):
         return f"https://{host}:{port}/images/{ticketID}"
 
     def spawn(self, *args: str, onLine: Any = None) -> tuple[_Collect, Any]:
+        """
+        Run C{imageio-client} with C{args}.
+        """
+        return self.spawnPython("-m", "imageio.client._cli", *args, onLine=onLine)
+
+    def spawnPython(self, *argv: str, onLine: Any = None) -> tuple[_Collect, Any]:
+        """
+        Run this Python with C{argv}, the checkout first on its path.
+        """
         protocol = _Collect(onLine)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(Path(__file__).parent.parent)
-        process = reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            [sys.executable, "-m", "imageio.client._cli", *args],
-            env=env,
-        )
+        process = reactor.spawnProcess(protocol, sys.executable, [sys.executable, *argv], env=env)
         return protocol, process
 
     @inlineCallbacks
@@ -271,15 +275,7 @@ class StartUpTests(CLITestCase):
             ("download", "-f", "raw", url, str(downloaded)),
             ("checksum", url),
         ):
-            protocol = _Collect()
-            env = dict(os.environ)
-            env["PYTHONPATH"] = str(Path(__file__).parent.parent)
-            reactor.spawnProcess(
-                protocol,
-                sys.executable,
-                [sys.executable, "-c", LEAN_SCRIPT, "-c", ca, *args],
-                env=env,
-            )
+            protocol, _ = self.spawnPython("-c", LEAN_SCRIPT, "-c", ca, *args)
             code = yield protocol.done
             self.assertEqual((code, protocol.err.decode()), (0, ""))
             self.assertEqual(protocol.out.decode().splitlines()[-1], "0 []", args[0])
@@ -467,21 +463,8 @@ class BlockingAPITests(CLITestCase):
             "assert client.info(src)['format'] == 'raw'\n"
             "print('ok')\n"
         )
-        protocol = _Collect()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(__file__).parent.parent)
-        reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            [
-                sys.executable,
-                "-c",
-                script,
-                str(source),
-                self.url(ticketID),
-                self.daemon.addresses.caFile,
-            ],
-            env=env,
+        protocol, _ = self.spawnPython(
+            "-c", script, str(source), self.url(ticketID), self.daemon.addresses.caFile
         )
         code = yield protocol.done
         self.assertEqual((code, protocol.out, protocol.err), (0, b"ok\n", b""))
@@ -514,10 +497,7 @@ class BlockingAPITests(CLITestCase):
             "    assert [e.zero for e in c.extents()][:2] == [False, True]\n"
             "print('ok')\n"
         )
-        protocol = _Collect()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(__file__).parent.parent)
-        args = [sys.executable, "-c", script, self.url(ticketID), self.daemon.addresses.caFile]
-        reactor.spawnProcess(protocol, sys.executable, args, env=env)
+        ca = self.daemon.addresses.caFile
+        protocol, _ = self.spawnPython("-c", script, self.url(ticketID), ca)
         code = yield protocol.done
         self.assertEqual((code, protocol.out, protocol.err), (0, b"ok\n", b""))
