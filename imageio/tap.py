@@ -46,7 +46,7 @@ from imageio.backends import BackendContext, BackendOpener, namesListener, readC
 from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
-from imageio.web import ImageioSite, TCPServerEndpoint, UNIXServerEndpoint
+from imageio.web import ImageioSite, TCPServerEndpoint, UNIXServerEndpoint, probeSplice
 
 log = Logger()
 
@@ -397,6 +397,9 @@ class ImageioService(MultiService):
                 readCAFile(backendCtx.caFile)
             except ValueError as e:
                 log.warn("https: tickets will fail until fixed: {error}", error=str(e))
+        if config.daemon.splice and unixSocket is not None:
+            # Asked now, before the reactor runs, not at the first download.
+            probeSplice()
         images = ImagesService(
             registry=self.registry,
             opener=BackendOpener(backendCtx),

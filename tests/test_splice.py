@@ -487,6 +487,28 @@ class ProbeTests(SynchronousTestCase):
         self.assertTrue(_splice.spliceUsable())
         self.assertIs(_splice._usable, True)
 
+    def test_daemonAsksAtStart(self) -> None:
+        """
+        The daemon asks the kernel while it is set up, before the reactor
+        serves anything, so no download asks on the reactor thread; with
+        C{[daemon] splice} off it never asks.
+        """
+        from imageio import config as _config
+        from imageio.tap import ImageioService
+
+        for enabled, expected in ((True, True), (False, None)):
+            self.patch(_splice, "_usable", None)
+            directory = Path(self.mktemp()).absolute()
+            directory.mkdir()
+            config = _config.loadDir(None, warn=False)
+            config.daemon.splice = enabled
+            config.local.socket = str(directory / "local.sock")
+            config.remote.enable = False
+            config.control.socket = str(directory / "control.sock")
+            service = ImageioService(config, reactor, directory / "state")
+            service._prepare()
+            self.assertIs(_splice._usable, expected, enabled)
+
     def test_pipeSize(self) -> None:
         """
         The pipe gets the size asked for, or the kernel's default.

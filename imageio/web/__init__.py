@@ -39,7 +39,7 @@ from imageio.web._response import (
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
 from imageio.web._sinks import CollectSink
 from imageio.web._site import ImageioSite
-from imageio.web._splice import SpliceProducer, SpliceRefused
+from imageio.web._splice import SpliceProducer, SpliceRefused, probeSplice
 from imageio.web._tls import (  # imageio.client._tls
     TLSConfigError,
     TLSServerEndpoint,
@@ -83,6 +83,7 @@ __all__ = [
     # Bodies
     "DownloadProducer",
     "SpliceProducer",
+    "probeSplice",
     "SpliceRefused",
     "ReaderStalled",
     "TruncatedImage",

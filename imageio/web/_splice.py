@@ -71,16 +71,28 @@ class SpliceRefused(Exception):
     """
 
 
-def spliceUsable() -> bool:
+def probeSplice() -> bool:
     """
-    @return: Whether this kernel splices a pipe into a UNIX socket (asked
-        once per process, with a socket pair: no storage involved), and no
-        transfer found it refusing a file since.
+    Ask the kernel, once per process, whether it splices a pipe into a UNIX
+    socket (with a socket pair and a pipe: no storage involved). The daemon
+    asks when it starts, before the reactor runs, so that no download asks
+    on the reactor thread.
+
+    @return: Whether it does.
     """
     global _usable
     if _usable is None:
         _usable = _probeSocket()
     return _usable
+
+
+def spliceUsable() -> bool:
+    """
+    @return: Whether this kernel splices a pipe into a UNIX socket
+        (L{probeSplice}, asked here if nobody asked before), and no
+        transfer found it refusing a file since.
+    """
+    return probeSplice()
 
 
 def _probeSocket() -> bool:
