@@ -9,8 +9,9 @@ Two daemon set-ups are measured: with the local UNIX socket advertised
 (both clients switch to it on this host, as users get them) and without it
 (both stay on HTTPS). For each transfer it prints the median wall time,
 throughput and client CPU seconds per GiB (user + system of the client
-process and its children: qemu-nbd, qemu-img), and ours/upstream ratios
-(throughput higher is better, CPU lower is better).
+process and its children: qemu-nbd, qemu-img), the peak RSS in MiB of the
+largest of them over the runs, and ours/upstream ratios (throughput higher
+is better, CPU and RSS lower is better).
 
 Run from the repository root with the project's virtualenv::
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -62,19 +62,24 @@ def upstream(op: str, source: str, target: str, ca: str) -> list[str]:
     return [PYTHON, "-c", code]
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
+def measure(cmd: list[str]) -> tuple[float, float, float]:
     """
-    @return: Wall seconds and CPU seconds (the command and its children).
+    @return: Wall seconds, CPU seconds (the command and its children) and
+        peak RSS in MiB (the largest of the command and its children, from
+        C{wait4}).
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.monotonic() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {done.stderr.strip()[-500:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+    with tempfile.TemporaryFile() as err:
+        start = time.monotonic()
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.monotonic() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace")
+            raise SystemExit(f"{cmd[:4]} failed: {text.strip()[-500:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss / 1024
 
 
 def same(a: Path, b: Path) -> None:
@@ -105,7 +110,7 @@ def bench(setup: str, local: bool, size: int, runs: int, work: Path) -> list[dic
         shutil.copyfile(source, served)
         readID = addTicket(daemon, served, size)
         for op in ("upload", "download"):
-            samples: dict[str, list[tuple[float, float]]] = {"ours": [], "upstream": []}
+            samples: dict[str, list[tuple[float, float, float]]] = {"ours": [], "upstream": []}
             for _ in range(runs):
                 for name, make in (("ours", ours), ("upstream", upstream)):
                     if op == "upload":
@@ -128,12 +133,14 @@ def bench(setup: str, local: bool, size: int, runs: int, work: Path) -> list[dic
                     "seconds": round(wall, 3),
                     "MiB/s": round(size / MiB / wall, 1),
                     "cpu_s_per_GiB": round(cpu / (size / GiB), 3),
-                    "samples": [(round(w, 3), round(c, 3)) for w, c in values],
+                    "peak_rss_MiB": round(max(v[2] for v in values), 1),
+                    "samples": [(round(w, 3), round(c, 3), round(r, 1)) for w, c, r in values],
                 }
             o, u = row["ours"], row["upstream"]
             assert isinstance(o, dict) and isinstance(u, dict)
             row["throughput_ratio"] = round(o["MiB/s"] / u["MiB/s"], 2)
             row["cpu_ratio"] = round(o["cpu_s_per_GiB"] / u["cpu_s_per_GiB"], 2)
+            row["rss_ratio"] = round(o["peak_rss_MiB"] / u["peak_rss_MiB"], 2)
             rows.append(row)
     finally:
         daemon.stop()
@@ -163,7 +170,8 @@ def main() -> None:
     print(f"{args.size_mib} MiB random raw image, {args.runs} runs, medians; ratio = ours/upstream")
     print(
         f"{'transfer':<22} {'ours MiB/s':>10} {'up MiB/s':>9} {'ratio':>6} "
-        f"{'ours CPU/GiB':>12} {'up CPU/GiB':>11} {'ratio':>6}"
+        f"{'ours CPU/GiB':>12} {'up CPU/GiB':>11} {'ratio':>6} "
+        f"{'ours RSS':>8} {'up RSS':>7}"
     )
     for row in rows:
         o, u = row["ours"], row["upstream"]
@@ -171,7 +179,7 @@ def main() -> None:
         print(
             f"{row['op'] + ', ' + str(row['setup']):<22} {o['MiB/s']:>10} {u['MiB/s']:>9} "
             f"{row['throughput_ratio']:>6} {o['cpu_s_per_GiB']:>12} {u['cpu_s_per_GiB']:>11} "
-            f"{row['cpu_ratio']:>6}"
+            f"{row['cpu_ratio']:>6} {o['peak_rss_MiB']:>8} {u['peak_rss_MiB']:>7}"
         )
 
 
