@@ -85,6 +85,7 @@ from imageio.web import (
     sendError,
     sendJSON,
     setSafeHeaders,
+    tooLarge,
 )
 
 log = Logger()
@@ -827,9 +828,7 @@ class ImageHandler:
 
     def bodySinkPATCH(self, request: Request, length: int | None, ticketID: str) -> IBodySink:
         if length is not None and length > MAX_PATCH_BODY:
-            raise HTTPError(
-                413, f"Request body too large: limit is {MAX_PATCH_BODY} bytes", close=True
-            )
+            raise tooLarge(MAX_PATCH_BODY)
         return CollectSink(exchangeOf(request), MAX_PATCH_BODY)
 
     def handlePATCH(self, request: Request, ticketID: str) -> Deferred[Any]:
