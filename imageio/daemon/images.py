@@ -85,6 +85,7 @@ from imageio.web import (
     sendError,
     sendJSON,
     setSafeHeaders,
+    tooLarge,
 )
 
 log = Logger()
@@ -484,15 +485,13 @@ class ImageHandler:
     def _read(
         self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
     ) -> Deferred[Any]:
-        if (
-            self._oneRead(request, ticket, byteRange)
-            and byteRange.last - byteRange.first < SMALL_READ
-        ):
+        oneRead = self._oneRead(request, ticket, byteRange)
+        if oneRead and byteRange.last - byteRange.first < SMALL_READ:
             pool = self.service.buffersFor(request, ticket)
             spare = pool.take() if pool is not None else None
             if pool is not None and spare is not None:
                 return self._readSmall(backend, request, ticket, byteRange, pool, *spare)
-        d: Deferred[Any] = self._startRead(backend, request, ticket, byteRange)
+        d: Deferred[Any] = self._startRead(backend, request, ticket, byteRange, oneRead)
         return d
 
     def _readSmall(
@@ -597,10 +596,13 @@ class ImageHandler:
 
     @inlineCallbacks
     def _startRead(
-        self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
+        self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any, oneRead: bool
     ) -> Any:
+        """
+        @param oneRead: What L{_oneRead} answered for this request.
+        """
         imageSize: int | None = None
-        if self._oneRead(request, ticket, byteRange):
+        if oneRead:
             # Small ranges inside the ticket (random reads): the read itself
             # tells whether the image has the bytes, which saves a size()
             # round trip to the disk-io pool on every request.
@@ -826,9 +828,7 @@ class ImageHandler:
 
     def bodySinkPATCH(self, request: Request, length: int | None, ticketID: str) -> IBodySink:
         if length is not None and length > MAX_PATCH_BODY:
-            raise HTTPError(
-                413, f"Request body too large: limit is {MAX_PATCH_BODY} bytes", close=True
-            )
+            raise tooLarge(MAX_PATCH_BODY)
         return CollectSink(exchangeOf(request), MAX_PATCH_BODY)
 
     def handlePATCH(self, request: Request, ticketID: str) -> Deferred[Any]:

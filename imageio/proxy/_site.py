@@ -88,6 +88,7 @@ from imageio.web import (
     sendEmpty,
     sendHTTPError,
     sendJSON,
+    tooLarge,
 )
 
 log = Logger()
@@ -405,9 +406,7 @@ class ImageHandler:
         if not length:
             raise HTTPError(400, "Content-Length is required", close=True)
         if length > MAX_PATCH_BODY:
-            raise HTTPError(
-                413, f"Request body too large: limit is {MAX_PATCH_BODY} bytes", close=True
-            )
+            raise tooLarge(MAX_PATCH_BODY)
         return CollectSink(exchangeOf(request), MAX_PATCH_BODY)
 
     def handlePATCH(self, request: Request, ticketID: str) -> Deferred[None]:

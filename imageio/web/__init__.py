@@ -37,7 +37,7 @@ from imageio.web._response import (
     sendJSON,
 )
 from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
-from imageio.web._sinks import CollectSink
+from imageio.web._sinks import CollectSink, tooLarge
 from imageio.web._site import ImageioSite
 from imageio.web._splice import SpliceProducer, SpliceRefused, probeSplice
 from imageio.web._tls import (  # imageio.client._tls
@@ -74,6 +74,7 @@ __all__ = [
     "requestBody",
     # Requests, connections, sites
     "CollectSink",
+    "tooLarge",
     "ImageioChannel",
     "ImageioSite",
     "pushProducerOf",

@@ -215,13 +215,12 @@ class DownloadProducer(ResponseProducer):
     #: reads do not map fresh memory each time.
     pool: BufferPool | None = None
     budget: BufferBudget = field(factory=BufferBudget)
-    # Leases of the buffers this producer holds, by buffer identity, and
-    # the one being waited for.
+    # Leases of the buffers this producer holds (at most two), by buffer
+    # identity, and the one being waited for.
     _leases: dict[int, tuple[memoryview, Lease]] = field(factory=dict, init=False)
     _acquiring: Deferred[Lease] | None = field(default=None, init=False)
     done: Deferred[None] = field(factory=Deferred, init=False)
     _free: list[memoryview] = field(factory=list, init=False)
-    _buffers: int = field(default=0, init=False)
     _ready: tuple[memoryview, int] | None = field(default=None, init=False)
     _reading: bool = field(default=False, init=False)
     _paused: bool = field(default=False, init=False)
@@ -319,7 +318,7 @@ class DownloadProducer(ResponseProducer):
     def _buffer(self) -> memoryview | None:
         if self._free:
             return self._free.pop()
-        if self._buffers < 2 and self._acquiring is None:
+        if len(self._leases) < 2 and self._acquiring is None:
             if self.pool is not None:
                 spare = self.pool.take()
                 if spare is not None:
@@ -330,14 +329,13 @@ class DownloadProducer(ResponseProducer):
             lease = self.budget.tryAcquire(size)
             if lease is not None:
                 return self._own(_pooled(size), lease)
-            if not self._buffers:
+            if not self._leases:
                 # Wait for the first buffer; the second is a bonus.
                 self._acquiring = d = self.budget.acquire(size)
                 d.addCallbacks(self._granted, _ignoreCancel)
         return None
 
     def _own(self, buf: memoryview, lease: Lease) -> memoryview:
-        self._buffers += 1
         self._leases[id(buf)] = (buf, lease)
         return buf
 

@@ -153,8 +153,8 @@ class JSONListWriter:
         """
         Send the gathered answer with C{Content-Length}.
         """
-        pieces = self._first
-        length = 1 + sum(map(len, pieces)) + 2 * (len(pieces) - 1) + 2
+        # The brackets, the gathered items and the separators between them.
+        length = 1 + self._buffered + 2 * (len(self._first) - 1) + 2
         self._streaming = True
         request = self.request
         request.setResponseCode(200)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
+from imageio.tickets import shortID
+
 _SECRET_PATH = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]{8})[^/?]*")
 _SECRET_ID = re.compile(rb"^(/(?:images|tickets|sessions)/)([^/?]+)")
 
@@ -31,4 +33,4 @@ def redactMessage(message: str, uri: bytes) -> str:
     if match is None or len(match.group(2)) <= 8:
         return message
     secret = unquote_to_bytes(match.group(2)).decode("utf-8", "replace")
-    return message.replace(secret, secret[:8] + "...")
+    return message.replace(secret, shortID(secret))

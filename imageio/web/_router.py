@@ -37,7 +37,7 @@ from imageio.web._response import (
     sendHTTPError,
     sendInternalError,
 )
-from imageio.web._sinks import MAX_SMALL_BODY, CollectSink
+from imageio.web._sinks import MAX_SMALL_BODY, CollectSink, tooLarge
 from imageio.web._twisted_http import hasAnyHeader
 
 log = Logger()
@@ -103,9 +103,7 @@ class Router(Resource):
             sink: IBodySink | None = fn(request, length, *groups)
             return sink
         if length is not None and length > MAX_SMALL_BODY:
-            raise HTTPError(
-                413, f"Request body too large: limit is {MAX_SMALL_BODY} bytes", close=True
-            )
+            raise tooLarge(MAX_SMALL_BODY)
         # Small bodies are collected in memory; never spooled to disk.
         return CollectSink(exchangeOf(request), MAX_SMALL_BODY)
 

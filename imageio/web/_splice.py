@@ -186,11 +186,11 @@ class SpliceProducer(ResponseProducer):
     # The aligned middle of the range, moved through the pipe.
     _start: int = field(default=0, init=False)
     _end: int = field(default=0, init=False)
-    # Next offset to fill from; bytes in the pipe; body bytes sent.
+    # Next offset to fill from; bytes in the pipe; body bytes sent (the
+    # pipe's part is all sent once they reach _end - offset).
     _position: int = field(default=0, init=False)
     _inPipe: int = field(default=0, init=False)
     _delivered: int = field(default=0, init=False)
-    _piped: int = field(default=0, init=False)
     _attached: bool = field(default=False, init=False)
     _filling: bool = field(default=False, init=False)
     _started: bool = field(default=False, init=False)
@@ -261,7 +261,6 @@ class SpliceProducer(ResponseProducer):
                 if n <= 0:
                     break
                 self._inPipe -= n
-                self._piped += n
                 self._delivered += n
                 self.op.done = self._delivered
                 self.request.sentLength += n
@@ -274,7 +273,7 @@ class SpliceProducer(ResponseProducer):
                         return False
         finally:
             self._sending = False
-        if self._piped == self._end - self._start:
+        if self._delivered == self._end - self.offset:
             # The pipe's part is sent: the tail and the end of the response
             # outside the transport's write pass.
             self.clock.callLater(0, self._pump)
@@ -299,7 +298,7 @@ class SpliceProducer(ResponseProducer):
             d.addCallbacks(self._filled, self._fillFailed)
             d.addErrback(self._abort)
             return
-        if self._piped == self._end - self._start and not self._sending:
+        if self._delivered == self._end - self.offset and not self._sending:
             self._tail = True
             self._edge(self._end, self.offset + self.length - self._end, self._finish)
 
