@@ -38,6 +38,11 @@ SCHEMES = {
     "memory": "memory",
 }
 
+#: Most extents one backend C{extents} call returns; a caller wanting the
+#: rest asks again from the end of the last one. (The NBD backend may
+#: return one block status reply more.)
+MAX_EXTENTS = 10_000
+
 #: Schemes whose backend relays to another daemon (proxy mode).
 RELAY_SCHEMES = frozenset({"https", "http"})
 

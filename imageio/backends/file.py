@@ -42,6 +42,7 @@ from zope.interface import implementer
 from imageio import _aio
 from imageio._aio import fileSystemType
 from imageio._buffers import allocate
+from imageio.backends import MAX_EXTENTS
 from imageio.interfaces import Extent, IBackend, ISpliceSource, UnsupportedOperation
 
 if TYPE_CHECKING:
@@ -61,10 +62,6 @@ log = Logger()
 #: Largest range one C{zero} pool call handles; a long zero is split so
 #: close and cancellation act between steps and no thread is held for long.
 ZERO_STEP = 128 * 1024**2
-
-#: Most extents one C{extents} call returns; a caller wanting the rest asks
-#: again from the end of the last one.
-MAX_EXTENTS = 10_000
 
 #: AIO requests in a row the kernel may refuse with EAGAIN (it would have
 #: waited) before a backend stops trying AIO and uses the pool only.
