@@ -166,15 +166,37 @@ class Syscalls:
         )
 
 
+_fstatfs = _libc.fstatfs64 if hasattr(_libc, "fstatfs64") else _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+#: File systems where direct I/O is a memory copy (tmpfs, ramfs).
+MEMORY_FILE_SYSTEMS = frozenset({TMPFS_MAGIC, RAMFS_MAGIC})
+
+
+def fileSystemType(fd: int) -> int:
+    """
+    @return: The C{f_type} of the file system holding C{fd}
+        (C{fstatfs(2)}; C{os.statvfs} does not report it).
+    @raise OSError: If the kernel refuses.
+    """
+    # struct statfs is 120 bytes on 64-bit Linux, 84 or 88 on 32-bit; f_type
+    # is its first field, a native long everywhere we run.
+    buf = ctypes.create_string_buffer(256)
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def isMemoryFileSystem(fd: int) -> bool:
     """
     @return: C{fd} is on tmpfs or ramfs, where direct I/O is a memory copy.
     """
-    buf = ctypes.create_string_buffer(256)
-    if _libc.fstatfs(fd, buf) != 0:
+    try:
+        return fileSystemType(fd) in MEMORY_FILE_SYSTEMS
+    except OSError:
         return False
-    fsType = ctypes.c_long.from_buffer(buf).value
-    return fsType in (TMPFS_MAGIC, RAMFS_MAGIC)
 
 
 def pin(view: memoryview) -> ctypes.Array[ctypes.c_char] | None:

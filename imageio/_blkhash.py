@@ -424,13 +424,10 @@ def hashBackend(
         if not got:
             break
         position = got[-1].start + got[-1].length
-        blocks = list(cutter.cut(got))
-        if position >= size:
-            last = cutter.rest()
-            if last is not None:
-                blocks.append(last)
         zeros: list[Block] = []
-        for block in blocks:
+        # Cut lazily: one extent may hold millions of blocks, and the
+        # reactor gets control back at least every ZERO_BATCH of them.
+        for block in _windowBlocks(cutter, got, position >= size):
             if block.zero:
                 zeros.append(block)
                 if len(zeros) < ZERO_BATCH:
@@ -451,6 +448,18 @@ def hashBackend(
         if zeros:
             yield runInPool(_hashZeros, hasher, [b.length for b in zeros])
             progress(zeros[-1].start + zeros[-1].length)
+
+
+def _windowBlocks(cutter: BlockCutter, extents: list[Extent], last: bool) -> Iterator[Block]:
+    """
+    The blocks C{extents} complete, and if they are the C{last} window, the
+    short block they end with.
+    """
+    yield from cutter.cut(extents)
+    if last:
+        rest = cutter.rest()
+        if rest is not None:
+            yield rest
 
 
 def _hashZeros(hasher: Hasher, lengths: list[int]) -> None:

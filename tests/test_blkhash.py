@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
+from imageio import _blkhash
 from imageio._blkhash import (
     ALGORITHMS,
     DEFAULT_ALGORITHM,
@@ -530,6 +531,31 @@ class HashBackendTests(SynchronousTestCase):
         self.assertEqual(len(pool), 2)
         self.assertEqual(h.hashed, size)
         self.assertEqual(progress[-1], size)
+
+    def test_cutsLazily(self) -> None:
+        """
+        Blocks are cut as they are hashed, not all of a window first: one
+        extent may hold millions of blocks, and the reactor must get back
+        control at least every L{ZERO_BATCH} of them.
+        """
+        made: list[int] = []
+
+        def block(start: int, length: int, zero: bool) -> Block:
+            made.append(start)
+            return Block(start, length, zero)
+
+        self.patch(_blkhash, "Block", block)
+        size = 3 * ZERO_BATCH * 4096
+        backend = WindowedBackend(bytearray(), [Extent(0, size, zero=True)])
+        cutWhenCalled: list[int] = []
+
+        def runInPool(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            cutWhenCalled.append(len(made))
+            return Deferred()
+
+        h = Hasher(DEFAULT_ALGORITHM, 4096)
+        hashBackend(backend, size, h, memoryview(bytearray(4096)), runInPool, lambda end: None)
+        self.assertEqual(cutWhenCalled, [ZERO_BATCH])
 
     def test_progressStops(self) -> None:
         """

@@ -38,6 +38,11 @@ SCHEMES = {
     "memory": "memory",
 }
 
+#: Most extents one backend C{extents} call returns; a caller wanting the
+#: rest asks again from the end of the last one. (The NBD backend may
+#: return one block status reply more.)
+MAX_EXTENTS = 10_000
+
 #: Schemes whose backend relays to another daemon (proxy mode).
 RELAY_SCHEMES = frozenset({"https", "http"})
 
@@ -149,6 +154,16 @@ def ipAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return None
+    return _unmapped(address)
+
+
+def _unmapped(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """
+    @return: The IPv4 address an IPv4-mapped IPv6 C{address} maps, else
+        C{address}.
+    """
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -215,11 +230,7 @@ def _sameAddress(a: str, b: str) -> bool:
         first, second = ipaddress.ip_address(a), ipaddress.ip_address(b)
     except ValueError:
         return False
-    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
-        first = first.ipv4_mapped
-    if isinstance(second, ipaddress.IPv6Address) and second.ipv4_mapped is not None:
-        second = second.ipv4_mapped
-    return first == second
+    return _unmapped(first) == _unmapped(second)
 
 
 def _unspecified(host: str) -> bool:

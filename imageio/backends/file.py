@@ -40,7 +40,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio import _aio
+from imageio._aio import fileSystemType
 from imageio._buffers import allocate
+from imageio.backends import MAX_EXTENTS
 from imageio.interfaces import Extent, IBackend, ISpliceSource, UnsupportedOperation
 
 if TYPE_CHECKING:
@@ -60,10 +62,6 @@ log = Logger()
 #: Largest range one C{zero} pool call handles; a long zero is split so
 #: close and cancellation act between steps and no thread is held for long.
 ZERO_STEP = 128 * 1024**2
-
-#: Most extents one C{extents} call returns; a caller wanting the rest asks
-#: again from the end of the last one.
-MAX_EXTENTS = 10_000
 
 #: AIO requests in a row the kernel may refuse with EAGAIN (it would have
 #: waited) before a backend stops trying AIO and uses the pool only.
@@ -111,10 +109,6 @@ _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallo
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
 
-_fstatfs = _libc.fstatfs64 if hasattr(_libc, "fstatfs64") else _libc.fstatfs
-_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
-_fstatfs.restype = ctypes.c_int
-
 #: C{f_type} of pseudo file systems (C{linux/magic.h}) whose "files" are
 #: kernel or process state, never images: C{file:///proc/self/mem} would
 #: serve the daemon's memory.
@@ -143,21 +137,6 @@ PSEUDO_FILE_SYSTEMS = {
     0x00009FA2: "usbdevfs",
     0x00000187: "autofs",
 }
-
-
-def fileSystemType(fd: int) -> int:
-    """
-    @return: The C{f_type} of the file system holding C{fd}
-        (C{fstatfs(2)}; C{os.statvfs} does not report it). Runs on the pool.
-    @raise OSError: If the kernel refuses.
-    """
-    # struct statfs is 120 bytes on 64-bit Linux, 84 or 88 on 32-bit; f_type
-    # is its first field, a native long everywhere we run.
-    buf = ctypes.create_string_buffer(256)
-    if _fstatfs(fd, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 
 #: Footprint end of an operation that may cut the file short (C{ftruncate}
@@ -401,7 +380,8 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise ValueError(f"Not a regular file or block device: {path}")
         # Checked on the open file, so no symlink or rename gets past it.
-        pseudo = PSEUDO_FILE_SYSTEMS.get(fileSystemType(fd))
+        fsType = fileSystemType(fd)
+        pseudo = PSEUDO_FILE_SYSTEMS.get(fsType)
         if pseudo is not None:
             raise ValueError(f"Not an image: {path} is on a {pseudo} file system")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
@@ -416,7 +396,7 @@ def _openPath(path: str, write: bool, direct: bool) -> _Opened:
                 direct = False
             else:
                 blockSize = detected
-        memoryFS = direct and _aio.isMemoryFileSystem(fd)
+        memoryFS = direct and fsType in _aio.MEMORY_FILE_SYSTEMS
         return _Opened(fd, False, blockSize, direct, _imageWrites(st), memoryFS, st.st_size)
     except BaseException:
         os.close(fd)

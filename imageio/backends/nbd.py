@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imageio.backends import BackendContext
+from imageio.backends import MAX_EXTENTS, BackendContext
 from imageio.backends._nbdproto import (
     BASE_ALLOCATION,
     DEFAULT_MAX_PAYLOAD,
@@ -59,11 +59,6 @@ NEGOTIATION_TIMEOUT = 10.0
 #: Largest single NBD_CMD_WRITE_ZEROES: qemu-nbd accepts up to about 2 GiB,
 #: but a huge zero delays other requests on the same image.
 MAX_ZERO = 128 * 1024**2
-
-#: Most extents one C{extents} call gathers before returning (it may
-#: return one block status reply more); callers ask again from the end of
-#: the last one.
-MAX_EXTENTS = 10_000
 
 #: Largest range asked of one NBD_CMD_BLOCK_STATUS (the limit is 4 GiB - 1;
 #: a smaller step bounds the extents one reply can carry).
