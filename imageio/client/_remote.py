@@ -37,12 +37,6 @@ from imageio.ranges import RangeSet
 #: Largest OPTIONS, C{/written} or checksum answer read.
 MAX_SMALL_BODY = 16 * 1024**2
 
-#: Advertised concurrency when the server does not say (upstream's default).
-DEFAULT_MAX_CONNECTIONS = 1
-
-#: Largest C{max_readers}/C{max_writers} believed.
-MAX_CONNECTIONS = 64
-
 
 class RemoteError(Exception):
     """
@@ -83,8 +77,8 @@ class ServerOptions:
     """
 
     features: frozenset[str] = frozenset()
-    maxReaders: int = DEFAULT_MAX_CONNECTIONS
-    maxWriters: int = DEFAULT_MAX_CONNECTIONS
+    maxReaders: int = _http.DEFAULT_MAX_CONNECTIONS
+    maxWriters: int = _http.DEFAULT_MAX_CONNECTIONS
     unixSocket: str | None = None
 
 
@@ -102,18 +96,14 @@ def parseOptions(body: bytes) -> ServerOptions:
     features = msg.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         features = []
-
-    def limit(name: str) -> int:
-        value = msg.get(name, DEFAULT_MAX_CONNECTIONS)
-        if type(value) is not int or value < 1:
-            return DEFAULT_MAX_CONNECTIONS
-        return min(value, MAX_CONNECTIONS)
-
     unixSocket = msg.get("unix_socket")
     if not isinstance(unixSocket, str) or not unixSocket:
         unixSocket = None
     return ServerOptions(
-        frozenset(features), limit("max_readers"), limit("max_writers"), unixSocket
+        frozenset(features),
+        _http.advertisedLimit(msg, "max_readers"),
+        _http.advertisedLimit(msg, "max_writers"),
+        unixSocket,
     )
 
 
