@@ -271,15 +271,12 @@ class Remote:
 
     @ivar url: The transfer URL as given.
     @ivar options: What C{OPTIONS} said.
-    @ivar requestURL: Where requests go (C{http://localhost/...} over the
-        UNIX socket).
     """
 
     reactor: Any
     url: str
     options: ServerOptions
     connector: Connector
-    requestURL: str
     bufferSize: int
     _backends: list[IBackend] = field(factory=list, init=False)
     _first: tuple[HTTPPool, HTTPPool] | None = None
@@ -291,6 +288,14 @@ class Remote:
     @property
     def shownURL(self) -> str:
         return _shown(self.url)
+
+    @property
+    def requestURL(self) -> str:
+        """
+        Where requests go: L{url}, or C{http://localhost/...} over the UNIX
+        socket.
+        """
+        return unixURL(self.url) if self.overUnix else self.url
 
     def backends(self, count: int) -> list[IBackend]:
         """
@@ -424,7 +429,7 @@ async def openRemote(
     connector = Connector(reactor, cafile, secure)
     first = connector.agent()
     options = await _options(reactor, first[0], clean)
-    remote = Remote(reactor, clean, options, connector, clean, bufferSize, first)
+    remote = Remote(reactor, clean, options, connector, bufferSize, first)
     if useUnix and options.unixSocket is not None and runInPool is not None:
         local = await runInPool(isLocalHost, parts.hostname)
         if local:
@@ -448,7 +453,6 @@ async def openRemote(
                         options.unixSocket,
                     ),
                     unix,
-                    unixURL(clean),
                     bufferSize,
                     (agent, pool),
                 )
