@@ -167,10 +167,10 @@ class Connector:
     def useUnix(self, path: str) -> None:
         self.unixSocket = path
 
-    def agent(self) -> tuple[HTTPPool, HTTPPool]:
+    def agent(self) -> HTTPPool:
         """
-        @return: A new pool, as the agent sending requests and the pool
-            closing its connections.
+        @return: A new pool: it sends requests and closes its connections
+            (an HTTP backend's agent and pool both).
         """
         # TLS on the stdlib's ssl module, not Twisted's (pyOpenSSL): about
         # 40% less CPU per GiB uploaded (see imageio.client._tls).
@@ -182,7 +182,7 @@ class Connector:
             maxIdle=2,
             idleTimeout=30,
         )
-        return pool, pool
+        return pool
 
 
 def unixURL(url: str) -> str:
@@ -279,7 +279,7 @@ class Remote:
     connector: Connector
     bufferSize: int
     _backends: list[IBackend] = field(factory=list, init=False)
-    _first: tuple[HTTPPool, HTTPPool] | None = None
+    _first: HTTPPool | None = None
 
     @property
     def overUnix(self) -> bool:
@@ -304,10 +304,10 @@ class Remote:
         """
         while len(self._backends) < count:
             if self._first is not None:
-                agent, pool = self._first
+                pool = self._first
                 self._first = None
             else:
-                agent, pool = self.connector.agent()
+                pool = self.connector.agent()
             self._backends.append(
                 StreamingTarget(
                     self.reactor,
@@ -315,7 +315,7 @@ class Remote:
                         reactor=self.reactor,
                         # An Agent and its pool, as far as the backend
                         # can tell.
-                        agent=cast(Any, agent),
+                        agent=cast(Any, pool),
                         pool=cast(Any, pool),
                         url=self.requestURL.encode("ascii"),
                         features=self.options.features,
@@ -334,14 +334,15 @@ class Remote:
         return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + suffix, query, ""))
 
     async def _getJSON(self, suffix: str, query: str = "") -> Any:
-        agent, _ = self._agent()
+        agent = self._agent()
         url = self._subURL(suffix, query)
         response = await request(self.reactor, agent, b"GET", url)
         return await readJSON(response, url)
 
-    def _agent(self) -> tuple[HTTPPool, HTTPPool]:
+    def _agent(self) -> HTTPPool:
         target: Any = self.backends(1)[0]
-        return target.backend.agent, target.backend.pool
+        agent: HTTPPool = target.backend.agent
+        return agent
 
     async def size(self) -> int:
         try:
@@ -393,7 +394,7 @@ class Remote:
 
         ds: list[Deferred[Any]] = [b.close() for b in self._backends]
         if self._first is not None:
-            ds.append(self._first[1].closeCachedConnections())
+            ds.append(self._first.closeCachedConnections())
             self._first = None
         self._backends.clear()
         return DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
@@ -428,21 +429,21 @@ async def openRemote(
     clean = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     connector = Connector(reactor, cafile, secure)
     first = connector.agent()
-    options = await _options(reactor, first[0], clean)
+    options = await _options(reactor, first, clean)
     remote = Remote(reactor, clean, options, connector, bufferSize, first)
     if useUnix and options.unixSocket is not None and runInPool is not None:
         local = await runInPool(isLocalHost, parts.hostname)
         if local:
             unix = Connector(reactor, cafile, secure)
             unix.useUnix(options.unixSocket)
-            agent, pool = unix.agent()
+            pool = unix.agent()
             try:
-                unixOptions = await _options(reactor, agent, unixURL(clean))
+                unixOptions = await _options(reactor, pool, unixURL(clean))
             except RemoteError:
                 # Keep TLS, as upstream does.
                 await pool.closeCachedConnections()
             else:
-                await first[1].closeCachedConnections()
+                await first.closeCachedConnections()
                 remote = Remote(
                     reactor,
                     clean,
@@ -454,7 +455,7 @@ async def openRemote(
                     ),
                     unix,
                     bufferSize,
-                    (agent, pool),
+                    pool,
                 )
     return remote
 
