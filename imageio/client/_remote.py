@@ -838,7 +838,7 @@ class _StreamReceiver(Protocol):
 
         def written(_: object) -> None:
             self._writing = False
-            self._free.append(_whole(piece))
+            self._free.append(_base(piece))
             self._drain()
             self._next()
 
@@ -906,8 +906,3 @@ class _StreamReceiver(Protocol):
             self.done.errback(self._error)
         elif self._ended and not self._queued and self._current is None and not self._overflow:
             self.done.callback(None)
-
-
-def _whole(piece: memoryview) -> memoryview:
-    obj = piece.obj
-    return obj if isinstance(obj, memoryview) else memoryview(obj)
