@@ -24,8 +24,6 @@ from imageio.client._remote import NotSupported, Remote, RemoteError, openRemote
 from imageio.interfaces import IBackend, UnsupportedOperation
 from imageio.ranges import RangeSet
 
-MiB = 1024**2
-
 
 class ClientError(Exception):
     """
