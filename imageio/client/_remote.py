@@ -271,6 +271,8 @@ class Remote:
 
     @ivar url: The transfer URL as given.
     @ivar options: What C{OPTIONS} said.
+    @ivar runInPool: Runs CPU work off the reactor (parsing an extents
+        answer); C{None} runs it in place.
     """
 
     reactor: Any
@@ -280,6 +282,7 @@ class Remote:
     bufferSize: int
     _backends: list[IBackend] = field(factory=list, init=False)
     _first: HTTPPool | None = None
+    runInPool: Callable[..., Deferred[Any]] | None = None
 
     @property
     def overUnix(self) -> bool:
@@ -322,6 +325,7 @@ class Remote:
                         maxReaders=self.options.maxReaders,
                         maxWriters=self.options.maxWriters,
                         bufferSize=self.bufferSize,
+                        runInPool=self.runInPool,
                         relayed=False,
                     ),
                     self.requestURL,
@@ -430,7 +434,7 @@ async def openRemote(
     connector = Connector(reactor, cafile, secure)
     first = connector.agent()
     options = await _options(reactor, first, clean)
-    remote = Remote(reactor, clean, options, connector, bufferSize, first)
+    remote = Remote(reactor, clean, options, connector, bufferSize, first, runInPool)
     if useUnix and options.unixSocket is not None and runInPool is not None:
         local = await runInPool(isLocalHost, parts.hostname)
         if local:
@@ -456,6 +460,7 @@ async def openRemote(
                     unix,
                     bufferSize,
                     pool,
+                    runInPool,
                 )
     return remote
 
