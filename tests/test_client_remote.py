@@ -15,6 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 
 from imageio.client._remote import (
+    Connector,
+    Remote,
     ServerOptions,
     StreamBody,
     _StreamReceiver,
@@ -206,3 +208,31 @@ class OptionsTests(SynchronousTestCase):
 
         self.assertEqual(errorMessage(E()), "403 No such ticket")
         self.assertEqual(errorMessage(Failure(ValueError("bad\nmore"))), "bad")
+
+
+class RemoteTests(SynchronousTestCase):
+    """
+    Tests for L{Remote}.
+    """
+
+    def test_backendsParseExtentsOffTheReactor(self) -> None:
+        """
+        The backends of a remote image parse an extents answer (up to 64
+        MiB of JSON) with the pool the remote was given, not on the
+        reactor thread.
+        """
+
+        def runInPool(fn: Any, *args: Any) -> Deferred[Any]:
+            raise AssertionError("not called")
+
+        connector = Connector(Clock(), None, False)
+        remote = Remote(
+            Clock(),
+            "https://example.com/images/ticket",
+            ServerOptions(frozenset({"extents"})),
+            connector,
+            4096,
+            runInPool=runInPool,
+        )
+        target: Any = remote.backends(1)[0]
+        self.assertIs(target.backend.runInPool, runInPool)

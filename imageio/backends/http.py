@@ -158,14 +158,23 @@ def _parseOptions(body: bytes) -> tuple[frozenset[str], int, int] | None:
     features = msg.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         return None
+    return (
+        frozenset(features),
+        advertisedLimit(msg, "max_readers"),
+        advertisedLimit(msg, "max_writers"),
+    )
 
-    def limit(name: str) -> int:
-        value = msg.get(name, DEFAULT_MAX_CONNECTIONS)
-        if type(value) is not int or value < 1:
-            return DEFAULT_MAX_CONNECTIONS
-        return min(value, MAX_CONNECTIONS)
 
-    return frozenset(features), limit("max_readers"), limit("max_writers")
+def advertisedLimit(msg: dict[str, Any], name: str) -> int:
+    """
+    @return: The C{max_readers} or C{max_writers} (C{name}) of a parsed
+        C{OPTIONS} answer: the default when missing or not a positive
+        integer, and at most L{MAX_CONNECTIONS}.
+    """
+    value = msg.get(name, DEFAULT_MAX_CONNECTIONS)
+    if type(value) is not int or value < 1:
+        return DEFAULT_MAX_CONNECTIONS
+    return min(value, MAX_CONNECTIONS)
 
 
 def parseExtents(body: bytes, context: str) -> list[Extent]:

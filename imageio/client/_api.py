@@ -24,8 +24,6 @@ from imageio.client._remote import NotSupported, Remote, RemoteError, openRemote
 from imageio.interfaces import IBackend, UnsupportedOperation
 from imageio.ranges import RangeSet
 
-MiB = 1024**2
-
 
 class ClientError(Exception):
     """
@@ -284,7 +282,7 @@ class Client:
                     "needs a backup ticket with dirty extents"
                 ) from None
             skip = zeroOnly = None
-            if resume and os.path.exists(filename):
+            if resume and await self._pool(os.path.exists, filename):
                 await self._pool(_local.prepareRaw, filename, size)
                 zeroOnly = RangeSet()
                 for start, end in await self._pool(_local.localExtents, filename):

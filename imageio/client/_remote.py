@@ -37,12 +37,6 @@ from imageio.ranges import RangeSet
 #: Largest OPTIONS, C{/written} or checksum answer read.
 MAX_SMALL_BODY = 16 * 1024**2
 
-#: Advertised concurrency when the server does not say (upstream's default).
-DEFAULT_MAX_CONNECTIONS = 1
-
-#: Largest C{max_readers}/C{max_writers} believed.
-MAX_CONNECTIONS = 64
-
 
 class RemoteError(Exception):
     """
@@ -83,8 +77,8 @@ class ServerOptions:
     """
 
     features: frozenset[str] = frozenset()
-    maxReaders: int = DEFAULT_MAX_CONNECTIONS
-    maxWriters: int = DEFAULT_MAX_CONNECTIONS
+    maxReaders: int = _http.DEFAULT_MAX_CONNECTIONS
+    maxWriters: int = _http.DEFAULT_MAX_CONNECTIONS
     unixSocket: str | None = None
 
 
@@ -102,18 +96,14 @@ def parseOptions(body: bytes) -> ServerOptions:
     features = msg.get("features", [])
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         features = []
-
-    def limit(name: str) -> int:
-        value = msg.get(name, DEFAULT_MAX_CONNECTIONS)
-        if type(value) is not int or value < 1:
-            return DEFAULT_MAX_CONNECTIONS
-        return min(value, MAX_CONNECTIONS)
-
     unixSocket = msg.get("unix_socket")
     if not isinstance(unixSocket, str) or not unixSocket:
         unixSocket = None
     return ServerOptions(
-        frozenset(features), limit("max_readers"), limit("max_writers"), unixSocket
+        frozenset(features),
+        _http.advertisedLimit(msg, "max_readers"),
+        _http.advertisedLimit(msg, "max_writers"),
+        unixSocket,
     )
 
 
@@ -177,10 +167,10 @@ class Connector:
     def useUnix(self, path: str) -> None:
         self.unixSocket = path
 
-    def agent(self) -> tuple[HTTPPool, HTTPPool]:
+    def agent(self) -> HTTPPool:
         """
-        @return: A new pool, as the agent sending requests and the pool
-            closing its connections.
+        @return: A new pool: it sends requests and closes its connections
+            (an HTTP backend's agent and pool both).
         """
         # TLS on the stdlib's ssl module, not Twisted's (pyOpenSSL): about
         # 40% less CPU per GiB uploaded (see imageio.client._tls).
@@ -192,7 +182,7 @@ class Connector:
             maxIdle=2,
             idleTimeout=30,
         )
-        return pool, pool
+        return pool
 
 
 def unixURL(url: str) -> str:
@@ -281,18 +271,18 @@ class Remote:
 
     @ivar url: The transfer URL as given.
     @ivar options: What C{OPTIONS} said.
-    @ivar requestURL: Where requests go (C{http://localhost/...} over the
-        UNIX socket).
+    @ivar runInPool: Runs CPU work off the reactor (parsing an extents
+        answer); C{None} runs it in place.
     """
 
     reactor: Any
     url: str
     options: ServerOptions
     connector: Connector
-    requestURL: str
     bufferSize: int
     _backends: list[IBackend] = field(factory=list, init=False)
-    _first: tuple[HTTPPool, HTTPPool] | None = None
+    _first: HTTPPool | None = None
+    runInPool: Callable[..., Deferred[Any]] | None = None
 
     @property
     def overUnix(self) -> bool:
@@ -302,6 +292,14 @@ class Remote:
     def shownURL(self) -> str:
         return _shown(self.url)
 
+    @property
+    def requestURL(self) -> str:
+        """
+        Where requests go: L{url}, or C{http://localhost/...} over the UNIX
+        socket.
+        """
+        return unixURL(self.url) if self.overUnix else self.url
+
     def backends(self, count: int) -> list[IBackend]:
         """
         @return: C{count} backends, each with its own connection. The first
@@ -309,10 +307,10 @@ class Remote:
         """
         while len(self._backends) < count:
             if self._first is not None:
-                agent, pool = self._first
+                pool = self._first
                 self._first = None
             else:
-                agent, pool = self.connector.agent()
+                pool = self.connector.agent()
             self._backends.append(
                 StreamingTarget(
                     self.reactor,
@@ -320,13 +318,14 @@ class Remote:
                         reactor=self.reactor,
                         # An Agent and its pool, as far as the backend
                         # can tell.
-                        agent=cast(Any, agent),
+                        agent=cast(Any, pool),
                         pool=cast(Any, pool),
                         url=self.requestURL.encode("ascii"),
                         features=self.options.features,
                         maxReaders=self.options.maxReaders,
                         maxWriters=self.options.maxWriters,
                         bufferSize=self.bufferSize,
+                        runInPool=self.runInPool,
                         relayed=False,
                     ),
                     self.requestURL,
@@ -339,14 +338,15 @@ class Remote:
         return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + suffix, query, ""))
 
     async def _getJSON(self, suffix: str, query: str = "") -> Any:
-        agent, _ = self._agent()
+        agent = self._agent()
         url = self._subURL(suffix, query)
         response = await request(self.reactor, agent, b"GET", url)
         return await readJSON(response, url)
 
-    def _agent(self) -> tuple[HTTPPool, HTTPPool]:
+    def _agent(self) -> HTTPPool:
         target: Any = self.backends(1)[0]
-        return target.backend.agent, target.backend.pool
+        agent: HTTPPool = target.backend.agent
+        return agent
 
     async def size(self) -> int:
         try:
@@ -398,7 +398,7 @@ class Remote:
 
         ds: list[Deferred[Any]] = [b.close() for b in self._backends]
         if self._first is not None:
-            ds.append(self._first[1].closeCachedConnections())
+            ds.append(self._first.closeCachedConnections())
             self._first = None
         self._backends.clear()
         return DeferredList(ds, consumeErrors=True).addCallback(lambda _: None)
@@ -433,21 +433,21 @@ async def openRemote(
     clean = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     connector = Connector(reactor, cafile, secure)
     first = connector.agent()
-    options = await _options(reactor, first[0], clean)
-    remote = Remote(reactor, clean, options, connector, clean, bufferSize, first)
+    options = await _options(reactor, first, clean)
+    remote = Remote(reactor, clean, options, connector, bufferSize, first, runInPool)
     if useUnix and options.unixSocket is not None and runInPool is not None:
         local = await runInPool(isLocalHost, parts.hostname)
         if local:
             unix = Connector(reactor, cafile, secure)
             unix.useUnix(options.unixSocket)
-            agent, pool = unix.agent()
+            pool = unix.agent()
             try:
-                unixOptions = await _options(reactor, agent, unixURL(clean))
+                unixOptions = await _options(reactor, pool, unixURL(clean))
             except RemoteError:
                 # Keep TLS, as upstream does.
                 await pool.closeCachedConnections()
             else:
-                await first[1].closeCachedConnections()
+                await first.closeCachedConnections()
                 remote = Remote(
                     reactor,
                     clean,
@@ -458,9 +458,9 @@ async def openRemote(
                         options.unixSocket,
                     ),
                     unix,
-                    unixURL(clean),
                     bufferSize,
-                    (agent, pool),
+                    pool,
+                    runInPool,
                 )
     return remote
 
@@ -843,7 +843,7 @@ class _StreamReceiver(Protocol):
 
         def written(_: object) -> None:
             self._writing = False
-            self._free.append(_whole(piece))
+            self._free.append(_base(piece))
             self._drain()
             self._next()
 
@@ -911,8 +911,3 @@ class _StreamReceiver(Protocol):
             self.done.errback(self._error)
         elif self._ended and not self._queued and self._current is None and not self._overflow:
             self.done.callback(None)
-
-
-def _whole(piece: memoryview) -> memoryview:
-    obj = piece.obj
-    return obj if isinstance(obj, memoryview) else memoryview(obj)
