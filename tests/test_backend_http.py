@@ -518,6 +518,37 @@ class OpenBackendTests(TestCase):
             self.fail("open succeeded")
 
     @inlineCallbacks
+    def test_caFileReadInPool(self) -> Any:
+        """
+        A CA file the daemon did not read at start is read through the
+        disk-io pool when the first C{https:} ticket opens, not on the
+        reactor thread; later opens use the loaded trust root.
+        """
+        from twisted.internet.threads import deferToThread
+
+        from imageio.backends import httpclient
+
+        self.patch(httpclient, "_TRUST_ROOTS", {})
+        self.patch(httpclient, "CA_FILES", {})
+        calls: list[Any] = []
+
+        class Pool:
+            def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+                calls.append(fn)
+                return deferToThread(fn, *args)
+
+        ctx = BackendContext(reactor=reactor, diskio=Pool(), caFile=self.pki.caFile)  # type: ignore[arg-type]
+        path = self.dir / "img"
+        ticket = self.daemon.addTicket(makeImage(path, b"", MiB), MiB)
+        url = f"{self.daemon.url('localhost')}/images/{ticket}"
+        for _ in range(2):
+            backend = yield httpbackend.openBackend(
+                ctx, url, write=False, sparse=False, dirty=False
+            )
+            yield backend.close()
+        self.assertEqual(calls.count(httpclient._readTrustRoot), 1)
+
+    @inlineCallbacks
     def test_closeDuringOperation(self) -> Any:
         """
         Closing the backend while an operation runs lets it finish, then

@@ -59,6 +59,8 @@ from imageio.backends.httpclient import (
     collectBody,
     discardBody,
     hostError,
+    loadTrustRoot,
+    loadTrustRootInPool,
     makeAgent,
     makePool,
     raiseRemoteError,
@@ -574,20 +576,27 @@ def openBackend(
         return defer.fail(ValueError(f"Invalid HTTP URL: {url!r}"))
     options = ctx.extra.get("http", {})
     bufferSize = int(options.get("bufferSize", ctx.bufferSize))
-    pool = makePool(ctx.reactor, CONNECTIONS_PER_BACKEND, CACHED_CONNECTION_TIMEOUT)
-    try:
-        agent = makeAgent(ctx.reactor, ctx.caFile, pool)
-    except ValueError as e:
-        return defer.fail(e)
     runInPool = ctx.diskio.run if ctx.diskio is not None else None
-    d = _open(ctx.reactor, agent, pool, clean, bufferSize, runInPool)
+    if runInPool is not None:
+        # A CA file the daemon could not read at start is read on the
+        # pool, not on the reactor thread.
+        root = loadTrustRootInPool(ctx.caFile, runInPool)
+    else:
+        root = defer.maybeDeferred(loadTrustRoot, ctx.caFile)
 
-    def failed(reason: Failure) -> Failure:
-        pool.closeCachedConnections()
-        return reason
+    def opened(trustRoot: Any) -> Deferred[IBackend]:
+        pool = makePool(ctx.reactor, CONNECTIONS_PER_BACKEND, CACHED_CONNECTION_TIMEOUT)
+        agent = makeAgent(ctx.reactor, ctx.caFile, pool, trustRoot)
+        d = _open(ctx.reactor, agent, pool, clean, bufferSize, runInPool)
 
-    d.addErrback(failed)
-    return d
+        def failed(reason: Failure) -> Failure:
+            pool.closeCachedConnections()
+            return reason
+
+        d.addErrback(failed)
+        return d
+
+    return root.addCallback(opened)
 
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet import defer, error
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -164,10 +164,24 @@ def loadTrustRoot(caFile: str) -> Any:
     process and path (a restart picks up a changed file); a file the
     daemon read at start (L{imageio.backends.readCAFile}) is not read again.
 
+    This may read the file: call it at start, or through
+    L{loadTrustRootInPool}.
+
     @raise ValueError: If C{caFile} cannot be read or holds no certificate.
     """
-    from OpenSSL import SSL
-    from twisted.internet.ssl import Certificate, platformTrust, trustRootFromCertificates
+    root = cachedTrustRoot(caFile)
+    if root is None:
+        root = _readTrustRoot(caFile)
+    return root
+
+
+def cachedTrustRoot(caFile: str) -> Any | None:
+    """
+    @return: The trust root for C{caFile} if it needs no file read: the
+        platform's trust store, one loaded before, or one from the
+        certificates the daemon read at start; else C{None}.
+    """
+    from twisted.internet.ssl import platformTrust
 
     # A daemon imports the reactor core without pyOpenSSL; now that it is
     # loaded, the reactor's connectSSL and listenSSL can have it back.
@@ -175,15 +189,38 @@ def loadTrustRoot(caFile: str) -> Any:
     if not caFile:
         return platformTrust()
     root = _TRUST_ROOTS.get(caFile)
+    if root is None and caFile in CA_FILES:
+        root = _parseTrustRoot(caFile, CA_FILES[caFile])
+    return root
+
+
+def loadTrustRootInPool(caFile: str, runInPool: Callable[..., Deferred[Any]]) -> Deferred[Any]:
+    """
+    L{loadTrustRoot}, reading the file (if it must be read) with
+    C{runInPool}, off the reactor thread.
+    """
+    try:
+        root = cachedTrustRoot(caFile)
+    except ValueError as e:
+        return fail(e)
     if root is not None:
-        return root
-    pem = CA_FILES.get(caFile)
-    if pem is None:
-        try:
-            with open(caFile, "rb") as f:
-                pem = f.read()
-        except OSError as e:
-            raise ValueError(f"Cannot read CA file {caFile}: {e.strerror}") from e
+        return succeed(root)
+    return runInPool(_readTrustRoot, caFile)
+
+
+def _readTrustRoot(caFile: str) -> Any:
+    try:
+        with open(caFile, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ValueError(f"Cannot read CA file {caFile}: {e.strerror}") from e
+    return _parseTrustRoot(caFile, pem)
+
+
+def _parseTrustRoot(caFile: str, pem: bytes) -> Any:
+    from OpenSSL import SSL
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
     certificates = []
     marker = b"-----END CERTIFICATE-----"
     for block in pem.split(marker)[:-1]:
@@ -239,9 +276,10 @@ def makePool(reactor: Any, maxPerHost: int, idleTimeout: int) -> HTTPConnectionP
     return pool
 
 
-def makeAgent(reactor: Any, caFile: str, pool: HTTPConnectionPool) -> Agent:
+def makeAgent(reactor: Any, caFile: str, pool: HTTPConnectionPool, trustRoot: Any = None) -> Agent:
     """
-    An HTTP client verifying daemons against C{caFile}.
+    An HTTP client verifying daemons against C{caFile} (or C{trustRoot}, if
+    given: L{loadTrustRootInPool}).
 
     @raise ValueError: If C{caFile} is unusable.
     """
@@ -249,7 +287,9 @@ def makeAgent(reactor: Any, caFile: str, pool: HTTPConnectionPool) -> Agent:
 
     return Agent(
         reactor,
-        contextFactory=VerifyingPolicy(loadTrustRoot(caFile)),
+        contextFactory=VerifyingPolicy(
+            trustRoot if trustRoot is not None else loadTrustRoot(caFile)
+        ),
         connectTimeout=CONNECT_TIMEOUT,
         pool=pool,
     )
@@ -539,6 +579,7 @@ __all__ = [
     "BadResponse",
     "BodyTooLarge",
     "loadTrustRoot",
+    "loadTrustRootInPool",
     "VerifyingPolicy",
     "makePool",
     "makeAgent",
