@@ -26,7 +26,10 @@ here, behind public names, and each is pinned by C{tests.test_twisted_seams}:
   - C{Request._disconnected}: the client went away;
   - C{Headers._rawHeaders}: the header dict, keyed by canonical names
     (C{Content-Length}), for response headers we set without Twisted's
-    per-name encoding and per-value sanitizing (L{setSafeHeaders}).
+    per-name encoding and per-value sanitizing (L{setSafeHeaders}), and
+    for request headers parsed in one pass (L{HTTPChannelSeam.beginRequest});
+  - C{LineReceiver._busyReceiving}: the channel's line parser is inside its
+    own loop (a head taken in one pass must not overtake bytes it holds).
 
 Body framing stays Twisted's: a body read directly into a sink's buffer is
 counted off the decoder's C{contentLength} exactly as the decoder itself
@@ -41,6 +44,7 @@ from typing import Any
 
 from twisted.web import http
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
 
 #: The private names this module touches, by the Twisted class that
 #: defines them (for the pinning tests). Instance attributes are pinned
@@ -59,6 +63,7 @@ PRIVATE_NAMES = (
     ("twisted.web.http", "_IdentityTransferDecoder"),
     ("twisted.web.http.Request", "_disconnected"),
     ("twisted.web.http_headers.Headers", "_rawHeaders"),
+    ("twisted.protocols.basic.LineReceiver", "_busyReceiving"),
 )
 
 _IdentityTransferDecoder: type = http._IdentityTransferDecoder  # type: ignore[attr-defined]
@@ -196,6 +201,57 @@ class HTTPChannelSeam(http.HTTPChannel):
         """
         if self._abortingCall is None and self.abortTimeout is not None:  # type: ignore[has-type]
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[attr-defined]
+
+    # A request head parsed in one pass (imageio.web._head): the state
+    # Twisted's line parser leaves after the blank line ending a head, up to
+    # allHeadersReceived, which the caller then calls.
+
+    def headReady(self) -> bool:
+        """
+        @return: Whether the next bytes received start a request head, with
+            nothing of it buffered or being parsed by Twisted's line parser
+            (and the connection open to more requests).
+        """
+        return bool(
+            self.line_mode
+            and self._HTTPChannel__first_line  # type: ignore[attr-defined]
+            and not self._handlingRequest
+            and not self._busyReceiving
+            and not self.paused
+            and self.persistent
+        )
+
+    def takeLineBuffer(self) -> bytes:
+        """
+        @return: The start of a request head Twisted's line parser holds
+            (an incomplete request line), which it then no longer holds.
+        """
+        return self.clearLineBuffer()  # type: ignore[no-any-return]
+
+    def beginRequest(
+        self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, list[bytes]]
+    ) -> http.Request:
+        """
+        Start a request from a head parsed whole, as Twisted's line parser
+        does from its request line and headers: the request is made and
+        queued, the request line kept for L{requestLine} and
+        C{allContentReceived}, the headers stored. Only when L{headReady}.
+
+        @param headers: Canonical name -> values, checked as Twisted's
+            C{headerReceived} checks them, and no body framing headers.
+        """
+        factory: Any = self.requestFactory
+        if INonQueuedRequestFactory.providedBy(factory):
+            request = factory(self)
+        else:
+            request = factory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command = method
+        self._path = target
+        self._version = version
+        request.requestHeaders._rawHeaders.update(headers)
+        return request  # type: ignore[no-any-return]
 
     def identityBody(self) -> IdentityBody | None:
         """
