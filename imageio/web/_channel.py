@@ -249,8 +249,8 @@ class ImageioChannel(HTTPChannelSeam):
         head = [version, b" ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
             for value in values:
-                head.extend((name, b": ", value, b"\r\n"))
-        head.append(b"\r\n")
+                head += (name, b": ", value, b"\r\n")
+        head += (b"\r\n",)
         self._head = b"".join(head)
 
     def flushHead(self) -> None:
@@ -301,6 +301,23 @@ class ImageioChannel(HTTPChannelSeam):
         self._closeHooks.append(hook)
 
     # Request heads
+
+    # A connection's addresses do not change: every request asks for both
+    # (twisted.web's Request.__init__), a TCP transport makes new ones.
+    _peer: Any = None
+    _host: Any = None
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def lineReceived(self, line: bytes) -> None:
         if len(line) > MAX_REQUEST_LINE and self.readingRequestLine:

@@ -59,7 +59,9 @@ def requestPath(request: Request) -> str:
         ticket id, not a crash).
     """
     raw = request.path if isinstance(request.path, bytes) else b"/"
-    return unquote_to_bytes(raw).decode("utf-8", "replace")
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)
+    return raw.decode("utf-8", "replace")
 
 
 @implementer(IStreamingUpload)

@@ -28,6 +28,8 @@ here, behind public names, and each is pinned by C{tests.test_twisted_seams}:
     (C{Content-Length}), for response headers we set without Twisted's
     per-name encoding and per-value sanitizing (L{setSafeHeaders}), and
     for request headers parsed in one pass (L{HTTPChannelSeam.beginRequest});
+  - C{server.Request._encoder}, C{_inFakeHead}: a content encoding, and
+    a C{HEAD} answered as a C{GET}, which L{writeFirst} leaves to Twisted;
   - C{LineReceiver._busyReceiving}: the channel's line parser is inside its
     own loop (a head taken in one pass must not overtake bytes it holds).
 
@@ -40,11 +42,14 @@ goes through the decoder, whose own end-of-body path then runs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web import http
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
+
+if TYPE_CHECKING:
+    from twisted.web import server
 
 #: The private names this module touches, by the Twisted class that
 #: defines them (for the pinning tests). Instance attributes are pinned
@@ -64,6 +69,8 @@ PRIVATE_NAMES = (
     ("twisted.web.http.Request", "_disconnected"),
     ("twisted.web.http_headers.Headers", "_rawHeaders"),
     ("twisted.protocols.basic.LineReceiver", "_busyReceiving"),
+    ("twisted.web.server.Request", "_encoder"),
+    ("twisted.web.server.Request", "_inFakeHead"),
 )
 
 _IdentityTransferDecoder: type = http._IdentityTransferDecoder  # type: ignore[attr-defined]
@@ -141,6 +148,57 @@ def setSafeHeaders(headers: Headers, values: dict[bytes, list[bytes]]) -> None:
     @param values: Canonical name -> values, none containing CR or LF.
     """
     headers._rawHeaders.update(values)
+
+
+def headerValues(headers: Headers, name: bytes) -> list[bytes] | None:
+    """
+    @param name: A header name in Twisted's canonical form.
+    @return: C{headers.getRawHeaders(name)}, in one dict lookup.
+    """
+    values: list[bytes] | None = headers._rawHeaders.get(name)
+    return values
+
+
+#: Response codes without a body (Twisted's C{NO_BODY_CODES}).
+_NO_BODY_CODES = frozenset(http.NO_BODY_CODES)
+
+
+def writeFirst(request: server.Request, data: bytes) -> bool:
+    """
+    The first write of a response, as C{server.Request.write} and
+    C{http.Request.write} do it, for the usual response: one that set its
+    C{Content-Length} and C{Content-Type}, on a request that is not
+    C{HEAD}, with no cookies, C{ETag}, C{Last-Modified}, content encoding
+    or faked C{HEAD} (C{Request._encoder}, C{_inFakeHead}): the headers
+    Twisted would look up (about ten calls each) are known to be set, so
+    none is added, and the response is not chunked.
+
+    @return: Whether it was written; if not, nothing was done, and
+        Twisted's C{write} must write it.
+    """
+    raw = request.responseHeaders._rawHeaders
+    if (
+        b"Content-Length" not in raw
+        or b"Content-Type" not in raw
+        or request.finished
+        or request._disconnected
+        or request.method == b"HEAD"
+        or request.code in _NO_BODY_CODES
+        or request.cookies
+        or request.etag is not None
+        or request.lastModified is not None
+        or request._encoder is not None
+        or request._inFakeHead
+    ):
+        return False
+    request.startedWriting = 1
+    request.channel.writeHeaders(
+        request.clientproto, b"%d" % (request.code,), request.code_message, request.responseHeaders
+    )
+    request.sentLength += len(data)
+    if data:
+        request.channel.write(data)
+    return True
 
 
 def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
@@ -252,6 +310,34 @@ class HTTPChannelSeam(http.HTTPChannel):
         self._version = version
         request.requestHeaders._rawHeaders.update(headers)
         return request  # type: ignore[no-any-return]
+
+    def allHeadersReceived(self) -> None:
+        """
+        Twisted's, with its header lookups in one dict lookup each.
+        """
+        request = self.requests[-1]
+        request.parseCookies()
+        version = self._version
+        self.persistent = self.checkPersistence(request, version)
+        request.gotLength(self.length)
+        # Expect: 100-continue gets Twisted's automatic answer.
+        expect = headerValues(request.requestHeaders, b"Expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            self._send100Continue()
+
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        """
+        Twisted's: HTTP/1.1 connections persist unless the request's first
+        C{Connection} header has a C{close} token (then the response says
+        C{Connection: close}); earlier versions close.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        connection = headerValues(request.requestHeaders, b"Connection")
+        if connection and b"close" in [t.lower() for t in connection[0].split(b" ")]:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
 
     def identityBody(self) -> IdentityBody | None:
         """
