@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -216,3 +218,61 @@ class RequestReceivedTests(SynchronousTestCase):
         req, _ = request()
         self.assertIs(req.channel.getPeer(), req.client)
         self.assertIs(req.channel.getHost(), req.host)
+
+
+class IdleTimerTests(SynchronousTestCase):
+    """
+    The channel's idle timeout keeps one timer across requests, with
+    Twisted's timeouts: none while a request is answered, the full period
+    from the last byte or the last answer otherwise.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        site = ImageioSite(Quiet(), "test", reactor=self.clock, timeout=10)
+        self.channel: Any = site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_oneTimer(self) -> None:
+        """
+        Answering requests pushes the one timer back instead of making new
+        ones; the connection times out 10 s after the last answer.
+        """
+        [idle] = self.clock.getDelayedCalls()
+        for _ in range(3):
+            self.channel.dataReceived(b"GET /x HTTP/1.1\r\n\r\n")
+            self.clock.advance(5)
+            self.channel.requests[-1].finish()
+            self.assertEqual(self.clock.getDelayedCalls(), [idle])
+            self.clock.advance(5)
+        # Long answers are not cut.
+        self.channel.dataReceived(b"GET /x HTTP/1.1\r\n\r\n")
+        self.clock.advance(25)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.requests[-1].finish()
+        self.clock.advance(9.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_bytesPushBack(self) -> None:
+        """
+        Bytes received restart the period.
+        """
+        self.channel.dataReceived(b"PUT /x HTTP/1.1\r\nContent-Length: 9\r\n\r\na")
+        self.clock.advance(9)
+        self.channel.dataReceived(b"b")
+        self.clock.advance(9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_noTimerLeft(self) -> None:
+        """
+        A closed connection leaves no idle timer, also while a request was
+        being answered.
+        """
+        self.channel.dataReceived(b"GET /x HTTP/1.1\r\n\r\n")
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
