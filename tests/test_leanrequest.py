@@ -242,7 +242,7 @@ class IdleTimerTests(SynchronousTestCase):
         [idle] = self.clock.getDelayedCalls()
         for _ in range(3):
             self.channel.dataReceived(b"GET /x HTTP/1.1\r\n\r\n")
-            self.clock.advance(5)
+            self.clock.advance(1)
             self.channel.requests[-1].finish()
             self.assertEqual(self.clock.getDelayedCalls(), [idle])
             self.clock.advance(5)

@@ -355,7 +355,8 @@ class ImageioChannel(HTTPChannelSeam):
 
     def allHeadersReceived(self) -> None:
         self._headsReceived += 1
-        self._cancelHeadDeadline()
+        if self._headDeadline is not None:
+            self._cancelHeadDeadline()
         super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
         if isinstance(request, StreamingRequest):
@@ -499,7 +500,8 @@ class ImageioChannel(HTTPChannelSeam):
         pending = self.takeLineBuffer()
         if pending:
             data = pending + data
-        self.resetTimeout()
+        # The idle timeout restarts when Twisted's parser gets bytes, and
+        # when a request taken here is answered (it is off until then).
         while True:
             end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
             if end < 0:

@@ -175,7 +175,9 @@ def queryArg(request: Request, name: str) -> str | None:
     """
     @return: The first value of query parameter C{name}, decoded.
     """
-    values = (request.args or {}).get(name.encode("ascii"))
+    if not request.args:
+        return None
+    values = request.args.get(name.encode("ascii"))
     if not values:
         return None
     value: bytes = values[0]

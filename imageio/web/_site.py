@@ -70,7 +70,7 @@ class ImageioSite(server.Site):
         # Upload sinks count what they read directly; every other body
         # (PATCH, control PUT, refused uploads) went through
         # handleContentChunk.
-        received: int = getattr(sink, "bytesWritten", None) or 0
+        received: int = getattr(sink, "bytesWritten", None) or 0 if sink is not None else 0
         if not received:
             received = getattr(request, "contentReceived", 0)
         method = request.method.decode("ascii", "replace")
