@@ -133,27 +133,36 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _failed(self, reason: Failure, request: Request) -> None:
-        error = httpErrorFor(reason.value)
-        if error is not None:
-            if isGone(request):
-                return
-            if request.startedWriting:
-                abortConnection(request)
-                return
-            sendHTTPError(request, error)
-            return
-        log.failure(
-            "{method} {path} failed",
-            reason,
-            method=request.method.decode("ascii", "replace"),
-            path=redactPath(request.uri),
-        )
+        answerFailure(request, reason)
+
+
+def answerFailure(request: Request, reason: Failure) -> None:
+    """
+    Answer a handler's failure as the router answers the failure of the
+    Deferred a handler returned: the mapped status, or 500 logged; a cut
+    connection if the response started; nothing if the client left.
+    """
+    error = httpErrorFor(reason.value)
+    if error is not None:
         if isGone(request):
             return
         if request.startedWriting:
             abortConnection(request)
-        else:
-            sendInternalError(request)
+            return
+        sendHTTPError(request, error)
+        return
+    log.failure(
+        "{method} {path} failed",
+        reason,
+        method=request.method.decode("ascii", "replace"),
+        path=redactPath(request.uri),
+    )
+    if isGone(request):
+        return
+    if request.startedWriting:
+        abortConnection(request)
+    else:
+        sendInternalError(request)
 
 
 def requestBody(request: Request) -> bytes:
