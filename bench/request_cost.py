@@ -137,7 +137,7 @@ def httpStack(requests: int, profile: bool = False) -> dict[str, float]:
 #: parts listed after it that run inside them. Function names are
 #: C{file-suffix:function}.
 PARTS: list[tuple[str, list[str]]] = [
-    ("request line and header parsing (twisted)", ["basic.py:dataReceived"]),
+    ("request line and header parsing", ["_channel.py:dataReceived"]),
     ("Request construction (twisted)", ["web/server.py:__init__"]),
     ("early resource lookup, body sink (ours)", ["_request.py:gotLength"]),
     ("head deadline, body watch (ours)", ["_channel.py:allHeadersReceived"]),

@@ -484,6 +484,66 @@ class HTTPSeamTests(SynchronousTestCase):
         channel.dataReceived(b"PUT /x HTTP/1.1\r\nContent-Length: x\r\n\r\n")
         self.assertTrue(channel.transport.value().startswith(b"HTTP/1.1 400 "))
 
+    def test_headReady(self) -> None:
+        """
+        C{headReady} (C{_HTTPChannel__first_line}, C{_handlingRequest},
+        C{LineReceiver._busyReceiving}) is true only between requests and
+        outside the line parser's loop; C{takeLineBuffer} takes back an
+        incomplete request line.
+        """
+        seen: list[bool] = []
+
+        class Channel(_twisted_http.HTTPChannelSeam):
+            def lineReceived(self, line: bytes) -> None:
+                seen.append(self.headReady())
+                super().lineReceived(line)
+
+        channel = _channel(Channel)
+        self.assertTrue(channel.headReady())
+        channel.dataReceived(b"PUT /x HT")
+        self.assertTrue(channel.headReady())
+        self.assertEqual(channel.takeLineBuffer(), b"PUT /x HT")
+        channel.dataReceived(_put(1))
+        self.assertEqual(seen, [False, False, False, False])
+        self.assertFalse(channel.headReady())
+        channel.dataReceived(b"x")
+        self.assertFalse(channel.headReady())
+        channel.requests[-1].finish()
+        self.assertTrue(channel.headReady())
+
+    def test_beginRequest(self) -> None:
+        """
+        C{beginRequest} leaves the channel and request as Twisted's line
+        parser leaves them before C{allHeadersReceived}.
+        """
+        states = []
+
+        class Channel(_twisted_http.HTTPChannelSeam):
+            def allHeadersReceived(self) -> None:
+                [request] = self.requests
+                states.append(
+                    (
+                        self.readingRequestLine,
+                        self.requestLine(),
+                        list(request.requestHeaders.getAllRawHeaders()),
+                        self.length,
+                    )
+                )
+                super().allHeadersReceived()
+
+        for fast in (True, False):
+            channel = _channel(Channel)
+            if fast:
+                channel.beginRequest(b"GET", b"/x?y", b"HTTP/1.1", {b"Host": [b"a", b"b"]})
+                channel.allHeadersReceived()
+                channel.allContentReceived()
+            else:
+                channel.dataReceived(b"GET /x?y HTTP/1.1\r\nhost: a\r\nHost: b\r\n\r\n")
+            [request] = channel.requests
+            self.assertEqual((request.method, request.uri), (b"GET", b"/x?y"))
+        self.assertEqual(len(states), 2)
+        self.assertEqual(states[0], states[1])
+
     def test_requestGone(self) -> None:
         """
         C{requestGone} (C{Request._disconnected}) tells that the client left.

@@ -64,6 +64,9 @@ class Metrics:
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(factory=dict)
 
     _listeners: set[str] = field(factory=set, init=False)
+    # Request counter keys by (listener, method, code) as received, for
+    # the usual ones (bounded): one lookup per request.
+    _keys: dict[tuple[str, str, int], tuple[tuple[str, str], ...]] = field(factory=dict, init=False)
 
     def _listener(self, name: str) -> str:
         if name not in self._listeners:
@@ -77,8 +80,19 @@ class Metrics:
         Count one answered request. Every label is bounded: unknown methods
         are C{other}, and so are statuses outside 100-599.
         """
-        listener = self._listener(listener)
-        key = (("listener", listener), ("method", methodLabel(method)), ("code", codeLabel(code)))
+        key = self._keys.get((listener, method, code))
+        if key is None:
+            raw = (listener, method, code)
+            listener = self._listener(listener)
+            key = (
+                ("listener", listener),
+                ("method", methodLabel(method)),
+                ("code", codeLabel(code)),
+            )
+            if listener == raw[0] and method in METHODS and len(self._keys) < 4096:
+                self._keys[raw] = key
+        else:
+            listener = key[0][1]
         self.requests[key] += 1
         self.bytesSent[listener] += sent
         self.bytesReceived[listener] += received

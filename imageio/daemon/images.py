@@ -70,6 +70,7 @@ from imageio.web import (
     TruncatedImage,
     UploadSink,
     abortConnection,
+    answerFailure,
     closeAfterResponse,
     connectionOf,
     cors,
@@ -519,38 +520,47 @@ class ImageHandler:
             pool.give(buf, lease)
             raise
         _logRead(ticket, offset, length)
-        result: Deferred[Any] = Deferred()
+        # The read's own Deferred is the handler's result (no Deferred of
+        # our own per request): what the callback returns is the outcome
+        # the handler's and the router's errbacks see. Once the outcome is
+        # decided (answered, canceled, or left to them), later events are
+        # ignored.
+        decided = False
 
         def canceled() -> None:
-            # Answered at once; the buffer comes back when the read ends.
-            if not result.called:
+            # Answered at once, as the router answers a failed handler; the
+            # buffer comes back when the read ends.
+            nonlocal decided
+            if not decided:
+                decided = True
                 self.service.finishOperation(ticket, op)
-                result.errback(OperationCanceled(f"Transfer {ticket.transferID} was canceled"))
+                error = OperationCanceled(f"Transfer {ticket.transferID} was canceled")
+                answerFailure(request, _failureToHTTP(Failure(error), request))
 
-        def done(n: object) -> None:
+        def done(n: object) -> object:
+            nonlocal decided
             data = bytes(buf[:n]) if isinstance(n, int) and n == length else None
             pool.give(buf, lease)
-            if result.called:
-                return
+            if decided:
+                return None
             op.onCancel = None
             gone = isGone(request)
             if data is not None and not gone:
                 op.done = length
             self.service.finishOperation(ticket, op)
             if gone:
-                result.callback(None)
-                return
+                decided = True
+                return None
             if data is None:
+                decided = True
                 if isinstance(n, int):
                     # The range ends past the image: answer as upstream does.
                     sized = backend.size()
                     sized.addCallback(self._shortRead, ticket, byteRange, offset, n)
-                    sized.chainDeferred(result)
-                elif isinstance(n, Failure):
-                    result.errback(n)
-                else:
-                    result.errback(TypeError(f"Backend read returned {n!r}"))
-                return
+                    return sized
+                if isinstance(n, Failure):
+                    return n
+                return Failure(TypeError(f"Backend read returned {n!r}"))
             request.setResponseCode(206)
             # The same headers as _startRead's, in the same order, without
             # Twisted's encoding and sanitizing of each (about ten calls).
@@ -571,21 +581,25 @@ class ImageHandler:
                 request.setHeader(b"content-disposition", disposition)
             request.write(data)
             request.finish()
-            result.callback(None)
+            decided = True
+            return None
 
-        def safely(n: object) -> None:
+        def safely(n: object) -> object:
             # A bug after the read (writing the response) must not leave the
             # request hanging: the router logs it and cuts or answers 500.
+            nonlocal decided
             try:
-                done(n)
+                return done(n)
             except Exception:
-                if not result.called:
-                    result.errback(Failure())
-                else:
-                    log.failure("Answering a small read failed")
+                if not decided:
+                    decided = True
+                    return Failure()
+                log.failure("Answering a small read failed")
+                return None
 
         op.onCancel = canceled
-        backend.readInto(offset, buf[:length]).addBoth(safely)
+        result: Deferred[Any] = backend.readInto(offset, buf[:length])
+        result.addBoth(safely)
         return result
 
     def _shortRead(

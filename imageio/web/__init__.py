@@ -36,7 +36,7 @@ from imageio.web._response import (
     sendHTTPError,
     sendJSON,
 )
-from imageio.web._router import Router, cors, enumArg, queryArg, requestBody
+from imageio.web._router import Router, answerFailure, cors, enumArg, queryArg, requestBody
 from imageio.web._sinks import CollectSink, tooLarge
 from imageio.web._site import ImageioSite
 from imageio.web._splice import SpliceProducer, SpliceRefused, probeSplice
@@ -68,6 +68,7 @@ __all__ = [
     "JSONListWriter",
     # Routing
     "Router",
+    "answerFailure",
     "cors",
     "enumArg",
     "queryArg",

@@ -26,6 +26,7 @@ from imageio.interfaces import (
     IDirectReader,
     IDirectReadTransport,
 )
+from imageio.web._head import MAX_HEAD, parseHead
 from imageio.web._request import StreamingRequest
 from imageio.web._response import SERVER, HTTPError
 from imageio.web._socket import tuneTransport
@@ -248,8 +249,8 @@ class ImageioChannel(HTTPChannelSeam):
         head = [version, b" ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
             for value in values:
-                head.extend((name, b": ", value, b"\r\n"))
-        head.append(b"\r\n")
+                head += (name, b": ", value, b"\r\n")
+        head += (b"\r\n",)
         self._head = b"".join(head)
 
     def flushHead(self) -> None:
@@ -301,6 +302,23 @@ class ImageioChannel(HTTPChannelSeam):
 
     # Request heads
 
+    # A connection's addresses do not change: every request asks for both
+    # (twisted.web's Request.__init__), a TCP transport makes new ones.
+    _peer: Any = None
+    _host: Any = None
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
     def lineReceived(self, line: bytes) -> None:
         if len(line) > MAX_REQUEST_LINE and self.readingRequestLine:
             self._respondToStatus(414, b"Request-URI Too Long")
@@ -337,7 +355,8 @@ class ImageioChannel(HTTPChannelSeam):
 
     def allHeadersReceived(self) -> None:
         self._headsReceived += 1
-        self._cancelHeadDeadline()
+        if self._headDeadline is not None:
+            self._cancelHeadDeadline()
         super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
         if isinstance(request, StreamingRequest):
@@ -452,6 +471,11 @@ class ImageioChannel(HTTPChannelSeam):
             self._flushDirect()
         if self.closingEarly:
             return
+        if self.headReady():
+            rest = self._wholeHeads(data)
+            if not rest:
+                return
+            data = rest
         starting = bool(data) and self.readingRequestLine and not self.handlingRequest
         heads = self._headsReceived
         super().dataReceived(data)
@@ -460,6 +484,44 @@ class ImageioChannel(HTTPChannelSeam):
         # needs no timer.
         if starting and heads == self._headsReceived and not (self.closingEarly or self._lost):
             self._startHeadDeadline()
+
+    def _wholeHeads(self, data: bytes) -> bytes:
+        """
+        Take the request heads that arrived whole at the start of C{data},
+        each parsed in one pass (L{parseHead}) instead of line by line; a
+        request without a body is then answered as Twisted's parser would
+        have it answered (C{allHeadersReceived}, C{allContentReceived}).
+
+        @return: What is left for Twisted's parser: C{data} from the first
+            head L{parseHead} leaves to it (a split head, anything unusual),
+            or the bytes after a request being answered; empty once the
+            connection is closing.
+        """
+        pending = self.takeLineBuffer()
+        if pending:
+            data = pending + data
+        # The idle timeout restarts when Twisted's parser gets bytes, and
+        # when a request taken here is answered (it is off until then).
+        while True:
+            end = data.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end < 0:
+                return data
+            head = parseHead(data[:end])
+            if head is None:
+                return data
+            data = data[end + 4 :]
+            self.beginRequest(*head)
+            self.allHeadersReceived()
+            if self.length == 0:
+                self.allContentReceived()
+            else:
+                self.setRawMode()
+            transport: Any = self.transport
+            if self.closingEarly or self._lost or transport is None or transport.disconnecting:
+                # As Twisted's parser: nothing more is read.
+                return b""
+            if not (data and self.headReady()):
+                return data
 
     def allContentReceived(self) -> None:
         # However the body ended (the last bytes may have come with the

@@ -42,7 +42,13 @@ from imageio.web._response import (
     sendInternalError,
 )
 from imageio.web._sinks import MAX_SMALL_BODY, CollectSink, DiscardSink, tooLarge
-from imageio.web._twisted_http import HTTPChannelSeam, requestGone, setSafeHeaders
+from imageio.web._twisted_http import (
+    HTTPChannelSeam,
+    headerValues,
+    requestGone,
+    setSafeHeaders,
+    writeFirst,
+)
 
 log = Logger()
 
@@ -106,11 +112,38 @@ class StreamingRequest(server.Request):
             self.bodySink.dataReceived(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        Twisted's C{requestReceived} without its form parsing: a body never
+        reaches C{content} here (it went to the sink, see L{gotLength}), so
+        there is no C{POST} form to parse into C{args}.
+        """
         if self.respondedEarly:
             return
         if self.bodySink is not None:
             self.bodySink.bodyComplete()
-        super().requestReceived(command, path, version)
+        self.method, self.uri = command, path
+        self.clientproto = version
+        if b"?" in path:
+            self.path, query = path.split(b"?", 1)
+            self.args = http.parse_qs(query, 1)
+        else:
+            self.path = path
+            self.args = {}
+        self.process()
+
+    def parseCookies(self) -> None:
+        # The images API uses no cookies; parsed when sent, as Twisted does.
+        if headerValues(self.requestHeaders, b"Cookie") is not None:
+            super().parseCookies()
+
+    def write(self, data: bytes) -> None:
+        """
+        Twisted's C{write}; the first write of a response that has its
+        C{Content-Length} and C{Content-Type} (a small read, an error, JSON)
+        skips its header lookups (see L{writeFirst}).
+        """
+        if self.startedWriting or not writeFirst(self, data):
+            super().write(data)
 
     def connectionLost(self, reason: Failure) -> None:
         if self.bodySink is not None:
@@ -132,7 +165,7 @@ class StreamingRequest(server.Request):
         self.site = site = channel.site
         setSafeHeaders(self.responseHeaders, {b"Server": [SERVER], b"Date": [_httpDate()]})
         self.prepath = []
-        self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
+        self.postpath = _segments(self.path)
         try:
             self.render(site.getResourceFor(self))
         except BaseException:
@@ -212,12 +245,20 @@ class StreamingRequest(server.Request):
         self.path = uri.split(b"?", 1)[0]
         self.args = http.parse_qs(uri.split(b"?", 1)[1], 1) if b"?" in uri else {}
         self.prepath = []
-        self.postpath = [unquote_to_bytes(s) for s in self.path[1:].split(b"/")]
+        self.postpath = _segments(self.path)
         try:
             resource = site.getResourceFor(self)
         finally:
             del self.prepath, self.postpath
         return resource if IStreamingUpload.providedBy(resource) else None
+
+
+def _segments(path: bytes) -> list[bytes]:
+    """
+    @return: The unquoted segments of C{path} after its first C{/}, as
+        Twisted makes C{postpath} (a segment without C{%} is itself).
+    """
+    return [unquote_to_bytes(s) if b"%" in s else s for s in path[1:].split(b"/")]
 
 
 _date: tuple[int, bytes] = (0, b"")

@@ -59,7 +59,9 @@ def requestPath(request: Request) -> str:
         ticket id, not a crash).
     """
     raw = request.path if isinstance(request.path, bytes) else b"/"
-    return unquote_to_bytes(raw).decode("utf-8", "replace")
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)
+    return raw.decode("utf-8", "replace")
 
 
 @implementer(IStreamingUpload)
@@ -131,27 +133,36 @@ class Router(Resource):
         return NOT_DONE_YET
 
     def _failed(self, reason: Failure, request: Request) -> None:
-        error = httpErrorFor(reason.value)
-        if error is not None:
-            if isGone(request):
-                return
-            if request.startedWriting:
-                abortConnection(request)
-                return
-            sendHTTPError(request, error)
-            return
-        log.failure(
-            "{method} {path} failed",
-            reason,
-            method=request.method.decode("ascii", "replace"),
-            path=redactPath(request.uri),
-        )
+        answerFailure(request, reason)
+
+
+def answerFailure(request: Request, reason: Failure) -> None:
+    """
+    Answer a handler's failure as the router answers the failure of the
+    Deferred a handler returned: the mapped status, or 500 logged; a cut
+    connection if the response started; nothing if the client left.
+    """
+    error = httpErrorFor(reason.value)
+    if error is not None:
         if isGone(request):
             return
         if request.startedWriting:
             abortConnection(request)
-        else:
-            sendInternalError(request)
+            return
+        sendHTTPError(request, error)
+        return
+    log.failure(
+        "{method} {path} failed",
+        reason,
+        method=request.method.decode("ascii", "replace"),
+        path=redactPath(request.uri),
+    )
+    if isGone(request):
+        return
+    if request.startedWriting:
+        abortConnection(request)
+    else:
+        sendInternalError(request)
 
 
 def requestBody(request: Request) -> bytes:
@@ -173,7 +184,9 @@ def queryArg(request: Request, name: str) -> str | None:
     """
     @return: The first value of query parameter C{name}, decoded.
     """
-    values = (request.args or {}).get(name.encode("ascii"))
+    if not request.args:
+        return None
+    values = request.args.get(name.encode("ascii"))
     if not values:
         return None
     value: bytes = values[0]

@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.logger import LogLevel
 from twisted.web import http, server
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, getChildForRequest
 
 from imageio import _log
 from imageio._log import Logger
@@ -57,12 +57,20 @@ class ImageioSite(server.Site):
         self.bodyTimeout = bodyTimeout
         self.bodyMinRate = bodyMinRate
 
+    def getResourceFor(self, request: http.Request) -> IResource:
+        """
+        Twisted's, with C{sitepath} copied by a slice (it is a list).
+        """
+        request.site = self  # type: ignore[attr-defined]
+        request.sitepath = request.prepath[:]  # type: ignore[attr-defined]
+        return getChildForRequest(self.resource, request)  # type: ignore[no-any-return]
+
     def log(self, request: http.Request) -> None:
         sink = getattr(request, "bodySink", None)
         # Upload sinks count what they read directly; every other body
         # (PATCH, control PUT, refused uploads) went through
         # handleContentChunk.
-        received: int = getattr(sink, "bytesWritten", None) or 0
+        received: int = getattr(sink, "bytesWritten", None) or 0 if sink is not None else 0
         if not received:
             received = getattr(request, "contentReceived", 0)
         method = request.method.decode("ascii", "replace")

@@ -26,7 +26,12 @@ here, behind public names, and each is pinned by C{tests.test_twisted_seams}:
   - C{Request._disconnected}: the client went away;
   - C{Headers._rawHeaders}: the header dict, keyed by canonical names
     (C{Content-Length}), for response headers we set without Twisted's
-    per-name encoding and per-value sanitizing (L{setSafeHeaders}).
+    per-name encoding and per-value sanitizing (L{setSafeHeaders}), and
+    for request headers parsed in one pass (L{HTTPChannelSeam.beginRequest});
+  - C{server.Request._encoder}, C{_inFakeHead}: a content encoding, and
+    a C{HEAD} answered as a C{GET}, which L{writeFirst} leaves to Twisted;
+  - C{LineReceiver._busyReceiving}: the channel's line parser is inside its
+    own loop (a head taken in one pass must not overtake bytes it holds).
 
 Body framing stays Twisted's: a body read directly into a sink's buffer is
 counted off the decoder's C{contentLength} exactly as the decoder itself
@@ -37,10 +42,14 @@ goes through the decoder, whose own end-of-body path then runs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.web import http
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
+
+if TYPE_CHECKING:
+    from twisted.web import server
 
 #: The private names this module touches, by the Twisted class that
 #: defines them (for the pinning tests). Instance attributes are pinned
@@ -59,6 +68,9 @@ PRIVATE_NAMES = (
     ("twisted.web.http", "_IdentityTransferDecoder"),
     ("twisted.web.http.Request", "_disconnected"),
     ("twisted.web.http_headers.Headers", "_rawHeaders"),
+    ("twisted.protocols.basic.LineReceiver", "_busyReceiving"),
+    ("twisted.web.server.Request", "_encoder"),
+    ("twisted.web.server.Request", "_inFakeHead"),
 )
 
 _IdentityTransferDecoder: type = http._IdentityTransferDecoder  # type: ignore[attr-defined]
@@ -138,6 +150,57 @@ def setSafeHeaders(headers: Headers, values: dict[bytes, list[bytes]]) -> None:
     headers._rawHeaders.update(values)
 
 
+def headerValues(headers: Headers, name: bytes) -> list[bytes] | None:
+    """
+    @param name: A header name in Twisted's canonical form.
+    @return: C{headers.getRawHeaders(name)}, in one dict lookup.
+    """
+    values: list[bytes] | None = headers._rawHeaders.get(name)
+    return values
+
+
+#: Response codes without a body (Twisted's C{NO_BODY_CODES}).
+_NO_BODY_CODES = frozenset(http.NO_BODY_CODES)
+
+
+def writeFirst(request: server.Request, data: bytes) -> bool:
+    """
+    The first write of a response, as C{server.Request.write} and
+    C{http.Request.write} do it, for the usual response: one that set its
+    C{Content-Length} and C{Content-Type}, on a request that is not
+    C{HEAD}, with no cookies, C{ETag}, C{Last-Modified}, content encoding
+    or faked C{HEAD} (C{Request._encoder}, C{_inFakeHead}): the headers
+    Twisted would look up (about ten calls each) are known to be set, so
+    none is added, and the response is not chunked.
+
+    @return: Whether it was written; if not, nothing was done, and
+        Twisted's C{write} must write it.
+    """
+    raw = request.responseHeaders._rawHeaders
+    if (
+        b"Content-Length" not in raw
+        or b"Content-Type" not in raw
+        or request.finished
+        or request._disconnected
+        or request.method == b"HEAD"
+        or request.code in _NO_BODY_CODES
+        or request.cookies
+        or request.etag is not None
+        or request.lastModified is not None
+        or request._encoder is not None
+        or request._inFakeHead
+    ):
+        return False
+    request.startedWriting = 1
+    request.channel.writeHeaders(
+        request.clientproto, b"%d" % (request.code,), request.code_message, request.responseHeaders
+    )
+    request.sentLength += len(data)
+    if data:
+        request.channel.write(data)
+    return True
+
+
 def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
     """
     @param names: Header names in Twisted's canonical form.
@@ -178,6 +241,52 @@ class HTTPChannelSeam(http.HTTPChannel):
         """
         return bool(self._handlingRequest)
 
+    # The idle timeout without a new timer per request. Twisted's
+    # TimeoutMixin cancels its timer while a request is answered and makes
+    # a new one after it (setTimeout(None), then setTimeout(saved)); here a
+    # disabled timeout leaves the timer pending, to fire into nothing or be
+    # pushed back when the timeout is set again. Same timeouts, one
+    # DelayedCall.reset per request instead of a cancel and a callLater.
+
+    _idleCall: Any = None
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """
+        Change the idle timeout, as C{TimeoutMixin.setTimeout}.
+
+        @return: The previous timeout.
+        """
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is not None:
+            call = self._idleCall
+            if call is None:
+                self._idleCall = self.callLater(period, self._idleTimedOut)  # type: ignore[attr-defined]
+            else:
+                call.reset(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        """
+        Restart the idle timeout, as C{TimeoutMixin.resetTimeout}.
+        """
+        call, period = self._idleCall, self.timeOut
+        if call is not None and period is not None:
+            call.reset(period)
+
+    def _idleTimedOut(self) -> None:
+        self._idleCall = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            call, self._idleCall = self._idleCall, None
+            if call is not None and call.active():
+                call.cancel()
+
     def setIdleTimeout(self, seconds: float | None) -> None:
         """
         Change the inactivity timeout, effective now if the connection is
@@ -196,6 +305,85 @@ class HTTPChannelSeam(http.HTTPChannel):
         """
         if self._abortingCall is None and self.abortTimeout is not None:  # type: ignore[has-type]
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[attr-defined]
+
+    # A request head parsed in one pass (imageio.web._head): the state
+    # Twisted's line parser leaves after the blank line ending a head, up to
+    # allHeadersReceived, which the caller then calls.
+
+    def headReady(self) -> bool:
+        """
+        @return: Whether the next bytes received start a request head, with
+            nothing of it buffered or being parsed by Twisted's line parser
+            (and the connection open to more requests).
+        """
+        return bool(
+            self.line_mode
+            and self._HTTPChannel__first_line  # type: ignore[attr-defined]
+            and not self._handlingRequest
+            and not self._busyReceiving
+            and not self.paused
+            and self.persistent
+        )
+
+    def takeLineBuffer(self) -> bytes:
+        """
+        @return: The start of a request head Twisted's line parser holds
+            (an incomplete request line), which it then no longer holds.
+        """
+        return self.clearLineBuffer()  # type: ignore[no-any-return]
+
+    def beginRequest(
+        self, method: bytes, target: bytes, version: bytes, headers: dict[bytes, list[bytes]]
+    ) -> http.Request:
+        """
+        Start a request from a head parsed whole, as Twisted's line parser
+        does from its request line and headers: the request is made and
+        queued, the request line kept for L{requestLine} and
+        C{allContentReceived}, the headers stored. Only when L{headReady}.
+
+        @param headers: Canonical name -> values, checked as Twisted's
+            C{headerReceived} checks them, and no body framing headers.
+        """
+        factory: Any = self.requestFactory
+        if INonQueuedRequestFactory.providedBy(factory):
+            request = factory(self)
+        else:
+            request = factory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command = method
+        self._path = target
+        self._version = version
+        request.requestHeaders._rawHeaders.update(headers)
+        return request  # type: ignore[no-any-return]
+
+    def allHeadersReceived(self) -> None:
+        """
+        Twisted's, with its header lookups in one dict lookup each.
+        """
+        request = self.requests[-1]
+        request.parseCookies()
+        version = self._version
+        self.persistent = self.checkPersistence(request, version)
+        request.gotLength(self.length)
+        # Expect: 100-continue gets Twisted's automatic answer.
+        expect = headerValues(request.requestHeaders, b"Expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            self._send100Continue()
+
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        """
+        Twisted's: HTTP/1.1 connections persist unless the request's first
+        C{Connection} header has a C{close} token (then the response says
+        C{Connection: close}); earlier versions close.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        connection = headerValues(request.requestHeaders, b"Connection")
+        if connection and b"close" in [t.lower() for t in connection[0].split(b" ")]:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        return True
 
     def identityBody(self) -> IdentityBody | None:
         """
