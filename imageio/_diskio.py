@@ -79,6 +79,14 @@ class DiskIOPool:
         """
         return len(self._threads)
 
+    @property
+    def idle(self) -> int:
+        """
+        Calls that would start at once (not wait for a thread): none while
+        the pool is not running. Reactor thread only.
+        """
+        return self.maxThreads - self._busy if self.started else 0
+
     def start(self) -> None:
         if self.started:
             return
@@ -227,8 +235,9 @@ class DiskIOService(Service):
 
     name = "disk-io"
 
-    def __init__(self, pool: DiskIOPool) -> None:
+    def __init__(self, pool: DiskIOPool, name: str = "disk-io") -> None:
         self.pool = pool
+        self.name = name
 
     def startService(self) -> None:
         super().startService()

@@ -22,6 +22,8 @@ from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
 from imageio.web._jsonlist import JSONListWriter
+from imageio.web._pump import BodyPump
+from imageio.web._pump import createPool as createBodyPool
 from imageio.web._redact import redactPath
 from imageio.web._request import exchangeOf
 from imageio.web._response import (
@@ -93,6 +95,8 @@ __all__ = [
     # Listeners
     "TCPServerEndpoint",
     "UNIXServerEndpoint",
+    "BodyPump",
+    "createBodyPool",
     "TLSConfigError",
     "TLSServerEndpoint",
     "makeServerContext",
