@@ -79,14 +79,6 @@ class DiskIOPool:
         """
         return len(self._threads)
 
-    @property
-    def idle(self) -> int:
-        """
-        Calls that would start at once (not wait for a thread): none while
-        the pool is not running. Reactor thread only.
-        """
-        return self.maxThreads - self._busy if self.started else 0
-
     def start(self) -> None:
         if self.started:
             return
@@ -235,9 +227,8 @@ class DiskIOService(Service):
 
     name = "disk-io"
 
-    def __init__(self, pool: DiskIOPool, name: str = "disk-io") -> None:
+    def __init__(self, pool: DiskIOPool) -> None:
         self.pool = pool
-        self.name = name
 
     def startService(self) -> None:
         super().startService()

@@ -48,8 +48,9 @@ class DaemonSection:
     #: Threads of the disk-io pool (ours).
     io_threads: int = 8
     #: Threads that read large request bodies on plain sockets while they
-    #: arrive fast, instead of the reactor (ours; 0 reads on the reactor).
-    body_threads: int = 4
+    #: arrive fast, instead of the reactor, each up to 8 connections at
+    #: once (ours; 0 reads on the reactor).
+    body_threads: int = 1
     #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
     #: it, else the disk-io threads), aio (fail without it) or threads.
     io_engine: str = "auto"

@@ -48,10 +48,11 @@ from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
 from imageio.web import (
     BodyPump,
+    BodyPumpService,
     ImageioSite,
     TCPServerEndpoint,
     UNIXServerEndpoint,
-    createBodyPool,
+    createBodyPump,
     probeSplice,
 )
 
@@ -320,9 +321,8 @@ class ImageioService(MultiService):
         self.diskio = DiskIO(self.pool)
         self.bodyPump: BodyPump | None = None
         if config.daemon.body_threads:
-            bodyPool = createBodyPool(reactor, config.daemon.body_threads)
-            DiskIOService(bodyPool, "body-pump").setServiceParent(self)
-            self.bodyPump = pump = BodyPump(bodyPool)
+            self.bodyPump = pump = createBodyPump(reactor, config.daemon.body_threads)
+            BodyPumpService(pump).setServiceParent(self)
             self.metrics.addGauge(
                 "imageio_body_pump_bytes",
                 "Request body bytes read by the body pump threads ([daemon] body_threads).",

@@ -26,10 +26,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from imageio._diskio import DiskIOPool
 from imageio.interfaces import IDirectReader
 from imageio.web import ImageioSite
-from imageio.web._pump import EOF, ERROR, FULL, HELD, IDLE_END, BodyPump, pumpInto
+from imageio.web._pump import (
+    EOF,
+    ERROR,
+    FULL,
+    HELD,
+    IDLE_END,
+    BodyPump,
+    PumpThread,
+    createBodyPump,
+)
 from imageio.web._transport import UNIXPort, ZeroCopyUNIXServer
 from tests._daemon import (
     DaemonTestCase,
@@ -60,34 +68,103 @@ def socketPair() -> tuple[socket.socket, socket.socket]:
     return ours, peer
 
 
-class PumpIntoTests(SynchronousTestCase):
+class ThreadReactor:
     """
-    L{pumpInto}: the loop a pump thread runs.
+    Collects what a pump thread hands to the reactor; the test runs it.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        with self.lock:
+            self.calls.append((f, args))
+        self.event.set()
+
+    def deliver(self, count: int = 1, timeout: float = 10) -> None:
+        """
+        Wait for C{count} deliveries and run them.
+        """
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < count:
+            if not self.event.wait(max(0, deadline - time.monotonic())):
+                raise AssertionError(f"{len(self.calls)} of {count} results delivered")
+            self.event.clear()
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)
+
+
+class PumpThreadTests(SynchronousTestCase):
+    """
+    L{PumpThread}: the thread that reads lent sockets.
     """
 
     def setUp(self) -> None:
+        self.reactor = ThreadReactor()
+        self.now = 0.0
+        self.thread = PumpThread(self.reactor, clock=self.clock)  # type: ignore[arg-type]
+        self.thread.start()
+        self.addCleanup(self.stop)
         self.ours, self.peer = socketPair()
         self.addCleanup(self.ours.close)
         self.addCleanup(self.peer.close)
 
-    def pump(self, size: int, **kwargs: Any) -> tuple[tuple[int, str], bytearray]:
+    def stop(self) -> None:
+        stopper = threading.Thread(target=self.thread.stop)
+        stopper.start()
+        while stopper.is_alive():
+            self.reactor.event.wait(0.01)
+            with self.reactor.lock:
+                self.reactor.calls = []
+        stopper.join()
+
+    def clock(self) -> float:
+        return self.now
+
+    def lend(
+        self,
+        size: int,
+        idle: float = 30.0,
+        maxHold: float = 60.0,
+        sock: socket.socket | None = None,
+    ) -> tuple[list[tuple[int, str]], bytearray, int]:
         buf = bytearray(size)
-        fd = os.dup(self.ours.fileno())
-        result = pumpInto(fd, memoryview(buf), **kwargs)
-        # The duplicate is closed whatever happened.
-        self.assertRaises(OSError, os.fstat, fd)
-        return result, buf
+        fd = os.dup((sock or self.ours).fileno())
+        results: list[tuple[int, str]] = []
+        self.thread.lend(fd, memoryview(buf), idle, maxHold).addCallback(results.append)
+        return results, buf, fd
+
+    def queued(self) -> bool:
+        try:
+            return bool(self.ours.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+
+    def assertClosed(self, fd: int) -> None:
+        # The thread closed its duplicate (the number may be reused, by
+        # another duplicate at most: check it is not ours any more).
+        try:
+            os.fstat(fd)
+        except OSError:
+            return
+        self.assertNotEqual(os.fstat(fd).st_ino, os.fstat(self.ours.fileno()).st_ino)
 
     def test_full(self) -> None:
         """
         It reads until the buffer is full, and not one byte more.
         """
         data = pattern(100 * KiB)
+        results, buf, fd = self.lend(100 * KiB)
         self.peer.sendall(data + b"next")
-        (n, why), buf = self.pump(100 * KiB)
-        self.assertEqual((n, why), (100 * KiB, FULL))
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL)])
         self.assertEqual(bytes(buf), data)
         self.assertEqual(self.ours.recv(10), b"next")
+        self.assertClosed(fd)
 
     def test_idle(self) -> None:
         """
@@ -95,9 +172,13 @@ class PumpIntoTests(SynchronousTestCase):
         time, with what it read.
         """
         self.peer.sendall(b"abc")
-        (n, why), buf = self.pump(100, idle=0.001)
-        self.assertEqual((n, why), (3, IDLE_END))
+        results, buf, fd = self.lend(100, idle=0.001)
+        self.assertTrue(waitFor(lambda: not self.queued(), 10))
+        self.now = 1.0
+        self.reactor.deliver()
+        self.assertEqual(results, [(3, IDLE_END)])
         self.assertEqual(bytes(buf[:3]), b"abc")
+        self.assertClosed(fd)
 
     def test_eof(self) -> None:
         """
@@ -105,8 +186,9 @@ class PumpIntoTests(SynchronousTestCase):
         """
         self.peer.sendall(b"abc")
         self.peer.shutdown(socket.SHUT_WR)
-        (n, why), _ = self.pump(100)
-        self.assertEqual((n, why), (3, EOF))
+        results, _, _ = self.lend(100)
+        self.reactor.deliver()
+        self.assertEqual(results, [(3, EOF)])
         # The reactor's own read sees the end again.
         self.assertEqual(self.ours.recv(10), b"")
 
@@ -117,42 +199,67 @@ class PumpIntoTests(SynchronousTestCase):
         """
         self.ours.send(b"unread")
         self.peer.close()
-        (n, why), _ = self.pump(100)
-        self.assertEqual((n, why), (0, ERROR))
+        results, _, _ = self.lend(100)
+        self.reactor.deliver()
+        self.assertEqual(results, [(0, ERROR)])
 
     def test_maxHold(self) -> None:
         """
         After C{maxHold} seconds it gives the socket back, even while data
         flows.
         """
-        now = [0.0]
-
-        def clock() -> float:
-            now[0] += 0.6
-            return now[0]
-
+        results, _, _ = self.lend(10 * KiB, maxHold=0.5)
         self.peer.sendall(b"a" * 1000)
-        (n, why), _ = self.pump(10 * KiB, maxHold=0.5, clock=clock)
-        self.assertEqual((n, why), (1000, HELD))
+        self.assertTrue(waitFor(lambda: not self.queued(), 10))
+        self.assertEqual(results, [])
+        self.now = 1.0
+        self.peer.sendall(b"b" * 1000)
+        self.reactor.deliver()
+        [(n, why)] = results
+        self.assertEqual(why, HELD)
+        self.assertGreaterEqual(n, 1000)
+
+    def test_severalSockets(self) -> None:
+        """
+        One thread reads several sockets at once, each into its own buffer.
+        """
+        pairs = [socketPair() for _ in range(3)]
+        for ours, peer in pairs:
+            self.addCleanup(ours.close)
+            self.addCleanup(peer.close)
+        lent = [self.lend(64 * KiB, sock=ours) for ours, _ in pairs]
+        datas = [pattern(64 * KiB, b"%d" % i) for i in range(3)]
+        for (_, peer), data in zip(pairs, datas, strict=True):
+            peer.sendall(data)
+        self.reactor.deliver(3)
+        for (results, buf, _), data in zip(lent, datas, strict=True):
+            self.assertEqual(results, [(64 * KiB, FULL)])
+            self.assertEqual(bytes(buf), data)
 
     def test_shutdownWakes(self) -> None:
         """
         A read-side shutdown of the original socket (what the transport does
-        when the connection is lost) wakes a pump waiting on the duplicate.
+        when the connection is lost) wakes the thread for that socket.
         """
-        fd = os.dup(self.ours.fileno())
-        results: list[tuple[int, str]] = []
-        thread = threading.Thread(
-            target=lambda: results.append(pumpInto(fd, memoryview(bytearray(100)), 30.0, 60.0))
-        )
-        thread.start()
-        # Let it reach poll (if it has not, it sees the shutdown at once).
-        time.sleep(0.05)
+        results, _, fd = self.lend(100)
         self.ours.shutdown(socket.SHUT_RD)
-        thread.join(10)
-        self.assertFalse(thread.is_alive())
+        self.reactor.deliver()
         self.assertEqual(results, [(0, EOF)])
-        self.assertRaises(OSError, os.fstat, fd)
+        self.assertClosed(fd)
+
+    def test_stopGivesBack(self) -> None:
+        """
+        Stopping the thread gives every socket back.
+        """
+        results, _, fd = self.lend(100)
+        self.peer.sendall(b"xy")
+        stopper = threading.Thread(target=self.thread.stop)
+        stopper.start()
+        self.reactor.deliver()
+        stopper.join(10)
+        self.assertFalse(stopper.is_alive())
+        self.assertEqual(len(results), 1)
+        self.assertClosed(fd)
 
 
 @implementer(IDirectReader)
@@ -174,22 +281,18 @@ class FakeReader:
         self.calls.append(n)
 
 
-class FakePool:
-    """
-    Stands in for the pump's thread pool: says whether a thread is free.
-    """
-
-    idle = 1
-
-
 class FakePump(BodyPump):
     """
     A L{BodyPump} whose pumps the test finishes.
     """
 
     def __init__(self) -> None:
-        super().__init__(FakePool(), minBuffer=1000, minRead=10)  # type: ignore[arg-type]
+        super().__init__([], minBuffer=1000, minRead=10)
         self.started: list[tuple[int, memoryview, Deferred[tuple[int, str]]]] = []
+        self.free = True
+
+    def available(self) -> bool:
+        return self.free
 
     def pump(self, fd: int, view: memoryview) -> Deferred[tuple[int, str]]:
         d: Deferred[tuple[int, str]] = Deferred()
@@ -286,7 +389,7 @@ class TransportPumpTests(SynchronousTestCase):
         """
         With no pump thread free, the reactor reads as before, never waits.
         """
-        self.pump.pool.idle = 0
+        self.pump.free = False
         self.peer.sendall(b"x" * 100)
         self.transport.doRead()
         self.assertEqual((self.pump.started, self.reader.calls), ([], [100]))
@@ -476,42 +579,48 @@ class ChannelPumpTests(SynchronousTestCase):
         self.assertEqual(conn.response().body, b"got 100")
 
 
-class NoThreads:
+class BodyPumpTests(SynchronousTestCase):
     """
-    A reactor that drops what threads hand to it.
+    L{BodyPump}: which thread gets a socket, and when none does.
     """
-
-    def callFromThread(self, f: object, *args: object) -> None:
-        pass
-
-
-class PoolTests(SynchronousTestCase):
-    """
-    What the pump asks of its pool.
-    """
-
-    def test_idle(self) -> None:
-        """
-        C{idle} counts free threads, none while the pool is not running.
-        """
-        pool = DiskIOPool(NoThreads(), 2, name="body-pump")
-        self.assertEqual(pool.idle, 0)
-        pool.start()
-        self.addCleanup(pool.stop)
-        self.assertEqual(pool.idle, 2)
-        pool.run(lambda: None)
-        self.assertEqual(pool.idle, 1)
 
     def test_notRunning(self) -> None:
         """
-        A pump is refused (and no descriptor is duplicated) while the pool
-        does not run: the transport reads on the reactor.
+        A pump is refused (and no descriptor is duplicated) while the
+        threads do not run: the transport reads on the reactor.
         """
-        pump = BodyPump(DiskIOPool(NoThreads(), 2))
+        pump = createBodyPump(ThreadReactor(), 1)  # type: ignore[arg-type]
         self.assertFalse(pump.available())
         before = fdCount()
         self.assertRaises(RuntimeError, pump.pump, 0, memoryview(bytearray(1)))
         self.assertEqual(fdCount(), before)
+
+    def test_perThread(self) -> None:
+        """
+        Each thread takes up to C{perThread} sockets, the least busy first;
+        beyond that none is available until one comes back.
+        """
+        reactor = ThreadReactor()
+        pump = createBodyPump(reactor, 2)  # type: ignore[arg-type]
+        pump.perThread = 1
+        pump.idle = 30.0
+        pump.start()
+        self.addCleanup(pump.stop)
+        pairs = [socketPair() for _ in range(2)]
+        for ours, peer in pairs:
+            self.addCleanup(ours.close)
+            self.addCleanup(peer.close)
+        results: list[tuple[int, str]] = []
+        for ours, _ in pairs:
+            self.assertTrue(pump.available())
+            pump.pump(ours.fileno(), memoryview(bytearray(10))).addCallback(results.append)
+        self.assertFalse(pump.available())
+        self.assertEqual((pump.lent, pump.pumps), (2, 2))
+        pairs[0][1].sendall(b"x" * 10)
+        reactor.deliver()
+        self.assertEqual(results, [(10, FULL)])
+        self.assertEqual((pump.lent, pump.bytesRead), (1, 10))
+        self.assertTrue(pump.available())
 
 
 # The real daemon over its real UNIX socket.
@@ -537,7 +646,7 @@ class DaemonPumpTests(DaemonTestCase):
         self.pump.maxHold = 60.0
 
     def pumping(self) -> bool:
-        return self.pump.pool.idle < self.pump.pool.maxThreads
+        return self.pump.lent > 0
 
     def upload(self, ticket: str, data: bytes) -> int:
         with connect(self.daemon.addresses) as conn:
@@ -596,7 +705,7 @@ class DaemonPumpTests(DaemonTestCase):
             self.assertTrue(waitFor(self.pumping, 5))
             abortive(conn)
             self.assertTrue(waitFor(lambda: service.budget.used == 0, 5))
-            self.assertTrue(waitFor(lambda: self.pump.pool.idle == self.pump.pool.maxThreads, 5))
+            self.assertTrue(waitFor(lambda: self.pump.lent == 0, 5))
             self.waitForFds(baseline)
 
         await deferToThread(scenario)
@@ -629,7 +738,7 @@ class DaemonPumpTests(DaemonTestCase):
                 pass
             self.assertTrue(conn.waitClosed(5))
             conn.close()
-            self.assertTrue(waitFor(lambda: self.pump.pool.idle == self.pump.pool.maxThreads, 5))
+            self.assertTrue(waitFor(lambda: self.pump.lent == 0, 5))
             self.assertEqual(
                 control(self.daemon.addresses, "GET", f"/tickets/{ticket}").status, 404
             )

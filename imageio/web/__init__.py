@@ -22,8 +22,7 @@ from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
 from imageio.web._jsonlist import JSONListWriter
-from imageio.web._pump import BodyPump
-from imageio.web._pump import createPool as createBodyPool
+from imageio.web._pump import BodyPump, BodyPumpService, createBodyPump
 from imageio.web._redact import redactPath
 from imageio.web._request import exchangeOf
 from imageio.web._response import (
@@ -96,7 +95,8 @@ __all__ = [
     "TCPServerEndpoint",
     "UNIXServerEndpoint",
     "BodyPump",
-    "createBodyPool",
+    "BodyPumpService",
+    "createBodyPump",
     "TLSConfigError",
     "TLSServerEndpoint",
     "makeServerContext",
