@@ -791,3 +791,49 @@ class NoPumpTests(DaemonTestCase):
 
         self.assertEqual(await deferToThread(upload), 200)
         self.assertEqual(image.read_bytes(), data)
+
+
+class ListenerTests(DaemonTestCase):
+    """
+    Which listeners lend their sockets: plain ones only.
+    """
+
+    async def test_plainRemote(self) -> None:
+        """
+        The remote listener with TLS disabled reads large bodies with the
+        pump too, byte-exact.
+        """
+        daemon = self.startDaemon(tls={"enable": False})
+        pump: BodyPump = daemon.service.bodyPump
+        data = pattern(BIG, b"tcp")
+        image = self.makeImage(daemon, BIG)
+        ticket = self.addTicket(daemon, image, BIG)
+
+        def upload() -> int:
+            with connect(daemon.addresses, "remote-plain") as conn:
+                headers = [("Content-Length", str(len(data)))]
+                return conn.request("PUT", f"/images/{ticket}", headers, data).status
+
+        self.assertEqual(await deferToThread(upload), 200)
+        self.assertEqual(image.read_bytes(), data)
+        self.assertGreater(pump.bytesRead, 0)
+
+    async def test_tlsRemote(self) -> None:
+        """
+        An upload over TLS is not read by the pump (its bodies are
+        decrypted on the reactor).
+        """
+        daemon = self.startDaemon()
+        pump: BodyPump = daemon.service.bodyPump
+        data = pattern(BIG // 4, b"tls")
+        image = self.makeImage(daemon, BIG // 4)
+        ticket = self.addTicket(daemon, image, BIG // 4)
+
+        def upload() -> int:
+            with connect(daemon.addresses, "remote") as conn:
+                headers = [("Content-Length", str(len(data)))]
+                return conn.request("PUT", f"/images/{ticket}", headers, data).status
+
+        self.assertEqual(await deferToThread(upload), 200)
+        self.assertEqual(image.read_bytes(), data)
+        self.assertEqual(pump.pumps, 0)
