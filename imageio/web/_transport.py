@@ -369,7 +369,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
 
     def connectionLost(self, reason: Failure) -> None:
         if self._pumping:
-            # Wake the pump thread: its poll sees the end at once.
+            # Wake the pump thread: its epoll sees the end at once.
             try:
                 self.socket.shutdown(socket.SHUT_RD)
             except OSError:
