@@ -47,6 +47,10 @@ class DaemonSection:
     systemd_enable: bool = True
     #: Threads of the disk-io pool (ours).
     io_threads: int = 8
+    #: Threads that read large request bodies on plain sockets while they
+    #: arrive fast, instead of the reactor, each up to 8 connections at
+    #: once (ours; 0 reads on the reactor).
+    body_threads: int = 1
     #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
     #: it, else the disk-io threads), aio (fail without it) or threads.
     io_engine: str = "auto"
@@ -334,6 +338,7 @@ _NON_NEGATIVE = {
     ("daemon", "max_connections"),
     ("daemon", "inactivity_timeout"),
     ("daemon", "io_threads"),
+    ("daemon", "body_threads"),
     ("daemon", "request_timeout"),
     ("daemon", "body_timeout"),
     ("daemon", "body_min_rate"),

@@ -46,7 +46,15 @@ from imageio.backends import BackendContext, BackendOpener, namesListener, readC
 from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
 from imageio.tickets import TicketRegistry
-from imageio.web import ImageioSite, TCPServerEndpoint, UNIXServerEndpoint, probeSplice
+from imageio.web import (
+    BodyPump,
+    BodyPumpService,
+    ImageioSite,
+    TCPServerEndpoint,
+    UNIXServerEndpoint,
+    createBodyPump,
+    probeSplice,
+)
 
 log = Logger()
 
@@ -233,10 +241,14 @@ def _describe(name: str, port: IListeningPort) -> str:
     return f"{name} unix:{path!r}" if path.startswith("\0") else f"{name} unix:{path}"
 
 
-def _tcpEndpoint(reactor: Any, host: str, port: int) -> IStreamServerEndpoint:
+def _tcpEndpoint(
+    reactor: Any, host: str, port: int, bodyPump: BodyPump | None = None
+) -> IStreamServerEndpoint:
     if host == "":
         host = "0.0.0.0"
-    return TCPServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=host)
+    return TCPServerEndpoint(
+        reactor, port, backlog=LISTEN_BACKLOG, interface=host, bodyPump=bodyPump
+    )
 
 
 def _removeStaleSocket(path: str) -> None:
@@ -307,6 +319,15 @@ class ImageioService(MultiService):
         self.pool = createPool(reactor, config.daemon.io_threads)
         DiskIOService(self.pool).setServiceParent(self)
         self.diskio = DiskIO(self.pool)
+        self.bodyPump: BodyPump | None = None
+        if config.daemon.body_threads:
+            self.bodyPump = pump = createBodyPump(reactor, config.daemon.body_threads)
+            BodyPumpService(pump).setServiceParent(self)
+            self.metrics.addGauge(
+                "imageio_body_pump_bytes",
+                "Request body bytes read by the body pump threads ([daemon] body_threads).",
+                lambda: pump.bytesRead,
+            )
         # After the pool: stopped before it, so AIO in flight completes
         # before backends close their files on the pool.
         self.aio = AIOEngine(reactor)
@@ -413,14 +434,18 @@ class ImageioService(MultiService):
         timeout = config.daemon.request_timeout
         if config.remote.enable:
             site = self._site(imagesResource(images, info=True), "remote", timeout)
-            endpoint = _tcpEndpoint(self.reactor, config.remote.host, config.remote.port)
+            # Plain: large bodies may be read by the pump threads.
+            pump = None if config.tls.enable else self.bodyPump
+            endpoint = _tcpEndpoint(self.reactor, config.remote.host, config.remote.port, pump)
             if config.tls.enable:
                 endpoint = self._tlsEndpoint(endpoint)
             self._listeners.append(("remote", endpoint, site))
         if unixSocket is not None:
             _removeStaleSocket(unixSocket)
             site = self._site(imagesResource(images, info=False), "local", timeout)
-            endpoint = UNIXServerEndpoint(self.reactor, unixSocket, backlog=LISTEN_BACKLOG)
+            endpoint = UNIXServerEndpoint(
+                self.reactor, unixSocket, backlog=LISTEN_BACKLOG, bodyPump=self.bodyPump
+            )
             self._listeners.append(("local", endpoint, site))
         if config.control.enable:
             site = self._site(controlResource(self.registry, self.metrics), "control", timeout)

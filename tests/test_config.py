@@ -219,6 +219,7 @@ class ConfigTests(SynchronousTestCase):
             ("[remote]\nport = 70000\n", "[remote] port: not a valid port"),
             ("[local]\nenable = maybe\n", "[local] enable: expecting a boolean"),
             ("[daemon]\nmax_connections = 0\n", "[daemon] max_connections: must be positive"),
+            ("[daemon]\nbody_threads = -1\n", "[daemon] body_threads: must not be negative"),
             ("[control]\ntransport = udp\n", "[control] transport: expecting 'unix' or 'tcp'"),
             ("[daemon]\nio_engine = uring\n", "[daemon] io_engine: expecting 'auto', 'aio'"),
             ("[control]\ntransport = tcp\n", "[control] port must be set"),

@@ -22,6 +22,7 @@ from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
 from imageio.web._json import loadJSON
 from imageio.web._jsonlist import JSONListWriter
+from imageio.web._pump import BodyPump, BodyPumpService, createBodyPump
 from imageio.web._redact import redactPath
 from imageio.web._request import exchangeOf
 from imageio.web._response import (
@@ -94,6 +95,9 @@ __all__ = [
     # Listeners
     "TCPServerEndpoint",
     "UNIXServerEndpoint",
+    "BodyPump",
+    "BodyPumpService",
+    "createBodyPump",
     "TLSConfigError",
     "TLSServerEndpoint",
     "makeServerContext",

@@ -445,12 +445,14 @@ class ImageioChannel(HTTPChannelSeam):
 
     def bufferFilled(self, n: int) -> None:
         view = self._directView
-        assert view is not None and self._directSink is not None
+        assert self._directSink is not None
         self._directPending += n
         self._directReadAt = self._directNow()
-        if n < len(view):
+        if view is not None and n < len(view):
             self._directView = view[n:]
         else:
+            # Full, or flushed while a body pump thread filled it (the rate
+            # watch): the bytes are where the sink's buffer resumes.
             self._flushDirect()
 
     def timeoutConnection(self) -> None:

@@ -17,7 +17,9 @@ L{IZeroCopyTransport.whenDrained} fires.
 
 For uploads they read the other way round: an HTTP connection receiving a
 request body sets itself as the L{IDirectReader}, and the body is read with
-C{recv_into} straight into the upload's buffer.
+C{recv_into} straight into the upload's buffer. While a large body arrives
+fast, a thread of the body pump (L{imageio.web._pump}) reads it instead of
+the reactor.
 
 A download over a plain socket may send the bytes itself, moving them from
 a pipe into the socket with C{splice(2)} (L{IDirectWriter}): the transport
@@ -30,6 +32,7 @@ with them.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Iterable
 from errno import EAGAIN, ENOBUFS, EWOULDBLOCK
@@ -49,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementedBy, implementer, implementer_only
 from zope.interface.interface import InterfaceClass
 
+from imageio._log import Logger
 from imageio.interfaces import (
     IDirectReader,
     IDirectReadTransport,
@@ -56,7 +60,10 @@ from imageio.interfaces import (
     IDirectWriteTransport,
     IZeroCopyTransport,
 )
+from imageio.web._pump import FULL, HELD, BodyPump
 from imageio.web._twisted_transport import FileDescriptorSeam
+
+log = Logger()
 
 #: Most bytes handed to the kernel per send call.
 SEND_LIMIT = 4 * 1024 * 1024
@@ -98,8 +105,16 @@ class _ZeroCopyMixin(FileDescriptorSeam):
     _drainWaiters: list[Deferred[None]] | None = None
     _directReader: IDirectReader | None = None
     _directWriter: IDirectWriter | None = None
+    _pump: BodyPump | None = None
+    _pumping = False
+    _wantRead = False
     _host: Any = None
     _peer: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server: Any
+        self._pump = getattr(self.server, "bodyPump", None)
 
     def getHost(self) -> Any:
         # twisted.web asks on every request, and Twisted's transports ask
@@ -141,7 +156,72 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             return self.deliverData(b"")
         assert reader is not None
         reader.bufferFilled(n)
+        pump = self._pump
+        if pump is not None and n >= pump.minRead:
+            self._startPump(pump, reader)
         return None
+
+    # The body pump (imageio.web._pump): while a large body flows fast, a
+    # thread reads it. Meanwhile the reactor does not read this socket, and
+    # startReading/stopReading (the upload's flow control) are recorded,
+    # applied when the pump returns.
+
+    def _startPump(self, pump: BodyPump, reader: IDirectReader) -> None:
+        if self._pumping or not (self.connected and pump.available()) or self.disconnecting:
+            return
+        view = reader.readBuffer()
+        if view is None or len(view) < pump.minBuffer:
+            return
+        super().stopReading()  # type: ignore[misc]
+        self._pumping = True
+        try:
+            d = pump.pump(self.socket.fileno(), view)
+        except Exception:
+            log.failure("Cannot start the body pump")
+            self._pumpReturned()
+            return
+        d.addCallbacks(self._pumped, self._pumpFailed, callbackArgs=(reader, view))
+
+    def _pumpReturned(self) -> None:
+        # The reactor owns the socket again: apply what flow control asked
+        # meanwhile.
+        self._pumping = False
+        if self._wantRead and self.connected and not self.disconnecting:
+            super().startReading()  # type: ignore[misc]
+
+    def _pumped(self, result: tuple[int, str], reader: IDirectReader, view: memoryview) -> None:
+        n, why = result
+        if not self.connected:
+            # Lost meanwhile: the reader heard of it already.
+            self._pumping = False
+            return
+        self._pumpReturned()
+        if n:
+            if reader is self._directReader:
+                reader.bufferFilled(n)
+            else:
+                # Not expected: never lose body bytes.
+                self.deliverData(bytes(view[:n]))
+        pump, again = self._pump, self._directReader
+        if why in (FULL, HELD) and self._wantRead and pump is not None and again is not None:
+            # Data flows: lend the socket again without a reactor read.
+            self._startPump(pump, again)
+
+    def _pumpFailed(self, reason: Failure) -> None:
+        log.failure("Body pump failed", reason)
+        self._pumping = False
+        if self.connected:
+            self._pumpReturned()
+
+    def startReading(self) -> None:
+        self._wantRead = True
+        if not self._pumping:
+            super().startReading()  # type: ignore[misc]
+
+    def stopReading(self) -> None:
+        self._wantRead = False
+        if not self._pumping:
+            super().stopReading()  # type: ignore[misc]
 
     def setDirectWriter(self, writer: IDirectWriter | None) -> None:
         self._directWriter = writer
@@ -288,6 +368,12 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         raise NotImplementedError("startTLS is not supported; use imageio.web._tls")
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._pumping:
+            # Wake the pump thread: its epoll sees the end at once.
+            try:
+                self.socket.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         self._directReader = None
         self._directWriter = None
         self._queue = None
@@ -334,10 +420,14 @@ class ZeroCopyUNIXServer(_ZeroCopyMixin, unix.Server):
 
 class TCPPort(tcp.Port):
     transport = ZeroCopyTCPServer
+    #: Lends large request bodies' sockets to threads (the connections
+    #: read it at creation).
+    bodyPump: BodyPump | None = None
 
 
 class UNIXPort(unix.Port):
     transport = ZeroCopyUNIXServer
+    bodyPump: BodyPump | None = None
 
 
 @implementer(IStreamServerEndpoint)
@@ -345,19 +435,22 @@ class UNIXPort(unix.Port):
 class TCPServerEndpoint:
     """
     Listens on TCP (IPv4 or IPv6, by the interface address) with
-    L{ZeroCopyTCPServer} connections.
+    L{ZeroCopyTCPServer} connections, which lend large request bodies to
+    C{bodyPump} if given.
     """
 
     reactor: Any
     port: int
     backlog: int = 50
     interface: str = ""
+    bodyPump: BodyPump | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return defer.execute(self._listen, protocolFactory)
 
     def _listen(self, factory: IProtocolFactory) -> IListeningPort:
         port = TCPPort(self.port, factory, self.backlog, self.interface, self.reactor)
+        port.bodyPump = self.bodyPump
         port.startListening()
         return port
 
@@ -366,13 +459,15 @@ class TCPServerEndpoint:
 @frozen
 class UNIXServerEndpoint:
     """
-    Listens on a UNIX socket with L{ZeroCopyUNIXServer} connections.
+    Listens on a UNIX socket with L{ZeroCopyUNIXServer} connections,
+    which lend large request bodies to C{bodyPump} if given.
     """
 
     reactor: Any
     address: str
     backlog: int = 50
     mode: int = 0o666
+    bodyPump: BodyPump | None = None
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return defer.execute(self._listen, protocolFactory)
@@ -381,5 +476,6 @@ class UNIXServerEndpoint:
         # Twisted's stubs say bytes; it takes str paths too.
         path: Any = self.address
         port = UNIXPort(path, factory, self.backlog, self.mode, self.reactor, False)
+        port.bodyPump = self.bodyPump
         port.startListening()
         return port
