@@ -22,7 +22,7 @@ runs).
 Usage::
 
     .venv/bin/python bench/daemon_calls.py [--transports unix,https]
-        [--requests 4000] [--top 30] [--ours-cmd CMD]
+        [--requests 4000] [--top 30] [--callers NAME] [--ours-cmd CMD]
 
 C{--ours-cmd} is C{bench/run}'s (C{{config_dir}} is replaced); the profiler
 options are put after its C{twistd}.
@@ -67,12 +67,13 @@ def profiledRun(
     transport: str,
     requests: int,
     tag: str,
-) -> tuple[dict[tuple[str, int, str], int], dict[str, int]]:
+) -> tuple[dict[tuple[str, int, str], int], dict[str, int], dict[tuple[str, str], int]]:
     """
     Start a profiled daemon, read C{requests} blocks over C{transport} on one
     connection, stop it.
 
-    @return: Calls by function, and by file (built-ins by their callers').
+    @return: Calls by function, by file (built-ins by their callers'), and
+        by (function, caller) for the functions C{--callers} names.
     """
     profile = work / f"profile-{tag}.pstats"
     server = bench.Server(
@@ -110,7 +111,13 @@ def profiledRun(
         else:
             where = fileLabel(key[0])
             byFile[where] = byFile.get(where, 0) + calls
-    return {key: value[1] for key, value in stats.items()}, byFile
+    byCaller: dict[tuple[str, str], int] = {}
+    if opts.callers:
+        for key, (_, _, _, _, callers) in stats.items():
+            if opts.callers in label(key):
+                for caller, (_, callerCalls, _, _) in callers.items():
+                    byCaller[(label(key), label(caller))] = callerCalls
+    return {key: value[1] for key, value in stats.items()}, byFile, byCaller
 
 
 def fileLabel(path: str) -> str:
@@ -140,6 +147,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256 * MiB, help="image size")
     parser.add_argument("--dir", default="/dev/shm", help="where the image goes")
     parser.add_argument("--ours-cmd", default=bench.DEFAULT_OURS_CMD)
+    parser.add_argument(
+        "--callers", help="also list who calls the functions whose name holds this text"
+    )
     opts = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="daemon-calls-", dir=opts.dir) as tmp:
@@ -150,10 +160,10 @@ def main() -> None:
             for _ in range(opts.size // (8 * MiB)):
                 f.write(bench.os.urandom(8 * MiB))
         for transport in opts.transports.split(","):
-            small, smallFiles = profiledRun(
+            small, smallFiles, smallCallers = profiledRun(
                 opts, work, certs, image, opts.size, transport, opts.base, "a"
             )
-            big, bigFiles = profiledRun(
+            big, bigFiles, bigCallers = profiledRun(
                 opts, work, certs, image, opts.size, transport, opts.base + opts.requests, "b"
             )
             perFunction = {
@@ -171,6 +181,12 @@ def main() -> None:
                 ranked = sorted(perFunction.items(), key=lambda kv: -kv[1])
                 for key, perRequest in ranked[: opts.top]:
                     print(f"{perRequest:9.2f}  {label(key)}")
+            if opts.callers:
+                print(f"\n{'calls/req':>9}  function <- caller")
+                for (callee, caller), n in sorted(bigCallers.items()):
+                    perRequest = (n - smallCallers.get((callee, caller), 0)) / opts.requests
+                    if perRequest >= 0.01:
+                        print(f"{perRequest:9.2f}  {callee} <- {caller}")
 
 
 if __name__ == "__main__":
