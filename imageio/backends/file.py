@@ -770,8 +770,14 @@ class FileBackend:
 
         def completed(r: int | Failure) -> None:
             if r.__class__ is not Failure:
+                # returned(r), inline: the common case.
                 self._aioRefusals = 0
-                returned(r)
+                self._inFlight -= 1
+                if finished is not None:
+                    finished(r)
+                if self._closed and self._inFlight == 0:
+                    self._closeFd()
+                result.callback(r)  # type: ignore[arg-type]
             elif self._aioFallBack(r):  # type: ignore[arg-type]
                 # The fd stays open: this call is still counted in flight.
                 self._diskio.run(fn, offset, buf).addBoth(returned)
