@@ -31,6 +31,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, required=True, help="image size in bytes")
     parser.add_argument("--block", type=int, default=4096)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--requests", type=int, default=0, help="stop after this many requests (0: --seconds)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--image", help="local copy of the image: every 64th read is compared with it"
@@ -76,7 +79,7 @@ def main() -> int:
             verified += 1
         count += 1
         now = time.monotonic()
-        if now >= deadline:
+        if (count >= args.requests) if args.requests else (now >= deadline):
             break
     conn.close()
     print(json.dumps({"requests": count, "seconds": now - start, "verified": verified}))

@@ -35,9 +35,9 @@ import os
 import platform
 import sys
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
@@ -125,6 +125,10 @@ class AIOUnavailable(Exception):
 class Syscalls:
     """
     The four AIO syscalls, raising L{OSError} with the errno of a failure.
+
+    Each syscall has its own prototyped C{syscall(2)} function, so that a
+    call converts Python integers itself (no C{ctypes} objects made per
+    call).
     """
 
     def __init__(self) -> None:
@@ -132,38 +136,65 @@ class Syscalls:
         if numbers is None:
             raise AIOUnavailable(f"no AIO syscall numbers for {platform.machine()}")
         self.setupNr, self.destroyNr, self.geteventsNr, self.submitNr = numbers
-        self._syscall = _libc.syscall
-        self._syscall.restype = ctypes.c_long
-
-    def _call(self, *args: Any) -> int:
-        result: int = self._syscall(*args)
-        if result < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return result
+        self._setup = _prototype(ctypes.c_uint, ctypes.c_void_p)
+        self._destroy = _prototype(ctypes.c_ulong)
+        self._submit = _prototype(ctypes.c_ulong, ctypes.c_long, ctypes.c_void_p)
+        self._getevents = _prototype(
+            ctypes.c_ulong, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p
+        )
 
     def setup(self, nr: int) -> int:
         ctx = ctypes.c_ulong(0)
-        self._call(ctypes.c_long(self.setupNr), ctypes.c_uint(nr), ctypes.byref(ctx))
+        if self._setup(self.setupNr, nr, ctypes.byref(ctx)) < 0:
+            raise _lastError()
         return ctx.value
 
     def destroy(self, ctx: int) -> None:
-        self._call(ctypes.c_long(self.destroyNr), ctypes.c_ulong(ctx))
+        if self._destroy(self.destroyNr, ctx) < 0:
+            raise _lastError()
 
     def submit(self, ctx: int, count: int, pointers: Any) -> int:
-        return self._call(
-            ctypes.c_long(self.submitNr), ctypes.c_ulong(ctx), ctypes.c_long(count), pointers
-        )
+        """
+        C{io_submit}: C{pointers} is an array of C{count} or more pointers
+        to L{IOCB}.
+        """
+        result: int = self._submit(self.submitNr, ctx, count, pointers)
+        if result < 0:
+            raise _lastError()
+        return result
 
     def getevents(self, ctx: int, minNr: int, events: Any, timeout: Timespec | None) -> int:
-        return self._call(
-            ctypes.c_long(self.geteventsNr),
-            ctypes.c_ulong(ctx),
-            ctypes.c_long(minNr),
-            ctypes.c_long(len(events)),
+        """
+        C{io_getevents} into C{events}, an array of L{IOEvent}, waiting at
+        most C{timeout} (C{None}: until C{minNr} completed).
+        """
+        result: int = self._getevents(
+            self.geteventsNr,
+            ctx,
+            minNr,
+            len(events),
             events,
-            ctypes.byref(timeout) if timeout is not None else None,
+            None if timeout is None else ctypes.byref(timeout),
         )
+        if result < 0:
+            raise _lastError()
+        return result
+
+
+def _prototype(*argtypes: Any) -> Any:
+    """
+    A C{syscall(2)} function of its own taking the syscall number (a
+    C{long}) and C{argtypes}, returning a C{long}.
+    """
+    function = _libc["syscall"]
+    function.argtypes = (ctypes.c_long, *argtypes)
+    function.restype = ctypes.c_long
+    return function
+
+
+def _lastError() -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, os.strerror(err))
 
 
 _fstatfs = _libc.fstatfs64 if hasattr(_libc, "fstatfs64") else _libc.fstatfs
@@ -199,40 +230,71 @@ def isMemoryFileSystem(fd: int) -> bool:
         return False
 
 
-def pin(view: memoryview) -> ctypes.Array[ctypes.c_char] | None:
+def pin(view: memoryview) -> ctypes.c_char | None:
     """
     Expose a writable buffer to the kernel without copying it.
 
     The returned object holds an export of the buffer: while it lives, the
     buffer cannot be closed or resized, so the kernel never writes into freed
-    memory.
+    memory. Its address (C{ctypes.addressof}) is the buffer's.
 
-    @return: A ctypes array over C{view}'s memory, or C{None} if the buffer
-        is read-only or not contiguous.
+    @param view: A non-empty buffer.
+    @return: A C{ctypes} character at the start of C{view}'s memory, or
+        C{None} if the buffer is read-only or not contiguous.
     """
     try:
-        return (ctypes.c_char * len(view)).from_buffer(view)
+        return ctypes.c_char.from_buffer(view)
     except (TypeError, ValueError):
         return None
 
 
-@define(eq=False)
-class _Request:
+#: What a request's completion is given: the bytes transferred, or the
+#: failure.
+Completion = Callable[[Any], object]
+
+
+class _Slot:
     """
-    One read or write, possibly resubmitted for the rest after a short
-    transfer.
+    One request's place in the engine: its C{struct iocb} (allocated once,
+    reused by the next request), and the request while it runs, possibly
+    resubmitted for the rest after a short transfer.
+
+    @ivar index: The slot's number, the C{aio_data} of its iocb.
+    @ivar single: A one-pointer array to C{iocb}, for submitting it alone.
+    @ivar buffer: The pinned buffer (L{pin}) while the request runs.
     """
 
-    opcode: int
-    fd: int
-    buffer: ctypes.Array[ctypes.c_char] | None
-    length: int
-    offset: int
-    align: int
-    nowait: bool
-    deferred: Deferred[int]
-    done: int = 0
-    iocb: IOCB = field(factory=IOCB)
+    __slots__ = (
+        "index",
+        "iocb",
+        "single",
+        "opcode",
+        "fd",
+        "buffer",
+        "address",
+        "length",
+        "offset",
+        "align",
+        "done",
+        "then",
+    )
+
+    def __init__(self, index: int, eventfd: int) -> None:
+        self.index = index
+        self.iocb = IOCB()
+        self.iocb.aio_data = index
+        self.iocb.aio_flags = IOCB_FLAG_RESFD
+        self.iocb.aio_resfd = eventfd
+        self.single = (ctypes.POINTER(IOCB) * 1)(ctypes.pointer(self.iocb))
+        self.opcode = 0
+        self.fd = -1
+        self.buffer: ctypes.c_char | None = None
+        self.address = 0
+        self.length = 0
+        self.offset = 0
+        self.align = 1
+        self.done = 0
+        self.then: Completion | None = None
 
 
 @implementer(IReadDescriptor)
@@ -240,6 +302,11 @@ class AIOEngine:
     """
     Reads and writes on C{O_DIRECT} file descriptors through one AIO context,
     completed on the reactor thread. Reactor thread only.
+
+    Each request takes a slot (L{_Slot}: an iocb allocated once and reused)
+    and gives its completion to a plain function (L{submitRead},
+    L{submitWrite}), so that a caller with a Deferred of its own needs no
+    other; L{read} and L{write} return a Deferred.
 
     @ivar running: Between a successful L{start} and L{stop}.
     @ivar maxEvents: Size of the kernel context; further requests wait in
@@ -261,12 +328,15 @@ class AIOEngine:
         self._syscalls = syscalls
         self._ctx = 0
         self._eventfd = -1
-        # Requests in the kernel, by aio_data; their buffers stay pinned.
-        self._inFlight: dict[int, _Request] = {}
-        self._queue: deque[_Request] = deque()
-        self._nextId = 1
+        # Every slot made since start, by index; free ones are also in _free.
+        self._slots: list[_Slot] = []
+        self._free: list[_Slot] = []
+        # Requests in the kernel; their buffers stay pinned.
+        self._busy = 0
+        self._queue: deque[_Slot] = deque()
         self._retryCall: IDelayedCall | None = None
         self._events = (IOEvent * maxEvents)()
+        self._nEvents = maxEvents
         self._pointers = (ctypes.POINTER(IOCB) * maxEvents)()
         self._zero = Timespec(0, 0)
 
@@ -307,6 +377,9 @@ class AIOEngine:
             raise AIOUnavailable(f"io_submit/io_getevents failed: {e}") from None
         self._sys, self._ctx = syscalls, ctx
         self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Slots name the eventfd: new ones for this context.
+        self._slots = []
+        self._free = []
         self.running = True
         self.reactor.addReader(self)
 
@@ -326,12 +399,12 @@ class AIOEngine:
             self._retryCall.cancel()
             self._retryCall = None
         assert self._sys is not None
-        while self._inFlight or self._queue:
+        while self._busy or self._queue:
             while self._queue:
                 # Not in the kernel: nothing to wait for.
                 cancelled = OSError(errno.ECANCELED, "The AIO engine stopped")
                 self._finish(self._queue.popleft(), Failure(cancelled))
-            if self._inFlight:
+            if self._busy:
                 self._reap(block=True)
         self._sys.destroy(self._ctx)
         os.close(self._eventfd)
@@ -343,7 +416,7 @@ class AIOEngine:
         """
         Requests submitted to the kernel and not yet reaped.
         """
-        return len(self._inFlight)
+        return self._busy
 
     # Requests
 
@@ -364,7 +437,12 @@ class AIOEngine:
             (read-only, not contiguous, or its address not a multiple of
             C{align}).
         """
-        return self._submitNew(IOCB_CMD_PREAD, fd, view, offset, align, nowait)
+        if not self.running:
+            return fail(OSError(errno.ESHUTDOWN, "The AIO engine is not running"))
+        d: Deferred[int] = Deferred()
+        if not self.submitRead(fd, view, offset, align, nowait, d.callback):
+            return None
+        return d
 
     def write(self, fd: int, view: memoryview, offset: int, align: int = 1) -> Deferred[int] | None:
         """
@@ -373,63 +451,154 @@ class AIOEngine:
         @return: A Deferred firing with C{len(view)}, or failing with
             L{OSError}; C{None} if C{view} cannot be given to the kernel.
         """
-        return self._submitNew(IOCB_CMD_PWRITE, fd, view, offset, align, True)
-
-    def _submitNew(
-        self, opcode: int, fd: int, view: memoryview, offset: int, align: int, nowait: bool
-    ) -> Deferred[int] | None:
         if not self.running:
             return fail(OSError(errno.ESHUTDOWN, "The AIO engine is not running"))
-        buffer = pin(view)
-        if buffer is None or ctypes.addressof(buffer) % align:
-            return None
         d: Deferred[int] = Deferred()
-        if not view:
-            d.callback(0)
-            return d
-        self._queue.append(_Request(opcode, fd, buffer, len(view), offset, align, nowait, d))
-        self._submit()
+        if not self.submitWrite(fd, view, offset, align, d.callback):
+            return None
         return d
+
+    def submitRead(
+        self, fd: int, view: memoryview, offset: int, align: int, nowait: bool, then: Completion
+    ) -> bool:
+        """
+        L{read}, giving the outcome to C{then} instead of a Deferred: the
+        bytes read, or a L{Failure} of L{OSError}. C{then} may be called
+        before this returns (a request C{io_submit} refused).
+
+        @return: Whether the request was taken; if not (the engine is not
+            running, or C{view} cannot be given to the kernel), C{then} is
+            never called.
+        """
+        return self.submit(IOCB_CMD_PREAD, fd, view, offset, align, nowait, then)
+
+    def submitWrite(
+        self, fd: int, view: memoryview, offset: int, align: int, then: Completion
+    ) -> bool:
+        """
+        L{write}, giving the outcome to C{then} as L{submitRead} does.
+        """
+        return self.submit(IOCB_CMD_PWRITE, fd, view, offset, align, True, then)
+
+    def submit(
+        self,
+        opcode: int,
+        fd: int,
+        view: memoryview,
+        offset: int,
+        align: int,
+        nowait: bool,
+        then: Completion,
+    ) -> bool:
+        """
+        Take a request (L{submitRead}, L{submitWrite}) and give it to the
+        kernel at once, unless others wait for room before it.
+        """
+        if not self.running:
+            return False
+        length = view.nbytes
+        if not length:
+            if view.readonly:
+                return False
+            then(0)
+            return True
+        buffer = pin(view)
+        if buffer is None:
+            return False
+        address = ctypes.addressof(buffer)
+        if address % align:
+            return False
+        free = self._free
+        slot = free.pop() if free else self._newSlot()
+        slot.opcode = opcode
+        slot.fd = fd
+        slot.buffer = buffer
+        slot.address = address
+        slot.length = length
+        slot.offset = offset
+        slot.align = align
+        slot.done = 0
+        slot.then = then
+        iocb = slot.iocb
+        iocb.aio_rw_flags = RWF_NOWAIT if nowait else 0
+        iocb.aio_lio_opcode = opcode
+        iocb.aio_fildes = fd
+        iocb.aio_buf = address
+        iocb.aio_nbytes = length
+        iocb.aio_offset = offset
+        if self._queue or self._busy >= self.maxEvents:
+            self._queue.append(slot)
+            self._submit()
+            return True
+        assert self._sys is not None
+        try:
+            submitted = self._sys.submit(self._ctx, 1, slot.single)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                self._queue.append(slot)
+                self._retryLater()
+            else:
+                # A bad request (EBADF, EINVAL for a file that cannot do
+                # AIO): it fails alone.
+                self._finish(slot, Failure(e))
+            return True
+        if submitted:
+            self._busy += 1
+        else:
+            self._queue.append(slot)
+            self._retryLater()
+        return True
+
+    def _newSlot(self) -> _Slot:
+        slot = _Slot(len(self._slots), self._eventfd)
+        self._slots.append(slot)
+        return slot
 
     def _submit(self) -> None:
         """
         Move queued requests into the kernel, as many as the context holds.
         """
         assert self._sys is not None
-        while self._queue and len(self._inFlight) < self.maxEvents:
-            batch = min(len(self._queue), self.maxEvents - len(self._inFlight))
+        while self._queue and self._busy < self.maxEvents:
+            batch = min(len(self._queue), self.maxEvents - self._busy)
             for i in range(batch):
-                request = self._queue[i]
-                iocb = request.iocb
-                ctypes.memset(ctypes.byref(iocb), 0, ctypes.sizeof(iocb))
-                iocb.aio_data = self._nextId + i
-                iocb.aio_rw_flags = RWF_NOWAIT if request.nowait else 0
-                iocb.aio_lio_opcode = request.opcode
-                iocb.aio_fildes = request.fd
-                assert request.buffer is not None
-                iocb.aio_buf = ctypes.addressof(request.buffer) + request.done
-                iocb.aio_nbytes = request.length - request.done
-                iocb.aio_offset = request.offset + request.done
-                iocb.aio_flags = IOCB_FLAG_RESFD
-                iocb.aio_resfd = self._eventfd
-                self._pointers[i] = ctypes.pointer(iocb)
+                slot = self._queue[i]
+                self._fill(slot)
+                self._pointers[i] = slot.single[0]
             try:
                 submitted = self._sys.submit(self._ctx, batch, self._pointers)
             except OSError as e:
                 if e.errno == errno.EAGAIN:
-                    # Out of kernel resources: retry when a request
-                    # completes, or soon if none is in flight.
-                    if not self._inFlight and self._retryCall is None:
-                        self._retryCall = self.reactor.callLater(0.001, self._retry)
+                    self._retryLater()
                     return
                 # The first request is bad (EBADF, EINVAL for a file that
                 # cannot do AIO): fail it alone and go on with the rest.
                 self._finish(self._queue.popleft(), Failure(e))
                 continue
+            if not submitted:
+                self._retryLater()
+                return
             for _ in range(submitted):
-                request = self._queue.popleft()
-                self._inFlight[self._nextId] = request
-                self._nextId += 1
+                self._queue.popleft()
+            self._busy += submitted
+
+    @staticmethod
+    def _fill(slot: _Slot) -> None:
+        """
+        Point C{slot}'s iocb at what is left of its request.
+        """
+        iocb = slot.iocb
+        iocb.aio_buf = slot.address + slot.done
+        iocb.aio_nbytes = slot.length - slot.done
+        iocb.aio_offset = slot.offset + slot.done
+
+    def _retryLater(self) -> None:
+        """
+        Out of kernel resources: retry when a request completes, or soon if
+        none is in flight.
+        """
+        if not self._busy and self._retryCall is None:
+            self._retryCall = self.reactor.callLater(0.001, self._retry)
 
     def _retry(self) -> None:
         self._retryCall = None
@@ -442,62 +611,74 @@ class AIOEngine:
         """
         Deliver completed requests; with C{block}, wait for at least one.
         """
-        assert self._sys is not None
+        syscalls = self._sys
+        assert syscalls is not None
+        events = self._events
+        slots = self._slots
         while True:
             try:
-                n = self._sys.getevents(
-                    self._ctx, 1 if block else 0, self._events, None if block else self._zero
+                n = syscalls.getevents(
+                    self._ctx, 1 if block else 0, events, None if block else self._zero
                 )
             except InterruptedError:
                 continue
-            # Copy out first: callbacks may submit, reap or stop.
-            done = [(self._inFlight.pop(e.data), e.res) for e in self._events[:n]]
-            for request, res in done:
-                self._complete(request, res)
-            del done
-            if n < len(self._events) or self._sys is None:
+            self._busy -= n
+            if n == 1:
+                # Copy out first: the completion may submit, reap or stop.
+                event = events[0]
+                self._complete(slots[event.data], event.res)
+            elif n:
+                done = [(slots[e.data], e.res) for e in events[:n]]
+                for slot, res in done:
+                    self._complete(slot, res)
+                del done
+            if n < self._nEvents or self._sys is None:
                 # All reaped, or a callback stopped the engine.
                 return
             block = False
 
-    def _complete(self, request: _Request, res: int) -> None:
+    def _complete(self, slot: _Slot, res: int) -> None:
         self.completed += 1
         if res < 0:
             if res == -errno.EAGAIN:
                 self.wouldBlock += 1
-            self._finish(request, Failure(OSError(-res, os.strerror(-res))))
+            self._finish(slot, Failure(OSError(-res, os.strerror(-res))))
             return
-        request.done += res
-        if request.done < request.length:
-            if res == 0 or (request.offset + request.done) % request.align:
-                if request.opcode == IOCB_CMD_PREAD:
+        done = slot.done = slot.done + res
+        if done < slot.length:
+            if res == 0 or (slot.offset + done) % slot.align:
+                if slot.opcode == IOCB_CMD_PREAD:
                     # End of file.
-                    self._finish(request, request.done)
+                    self._finish(slot, done)
                     return
-                where = request.offset + request.done
-                self._finish(request, Failure(OSError(errno.EIO, f"Short write at {where}")))
+                where = slot.offset + done
+                self._finish(slot, Failure(OSError(errno.EIO, f"Short write at {where}")))
                 return
             if not self.running:
                 cancelled = OSError(errno.ECANCELED, "The AIO engine stopped")
-                self._finish(request, Failure(cancelled))
+                self._finish(slot, Failure(cancelled))
                 return
             # A short transfer on a block boundary: ask for the rest.
-            self._queue.appendleft(request)
+            self._fill(slot)
+            self._queue.appendleft(slot)
             return
-        self._finish(request, request.done)
+        self._finish(slot, done)
 
-    def _finish(self, request: _Request, result: int | Failure) -> None:
+    def _finish(self, slot: _Slot, result: int | Failure) -> None:
         """
-        Unpin the buffer, then fire the request's Deferred: its callbacks may
-        close the buffer.
+        Unpin the buffer and free the slot, then give the outcome: the
+        completion may close the buffer, or take the slot again.
         """
-        request.buffer = None
-        d = request.deferred
-        del request
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
+        then = slot.then
+        slot.buffer = None
+        slot.then = None
+        self._free.append(slot)
+        assert then is not None
+        try:
+            then(result)
+        except Exception:
+            # The reactor would stop watching the eventfd: log it here.
+            log.failure("A storage I/O completion failed")
 
     # IReadDescriptor
 

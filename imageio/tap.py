@@ -42,6 +42,7 @@ from imageio._aio import AIOEngine, AIOService
 from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
+from imageio._twisted_dispatch import LeanDispatchService
 from imageio.backends import BackendContext, BackendOpener, namesListener, readCAFile
 from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
@@ -52,6 +53,8 @@ from imageio.web import (
     ImageioSite,
     TCPServerEndpoint,
     UNIXServerEndpoint,
+    ZeroCopyTCPServer,
+    ZeroCopyUNIXServer,
     createBodyPump,
     probeSplice,
 )
@@ -332,6 +335,9 @@ class ImageioService(MultiService):
         # before backends close their files on the pool.
         self.aio = AIOEngine(reactor)
         AIOService(self.aio, config.daemon.io_engine).setServiceParent(self)
+        # Our sockets and the AIO eventfd without a log context per event.
+        lean = (AIOEngine, ZeroCopyTCPServer, ZeroCopyUNIXServer)
+        LeanDispatchService(reactor, lean).setServiceParent(self)
         self.metrics.addGauge(
             "imageio_aio_completed",
             "Storage requests completed by Linux AIO.",

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from imageio import _aio, _buffers
@@ -128,6 +129,87 @@ class EngineTests(TestCase):
         check = memoryview(_buffers.allocate(4096))
         self.assertEqual(await engine.read(fd, check, 8192, 4096), 4096)  # type: ignore[misc]
         self.assertEqual(bytes(check), b"w" * 4096)
+        self.assertEqual(engine.inFlight, 0)
+
+    async def test_completionFunctions(self) -> None:
+        """
+        L{AIOEngine.submitRead} and L{AIOEngine.submitWrite} give the
+        outcome to a plain function, once, with no Deferred; one request's
+        slot (its iocb) is reused by the next.
+        """
+        data = os.urandom(16 * KiB)
+        fd = directFile(self, data)
+        engine = self.engine()
+        outcomes: list[object] = []
+        waiting: list[Deferred[None]] = []
+
+        def then(result: object) -> None:
+            outcomes.append(result)
+            waiting.pop().callback(None)
+
+        def next() -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            waiting.append(d)
+            return d
+
+        buf = memoryview(_buffers.allocate(8 * KiB))
+        completed = next()
+        self.assertTrue(engine.submitRead(fd, buf, 8192, 4096, True, then))
+        await completed
+        self.assertEqual(bytes(buf), data[8192:])
+        buf[:] = b"w" * 8192
+        completed = next()
+        self.assertTrue(engine.submitWrite(fd, buf, 0, 4096, then))
+        await completed
+        completed = next()
+        self.assertTrue(engine.submitRead(9999, buf, 0, 4096, True, then))
+        await completed
+        self.assertEqual(outcomes[:2], [8 * KiB, 8 * KiB])
+        failure = outcomes[2]
+        assert isinstance(failure, Failure)
+        self.assertEqual(failure.value.errno, errno.EBADF)
+        self.assertEqual(len(engine._slots), 1)
+        self.assertEqual(engine.inFlight, 0)
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            self.assertEqual(f.read(8192), b"w" * 8192)
+
+    async def test_completionRaises(self) -> None:
+        """
+        A completion function that raises is logged; the engine keeps
+        watching its eventfd and completes the next request.
+        """
+        fd = directFile(self, os.urandom(8192))
+        engine = self.engine()
+        buf = memoryview(_buffers.allocate(4096))
+        called: Deferred[None] = Deferred()
+
+        def broken(result: object) -> None:
+            called.callback(None)
+            raise RuntimeError("completion bug")
+
+        self.assertTrue(engine.submitRead(fd, buf, 0, 4096, True, broken))
+        await called
+        # Resumed inside the completion, before it raised: the next read
+        # runs once it has.
+        self.assertEqual(await engine.read(fd, buf, 4096, 4096), 4096)  # type: ignore[misc]
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn(engine, reactor.getReaders())
+
+    def test_notTaken(self) -> None:
+        """
+        A request the engine cannot take (not running, read-only memory)
+        is refused at once and its completion function never called.
+        """
+        fd = directFile(self, os.urandom(8192))
+        engine = AIOEngine(reactor)
+        calls: list[object] = []
+        buf = memoryview(_buffers.allocate(4096))
+        self.assertFalse(engine.submitRead(fd, buf, 0, 4096, True, calls.append))
+        engine = self.engine()
+        readOnly = memoryview(b"x" * 4096)
+        self.assertFalse(engine.submitWrite(fd, readOnly, 0, 1, calls.append))
+        self.assertFalse(engine.submitRead(fd, readOnly, 0, 1, True, calls.append))
+        self.assertEqual(calls, [])
         self.assertEqual(engine.inFlight, 0)
 
     async def test_readShortAtEOF(self) -> None:

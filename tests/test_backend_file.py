@@ -18,14 +18,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from imageio import _buffers
-from imageio._aio import TMPFS_MAGIC, AIOEngine
+from imageio._aio import IOCB_CMD_PREAD, TMPFS_MAGIC, AIOEngine
 from imageio._diskio import DiskIO, SynchronousDiskIO, createPool
 from imageio.backends import BackendContext
 from imageio.backends import file as filebackend
@@ -85,16 +85,42 @@ class InlineAIO(AIOEngine):
         super().__init__(MemoryReactorClock(), maxEvents=8)
         self.requests = 0
 
-    def _submitNew(self, *args: Any) -> Deferred[int] | None:
-        d = super()._submitNew(*args)
-        if d is not None:
+    def submit(self, *args: Any) -> bool:
+        taken = super().submit(*args)
+        if taken:
             self.requests += 1
-        while self._queue or self._inFlight:
-            if self._inFlight:
+        while self._queue or self._busy:
+            if self._busy:
                 self._reap(block=True)
             else:
                 self._submit()
-        return d
+        return taken
+
+
+def submitting(outcome: Deferred[Any]) -> Callable[..., bool]:
+    """
+    An AIO engine's C{submit} that takes the request and gives it
+    C{outcome}'s result when that fires.
+    """
+
+    def submit(*args: Any) -> bool:
+        outcome.addBoth(args[-1])
+        return True
+
+    return submit
+
+
+def refusing(error: OSError) -> Callable[..., bool]:
+    """
+    An AIO engine's C{submit} that takes every request and fails it at once
+    with C{error}.
+    """
+
+    def submit(*args: Any) -> bool:
+        args[-1](Failure(error))
+        return True
+
+    return submit
 
 
 def inlineAIO(case: SynchronousTestCase) -> InlineAIO:
@@ -1031,12 +1057,30 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         backend = self.backend(self.rng.randbytes(8192), diskio=diskio)
         assert self.aio is not None
         d: Deferred[int] = Deferred()
-        self.patch(self.aio, "read", lambda *a: d)
+        self.patch(self.aio, "submit", submitting(d))
         read = backend.readInto(0, memoryview(_buffers.allocate(4096)))
         closed = backend.close()
         self.assertNoResult(closed)
         d.callback(4096)
         self.assertEqual(self.successResultOf(read), 4096)
+        self.successResultOf(closed)
+
+    def test_cancelLeavesAIOInFlight(self) -> None:
+        """
+        Cancelling a read whose AIO request is in flight fails the read at
+        once; the file stays open until the kernel is done with it.
+        """
+        diskio = SynchronousDiskIO()
+        backend = self.backend(self.rng.randbytes(8192), diskio=diskio)
+        assert self.aio is not None
+        d: Deferred[int] = Deferred()
+        self.patch(self.aio, "submit", submitting(d))
+        read = backend.readInto(0, memoryview(_buffers.allocate(4096)))
+        read.cancel()
+        self.failureResultOf(read, CancelledError)
+        closed = backend.close()
+        self.assertNoResult(closed)
+        d.callback(4096)
         self.successResultOf(closed)
 
     def test_fallBackOnEAGAIN(self) -> None:
@@ -1047,7 +1091,7 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         diskio = SynchronousDiskIO()
         data = self.rng.randbytes(8192)
         backend = self.backend(data, diskio=diskio)
-        self.patch(backend._aio, "read", lambda *a: fail(OSError(errno.EAGAIN, "Would block")))
+        self.patch(backend._aio, "submit", refusing(OSError(errno.EAGAIN, "Would block")))
         view = memoryview(_buffers.allocate(8192))
         before = diskio.calls
         self.assertEqual(self.successResultOf(backend.readInto(0, view)), 8192)
@@ -1064,15 +1108,15 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         self.patch(filebackend, "AIO_MAX_REFUSALS", 3)
         data = self.rng.randbytes(8192)
         backend = self.backend(data)
-        realRead = backend._aio.read  # type: ignore[union-attr]
+        realSubmit = backend._aio.submit  # type: ignore[union-attr]
         refuse = [True]
 
-        def read(*args: Any) -> Deferred[int] | None:
+        def submit(*args: Any) -> bool:
             if refuse[0]:
-                return fail(OSError(errno.EAGAIN, "Would block"))
-            return realRead(*args)
+                return refusing(OSError(errno.EAGAIN, "Would block"))(*args)
+            return realSubmit(*args)
 
-        self.patch(backend._aio, "read", read)
+        self.patch(backend._aio, "submit", submit)
         for _ in range(2):
             self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
         refuse[0] = False
@@ -1091,9 +1135,7 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         """
         data = self.rng.randbytes(8192)
         backend = self.backend(data)
-        self.patch(
-            backend._aio, "read", lambda *a: fail(OSError(errno.EOPNOTSUPP, "Not supported"))
-        )
+        self.patch(backend._aio, "submit", refusing(OSError(errno.EOPNOTSUPP, "Not supported")))
         self.assertEqual(readBack(self, backend, 0, 8192), data)
         self.assertEqual(backend.engine, "threads")
 
@@ -1102,7 +1144,7 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         Other errors (EIO) fail the request, as from the pool.
         """
         backend = self.backend(self.rng.randbytes(8192))
-        self.patch(backend._aio, "write", lambda *a: fail(OSError(errno.EIO, "I/O error")))
+        self.patch(backend._aio, "submit", refusing(OSError(errno.EIO, "I/O error")))
         view = memoryview(_buffers.allocate(4096))
         failure = self.failureResultOf(backend.write(0, view), OSError)
         self.assertEqual(failure.value.errno, errno.EIO)
@@ -1166,16 +1208,23 @@ class TmpfsFileAIOTests(TmpfsFileIOTests):
             length and C{nowait} flag.
         """
         assert self.aio is not None
-        realRead = self.aio.read
+        realSubmit = self.aio.submit
         reads: list[tuple[int, bool]] = []
 
-        def read(
-            fd: int, view: memoryview, offset: int, align: int = 1, nowait: bool = True
-        ) -> Any:
-            reads.append((len(view), nowait))
-            return realRead(fd, view, offset, align, nowait)
+        def submit(
+            opcode: int,
+            fd: int,
+            view: memoryview,
+            offset: int,
+            align: int,
+            nowait: bool,
+            then: Callable[[Any], object],
+        ) -> bool:
+            if opcode == IOCB_CMD_PREAD:
+                reads.append((len(view), nowait))
+            return realSubmit(opcode, fd, view, offset, align, nowait, then)
 
-        self.patch(self.aio, "read", read)
+        self.patch(self.aio, "submit", submit)
         return reads
 
     def test_smallReadsAIO(self) -> None:
@@ -1251,7 +1300,7 @@ class TmpfsFileAIOTests(TmpfsFileIOTests):
         data = self.rng.randbytes(8192)
         backend = self.backend(data, diskio=diskio)
         assert self.aio is not None
-        self.patch(self.aio, "read", lambda *a: fail(OSError(errno.EOPNOTSUPP, "Not supported")))
+        self.patch(self.aio, "submit", refusing(OSError(errno.EOPNOTSUPP, "Not supported")))
         before = diskio.calls
         self.assertEqual(readBack(self, backend, 0, 4096), data[:4096])
         self.assertEqual(backend.engine, "threads")

@@ -40,7 +40,8 @@ PACKAGE = ROOT / "imageio"
 #: C{_certdates} (certificate dates without cryptography),
 #: C{_twisted_lazytls} and C{_leanreactor} (the reactor core without
 #: pyOpenSSL), C{_twisted_leanweb} (C{twisted.web.server} without PB and
-#: templates),
+#: templates), C{_twisted_dispatch} (the epoll reactor's dispatch of our
+#: busy descriptors without a log context per event),
 #: C{config} (INI parsing: values only, no layer's objects).
 CORE = frozenset(
     {
@@ -58,6 +59,7 @@ CORE = frozenset(
         "imageio._twisted_lazytls",
         "imageio._twisted_leanweb",
         "imageio._leanreactor",
+        "imageio._twisted_dispatch",
         "imageio.config",
     }
 )

@@ -10,6 +10,7 @@ per seam:
     L{imageio._twisted_lazytls}, pinned by C{tests.test_leanreactor}.
   - C{twisted.web.server}'s import-time seam (no PB, no templates):
     L{imageio._twisted_leanweb}, pinned by C{tests.test_leanreactor}.
+  - the epoll reactor's dispatch seam: L{imageio._twisted_dispatch}.
 
 If one of these tests fails after a Twisted upgrade, Twisted changed
 something we depend on: read the seam's module before anything else.
@@ -18,16 +19,22 @@ something we depend on: read the seam's module before anything else.
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
+import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import abstract, main, tcp, unix
 from twisted.internet.defer import Deferred
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,6 +42,7 @@ from twisted.web import client, http
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from imageio import _twisted_dispatch
 from imageio.backends import _twisted_client, _twisted_newclient
 from imageio.web import _twisted_http, _twisted_transport
 from imageio.web._transport import ZeroCopyTCPServer, ZeroCopyUNIXServer
@@ -51,6 +59,7 @@ QUARANTINE = {
     "imageio/backends/_twisted_client.py": {n for _, n in _twisted_client.PRIVATE_NAMES},
     "imageio/backends/_twisted_newclient.py": {n for _, n in _twisted_newclient.PRIVATE_NAMES},
     "imageio/web/_twisted_http.py": {n for _, n in _twisted_http.PRIVATE_NAMES},
+    "imageio/_twisted_dispatch.py": {n for _, n in _twisted_dispatch.PRIVATE_NAMES},
 }
 
 #: Every Twisted private name we know we use.
@@ -130,6 +139,151 @@ class QuarantineTests(SynchronousTestCase):
                         if parts[0] == "twisted" and any(p.startswith("_") for p in parts):
                             problems.append(f"{where}:{node.lineno}: {module}")
         self.assertEqual(problems, [], "\n" + "\n".join(problems))
+
+
+def _codeDigest(function: Any) -> str:
+    """
+    @return: A digest of C{function}'s code without its docstring.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                node.body = node.body[1:]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+class _Descriptor:
+    """
+    A readable descriptor over a pipe that records the log context each
+    call runs in, and may raise or return a reason from C{doRead}.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.systems: list[str] = []
+        self.lost: list[Failure] = []
+        self.outcome: BaseException | None = None
+        self.raises = False
+
+    def logPrefix(self) -> str:
+        return "descriptor-prefix"
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> object:
+        self.systems.append(context.get(log.ILogContext)["system"])
+        if self.raises:
+            raise RuntimeError("doRead bug")
+        return self.outcome
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+class _Lean(_Descriptor):
+    """
+    A descriptor of a class given to L{_twisted_dispatch.install}.
+    """
+
+
+class DispatchSeamTests(SynchronousTestCase):
+    """
+    L{imageio._twisted_dispatch} on a real epoll reactor (not the global
+    one): our classes without a log context, errors handled as Twisted
+    does, every other descriptor as before.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.addCleanup(self.reactor.removeAll)
+
+    def readable(self, kind: type[_Descriptor]) -> _Descriptor:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.write(w, b"x")
+        descriptor = kind(r)
+        self.reactor.addReader(descriptor)  # type: ignore[arg-type]
+        # Before the pipe closes.
+        self.addCleanup(self.reactor.removeReader, descriptor)  # type: ignore[arg-type]
+        return descriptor
+
+    def test_namesExist(self) -> None:
+        """
+        Every private name of the seam exists where the module says (on
+        a reactor instance for the reactor's).
+        """
+        for owner, name in _twisted_dispatch.PRIVATE_NAMES:
+            where = self.reactor if owner.endswith("EPollReactor") else namedAny(owner)
+            self.assertTrue(hasattr(where, name), f"{owner}.{name} is gone")
+
+    def test_twistedCodeUnchanged(self) -> None:
+        """
+        The seam copies C{EPollReactor.doPoll} and the read and write calls
+        of C{_doReadOrWrite}: if Twisted changes either, read the seam again
+        and update the digests.
+        """
+        self.assertEqual(_codeDigest(EPollReactor.doPoll), "9e3ff408889e1e7e")
+        self.assertEqual(_codeDigest(EPollReactor._doReadOrWrite), "c849c38c21363b92")
+        self.assertEqual(EPollReactor.doIteration, EPollReactor.doPoll)
+
+    def test_leanWithoutContext(self) -> None:
+        """
+        A descriptor of a lean class is read without a log context of its
+        own; any other still runs under its prefix.
+        """
+        self.assertTrue(_twisted_dispatch.install(self.reactor, [_Lean]))
+        lean, other = self.readable(_Lean), self.readable(_Descriptor)
+        self.reactor.doIteration(0)
+        self.assertEqual(lean.systems, ["-"])
+        self.assertEqual(other.systems, ["descriptor-prefix"])
+        _twisted_dispatch.uninstall(self.reactor)
+        self.reactor.doIteration(0)
+        self.assertEqual(lean.systems, ["-", "descriptor-prefix"])
+
+    def test_errorLoggedAndDisconnected(self) -> None:
+        """
+        An exception from a lean descriptor's C{doRead} is logged under its
+        prefix and the descriptor is disconnected with it, as Twisted does.
+        """
+        _twisted_dispatch.install(self.reactor, [_Lean])
+        lean = self.readable(_Lean)
+        lean.raises = True
+        events: list[dict[str, Any]] = []
+        log.addObserver(events.append)
+        self.addCleanup(log.removeObserver, events.append)
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([e["system"] for e in events if e.get("isError")], ["descriptor-prefix"])
+        [reason] = lean.lost
+        self.assertIsInstance(reason.value, RuntimeError)
+        self.assertNotIn(lean, self.reactor.getReaders())
+
+    def test_reasonDisconnects(self) -> None:
+        """
+        A lean descriptor whose C{doRead} returns a reason is disconnected
+        with it.
+        """
+        _twisted_dispatch.install(self.reactor, [_Lean])
+        lean = self.readable(_Lean)
+        lean.outcome = ConnectionDone()
+        self.reactor.doIteration(0)
+        [reason] = lean.lost
+        self.assertIsInstance(reason.value, ConnectionDone)
+        self.assertNotIn(lean, self.reactor.getReaders())
+
+    def test_otherReactors(self) -> None:
+        """
+        Any reactor but Twisted's epoll reactor is left alone.
+        """
+        for other in (MemoryReactor(), SelectReactor()):
+            self.assertFalse(_twisted_dispatch.install(other, [_Lean]))
+            self.assertNotIn("doIteration", vars(other))
+            _twisted_dispatch.uninstall(other)
 
 
 class TransportSeamTests(SynchronousTestCase):

@@ -543,17 +543,22 @@ class FileBackend:
         if offset < 0:
             return fail(ValueError(f"Negative offset: {offset}"))
         aio = self._aio
-        if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
+        if aio is not None and aio.running and not self._closed:
+            bs, nbytes = self.blockSize, buf.nbytes
             limit = self._aioSyncMax
-            if limit is None:
-                d = aio.read(self._fd, _byteView(buf), offset, self.blockSize)
-            elif buf.nbytes <= limit:
-                # Completes inside io_submit: a bounded copy, no thread hop.
-                d = aio.read(self._fd, _byteView(buf), offset, self.blockSize, False)
-            else:
-                d = None
-            if d is not None:
-                return self._runAIO(d, self._readInto, offset, buf)
+            # Aligned, and where AIO completes inside io_submit (tmpfs), a
+            # bounded copy: no thread hop.
+            if (
+                offset % bs == 0
+                and nbytes % bs == 0
+                and nbytes > 0
+                and (limit is None or nbytes <= limit)
+            ):
+                d = self._submitAIO(
+                    aio, _aio.IOCB_CMD_PREAD, offset, buf, limit is None, self._readInto
+                )
+                if d is not None:
+                    return d
         return self._run(self._readInto, offset, buf)
 
     def write(self, offset: int, data: memoryview) -> Deferred[int]:
@@ -572,9 +577,11 @@ class FileBackend:
         def start(finished: _Finished) -> Deferred[int]:
             aio = self._aio if self._aioSyncMax is None else None
             if aio is not None and aio.running and not self._closed and self._aligned(offset, data):
-                d = aio.write(self._fd, _byteView(data), offset, bs)
+                d = self._submitAIO(
+                    aio, _aio.IOCB_CMD_PWRITE, offset, data, True, self._write, finished
+                )
                 if d is not None:
-                    return self._runAIO(d, self._write, offset, data, finished)
+                    return d
             return self._runThen(finished, self._write, offset, data)
 
         return self._whenGranted(claim, end, start)
@@ -728,55 +735,89 @@ class FileBackend:
         bs = self.blockSize
         return offset % bs == 0 and buf.nbytes % bs == 0 and buf.nbytes > 0
 
-    def _runAIO(
+    def _submitAIO(
         self,
-        d: Deferred[int],
-        fn: Callable[[int, memoryview], int],
+        aio: AIOEngine,
+        opcode: int,
         offset: int,
         buf: memoryview,
+        nowait: bool,
+        fn: Callable[[int, memoryview], int],
         finished: _Finished | None = None,
-    ) -> Deferred[int]:
+    ) -> Deferred[int] | None:
         """
-        Count the AIO request C{d} in flight like a pool call; where the
-        kernel would block (C{EAGAIN}) or cannot do it (C{EOPNOTSUPP},
-        C{EINVAL}: no non-blocking or no asynchronous I/O on this file, or
-        memory alignment stricter than the block size), do it with C{fn}
-        on the pool instead.
+        Give an aligned read or write to the AIO engine, counted in flight
+        like a pool call until it completes; where the kernel would block
+        (C{EAGAIN}) or cannot do it (C{EOPNOTSUPP}, C{EINVAL}: no
+        non-blocking or no asynchronous I/O on this file, or memory
+        alignment stricter than the block size), do it with C{fn} on the
+        pool instead.
+
+        @return: The outcome in the one Deferred of the request (the engine
+            gives it to a plain function), which the caller may cancel
+            without the fd closing under the kernel; C{None} if the engine
+            does not take C{buf}, and nothing was started.
         """
+        result: Deferred[int] = Deferred()
+
+        def returned(r: int | Failure) -> None:
+            self._inFlight -= 1
+            if finished is not None:
+                finished(r)
+            if self._closed and self._inFlight == 0:
+                self._closeFd()
+            result.callback(r)  # type: ignore[arg-type]  # a Failure is an errback
+
+        def completed(r: int | Failure) -> None:
+            if r.__class__ is not Failure:
+                # returned(r), inline: the common case.
+                self._aioRefusals = 0
+                self._inFlight -= 1
+                if finished is not None:
+                    finished(r)
+                if self._closed and self._inFlight == 0:
+                    self._closeFd()
+                result.callback(r)  # type: ignore[arg-type]
+            elif self._aioFallBack(r):  # type: ignore[arg-type]
+                # The fd stays open: this call is still counted in flight.
+                self._diskio.run(fn, offset, buf).addBoth(returned)
+            else:
+                returned(r)
+
+        view = buf if buf.ndim == 1 and buf.itemsize == 1 else _byteView(buf)
         self._inFlight += 1
+        if not aio.submit(opcode, self._fd, view, offset, self.blockSize, nowait, completed):
+            self._inFlight -= 1
+            return None
+        return result
 
-        def succeeded(n: int) -> int:
-            self._aioRefusals = 0
-            return n
-
-        def failed(f: Failure) -> Deferred[int] | Failure:
-            code = f.value.errno if isinstance(f.value, OSError) else None
-            if code not in _AIO_FALLBACK:
-                return f
+    def _aioFallBack(self, f: Failure) -> bool:
+        """
+        Whether the AIO request that failed with C{f} should be done on the
+        pool; stop using AIO where the file cannot do it, or the device
+        never takes a request without waiting (a queue without nowait
+        support).
+        """
+        code = f.value.errno if isinstance(f.value, OSError) else None
+        if code not in _AIO_FALLBACK:
+            return False
+        if code == errno.EAGAIN:
+            self._aioRefusals += 1
+        if self._aio is not None and (
+            code in (errno.EOPNOTSUPP, errno.EINVAL) or self._aioRefusals >= AIO_MAX_REFUSALS
+        ):
+            why = f.getErrorMessage()
             if code == errno.EAGAIN:
-                self._aioRefusals += 1
-            if self._aio is not None and (
-                code in (errno.EOPNOTSUPP, errno.EINVAL) or self._aioRefusals >= AIO_MAX_REFUSALS
-            ):
-                # No (non-blocking) asynchronous I/O on this file, or the
-                # device never takes it without waiting (a queue without
-                # nowait support): stop asking.
-                why = f.getErrorMessage()
-                if code == errno.EAGAIN:
-                    why = f"{self._aioRefusals} requests in a row would have waited"
-                log.info(
-                    "Backend {name} path={path}: no asynchronous I/O here ({error}), "
-                    "using the disk-io threads",
-                    name=self.name,
-                    path=self.path,
-                    error=why,
-                )
-                self._aio = None
-            # The fd stays open: this call is still counted in flight.
-            return self._diskio.run(fn, offset, buf)
-
-        fallback = cast("Deferred[int]", d.addCallbacks(succeeded, failed))
-        return self._untilReturned(fallback, finished)
+                why = f"{self._aioRefusals} requests in a row would have waited"
+            log.info(
+                "Backend {name} path={path}: no asynchronous I/O here ({error}), "
+                "using the disk-io threads",
+                name=self.name,
+                path=self.path,
+                error=why,
+            )
+            self._aio = None
+        return True
 
     async def _zeroSteps(self, offset: int, length: int) -> None:
         pos, end = offset, offset + length

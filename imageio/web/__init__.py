@@ -48,7 +48,12 @@ from imageio.web._tls import (  # imageio.client._tls
     TLSServerProtocol,
     makeServerContext,
 )
-from imageio.web._transport import TCPServerEndpoint, UNIXServerEndpoint
+from imageio.web._transport import (
+    TCPServerEndpoint,
+    UNIXServerEndpoint,
+    ZeroCopyTCPServer,
+    ZeroCopyUNIXServer,
+)
 from imageio.web._twisted_http import setSafeHeaders
 from imageio.web._upload import ShortBody, UploadSink
 
@@ -95,6 +100,8 @@ __all__ = [
     # Listeners
     "TCPServerEndpoint",
     "UNIXServerEndpoint",
+    "ZeroCopyTCPServer",
+    "ZeroCopyUNIXServer",
     "BodyPump",
     "BodyPumpService",
     "createBodyPump",

@@ -1,0 +1,164 @@
+# -*- test-case-name: tests.test_twisted_seams -*-
+"""
+The epoll reactor's dispatch of our own busy descriptors without the logging
+context Twisted sets up for every event.
+
+Twisted's C{EPollReactor.doPoll} calls each ready descriptor through
+C{log.callWithLogger(selectable, reactor._doReadOrWrite, ...)}: the
+descriptor's C{logPrefix}, a copy of the current log context, and the
+context tracker's push and pop, about twelve Python frames per event, only
+so that legacy C{log.msg} events carry the descriptor's prefix as their
+C{system}. A 4 KiB read costs the daemon two events (the client's socket,
+then the AIO engine's eventfd).
+
+L{install} gives the reactor instance a C{doIteration} of its own: the same
+poll, and for descriptors of the classes it is given (C{type(d) in
+classes}, not subclasses) the read and write calls of
+C{_doReadOrWrite} without that context. What Twisted does on an error
+stays: an exception from C{doRead} or C{doWrite} is logged (C{log.err},
+under the descriptor's prefix) and the descriptor is disconnected with it, as
+is one whose C{doRead} or C{doWrite} returns a reason; hang-ups and closed
+descriptors go through Twisted's own C{_doReadOrWrite}. Every other
+descriptor is dispatched by Twisted as before.
+
+Only an C{EPollReactor} (exactly that class) is changed; L{install} leaves
+any other reactor alone and says so. The private names used
+(L{PRIVATE_NAMES}) are pinned by C{tests.test_twisted_seams}.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import posixbase
+from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log
+
+from imageio._log import Logger
+
+_log = Logger()
+
+#: The Twisted private names this module relies on: (owner, name).
+PRIVATE_NAMES = (
+    ("twisted.internet.epollreactor.EPollReactor", "_poller"),
+    ("twisted.internet.epollreactor.EPollReactor", "_selectables"),
+    ("twisted.internet.epollreactor.EPollReactor", "_doReadOrWrite"),
+    ("twisted.internet.epollreactor.EPollReactor", "_disconnectSelectable"),
+    ("twisted.internet.epollreactor.EPollReactor", "_POLL_DISCONNECTED"),
+    ("twisted.internet.epollreactor.EPollReactor", "_POLL_IN"),
+    ("twisted.internet.epollreactor.EPollReactor", "_POLL_OUT"),
+    ("twisted.internet.posixbase", "_NO_FILEDESC"),
+)
+
+
+def install(reactor: Any, classes: Iterable[type]) -> bool:
+    """
+    Dispatch ready descriptors of C{classes} on C{reactor} without a
+    logging context per event (see the module's docstring).
+
+    Installing again replaces the classes; L{uninstall} undoes it.
+
+    @return: Whether C{reactor} is Twisted's epoll reactor and now
+        dispatches that way; if not, nothing changed.
+    """
+    if type(reactor) is not EPollReactor:
+        return False
+    # An instance attribute: mainLoop and iterate call self.doIteration.
+    vars(reactor)["doIteration"] = _leanPoll(reactor, frozenset(classes))
+    return True
+
+
+def uninstall(reactor: Any) -> None:
+    """
+    Give C{reactor} back Twisted's own dispatch.
+    """
+    if type(reactor) is EPollReactor and "doIteration" in vars(reactor):
+        del reactor.doIteration
+
+
+def _leanPoll(reactor: EPollReactor, lean: frozenset[type]) -> Any:
+    """
+    @return: C{reactor}'s C{doPoll}, dispatching descriptors of the classes
+        in C{lean} without a logging context.
+    """
+    poller = reactor._poller
+    selectables: dict[int, Any] = reactor._selectables
+    twistedDispatch = reactor._doReadOrWrite
+    disconnect = reactor._disconnectSelectable
+    hangUp = reactor._POLL_DISCONNECTED
+    readable = reactor._POLL_IN
+    writable = reactor._POLL_OUT
+    noFileDescriptor = posixbase._NO_FILEDESC
+    callWithLogger = log.callWithLogger
+
+    def doPoll(timeout: float | None) -> None:
+        # EPollReactor.doPoll, but for the lean dispatch below.
+        if timeout is None:
+            timeout = -1
+        try:
+            events = poller.poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        selectable: Any
+        for fd, event in events:
+            try:
+                selectable = selectables[fd]
+            except KeyError:
+                continue
+            kind = selectable.__class__
+            if kind not in lean or (event & hangUp and not event & readable):
+                callWithLogger(selectable, twistedDispatch, selectable, fd, event)
+                continue
+            # EPollReactor._doReadOrWrite's read and write, less the context.
+            why: Any = None
+            inRead = False
+            try:
+                if selectable.fileno() == -1:
+                    why = noFileDescriptor
+                else:
+                    if event & readable:
+                        why = selectable.doRead()
+                        inRead = True
+                    if not why and event & writable:
+                        why = selectable.doWrite()
+                        inRead = False
+            except BaseException:
+                why = sys.exc_info()[1]
+                callWithLogger(selectable, log.err)
+            if why:
+                callWithLogger(selectable, disconnect, selectable, why, inRead)
+
+    return doPoll
+
+
+class LeanDispatchService(Service):
+    """
+    L{install} while running, for the reactor and classes given; logs
+    whether the reactor took it.
+    """
+
+    name = "lean-dispatch"
+
+    def __init__(self, reactor: Any, classes: Iterable[type]) -> None:
+        self.reactor = reactor
+        self.classes = tuple(classes)
+
+    def startService(self) -> None:
+        super().startService()
+        if install(self.reactor, self.classes):
+            _log.debug("Reactor: lean dispatch of our own sockets and the AIO eventfd")
+        else:
+            _log.debug(
+                "Reactor: {reactor} dispatches every descriptor itself",
+                reactor=type(self.reactor).__name__,
+            )
+
+    def stopService(self) -> None:
+        super().stopService()
+        uninstall(self.reactor)
