@@ -543,17 +543,11 @@ class FileBackend:
         if offset < 0:
             return fail(ValueError(f"Negative offset: {offset}"))
         aio = self._aio
-        if aio is not None and aio.running and not self._closed:
-            bs, nbytes = self.blockSize, buf.nbytes
+        if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
             limit = self._aioSyncMax
-            # Aligned, and where AIO completes inside io_submit (tmpfs), a
-            # bounded copy: no thread hop.
-            if (
-                offset % bs == 0
-                and nbytes % bs == 0
-                and nbytes > 0
-                and (limit is None or nbytes <= limit)
-            ):
+            # Where AIO completes inside io_submit (tmpfs), only a bounded
+            # copy: no thread hop.
+            if limit is None or buf.nbytes <= limit:
                 d = self._submitAIO(
                     aio, _aio.IOCB_CMD_PREAD, offset, buf, limit is None, self._readInto
                 )
@@ -674,15 +668,23 @@ class FileBackend:
         result: Deferred[T] = Deferred()
 
         def done(r: T | Failure) -> T | Failure:
-            self._inFlight -= 1
-            if finished is not None:
-                finished(r)
-            if self._closed and self._inFlight == 0:
-                self._closeFd()
+            self._returned(r, finished)
             return r
 
         call.addBoth(done).chainDeferred(result)
         return result
+
+    def _returned(self, r: object, finished: _Finished | None) -> None:
+        """
+        A storage call counted in flight really returned with C{r}: stop
+        counting it, tell C{finished}, and close the fd if the backend was
+        closed meanwhile.
+        """
+        self._inFlight -= 1
+        if finished is not None:
+            finished(r)
+        if self._closed and self._inFlight == 0:
+            self._closeFd()
 
     def _claim(self, offset: int, end: int, trims: bool) -> _Footprint:
         """
@@ -761,28 +763,17 @@ class FileBackend:
         result: Deferred[int] = Deferred()
 
         def returned(r: int | Failure) -> None:
-            self._inFlight -= 1
-            if finished is not None:
-                finished(r)
-            if self._closed and self._inFlight == 0:
-                self._closeFd()
+            self._returned(r, finished)
             result.callback(r)  # type: ignore[arg-type]  # a Failure is an errback
 
         def completed(r: int | Failure) -> None:
             if r.__class__ is not Failure:
-                # returned(r), inline: the common case.
                 self._aioRefusals = 0
-                self._inFlight -= 1
-                if finished is not None:
-                    finished(r)
-                if self._closed and self._inFlight == 0:
-                    self._closeFd()
-                result.callback(r)  # type: ignore[arg-type]
             elif self._aioFallBack(r):  # type: ignore[arg-type]
                 # The fd stays open: this call is still counted in flight.
                 self._diskio.run(fn, offset, buf).addBoth(returned)
-            else:
-                returned(r)
+                return
+            returned(r)
 
         view = buf if buf.ndim == 1 and buf.itemsize == 1 else _byteView(buf)
         self._inFlight += 1
