@@ -30,6 +30,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
+from imageio._wakepipe import WakePipe
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -68,7 +70,7 @@ class DiskIOPool:
         self._threads: list[threading.Thread] = []
         # Calls queued or running, not yet delivered; reactor thread only.
         self._busy = 0
-        self._wakeRead = self._wakeWrite = -1
+        self._pipe: WakePipe | None = None
         self.started = False
         self._stopped = False
 
@@ -83,9 +85,8 @@ class DiskIOPool:
         if self.started:
             return
         self._stopped = False
-        self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC)
-        # A full pipe must not block the reactor; workers drain the deque.
-        os.set_blocking(self._wakeWrite, False)
+        # A full pipe does not block the reactor; workers drain the deque.
+        self._pipe = WakePipe()
         self.started = True
 
     def stop(self) -> None:
@@ -103,8 +104,8 @@ class DiskIOPool:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
-        os.close(self._wakeRead)
-        os.close(self._wakeWrite)
+        assert self._pipe is not None
+        self._pipe.close()
 
     def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """
@@ -136,20 +137,19 @@ class DiskIOPool:
     # Internals
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wakeWrite, b"\0")
-        except BlockingIOError:
-            # 64 KiB of wake-ups are pending already: every worker is busy.
-            pass
+        assert self._pipe is not None
+        self._pipe.wake()
 
     def _work(self) -> None:
         tasks = self._tasks
         deliver = self.reactor.callFromThread
+        assert self._pipe is not None
+        wakeRead = self._pipe.readFD
         while True:
             try:
                 task = tasks.popleft()
             except IndexError:
-                os.read(self._wakeRead, 1)
+                os.read(wakeRead, 1)
                 continue
             if task is None:
                 return

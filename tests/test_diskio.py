@@ -116,7 +116,7 @@ class DiskIOPoolTests(TestCase):
         """
         pool = self.pool(maxThreads=1)
         # The smallest pipe the kernel allows, one page: fewer calls fill it.
-        size = fcntl.fcntl(pool._wakeWrite, fcntl.F_SETPIPE_SZ, 4096)
+        size = fcntl.fcntl(pool._pipe.writeFD, fcntl.F_SETPIPE_SZ, 4096)
         release = threading.Event()
         first = pool.run(release.wait, WAIT)
         calls = [pool.run(lambda i=i: i) for i in range(size + 100)]

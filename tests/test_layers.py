@@ -52,6 +52,7 @@ CORE = frozenset(
         "imageio._log",
         "imageio._buffers",
         "imageio._diskio",
+        "imageio._wakepipe",
         "imageio._aio",
         "imageio._blkhash",
         "imageio._pki",

@@ -50,6 +50,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
 from imageio._log import Logger
+from imageio._wakepipe import WakePipe
 
 log = Logger()
 
@@ -125,12 +126,12 @@ class PumpThread:
         self.clock = clock
         self._new: deque[_Lent | None] = deque()
         self._thread: threading.Thread | None = None
-        self._wakeRead = self._wakeWrite = -1
+        self._pipe: WakePipe | None = None
 
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._wakeRead, self._wakeWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._pipe = WakePipe(blockingRead=False)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
@@ -145,8 +146,8 @@ class PumpThread:
         self._new.append(None)
         self._wake()
         thread.join()
-        os.close(self._wakeRead)
-        os.close(self._wakeWrite)
+        assert self._pipe is not None
+        self._pipe.close()
 
     def lend(
         self, fd: int, view: memoryview, idle: float, maxHold: float
@@ -165,10 +166,8 @@ class PumpThread:
     # Internals
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wakeWrite, b"\0")
-        except BlockingIOError:
-            pass
+        assert self._pipe is not None
+        self._pipe.wake()
 
     def _run(self) -> None:
         epoll = select.epoll()
@@ -184,7 +183,9 @@ class PumpThread:
             epoll.close()
 
     def _loop(self, epoll: select.epoll, lent: dict[int, _Lent]) -> None:
-        wakeRead = self._wakeRead
+        pipe = self._pipe
+        assert pipe is not None
+        wakeRead = pipe.readFD
         epoll.register(wakeRead, select.EPOLLIN)
         clock = self.clock
         readv = os.readv
@@ -194,10 +195,7 @@ class PumpThread:
             now = clock()
             for fd, _ in events:
                 if fd == wakeRead:
-                    try:
-                        os.read(wakeRead, 4096)
-                    except BlockingIOError:
-                        pass
+                    pipe.drain()
                     while self._new:
                         entry = self._new.popleft()
                         if entry is None:
