@@ -326,7 +326,7 @@ class ImageioService(MultiService):
         if config.daemon.body_threads:
             self.bodyPump = pump = createBodyPump(reactor, config.daemon.body_threads)
             BodyPumpService(pump).setServiceParent(self)
-            self.metrics.addGauge(
+            self.metrics.addCounter(
                 "imageio_body_pump_bytes",
                 "Request body bytes read by the body pump threads ([daemon] body_threads).",
                 lambda: pump.bytesRead,
@@ -338,12 +338,12 @@ class ImageioService(MultiService):
         # Our sockets and the AIO eventfd without a log context per event.
         lean = (AIOEngine, ZeroCopyTCPServer, ZeroCopyUNIXServer)
         LeanDispatchService(reactor, lean).setServiceParent(self)
-        self.metrics.addGauge(
+        self.metrics.addCounter(
             "imageio_aio_completed",
             "Storage requests completed by Linux AIO.",
             lambda: self.aio.completed,
         )
-        self.metrics.addGauge(
+        self.metrics.addCounter(
             "imageio_aio_would_block",
             "Linux AIO requests the kernel refused with EAGAIN (done on the disk-io threads).",
             lambda: self.aio.wouldBlock,

@@ -9,12 +9,14 @@ import json
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from imageio.control._metrics import Metrics
 from imageio.control.tickets import controlResource
 from imageio.tickets import MAX_TIMEOUT, Operation, TicketRegistry
 from imageio.web import ImageioSite
+from tests._daemon import DaemonTestCase, control
 from tests.test_tickets import ticketBody
 
 
@@ -415,3 +417,58 @@ class ControlAPITests(SynchronousTestCase):
         self.assertIn(
             f'imageio_received_bytes_total{{listener="control"}} {len(body) + len(patch)}', r.text
         )
+
+
+class SampledMetricsTests(SynchronousTestCase):
+    """
+    Values sampled when C{/metrics} is rendered: gauges and running totals.
+    """
+
+    def test_counterType(self) -> None:
+        """
+        A running total is typed C{counter}, a level C{gauge}, so that
+        Prometheus' C{rate()} treats a restart as a reset, not a drop.
+        """
+        metrics = Metrics()
+        metrics.addCounter("imageio_x_total", "Things done.", lambda: 3)
+        metrics.addGauge("imageio_y", "Things now.", lambda: 2)
+        text = metrics.render()
+        self.assertIn(
+            "# HELP imageio_x_total Things done.\n"
+            "# TYPE imageio_x_total counter\n"
+            "imageio_x_total 3\n",
+            text,
+        )
+        self.assertIn("# TYPE imageio_y gauge\nimageio_y 2\n", text)
+
+    def test_exactValues(self) -> None:
+        """
+        Large byte counts are rendered exactly, not rounded to six digits;
+        fractions keep their digits.
+        """
+        metrics = Metrics()
+        metrics.addCounter("imageio_bytes", "Bytes.", lambda: 2**31 + 1)
+        metrics.addGauge("imageio_float", "Float.", lambda: 1234567.0)
+        metrics.addGauge("imageio_ratio", "Ratio.", lambda: 0.25)
+        text = metrics.render()
+        self.assertIn("imageio_bytes 2147483649\n", text)
+        self.assertIn("imageio_float 1234567\n", text)
+        self.assertIn("imageio_ratio 0.25\n", text)
+
+
+class DaemonMetricsTests(DaemonTestCase):
+    """
+    The running daemon's C{/metrics} on its control socket.
+    """
+
+    async def test_runningTotalsAreCounters(self) -> None:
+        """
+        The body pump's bytes and the AIO totals only grow: they are
+        counters; buffer memory in use is a gauge.
+        """
+        daemon = self.startDaemon()
+        r = await deferToThread(control, daemon.addresses, "GET", "/metrics")
+        self.assertEqual(r.status, 200)
+        for name in ("imageio_body_pump_bytes", "imageio_aio_completed", "imageio_aio_would_block"):
+            self.assertIn(f"# TYPE {name} counter\n{name} 0\n", r.text)
+        self.assertIn("# TYPE imageio_buffer_bytes gauge\nimageio_buffer_bytes 0\n", r.text)

@@ -37,6 +37,16 @@ def codeLabel(code: int) -> str:
     return str(code) if isinstance(code, int) and 100 <= code <= 599 else "other"
 
 
+def _number(value: float) -> str:
+    """
+    @return: C{value} in the text format, exact: a byte count past 10**6
+        must not come out rounded as C{2.14748e+09}.
+    """
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
     if not pairs:
         return ""
@@ -54,6 +64,7 @@ class Metrics:
     Counters and gauges of one process.
 
     @ivar gauges: Callables sampled at render time, by metric name.
+    @ivar counters: Running totals sampled at render time, by metric name.
     """
 
     requests: Counter[tuple[tuple[str, str], ...]] = field(factory=Counter)
@@ -62,6 +73,7 @@ class Metrics:
     connections: Counter[str] = field(factory=Counter)
     bodyTimeouts: Counter[str] = field(factory=Counter)
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(factory=dict)
+    counters: dict[str, tuple[str, Callable[[], float]]] = field(factory=dict)
 
     _listeners: set[str] = field(factory=set, init=False)
     # Request counter keys by (listener, method, code) as received, for
@@ -107,7 +119,17 @@ class Metrics:
         self.connections[self._listener(listener)] -= 1
 
     def addGauge(self, name: str, help: str, sample: Callable[[], float]) -> None:
+        """
+        Report C{sample()}, a value that goes up and down, as C{name}.
+        """
         self.gauges[name] = (help, sample)
+
+    def addCounter(self, name: str, help: str, sample: Callable[[], float]) -> None:
+        """
+        Report C{sample()}, a total that only grows while the process runs,
+        as the counter C{name} (so that C{rate()} over it is right).
+        """
+        self.counters[name] = (help, sample)
 
     def render(self) -> str:
         lines = [
@@ -131,8 +153,13 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
             for listener, value in sorted(counter.items()):
                 lines.append(f"{name}{_labels((('listener', listener),))} {value}")
-        for name, (help, sample) in sorted(self.gauges.items()):
+        sampled = [
+            (name, kind, entry)
+            for kind, d in (("gauge", self.gauges), ("counter", self.counters))
+            for name, entry in d.items()
+        ]
+        for name, kind, (help, sample) in sorted(sampled):
             lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} gauge")
-            lines.append(f"{name} {sample():g}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.append(f"{name} {_number(sample())}")
         return "\n".join(lines) + "\n"
