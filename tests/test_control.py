@@ -419,6 +419,18 @@ class ControlAPITests(SynchronousTestCase):
         )
 
 
+class MethodLabelTests(SynchronousTestCase):
+    """
+    The methods counted by name are the methods the web layer answers.
+    """
+
+    def test_sameAsWeb(self) -> None:
+        from imageio import web
+        from imageio.control import _metrics
+
+        self.assertEqual(_metrics.METHODS, {m.decode("ascii") for m in web.METHODS})
+
+
 class SampledMetricsTests(SynchronousTestCase):
     """
     Values sampled when C{/metrics} is rendered: gauges and running totals.

@@ -14,7 +14,9 @@ from zope.interface import implementer
 from imageio.interfaces import IMetrics
 
 #: Methods counted under their own name; any other becomes C{other}, so a
-#: client sending random methods cannot grow the label set.
+#: client sending random methods cannot grow the label set. The same set as
+#: L{imageio.web.METHODS} (a test holds them equal), spelled out so that
+#: C{imageio-ctl} does not import twisted.web.
 METHODS = frozenset({"GET", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "HEAD"})
 
 #: Listener names are ours (C{remote}, C{local}, C{control}, C{proxy}...);

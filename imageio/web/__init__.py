@@ -20,6 +20,7 @@ C{_twisted_transport} only.
 
 from imageio.web._channel import ImageioChannel, connectionOf, pushProducerOf
 from imageio.web._download import DownloadProducer, ReaderStalled, TruncatedImage
+from imageio.web._head import METHODS
 from imageio.web._json import loadJSON
 from imageio.web._jsonlist import JSONListWriter
 from imageio.web._pump import BodyPump, BodyPumpService, createBodyPump
@@ -73,6 +74,7 @@ __all__ = [
     "loadJSON",
     "JSONListWriter",
     # Routing
+    "METHODS",
     "Router",
     "answerFailure",
     "cors",

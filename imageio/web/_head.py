@@ -39,7 +39,9 @@ MAX_HEAD = 4096
 #: Most header lines taken here (Twisted allows 500).
 MAX_HEADERS = 100
 
-#: Methods taken here (any token is valid; others go to Twisted).
+#: The methods the service answers: taken here (any token is valid; others
+#: go to Twisted), routed by L{imageio.web._router}, counted by name in the
+#: metrics.
 METHODS = frozenset({b"GET", b"HEAD", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS"})
 
 #: Headers left to Twisted's parser: body framing and 100 Continue.

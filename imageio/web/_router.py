@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from imageio._log import Logger
 from imageio.interfaces import IBodySink, IStreamingUpload
+from imageio.web._head import METHODS
 from imageio.web._redact import redactPath
 from imageio.web._request import exchangeOf
 from imageio.web._response import (
@@ -41,8 +42,6 @@ from imageio.web._sinks import MAX_SMALL_BODY, CollectSink, tooLarge
 from imageio.web._twisted_http import hasAnyHeader
 
 log = Logger()
-
-METHODS = frozenset({b"GET", b"PUT", b"PATCH", b"POST", b"DELETE", b"OPTIONS", b"HEAD"})
 
 Route = tuple["re.Pattern[str]", object]
 
