@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -34,7 +33,9 @@ from imageio.web._pump import (
     FULL,
     HELD,
     IDLE_END,
+    RELEASED,
     BodyPump,
+    Lend,
     PumpThread,
     createBodyPump,
 )
@@ -135,7 +136,9 @@ class PumpThreadTests(SynchronousTestCase):
         buf = bytearray(size)
         fd = os.dup((sock or self.ours).fileno())
         results: list[tuple[int, str]] = []
-        self.thread.lend(fd, memoryview(buf), idle, maxHold).addCallback(results.append)
+        self.lent = self.thread.lend(
+            fd, memoryview(buf), idle, maxHold, lambda n, why: results.append((n, why))
+        )
         return results, buf, fd
 
     def queued(self) -> bool:
@@ -155,7 +158,9 @@ class PumpThreadTests(SynchronousTestCase):
 
     def test_full(self) -> None:
         """
-        It reads until the buffer is full, and not one byte more.
+        It reads until the buffer is full, and not one byte more; it keeps
+        the socket (its duplicate stays open) until it is released, and
+        then closes the duplicate.
         """
         data = pattern(100 * KiB)
         results, buf, fd = self.lend(100 * KiB)
@@ -163,7 +168,59 @@ class PumpThreadTests(SynchronousTestCase):
         self.reactor.deliver()
         self.assertEqual(results, [(100 * KiB, FULL)])
         self.assertEqual(bytes(buf), data)
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(self.ours.fileno()).st_ino)
+        self.lent.release()
         self.assertEqual(self.ours.recv(10), b"next")
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL), (0, RELEASED)])
+        self.assertClosed(fd)
+
+    def test_fullReadsNothingMore(self) -> None:
+        """
+        After a full space it reads nothing (no wake-ups either) until it is
+        refilled.
+        """
+        results, _, _ = self.lend(10)
+        self.peer.sendall(b"0123456789more")
+        self.reactor.deliver()
+        self.assertEqual(results, [(10, FULL)])
+        self.now = 100.0
+        time.sleep(0.05)
+        self.assertEqual(results, [(10, FULL)])
+        self.assertEqual(self.ours.recv(10, socket.MSG_PEEK), b"more")
+
+    def test_refill(self) -> None:
+        """
+        A refilled socket is read on into the new space, from the byte after
+        the last one of the previous space, with the idle and hold times
+        counted from the refill.
+        """
+        data = pattern(300 * KiB)
+        results, first, fd = self.lend(100 * KiB, maxHold=1.0)
+        self.peer.sendall(data[: 150 * KiB])
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL)])
+        self.now = 5.0
+        second = bytearray(200 * KiB)
+        self.lent.refill(memoryview(second))
+        self.peer.sendall(data[150 * KiB :])
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL), (200 * KiB, FULL)])
+        self.assertEqual(bytes(first) + bytes(second), data)
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(self.ours.fileno()).st_ino)
+
+    def test_refillIdle(self) -> None:
+        """
+        A refilled socket with no data coming goes back after the idle time.
+        """
+        results, _, fd = self.lend(10, idle=0.001)
+        self.peer.sendall(b"x" * 12)
+        self.reactor.deliver()
+        self.lent.refill(memoryview(bytearray(10)))
+        self.assertTrue(waitFor(lambda: not self.queued(), 10))
+        self.now = 1.0
+        self.reactor.deliver()
+        self.assertEqual(results, [(10, FULL), (2, IDLE_END)])
         self.assertClosed(fd)
 
     def test_idle(self) -> None:
@@ -261,6 +318,20 @@ class PumpThreadTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
         self.assertClosed(fd)
 
+    def test_stopGivesBackParked(self) -> None:
+        """
+        Stopping the thread gives back sockets waiting for a refill too.
+        """
+        results, _, fd = self.lend(2)
+        self.peer.sendall(b"xy")
+        self.reactor.deliver()
+        stopper = threading.Thread(target=self.thread.stop)
+        stopper.start()
+        self.reactor.deliver()
+        stopper.join(10)
+        self.assertEqual(results, [(2, FULL), (0, EOF)])
+        self.assertClosed(fd)
+
 
 @implementer(IDirectReader)
 class FakeReader:
@@ -281,6 +352,27 @@ class FakeReader:
         self.calls.append(n)
 
 
+class FakeLend:
+    """
+    A lend whose thread is the test: records refills and releases.
+    """
+
+    def __init__(self, view: memoryview, onResult: Any) -> None:
+        self.view = view
+        self.onResult = onResult
+        self.refills: list[memoryview] = []
+        self.released = False
+
+    def refill(self, view: memoryview) -> None:
+        assert not self.released
+        self.refills.append(view)
+        self.view = view
+
+    def release(self) -> None:
+        assert not self.released
+        self.released = True
+
+
 class FakePump(BodyPump):
     """
     A L{BodyPump} whose pumps the test finishes.
@@ -288,21 +380,26 @@ class FakePump(BodyPump):
 
     def __init__(self) -> None:
         super().__init__([], minBuffer=1000, minRead=10)
-        self.started: list[tuple[int, memoryview, Deferred[tuple[int, str]]]] = []
+        self.started: list[tuple[int, memoryview, FakeLend]] = []
         self.free = True
+        self.running = True
 
     def available(self) -> bool:
         return self.free
 
-    def pump(self, fd: int, view: memoryview) -> Deferred[tuple[int, str]]:
-        d: Deferred[tuple[int, str]] = Deferred()
-        self.started.append((fd, view, d))
-        return d
+    def pump(self, fd: int, view: memoryview, onResult: Any) -> Lend:
+        lend = FakeLend(view, onResult)
+        self.started.append((fd, view, lend))
+        return lend  # type: ignore[return-value]
+
+    @property
+    def lend(self) -> FakeLend:
+        return self.started[-1][2]
 
     def finish(self, n: int, why: str, data: bytes = b"") -> None:
-        _, view, d = self.started[-1]
-        view[: len(data)] = data
-        d.callback((n, why))
+        lend = self.lend
+        lend.view[: len(data)] = data
+        lend.onResult(n, why)
 
 
 def FakePort(pump: BodyPump | None) -> UNIXPort:
@@ -483,6 +580,157 @@ class TransportPumpTests(SynchronousTestCase):
         self.assertFalse(self.reading())
         self.assertEqual(len(self.pump.started), 1)
 
+    def test_fullRefills(self) -> None:
+        """
+        A pump that filled its space keeps the socket: its bytes go to the
+        reader and it is given the reader's next space at once, without a
+        new pump (no new duplicate) and without the reactor reading.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL, b"a" * 10 * KiB)
+        self.assertEqual(self.reader.calls, [100, 10 * KiB])
+        self.assertEqual(bytes(self.reader.buffer[100 : 100 + 10 * KiB]), b"a" * 10 * KiB)
+        self.assertEqual(len(self.pump.started), 1)
+        [view] = lend.refills
+        self.assertEqual(len(view), 90 * KiB - 100)
+        self.assertFalse(lend.released)
+        self.assertFalse(self.reading())
+        # The next report fills the next space.
+        self.pump.finish(5, IDLE_END, b"bbbbb")
+        self.assertEqual(self.reader.calls, [100, 10 * KiB, 5])
+        self.assertEqual(bytes(self.reader.buffer[100 + 10 * KiB :][:5]), b"bbbbb")
+        self.assertTrue(self.reading())
+
+    def test_fullPausedParks(self) -> None:
+        """
+        A reader that pauses the transport when a full space arrives (both
+        upload buffers taken) leaves the pump parked: nothing reads the
+        socket, the pump is neither refilled nor released; resuming gives it
+        the next space.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        original = self.reader.bufferFilled
+
+        def fillAndPause(n: int) -> None:
+            original(n)
+            self.transport.pauseProducing()
+
+        self.reader.bufferFilled = fillAndPause  # type: ignore[method-assign]
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL)
+        self.assertEqual((lend.refills, lend.released, self.reading()), ([], False, False))
+        self.transport.pauseProducing()
+        self.assertEqual((lend.refills, lend.released, self.reading()), ([], False, False))
+        self.transport.resumeProducing()
+        self.assertEqual(len(lend.refills), 1)
+        self.assertEqual(len(lend.refills[0]), 90 * KiB - 100)
+        self.assertFalse(lend.released)
+        self.assertFalse(self.reading())
+        self.assertEqual(len(self.pump.started), 1)
+
+    def test_fullNoSpaceReleases(self) -> None:
+        """
+        A full space when the reader offers too little next (the end of
+        the body): the socket is released and the reactor reads at once.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+        self.pump.finish(100 * KiB - 600, FULL)
+        self.assertEqual(lend.refills, [])
+        self.assertTrue(lend.released)
+        self.assertTrue(self.reading())
+        self.peer.sendall(b"y" * 500)
+        self.transport.doRead()
+        self.assertEqual(self.reader.calls, [100, 100 * KiB - 600, 500])
+        self.assertEqual(len(self.pump.started), 1)
+
+    def test_fullNoReaderReleases(self) -> None:
+        """
+        A full space after the reader went away (the body is complete):
+        released, and the reactor reads as usual.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+
+        def fillAndStop(n: int) -> None:
+            self.reader.filled += n
+            self.transport.setDirectReader(None)
+
+        self.reader.bufferFilled = fillAndStop  # type: ignore[method-assign]
+        self.pump.finish(10 * KiB, FULL)
+        self.assertTrue(lend.released)
+        self.assertTrue(self.reading())
+
+    def test_lostWhileParked(self) -> None:
+        """
+        A connection lost while the pump is parked releases it (the thread
+        closes its duplicate; there is no read to wake).
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        self.transport.pauseProducing()
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL)
+        self.assertFalse(lend.released)
+        self.transport.connectionLost(Failure(Exception("gone")))
+        self.assertTrue(lend.released)
+        self.assertIsNotNone(self.protocol.lost)
+
+    def test_lostThenFull(self) -> None:
+        """
+        A full space reported after the connection was lost releases the
+        pump, and its bytes are dropped.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+        self.transport.connectionLost(Failure(Exception("gone")))
+        self.assertFalse(lend.released)
+        self.pump.finish(10 * KiB, FULL)
+        self.assertTrue(lend.released)
+        self.assertEqual(self.reader.calls, [100])
+
+    def test_loseConnectionWhileParked(self) -> None:
+        """
+        C{loseConnection} while the pump is parked: it is never refilled,
+        reading does not resume, and the lost connection releases it.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        self.transport.pauseProducing()
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL)
+        self.transport.loseConnection()
+        self.transport.resumeProducing()
+        self.transport.startReading()
+        self.assertEqual(lend.refills, [])
+        self.assertFalse(self.reading())
+        self.transport.connectionLost(Failure(Exception("closed")))
+        self.assertTrue(lend.released)
+
+    def test_readerFailsOnFull(self) -> None:
+        """
+        A reader failing on a full space's bytes (a bug) is logged and the
+        socket comes back to the reactor, never left with the thread.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+
+        def broken(n: int) -> None:
+            raise RuntimeError("bug")
+
+        self.reader.bufferFilled = broken  # type: ignore[method-assign]
+        self.pump.finish(10 * KiB, FULL)
+        self.assertTrue(lend.released)
+        self.assertTrue(self.reading())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_eofHandedBack(self) -> None:
         """
         End of stream seen by the pump: its bytes go to the reader, the
@@ -520,7 +768,7 @@ class TransportPumpTests(SynchronousTestCase):
         self.transport.connectionLost(Failure(Exception("gone")))
         self.assertIsNotNone(self.protocol.lost)
         self.assertEqual(os.read(dup, 10), b"")
-        self.pump.finish(10, FULL)
+        self.pump.finish(10, EOF)
         self.assertEqual(self.reader.calls, [100])
         self.assertFalse(self.reading())
 
@@ -592,7 +840,7 @@ class BodyPumpTests(SynchronousTestCase):
         pump = createBodyPump(ThreadReactor(), 1)  # type: ignore[arg-type]
         self.assertFalse(pump.available())
         before = fdCount()
-        self.assertRaises(RuntimeError, pump.pump, 0, memoryview(bytearray(1)))
+        self.assertRaises(RuntimeError, pump.pump, 0, memoryview(bytearray(1)), print)
         self.assertEqual(fdCount(), before)
 
     def test_perThread(self) -> None:
@@ -611,16 +859,57 @@ class BodyPumpTests(SynchronousTestCase):
             self.addCleanup(ours.close)
             self.addCleanup(peer.close)
         results: list[tuple[int, str]] = []
+        lends = []
         for ours, _ in pairs:
             self.assertTrue(pump.available())
-            pump.pump(ours.fileno(), memoryview(bytearray(10))).addCallback(results.append)
+            lends.append(
+                pump.pump(
+                    ours.fileno(),
+                    memoryview(bytearray(10)),
+                    lambda n, why: results.append((n, why)),
+                )
+            )
         self.assertFalse(pump.available())
         self.assertEqual((pump.lent, pump.pumps), (2, 2))
         pairs[0][1].sendall(b"x" * 10)
         reactor.deliver()
         self.assertEqual(results, [(10, FULL)])
-        self.assertEqual((pump.lent, pump.bytesRead), (1, 10))
+        # A full space keeps the socket until it is released.
+        self.assertEqual((pump.lent, pump.bytesRead, pump.spaces), (2, 10, 1))
+        self.assertFalse(pump.available())
+        lends[0].release()
+        reactor.deliver()
+        # The transport does not hear of the release (it took the socket
+        # back when it asked).
+        self.assertEqual(results, [(10, FULL)])
+        self.assertEqual(pump.lent, 1)
         self.assertTrue(pump.available())
+
+    def test_refillCountsSpaces(self) -> None:
+        """
+        Refilled spaces count as spaces, not as new pumps.
+        """
+        reactor = ThreadReactor()
+        pump = createBodyPump(reactor, 1)  # type: ignore[arg-type]
+        pump.idle = 30.0
+        pump.start()
+        self.addCleanup(pump.stop)
+        ours, peer = socketPair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        results: list[tuple[int, str]] = []
+        lend = pump.pump(
+            ours.fileno(), memoryview(bytearray(10)), lambda n, why: results.append((n, why))
+        )
+        peer.sendall(b"x" * 25)
+        reactor.deliver()
+        lend.refill(memoryview(bytearray(10)))
+        reactor.deliver()
+        lend.refill(memoryview(bytearray(10)))
+        peer.shutdown(socket.SHUT_WR)
+        reactor.deliver()
+        self.assertEqual(results, [(10, FULL), (10, FULL), (5, EOF)])
+        self.assertEqual((pump.pumps, pump.spaces, pump.bytesRead, pump.lent), (1, 2, 25, 0))
 
 
 # The real daemon over its real UNIX socket.
@@ -664,6 +953,8 @@ class DaemonPumpTests(DaemonTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(image.read_bytes(), data)
         self.assertGreater(self.pump.bytesRead, BIG // 2)
+        # The thread kept the socket from one buffer to the next.
+        self.assertGreater(self.pump.spaces, 0)
 
     async def test_concurrentUploads(self) -> None:
         """
