@@ -293,6 +293,26 @@ class PumpThreadTests(SynchronousTestCase):
             self.assertEqual(results, [(64 * KiB, FULL)])
             self.assertEqual(bytes(buf), data)
 
+    def test_lendWhileOneReads(self) -> None:
+        """
+        While the thread reads a single socket (its lean loop, which does
+        not watch the wake-up pipe) and no data comes, a second socket lent
+        is still read at once, and the first one after it.
+        """
+        first, _, _ = self.lend(10)
+        time.sleep(0.05)
+        ours, peer = socketPair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        second, buf, _ = self.lend(10, sock=ours)
+        peer.sendall(b"0123456789")
+        self.reactor.deliver()
+        self.assertEqual((first, second), ([], [(10, FULL)]))
+        self.assertEqual(bytes(buf), b"0123456789")
+        self.peer.sendall(b"abcdefghij")
+        self.reactor.deliver()
+        self.assertEqual(first, [(10, FULL)])
+
     def test_shutdownWakes(self) -> None:
         """
         A read-side shutdown of the original socket (what the transport does

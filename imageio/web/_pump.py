@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -81,6 +82,10 @@ IDLE = 0.015
 
 #: Most seconds a pump holds the socket.
 MAX_HOLD = 0.5
+
+#: With one socket to read, the thread waits at most this long for data
+#: before it looks for the reactor's commands (a new lend, a stop).
+LEAN_WAIT = 0.015
 
 #: Why a pump reported (the second item of its result). L{FULL}: the
 #: space is full and the thread still holds the socket, reading nothing,
@@ -126,6 +131,7 @@ class Lend:
         "until",
         "last",
         "onResult",
+        "sock",
     )
 
     def __init__(
@@ -147,6 +153,8 @@ class Lend:
         self.until = 0.0
         self.last = 0.0
         self.onResult = onResult
+        #: A socket object on C{fd}, for the lean loop (L{PumpThread}).
+        self.sock: socket.socket | None = None
 
     def refill(self, view: memoryview) -> None:
         """
@@ -300,9 +308,19 @@ class PumpThread:
         epoll.register(wakeRead, select.EPOLLIN)
         clock = self.clock
         readv = os.readv
-        deliver = self.reactor.callFromThread
         timeout = -1.0
         while True:
+            if len(lent) == 1 and not self._new:
+                # One socket to read: the lean loop, until a command comes.
+                [(fd, only)] = lent.items()
+                why = self._lean(only)
+                if why == FULL:
+                    self._park(epoll, lent, parked, only)
+                elif why is not None:
+                    del lent[fd]
+                    self._finish(epoll, only, why)
+                timeout = 0.0
+                continue
             events = epoll.poll(timeout)
             now = clock()
             for fd, _ in events:
@@ -331,13 +349,7 @@ class PumpThread:
                 entry.total += n
                 entry.last = now
                 if entry.total == entry.size:
-                    # Keep the socket and its duplicate: the reactor
-                    # refills or releases it. Nothing reads it meanwhile.
-                    del lent[fd]
-                    epoll.unregister(fd)
-                    parked[fd] = entry
-                    entry.view = None
-                    deliver(entry.onResult, entry.total, FULL)
+                    self._park(epoll, lent, parked, entry)
             # Idle and held sockets go back; the next wake-up is the
             # earliest of their deadlines.
             timeout = -1.0
@@ -357,6 +369,82 @@ class PumpThread:
                 # epoll rounds down to milliseconds: never wake too early.
                 timeout += 0.001
 
+    def _lean(self, entry: Lend) -> str | None:
+        """
+        Read the only socket with space with C{recv_into} on a socket
+        object with a timeout, so that the wait is CPython's C{poll} in C
+        and a read costs a few Python operations (the C{epoll} loop costs
+        several times that), until the space is full, the stream ends or
+        fails, it idled or was held long enough, or a command came (its
+        pipe is not watched here: every read, and every L{LEAN_WAIT}
+        seconds without data, looks for one).
+
+        @return: Why it stopped, or C{None} for a command.
+        """
+        sock = entry.sock
+        if sock is None:
+            entry.sock = sock = socket.socket(fileno=entry.fd)
+            sock.settimeout(min(entry.idle, LEAN_WAIT))
+        view = entry.view
+        assert view is not None
+        recvInto = sock.recv_into
+        clock = self.clock
+        new = self._new
+        total, size, until, idle, last = (
+            entry.total,
+            entry.size,
+            entry.until,
+            entry.idle,
+            entry.last,
+        )
+        why = None
+        try:
+            while True:
+                try:
+                    n = recvInto(view[total:])
+                except TimeoutError:
+                    now = clock()
+                    if now - last >= idle:
+                        why = IDLE_END
+                        break
+                    if now >= until:
+                        why = HELD
+                        break
+                    if new:
+                        break
+                    continue
+                except OSError:
+                    why = ERROR
+                    break
+                if not n:
+                    why = EOF
+                    break
+                total += n
+                last = clock()
+                if total == size:
+                    why = FULL
+                    break
+                if new:
+                    break
+                if last >= until:
+                    why = HELD
+                    break
+        finally:
+            entry.total = total
+            entry.last = last
+        return why
+
+    def _park(
+        self, epoll: select.epoll, lent: dict[int, Lend], parked: dict[int, Lend], entry: Lend
+    ) -> None:
+        # A full space: keep the socket and its duplicate, the reactor
+        # refills or releases it. Nothing reads it meanwhile.
+        del lent[entry.fd]
+        epoll.unregister(entry.fd)
+        parked[entry.fd] = entry
+        entry.view = None
+        self.reactor.callFromThread(entry.onResult, entry.total, FULL)
+
     def _finish(self, epoll: select.epoll | None, entry: Lend, why: str) -> None:
         # The socket goes back: unregistered (if it was), its duplicate
         # closed, then the report.
@@ -365,7 +453,10 @@ class PumpThread:
                 epoll.unregister(entry.fd)
             except (OSError, ValueError):
                 pass
-        os.close(entry.fd)
+        if entry.sock is not None:
+            entry.sock.close()
+        else:
+            os.close(entry.fd)
         # A parked socket's bytes were reported with its FULL.
         total = 0 if entry.view is None else entry.total
         self.reactor.callFromThread(entry.onResult, total, why)
