@@ -83,7 +83,8 @@ def perfStart(pid: int, out: Path) -> subprocess.Popen[bytes]:
             "-o",
             str(out),
             "-e",
-            "task-clock,context-switches,cpu-migrations",
+            "task-clock,context-switches,cpu-migrations,"
+            "syscalls:sys_enter_futex,raw_syscalls:sys_enter",
             "-p",
             str(pid),
         ],

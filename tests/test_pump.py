@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -174,6 +175,28 @@ class PumpThreadTests(SynchronousTestCase):
         self.reactor.deliver()
         self.assertEqual(results, [(100 * KiB, FULL), (0, RELEASED)])
         self.assertClosed(fd)
+
+    def test_blockingWhileHeld(self) -> None:
+        """
+        While the thread holds the socket, the open file is blocking (its
+        reads wait in the kernel); it is non-blocking again when the socket
+        goes back, by release (at once, on the reactor thread) or by the
+        thread.
+        """
+        fd = self.ours.fileno()
+        results, _, _ = self.lend(10)
+        self.peer.sendall(b"0123456789")
+        self.reactor.deliver()
+        self.assertTrue(os.get_blocking(fd))
+        self.lent.release()
+        self.assertFalse(os.get_blocking(fd))
+        self.reactor.deliver()
+        results, _, _ = self.lend(10)
+        self.peer.sendall(b"abc")
+        self.peer.shutdown(socket.SHUT_WR)
+        self.reactor.deliver()
+        self.assertEqual(results, [(3, EOF)])
+        self.assertFalse(os.get_blocking(fd))
 
     def test_fullReadsNothingMore(self) -> None:
         """
@@ -791,6 +814,28 @@ class TransportPumpTests(SynchronousTestCase):
         self.pump.finish(10, EOF)
         self.assertEqual(self.reader.calls, [100])
         self.assertFalse(self.reading())
+
+    def test_neverWaits(self) -> None:
+        """
+        The transport's receives and sends never wait, even while a pump
+        thread made the socket blocking: an early answer larger than the
+        socket takes is queued, a read with nothing to read returns.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        os.set_blocking(self.ours.fileno(), True)
+        self.addCleanup(os.set_blocking, self.ours.fileno(), False)
+        # Were it to wait, it would for 5 s, then fail.
+        timeval = struct.pack("ll", 5, 0)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        started = time.monotonic()
+        self.transport.write(b"y" * 4 * MiB)
+        self.assertGreater(self.transport.pendingBytes(), 0)
+        self.transport.doWrite()
+        self.transport.setDirectReader(None)
+        self.assertIsNone(self.transport.doRead())
+        self.assertLess(time.monotonic() - started, 2.5)
 
     def test_writeWhilePumping(self) -> None:
         """

@@ -82,6 +82,12 @@ MAX_IOVEC = 64
 
 _WOULD_BLOCK = (EAGAIN, EWOULDBLOCK, ENOBUFS)
 
+#: Every receive and send of the transport: a body pump thread makes the
+#: socket (the open file, shared with its duplicate) blocking while it
+#: holds it, and the reactor must never wait on it, for an early answer
+#: written meanwhile either.
+_DONTWAIT = socket.MSG_DONTWAIT
+
 
 class _ZeroCopyMixin(FileDescriptorSeam):
     """
@@ -148,9 +154,9 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             view = None
         try:
             if view is None:
-                data = self.socket.recv(self.bufferSize)
+                data = self.socket.recv(self.bufferSize, _DONTWAIT)
             else:
-                n = self.socket.recv_into(view)
+                n = self.socket.recv_into(view, 0, _DONTWAIT)
         except OSError as e:
             if e.errno in _WOULD_BLOCK:
                 return None
@@ -344,7 +350,10 @@ class _ZeroCopyMixin(FileDescriptorSeam):
                 if size >= SEND_LIMIT or len(views) == MAX_IOVEC:
                     break
             try:
-                sent = self.socket.sendmsg(views) if len(views) > 1 else self.socket.send(views[0])
+                if len(views) > 1:
+                    sent = self.socket.sendmsg(views, (), _DONTWAIT)
+                else:
+                    sent = self.socket.send(views[0], _DONTWAIT)
             except OSError as e:
                 if e.errno in _WOULD_BLOCK:
                     return None
@@ -367,7 +376,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
 
     def _send(self, view: memoryview) -> int:
         try:
-            sent: int = self.socket.send(view[:SEND_LIMIT])
+            sent: int = self.socket.send(view[:SEND_LIMIT], _DONTWAIT)
         except OSError:
             # Queue it all: doWrite meets the same error (or the socket
             # became writable) and reports a lost connection the way
