@@ -147,6 +147,15 @@ def upload(
     tmp = Path(tempfile.mkdtemp())
     perf = perfStart(server.pid, tmp / "perf") if opts.perf else None
     tracer = straceStart(server.pid, tmp / "strace") if opts.strace else None
+    recorder = None
+    if opts.record:
+        out = Path(opts.record) / f"{server.name}-{time.monotonic_ns()}.data"
+        recorder = subprocess.Popen(
+            ["perf", "record", "-q", "-g", "-o", str(out), "-p", str(server.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
     t0, s0 = threadStats(pids), bench.cpuTimes(pids)
     start = time.monotonic()
     busy0 = bench.systemBusySeconds()
@@ -169,6 +178,9 @@ def upload(
     if perf is not None:
         for k, v in perfStop(perf, tmp / "perf").items():
             row["perf." + k] = v / gib
+    if recorder is not None:
+        recorder.send_signal(2)
+        recorder.wait()
     if tracer is not None:
         for k, v in straceStop(tracer, tmp / "strace").items():
             row["sc." + k] = v / gib
@@ -184,6 +196,7 @@ def main() -> None:
     parser.add_argument("--x4", action="store_true")
     parser.add_argument("--perf", action="store_true")
     parser.add_argument("--strace", action="store_true")
+    parser.add_argument("--record", metavar="DIR", help="perf record -g each upload into DIR")
     parser.add_argument("--dir", default="/dev/shm")
     opts = parser.parse_args()
     opts.verify = False

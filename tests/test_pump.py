@@ -198,6 +198,37 @@ class PumpThreadTests(SynchronousTestCase):
         self.assertEqual(results, [(3, EOF)])
         self.assertFalse(os.get_blocking(fd))
 
+    def test_waitAll(self) -> None:
+        """
+        A single socket is read with receives that wait in the kernel for a
+        MiB: a MiB sent through a socket buffer that takes a fifth of it
+        costs one receive (a receive per readiness would take five or more).
+        """
+        calls = []
+
+        class Counting(socket.socket):
+            def recv_into(self, *args: Any) -> int:
+                calls.append(args[1:])
+                return super().recv_into(*args)
+
+        blocking = self.thread._blocking
+
+        def counting(entry: Lend) -> socket.socket:
+            sock = blocking(entry)
+            return Counting(fileno=sock.detach())
+
+        self.thread._blocking = counting  # type: ignore[method-assign]
+        data = pattern(MiB)
+        results, buf, _ = self.lend(MiB)
+        sender = threading.Thread(target=self.peer.sendall, args=(data,))
+        sender.start()
+        self.reactor.deliver()
+        sender.join()
+        self.assertEqual(results, [(MiB, FULL)])
+        self.assertEqual(bytes(buf), data)
+        self.assertLessEqual(len(calls), 2, calls)
+        self.assertEqual(calls[0], (0, socket.MSG_WAITALL))
+
     def test_fullReadsNothingMore(self) -> None:
         """
         After a full space it reads nothing (no wake-ups either) until it is

@@ -98,6 +98,10 @@ MAX_HOLD = 0.5
 #: before it looks for the reactor's commands (a new lend, a stop).
 LEAN_WAIT = 0.015
 
+#: ... and each of its receives waits for this many bytes (or the space's
+#: end, the stream's end, or L{LEAN_WAIT} seconds), in the kernel.
+WAIT_ALL = 1024 * 1024
+
 #: Why a pump reported (the second item of its result). L{FULL}: the
 #: space is full and the thread still holds the socket, reading nothing,
 #: until the reactor gives it the next space (L{Lend.refill}) or takes the
@@ -113,6 +117,7 @@ RELEASED = "released"
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
 _DONTWAIT = socket.MSG_DONTWAIT
+_WAITALL = socket.MSG_WAITALL
 
 
 class Lend:
@@ -403,12 +408,13 @@ class PumpThread:
 
     def _lean(self, entry: Lend) -> str | None:
         """
-        Read the only socket with space with blocking receives (one system
-        call a read, the wait inside it, where an C{epoll} loop takes two
-        and several times the Python), until the space is full, the stream
-        ends or fails, it idled or was held long enough, or a command came
-        (the pipe is not watched here: every read, and every L{LEAN_WAIT}
-        seconds without data, looks for one).
+        Read the only socket with space with blocking receives that wait
+        for L{WAIT_ALL} bytes (C{MSG_WAITALL}: the kernel copies what
+        arrives as it arrives, and returns after a MiB, where an C{epoll}
+        loop returns to Python twice per 64 KiB a client writes), until the
+        space is full, the stream ends or fails, it idled or was held long
+        enough, or a command came (the pipe is not watched here: every
+        read, and every L{LEAN_WAIT} seconds without data, looks for one).
 
         @return: Why it stopped, or C{None} for a command.
         """
@@ -429,7 +435,7 @@ class PumpThread:
         try:
             while True:
                 try:
-                    n = recvInto(view[total:])
+                    n = recvInto(view[total : total + WAIT_ALL], 0, _WAITALL)
                 except BlockingIOError:
                     # No data for LEAN_WAIT seconds (SO_RCVTIMEO).
                     now = clock()
