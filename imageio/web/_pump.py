@@ -177,7 +177,7 @@ class Lend:
         """
         Read on into C{view}, after a L{FULL} report. Reactor thread only.
         """
-        self.thread._command(self, view)
+        self.thread._order(self, view)
 
     def release(self) -> None:
         """
@@ -186,7 +186,7 @@ class Lend:
         closes its duplicate. Reactor thread only.
         """
         os.set_blocking(self.fd, False)
-        self.thread._command(self, None)
+        self.thread._order(self, None)
 
 
 # A command for the thread: a new lend or a refill (the space), a release
@@ -257,12 +257,12 @@ class PumpThread:
         @return: The lend, to refill or release after a L{FULL} report.
         """
         entry = Lend(self, fd, view, idle, maxHold, onResult)
-        self._command(entry, view)
+        self._order(entry, view)
         return entry
 
     # Internals
 
-    def _command(self, entry: Lend, view: memoryview | None) -> None:
+    def _order(self, entry: Lend, view: memoryview | None) -> None:
         self._new.append((entry, view))
         self._wake()
 
