@@ -196,6 +196,8 @@ def main() -> None:
     parser.add_argument("--x4", action="store_true")
     parser.add_argument("--perf", action="store_true")
     parser.add_argument("--strace", action="store_true")
+    parser.add_argument("--a-conf", help="a drop-in for A, lines separated by \\n")
+    parser.add_argument("--b-conf", help="a drop-in for B, lines separated by \\n")
     parser.add_argument("--record", metavar="DIR", help="perf record -g each upload into DIR")
     parser.add_argument("--dir", default="/dev/shm")
     opts = parser.parse_args()
@@ -209,6 +211,9 @@ def main() -> None:
         for name, cmd in (("a", opts.a), ("b", opts.b)):
             s = bench.Server(name, cmd, work / name, work / "logs", certs)
             s.writeConfig()
+            extra = opts.a_conf if name == "a" else opts.b_conf
+            if extra:
+                (s.configDir / "conf.d" / "99-put-cost.conf").write_text(extra.replace("\\n", "\n"))
             s.start(Path("."))
             servers.append(s)
         for s in servers:

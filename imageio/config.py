@@ -49,8 +49,8 @@ class DaemonSection:
     io_threads: int = 8
     #: Threads that read large request bodies on plain sockets while they
     #: arrive fast, instead of the reactor, each up to 8 connections at
-    #: once (ours; 0 reads on the reactor).
-    body_threads: int = 1
+    #: once, started as needed (ours; 0 reads on the reactor).
+    body_threads: int = 4
     #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
     #: it, else the disk-io threads), aio (fail without it) or threads.
     io_engine: str = "auto"
