@@ -49,7 +49,7 @@ class DaemonSection:
     io_threads: int = 8
     #: Threads that read large request bodies on plain sockets while they
     #: arrive fast, instead of the reactor, each up to 8 connections at
-    #: once, started as needed (ours; 0 reads on the reactor).
+    #: once (ours; 0 reads on the reactor).
     body_threads: int = 4
     #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
     #: it, else the disk-io threads), aio (fail without it) or threads.

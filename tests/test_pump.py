@@ -932,24 +932,6 @@ class BodyPumpTests(SynchronousTestCase):
     L{BodyPump}: which thread gets a socket, and when none does.
     """
 
-    def test_threadsStartAsNeeded(self) -> None:
-        """
-        A thread starts with the first socket lent to it: a pump that lent
-        nothing runs none.
-        """
-        reactor = ThreadReactor()
-        pump = createBodyPump(reactor, 2)  # type: ignore[arg-type]
-        pump.idle = 30.0
-        pump.start()
-        self.addCleanup(pump.stop)
-        self.assertTrue(pump.available())
-        self.assertEqual([t.started for t in pump.threads], [False, False])
-        ours, peer = socketPair()
-        self.addCleanup(ours.close)
-        self.addCleanup(peer.close)
-        pump.pump(ours.fileno(), memoryview(bytearray(10)), print)
-        self.assertEqual([t.started for t in pump.threads], [True, False])
-
     def test_notRunning(self) -> None:
         """
         A pump is refused (and no descriptor is duplicated) while the
@@ -1105,10 +1087,6 @@ class DaemonPumpTests(DaemonTestCase):
         self.holdLong()
 
         def scenario() -> None:
-            # The threads start with their first socket (a pipe and an
-            # epoll each): start them before counting.
-            for thread in self.pump.threads:
-                thread.start()
             baseline = fdCount()
             conn = connect(self.daemon.addresses)
             conn.send(rawRequest("PUT", f"/images/{ticket}", [("Content-Length", str(BIG))]))

@@ -29,13 +29,13 @@ cost the reactor a C{stopReading} and C{startReading} (two C{epoll_ctl})
 and the thread a C{dup}, C{close} and its own two C{epoll_ctl}.
 
 One thread reads several sockets (L{SOCKETS_PER_THREAD}), and sockets go
-to the least busy of L{DEFAULT_THREADS} threads, each started with its
-first socket. A thread per upload used to cost 0.13 CPU s/GiB more system
-time with four uploads than the reactor alone (the threads fought for the
-interpreter lock after every 64 KiB read: 140,000 C{futex} calls per GiB
-against 2,400); now that a socket alone on its thread returns to Python
-once per MiB (L{WAIT_ALL}), four threads took 18% less CPU per GiB for four
-uploads than one thread reading all four from its C{epoll}.
+to the least busy of L{DEFAULT_THREADS} threads. A thread per upload used
+to cost 0.13 CPU s/GiB more system time with four uploads than the reactor
+alone (the threads fought for the interpreter lock after every 64 KiB
+read: 140,000 C{futex} calls per GiB against 2,400); now that a socket
+alone on its thread returns to Python once per MiB (L{WAIT_ALL}), four
+threads took 18% less CPU per GiB for four uploads than one thread reading
+all four from its C{epoll}.
 
 While the thread reads a single socket it reads it with blocking
 C{recv_into} calls: one system call a read, the wait inside it, where
@@ -550,8 +550,10 @@ class BodyPump:
         return sum(self._lent)
 
     def start(self) -> None:
-        # Each thread starts with its first socket: an idle daemon, or one
-        # with a single upload at a time, runs one or none.
+        # All at once: a thread started with its first socket would open
+        # its descriptors (a pipe, an epoll) in the middle of a transfer.
+        for thread in self.threads:
+            thread.start()
         self.running = True
 
     def stop(self) -> None:
@@ -596,7 +598,6 @@ class BodyPump:
             onResult(n, why)
 
         thread = self.threads[index]
-        thread.start()
         dup = os.dup(fd)
         try:
             lend = thread.lend(dup, view, self.idle, self.maxHold, returned)
