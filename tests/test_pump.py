@@ -183,9 +183,8 @@ class PumpThreadTests(SynchronousTestCase):
     def test_blockingWhileHeld(self) -> None:
         """
         While the thread holds the socket, the open file is blocking (its
-        reads wait in the kernel); it is non-blocking again when the socket
-        goes back, by release (at once, on the reactor thread) or by the
-        thread.
+        reads wait in the kernel); when the thread gives it back, it is
+        non-blocking again (after a release the transport sees to it).
         """
         fd = self.ours.fileno()
         results, _, _ = self.lend(10)
@@ -193,8 +192,8 @@ class PumpThreadTests(SynchronousTestCase):
         self.reactor.deliver()
         self.assertTrue(os.get_blocking(fd))
         self.lent.release()
-        self.assertFalse(os.get_blocking(fd))
         self.reactor.deliver()
+        self.ours.setblocking(False)
         results, _, _ = self.lend(10)
         self.peer.sendall(b"abc")
         self.peer.shutdown(socket.SHUT_WR)
@@ -725,6 +724,19 @@ class TransportPumpTests(SynchronousTestCase):
         self.transport.doRead()
         self.assertEqual(self.reader.calls, [100, 100 * KiB - 600, 500])
         self.assertEqual(len(self.pump.started), 1)
+
+    def test_releaseNonBlocking(self) -> None:
+        """
+        Taking the socket back from a parked pump makes it non-blocking
+        again (the thread made the open file blocking) before the reactor
+        reads it.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        os.set_blocking(self.ours.fileno(), True)
+        self.pump.finish(100 * KiB - 600, FULL)
+        self.assertTrue(self.pump.lend.released)
+        self.assertFalse(os.get_blocking(self.ours.fileno()))
 
     def test_fullNoReaderReleases(self) -> None:
         """

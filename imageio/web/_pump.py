@@ -186,10 +186,10 @@ class Lend:
     def release(self) -> None:
         """
         Give the socket back after a L{FULL} report: the thread reads it no
-        more (the caller may read it at once: it is non-blocking again) and
-        closes its duplicate. Reactor thread only.
+        more (the caller may read it at once, once it made it non-blocking
+        again: the thread made the open file blocking) and closes its
+        duplicate. Reactor thread only.
         """
-        os.set_blocking(self.fd, False)
         self.thread._order(self, None)
 
 

@@ -213,6 +213,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             if self._parked:
                 assert self._lend is not None
                 self._lend.release()
+                self.socket.setblocking(False)
                 self._pumpReturned()
 
     def _pumpedUnsafe(self, n: int, why: str) -> None:
@@ -270,8 +271,10 @@ class _ZeroCopyMixin(FileDescriptorSeam):
                 self._pumpSpace = (reader, view)
                 lend.refill(view)
                 return
-        # The thread reads no more once told: the socket is ours now.
+        # The thread reads no more once told: the socket is ours now, and
+        # non-blocking again (the thread made the open file blocking).
         lend.release()
+        self.socket.setblocking(False)
         self._pumpReturned()
 
     def startReading(self) -> None:
