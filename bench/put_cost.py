@@ -202,8 +202,11 @@ def main() -> None:
     parser.add_argument("--dir", default="/dev/shm")
     opts = parser.parse_args()
     opts.verify = False
-    work = Path(tempfile.mkdtemp(prefix="put-cost-", dir=opts.dir))
     size = bench.parseSize(opts.size)
+    # The image, its pieces and a target per server, with room to spare
+    # (tmpfs is memory, shared with everything else on the machine).
+    bench.checkSpace(Path(opts.dir), 6 * size, "put_cost")
+    work = Path(tempfile.mkdtemp(prefix="put-cost-", dir=opts.dir))
     servers = []
     try:
         images = bench.makeImages(work, size)
