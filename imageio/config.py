@@ -50,7 +50,7 @@ class DaemonSection:
     #: Threads that read large request bodies on plain sockets while they
     #: arrive fast, instead of the reactor, each up to 8 connections at
     #: once (ours; 0 reads on the reactor).
-    body_threads: int = 1
+    body_threads: int = 4
     #: Storage I/O engine (ours): auto (Linux AIO where the kernel allows
     #: it, else the disk-io threads), aio (fail without it) or threads.
     io_engine: str = "auto"

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -34,7 +34,9 @@ from imageio.web._pump import (
     FULL,
     HELD,
     IDLE_END,
+    RELEASED,
     BodyPump,
+    Lend,
     PumpThread,
     createBodyPump,
 )
@@ -106,6 +108,7 @@ class PumpThreadTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = ThreadReactor()
         self.now = 0.0
+        self.tick = 0.0
         self.thread = PumpThread(self.reactor, clock=self.clock)  # type: ignore[arg-type]
         self.thread.start()
         self.addCleanup(self.stop)
@@ -123,6 +126,9 @@ class PumpThreadTests(SynchronousTestCase):
         stopper.join()
 
     def clock(self) -> float:
+        # Time passes by self.tick per look at the clock (a receive that
+        # waits in the kernel may return after the test moved the time).
+        self.now += self.tick
         return self.now
 
     def lend(
@@ -135,7 +141,9 @@ class PumpThreadTests(SynchronousTestCase):
         buf = bytearray(size)
         fd = os.dup((sock or self.ours).fileno())
         results: list[tuple[int, str]] = []
-        self.thread.lend(fd, memoryview(buf), idle, maxHold).addCallback(results.append)
+        self.lent = self.thread.lend(
+            fd, memoryview(buf), idle, maxHold, lambda n, why: results.append((n, why))
+        )
         return results, buf, fd
 
     def queued(self) -> bool:
@@ -155,7 +163,9 @@ class PumpThreadTests(SynchronousTestCase):
 
     def test_full(self) -> None:
         """
-        It reads until the buffer is full, and not one byte more.
+        It reads until the buffer is full, and not one byte more; it keeps
+        the socket (its duplicate stays open) until it is released, and
+        then closes the duplicate.
         """
         data = pattern(100 * KiB)
         results, buf, fd = self.lend(100 * KiB)
@@ -163,7 +173,111 @@ class PumpThreadTests(SynchronousTestCase):
         self.reactor.deliver()
         self.assertEqual(results, [(100 * KiB, FULL)])
         self.assertEqual(bytes(buf), data)
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(self.ours.fileno()).st_ino)
+        self.lent.release()
         self.assertEqual(self.ours.recv(10), b"next")
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL), (0, RELEASED)])
+        self.assertClosed(fd)
+
+    def test_blockingWhileHeld(self) -> None:
+        """
+        While the thread holds the socket, the open file is blocking (its
+        reads wait in the kernel); when the thread gives it back, it is
+        non-blocking again (after a release the transport sees to it).
+        """
+        fd = self.ours.fileno()
+        results, _, _ = self.lend(10)
+        self.peer.sendall(b"0123456789")
+        self.reactor.deliver()
+        self.assertTrue(os.get_blocking(fd))
+        self.lent.release()
+        self.reactor.deliver()
+        self.ours.setblocking(False)
+        results, _, _ = self.lend(10)
+        self.peer.sendall(b"abc")
+        self.peer.shutdown(socket.SHUT_WR)
+        self.reactor.deliver()
+        self.assertEqual(results, [(3, EOF)])
+        self.assertFalse(os.get_blocking(fd))
+
+    def test_waitAll(self) -> None:
+        """
+        A single socket is read with receives that wait in the kernel for a
+        MiB: a MiB sent through a socket buffer that takes a fifth of it
+        costs one receive (a receive per readiness would take five or more).
+        """
+        calls = []
+
+        class Counting(socket.socket):
+            def recv_into(self, *args: Any) -> int:
+                calls.append(args[1:])
+                return super().recv_into(*args)
+
+        blocking = self.thread._blocking
+
+        def counting(entry: Lend) -> socket.socket:
+            sock = blocking(entry)
+            return Counting(fileno=sock.detach())
+
+        self.thread._blocking = counting  # type: ignore[method-assign]
+        data = pattern(MiB)
+        results, buf, _ = self.lend(MiB)
+        sender = threading.Thread(target=self.peer.sendall, args=(data,))
+        sender.start()
+        self.reactor.deliver()
+        sender.join()
+        self.assertEqual(results, [(MiB, FULL)])
+        self.assertEqual(bytes(buf), data)
+        self.assertLessEqual(len(calls), 2, calls)
+        self.assertEqual(calls[0], (0, socket.MSG_WAITALL))
+
+    def test_fullReadsNothingMore(self) -> None:
+        """
+        After a full space it reads nothing (no wake-ups either) until it is
+        refilled.
+        """
+        results, _, _ = self.lend(10)
+        self.peer.sendall(b"0123456789more")
+        self.reactor.deliver()
+        self.assertEqual(results, [(10, FULL)])
+        self.now = 100.0
+        time.sleep(0.05)
+        self.assertEqual(results, [(10, FULL)])
+        self.assertEqual(self.ours.recv(10, socket.MSG_PEEK), b"more")
+
+    def test_refill(self) -> None:
+        """
+        A refilled socket is read on into the new space, from the byte after
+        the last one of the previous space, with the idle and hold times
+        counted from the refill.
+        """
+        data = pattern(300 * KiB)
+        results, first, fd = self.lend(100 * KiB, maxHold=1.0)
+        self.peer.sendall(data[: 150 * KiB])
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL)])
+        self.now = 5.0
+        second = bytearray(200 * KiB)
+        self.lent.refill(memoryview(second))
+        self.peer.sendall(data[150 * KiB :])
+        self.reactor.deliver()
+        self.assertEqual(results, [(100 * KiB, FULL), (200 * KiB, FULL)])
+        self.assertEqual(bytes(first) + bytes(second), data)
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(self.ours.fileno()).st_ino)
+
+    def test_refillIdle(self) -> None:
+        """
+        A refilled socket with no data coming goes back after the idle time.
+        """
+        results, _, fd = self.lend(10, idle=0.001)
+        self.peer.sendall(b"x" * 12)
+        self.reactor.deliver()
+        self.lent.refill(memoryview(bytearray(10)))
+        self.assertTrue(waitFor(lambda: not self.queued(), 10))
+        self.tick = 1.0
+        self.reactor.deliver()
+        self.assertEqual(results, [(10, FULL), (2, IDLE_END)])
         self.assertClosed(fd)
 
     def test_idle(self) -> None:
@@ -174,7 +288,7 @@ class PumpThreadTests(SynchronousTestCase):
         self.peer.sendall(b"abc")
         results, buf, fd = self.lend(100, idle=0.001)
         self.assertTrue(waitFor(lambda: not self.queued(), 10))
-        self.now = 1.0
+        self.tick = 1.0
         self.reactor.deliver()
         self.assertEqual(results, [(3, IDLE_END)])
         self.assertEqual(bytes(buf[:3]), b"abc")
@@ -236,6 +350,26 @@ class PumpThreadTests(SynchronousTestCase):
             self.assertEqual(results, [(64 * KiB, FULL)])
             self.assertEqual(bytes(buf), data)
 
+    def test_lendWhileOneReads(self) -> None:
+        """
+        While the thread reads a single socket (its lean loop, which does
+        not watch the wake-up pipe) and no data comes, a second socket lent
+        is still read at once, and the first one after it.
+        """
+        first, _, _ = self.lend(10)
+        time.sleep(0.05)
+        ours, peer = socketPair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        second, buf, _ = self.lend(10, sock=ours)
+        peer.sendall(b"0123456789")
+        self.reactor.deliver()
+        self.assertEqual((first, second), ([], [(10, FULL)]))
+        self.assertEqual(bytes(buf), b"0123456789")
+        self.peer.sendall(b"abcdefghij")
+        self.reactor.deliver()
+        self.assertEqual(first, [(10, FULL)])
+
     def test_shutdownWakes(self) -> None:
         """
         A read-side shutdown of the original socket (what the transport does
@@ -261,6 +395,20 @@ class PumpThreadTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
         self.assertClosed(fd)
 
+    def test_stopGivesBackParked(self) -> None:
+        """
+        Stopping the thread gives back sockets waiting for a refill too.
+        """
+        results, _, fd = self.lend(2)
+        self.peer.sendall(b"xy")
+        self.reactor.deliver()
+        stopper = threading.Thread(target=self.thread.stop)
+        stopper.start()
+        self.reactor.deliver()
+        stopper.join(10)
+        self.assertEqual(results, [(2, FULL), (0, EOF)])
+        self.assertClosed(fd)
+
 
 @implementer(IDirectReader)
 class FakeReader:
@@ -281,6 +429,27 @@ class FakeReader:
         self.calls.append(n)
 
 
+class FakeLend:
+    """
+    A lend whose thread is the test: records refills and releases.
+    """
+
+    def __init__(self, view: memoryview, onResult: Any) -> None:
+        self.view = view
+        self.onResult = onResult
+        self.refills: list[memoryview] = []
+        self.released = False
+
+    def refill(self, view: memoryview) -> None:
+        assert not self.released
+        self.refills.append(view)
+        self.view = view
+
+    def release(self) -> None:
+        assert not self.released
+        self.released = True
+
+
 class FakePump(BodyPump):
     """
     A L{BodyPump} whose pumps the test finishes.
@@ -288,21 +457,26 @@ class FakePump(BodyPump):
 
     def __init__(self) -> None:
         super().__init__([], minBuffer=1000, minRead=10)
-        self.started: list[tuple[int, memoryview, Deferred[tuple[int, str]]]] = []
+        self.started: list[tuple[int, memoryview, FakeLend]] = []
         self.free = True
+        self.running = True
 
     def available(self) -> bool:
         return self.free
 
-    def pump(self, fd: int, view: memoryview) -> Deferred[tuple[int, str]]:
-        d: Deferred[tuple[int, str]] = Deferred()
-        self.started.append((fd, view, d))
-        return d
+    def pump(self, fd: int, view: memoryview, onResult: Any) -> Lend:
+        lend = FakeLend(view, onResult)
+        self.started.append((fd, view, lend))
+        return lend  # type: ignore[return-value]
+
+    @property
+    def lend(self) -> FakeLend:
+        return self.started[-1][2]
 
     def finish(self, n: int, why: str, data: bytes = b"") -> None:
-        _, view, d = self.started[-1]
-        view[: len(data)] = data
-        d.callback((n, why))
+        lend = self.lend
+        lend.view[: len(data)] = data
+        lend.onResult(n, why)
 
 
 def FakePort(pump: BodyPump | None) -> UNIXPort:
@@ -483,6 +657,170 @@ class TransportPumpTests(SynchronousTestCase):
         self.assertFalse(self.reading())
         self.assertEqual(len(self.pump.started), 1)
 
+    def test_fullRefills(self) -> None:
+        """
+        A pump that filled its space keeps the socket: its bytes go to the
+        reader and it is given the reader's next space at once, without a
+        new pump (no new duplicate) and without the reactor reading.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL, b"a" * 10 * KiB)
+        self.assertEqual(self.reader.calls, [100, 10 * KiB])
+        self.assertEqual(bytes(self.reader.buffer[100 : 100 + 10 * KiB]), b"a" * 10 * KiB)
+        self.assertEqual(len(self.pump.started), 1)
+        [view] = lend.refills
+        self.assertEqual(len(view), 90 * KiB - 100)
+        self.assertFalse(lend.released)
+        self.assertFalse(self.reading())
+        # The next report fills the next space.
+        self.pump.finish(5, IDLE_END, b"bbbbb")
+        self.assertEqual(self.reader.calls, [100, 10 * KiB, 5])
+        self.assertEqual(bytes(self.reader.buffer[100 + 10 * KiB :][:5]), b"bbbbb")
+        self.assertTrue(self.reading())
+
+    def test_fullPausedParks(self) -> None:
+        """
+        A reader that pauses the transport when a full space arrives (both
+        upload buffers taken) leaves the pump parked: nothing reads the
+        socket, the pump is neither refilled nor released; resuming gives it
+        the next space.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        original = self.reader.bufferFilled
+
+        def fillAndPause(n: int) -> None:
+            original(n)
+            self.transport.pauseProducing()
+
+        self.reader.bufferFilled = fillAndPause  # type: ignore[method-assign]
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL)
+        self.assertEqual((lend.refills, lend.released, self.reading()), ([], False, False))
+        self.transport.pauseProducing()
+        self.assertEqual((lend.refills, lend.released, self.reading()), ([], False, False))
+        self.transport.resumeProducing()
+        self.assertEqual(len(lend.refills), 1)
+        self.assertEqual(len(lend.refills[0]), 90 * KiB - 100)
+        self.assertFalse(lend.released)
+        self.assertFalse(self.reading())
+        self.assertEqual(len(self.pump.started), 1)
+
+    def test_fullNoSpaceReleases(self) -> None:
+        """
+        A full space when the reader offers too little next (the end of
+        the body): the socket is released and the reactor reads at once.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+        self.pump.finish(100 * KiB - 600, FULL)
+        self.assertEqual(lend.refills, [])
+        self.assertTrue(lend.released)
+        self.assertTrue(self.reading())
+        self.peer.sendall(b"y" * 500)
+        self.transport.doRead()
+        self.assertEqual(self.reader.calls, [100, 100 * KiB - 600, 500])
+        self.assertEqual(len(self.pump.started), 1)
+
+    def test_releaseNonBlocking(self) -> None:
+        """
+        Taking the socket back from a parked pump makes it non-blocking
+        again (the thread made the open file blocking) before the reactor
+        reads it.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        os.set_blocking(self.ours.fileno(), True)
+        self.pump.finish(100 * KiB - 600, FULL)
+        self.assertTrue(self.pump.lend.released)
+        self.assertFalse(os.get_blocking(self.ours.fileno()))
+
+    def test_fullNoReaderReleases(self) -> None:
+        """
+        A full space after the reader went away (the body is complete):
+        released, and the reactor reads as usual.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+
+        def fillAndStop(n: int) -> None:
+            self.reader.filled += n
+            self.transport.setDirectReader(None)
+
+        self.reader.bufferFilled = fillAndStop  # type: ignore[method-assign]
+        self.pump.finish(10 * KiB, FULL)
+        self.assertTrue(lend.released)
+        self.assertTrue(self.reading())
+
+    def test_lostWhileParked(self) -> None:
+        """
+        A connection lost while the pump is parked releases it (the thread
+        closes its duplicate; there is no read to wake).
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        self.transport.pauseProducing()
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL)
+        self.assertFalse(lend.released)
+        self.transport.connectionLost(Failure(Exception("gone")))
+        self.assertTrue(lend.released)
+        self.assertIsNotNone(self.protocol.lost)
+
+    def test_lostThenFull(self) -> None:
+        """
+        A full space reported after the connection was lost releases the
+        pump, and its bytes are dropped.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+        self.transport.connectionLost(Failure(Exception("gone")))
+        self.assertFalse(lend.released)
+        self.pump.finish(10 * KiB, FULL)
+        self.assertTrue(lend.released)
+        self.assertEqual(self.reader.calls, [100])
+
+    def test_loseConnectionWhileParked(self) -> None:
+        """
+        C{loseConnection} while the pump is parked: it is never refilled,
+        reading does not resume, and the lost connection releases it.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        self.transport.pauseProducing()
+        lend = self.pump.lend
+        self.pump.finish(10 * KiB, FULL)
+        self.transport.loseConnection()
+        self.transport.resumeProducing()
+        self.transport.startReading()
+        self.assertEqual(lend.refills, [])
+        self.assertFalse(self.reading())
+        self.transport.connectionLost(Failure(Exception("closed")))
+        self.assertTrue(lend.released)
+
+    def test_readerFailsOnFull(self) -> None:
+        """
+        A reader failing on a full space's bytes (a bug) is logged and the
+        socket comes back to the reactor, never left with the thread.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        lend = self.pump.lend
+
+        def broken(n: int) -> None:
+            raise RuntimeError("bug")
+
+        self.reader.bufferFilled = broken  # type: ignore[method-assign]
+        self.pump.finish(10 * KiB, FULL)
+        self.assertTrue(lend.released)
+        self.assertTrue(self.reading())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_eofHandedBack(self) -> None:
         """
         End of stream seen by the pump: its bytes go to the reader, the
@@ -520,9 +858,31 @@ class TransportPumpTests(SynchronousTestCase):
         self.transport.connectionLost(Failure(Exception("gone")))
         self.assertIsNotNone(self.protocol.lost)
         self.assertEqual(os.read(dup, 10), b"")
-        self.pump.finish(10, FULL)
+        self.pump.finish(10, EOF)
         self.assertEqual(self.reader.calls, [100])
         self.assertFalse(self.reading())
+
+    def test_neverWaits(self) -> None:
+        """
+        The transport's receives and sends never wait, even while a pump
+        thread made the socket blocking: an early answer larger than the
+        socket takes is queued, a read with nothing to read returns.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        os.set_blocking(self.ours.fileno(), True)
+        self.addCleanup(os.set_blocking, self.ours.fileno(), False)
+        # Were it to wait, it would for 5 s, then fail.
+        timeval = struct.pack("ll", 5, 0)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        started = time.monotonic()
+        self.transport.write(b"y" * 4 * MiB)
+        self.assertGreater(self.transport.pendingBytes(), 0)
+        self.transport.doWrite()
+        self.transport.setDirectReader(None)
+        self.assertIsNone(self.transport.doRead())
+        self.assertLess(time.monotonic() - started, 2.5)
 
     def test_writeWhilePumping(self) -> None:
         """
@@ -592,7 +952,7 @@ class BodyPumpTests(SynchronousTestCase):
         pump = createBodyPump(ThreadReactor(), 1)  # type: ignore[arg-type]
         self.assertFalse(pump.available())
         before = fdCount()
-        self.assertRaises(RuntimeError, pump.pump, 0, memoryview(bytearray(1)))
+        self.assertRaises(RuntimeError, pump.pump, 0, memoryview(bytearray(1)), print)
         self.assertEqual(fdCount(), before)
 
     def test_perThread(self) -> None:
@@ -611,16 +971,57 @@ class BodyPumpTests(SynchronousTestCase):
             self.addCleanup(ours.close)
             self.addCleanup(peer.close)
         results: list[tuple[int, str]] = []
+        lends = []
         for ours, _ in pairs:
             self.assertTrue(pump.available())
-            pump.pump(ours.fileno(), memoryview(bytearray(10))).addCallback(results.append)
+            lends.append(
+                pump.pump(
+                    ours.fileno(),
+                    memoryview(bytearray(10)),
+                    lambda n, why: results.append((n, why)),
+                )
+            )
         self.assertFalse(pump.available())
         self.assertEqual((pump.lent, pump.pumps), (2, 2))
         pairs[0][1].sendall(b"x" * 10)
         reactor.deliver()
         self.assertEqual(results, [(10, FULL)])
-        self.assertEqual((pump.lent, pump.bytesRead), (1, 10))
+        # A full space keeps the socket until it is released.
+        self.assertEqual((pump.lent, pump.bytesRead, pump.spaces), (2, 10, 1))
+        self.assertFalse(pump.available())
+        lends[0].release()
+        reactor.deliver()
+        # The transport does not hear of the release (it took the socket
+        # back when it asked).
+        self.assertEqual(results, [(10, FULL)])
+        self.assertEqual(pump.lent, 1)
         self.assertTrue(pump.available())
+
+    def test_refillCountsSpaces(self) -> None:
+        """
+        Refilled spaces count as spaces, not as new pumps.
+        """
+        reactor = ThreadReactor()
+        pump = createBodyPump(reactor, 1)  # type: ignore[arg-type]
+        pump.idle = 30.0
+        pump.start()
+        self.addCleanup(pump.stop)
+        ours, peer = socketPair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        results: list[tuple[int, str]] = []
+        lend = pump.pump(
+            ours.fileno(), memoryview(bytearray(10)), lambda n, why: results.append((n, why))
+        )
+        peer.sendall(b"x" * 25)
+        reactor.deliver()
+        lend.refill(memoryview(bytearray(10)))
+        reactor.deliver()
+        lend.refill(memoryview(bytearray(10)))
+        peer.shutdown(socket.SHUT_WR)
+        reactor.deliver()
+        self.assertEqual(results, [(10, FULL), (10, FULL), (5, EOF)])
+        self.assertEqual((pump.pumps, pump.spaces, pump.bytesRead, pump.lent), (1, 2, 25, 0))
 
 
 # The real daemon over its real UNIX socket.
@@ -664,6 +1065,8 @@ class DaemonPumpTests(DaemonTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(image.read_bytes(), data)
         self.assertGreater(self.pump.bytesRead, BIG // 2)
+        # The thread kept the socket from one buffer to the next.
+        self.assertGreater(self.pump.spaces, 0)
 
     async def test_concurrentUploads(self) -> None:
         """

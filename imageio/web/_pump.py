@@ -11,19 +11,41 @@ connection, nearly all of it in the kernel.
 So while a plain socket delivers a large body quickly, its transport
 (L{imageio.web._transport}) stops reading on the reactor and lends the
 socket and the upload buffer's free space to a pump thread, which reads it
-with C{readv} as its C{epoll} reports it readable until the space is full,
+until the space is full,
 the stream ends or fails, no data came for L{IDLE} seconds (a slow client
 gives the thread back), or it held the socket for L{MAX_HOLD} seconds
 (idle timeouts, the body rate watch and cancellation see progress in
 bounded time). The count comes back to the reactor thread, which hands it
 to the reader as if it had read the bytes itself.
 
-One thread reads several sockets (L{SOCKETS_PER_THREAD}): a thread per
-upload, as upstream has, measured 0.13 CPU s/GiB more system time with
-four uploads than the reactor alone (the threads fought for the
-interpreter lock after every read: 140,000 C{futex} calls per GiB
-against 2,400), while one thread with its own C{epoll} reads what arrived
-on all of them per wake-up.
+A full space does not give the socket back: the thread keeps it (and its
+duplicate), reads nothing, and the reactor, once the reader took the bytes,
+gives it the next space (the other half of the upload's double buffer, free
+while the first is written) or, when there is none now (the upload is
+paused until a write completes), leaves it waiting and gives the space
+when reading resumes; it takes the socket back only when the body ends,
+the connection closes or the reader offers too little. A buffer used to
+cost the reactor a C{stopReading} and C{startReading} (two C{epoll_ctl})
+and the thread a C{dup}, C{close} and its own two C{epoll_ctl}.
+
+One thread reads several sockets (L{SOCKETS_PER_THREAD}), and sockets go
+to the least busy of L{DEFAULT_THREADS} threads. A thread per upload used
+to cost 0.13 CPU s/GiB more system time with four uploads than the reactor
+alone (the threads fought for the interpreter lock after every 64 KiB
+read: 140,000 C{futex} calls per GiB against 2,400); now that a socket
+alone on its thread returns to Python once per MiB (L{WAIT_ALL}), four
+threads took 18% less CPU per GiB for four uploads than one thread reading
+all four from its C{epoll}.
+
+While the thread reads a single socket it reads it with blocking
+C{recv_into} calls: one system call a read, the wait inside it, where
+an C{epoll_wait} and a C{readv} with a turn of a Python loop took two
+(the process took 13% less CPU per GiB, C{bench/README.rst}). Blocking
+is a flag of the open file, shared with the reactor's socket, whose
+transport therefore never waits on it (C{MSG_DONTWAIT}); it is
+non-blocking again before the socket goes back.
+With several sockets the thread waits on its C{epoll} and reads what is
+ready.
 
 The thread reads a C{dup} of the socket: closing the connection on the
 reactor can never make it read a reused descriptor number. The transport
@@ -38,15 +60,15 @@ from __future__ import annotations
 
 import os
 import select
+import socket
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from attrs import define, field
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
 from imageio._log import Logger
@@ -54,8 +76,10 @@ from imageio._wakepipe import WakePipe
 
 log = Logger()
 
-#: Default number of pump threads.
-DEFAULT_THREADS = 1
+#: Default number of pump threads: a socket alone on its thread is read
+#: with receives that wait in the kernel (L{PumpThread}); several on one
+#: thread cost a return to Python per client write.
+DEFAULT_THREADS = 4
 
 #: Most sockets one pump thread reads at once; more read on the reactor.
 SOCKETS_PER_THREAD = 8
@@ -74,42 +98,113 @@ IDLE = 0.015
 #: Most seconds a pump holds the socket.
 MAX_HOLD = 0.5
 
-#: Why a pump ended (the second item of its result).
+#: With one socket to read, the thread waits at most this long for data
+#: before it looks for the reactor's commands (a new lend, a stop).
+LEAN_WAIT = 0.015
+
+#: ... and each of its receives waits for this many bytes (or the space's
+#: end, the stream's end, or L{LEAN_WAIT} seconds), in the kernel.
+WAIT_ALL = 1024 * 1024
+
+#: Why a pump reported (the second item of its result). L{FULL}: the
+#: space is full and the thread still holds the socket, reading nothing,
+#: until the reactor gives it the next space (L{Lend.refill}) or takes the
+#: socket back (L{Lend.release}). Every other reason gives it back.
 FULL = "full"
 EOF = "eof"
 ERROR = "error"
 IDLE_END = "idle"
 HELD = "held"
+#: The thread closed its duplicate after L{Lend.release} (seen by
+#: L{BodyPump} only, never by the transport).
+RELEASED = "released"
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
+_DONTWAIT = socket.MSG_DONTWAIT
+_WAITALL = socket.MSG_WAITALL
 
 
-class _Lent:
+class Lend:
     """
-    A socket lent to a pump thread: where its bytes go and since when.
+    A socket lent to a pump thread, for as many spaces as the reactor gives
+    it: the thread fills one space, reports it L{FULL} and waits, holding
+    the socket, for the next one.
+
+    Who owns what: the thread reads into the space it was given until it
+    reports; from then on the reactor owns the bytes and decides, once per
+    L{FULL} report and on the reactor thread only, whether to L{refill} or
+    L{release}. Between the report and that decision nobody reads the
+    socket.
+
+    @ivar fd: The thread's duplicate of the socket (closed by the thread).
+    @ivar onResult: Called on the reactor thread with C{(n, why)} for each
+        report: C{n} bytes read into the start of the space.
     """
 
-    __slots__ = ("fd", "view", "size", "total", "idle", "until", "last", "d")
+    __slots__ = (
+        "thread",
+        "fd",
+        "view",
+        "size",
+        "total",
+        "idle",
+        "hold",
+        "until",
+        "last",
+        "onResult",
+        "sock",
+    )
 
     def __init__(
-        self, fd: int, view: memoryview, idle: float, maxHold: float, d: Deferred[Any]
+        self,
+        thread: PumpThread,
+        fd: int,
+        view: memoryview,
+        idle: float,
+        maxHold: float,
+        onResult: Callable[[int, str], object],
     ) -> None:
+        self.thread = thread
         self.fd = fd
-        self.view = view
+        self.view: memoryview | None = view
         self.size = len(view)
         self.total = 0
         self.idle = idle
-        self.until = maxHold
+        self.hold = maxHold
+        self.until = 0.0
         self.last = 0.0
-        self.d = d
+        self.onResult = onResult
+        #: A socket object on C{fd}, for the lean loop (L{PumpThread}).
+        self.sock: socket.socket | None = None
+
+    def refill(self, view: memoryview) -> None:
+        """
+        Read on into C{view}, after a L{FULL} report. Reactor thread only.
+        """
+        self.thread._order(self, view)
+
+    def release(self) -> None:
+        """
+        Give the socket back after a L{FULL} report: the thread reads it no
+        more (the caller may read it at once, once it made it non-blocking
+        again: the thread made the open file blocking) and closes its
+        duplicate. Reactor thread only.
+        """
+        self.thread._order(self, None)
+
+
+# A command for the thread: a new lend or a refill (the space), a release
+# (None); None alone stops the thread.
+_Command = tuple[Lend, memoryview | None] | None
 
 
 class PumpThread:
     """
-    One pump thread: reads every socket lent to it with C{readv} as its
-    C{epoll} reports them readable, so that several uploads cost one
-    wake-up when their data arrives together, and one thread, not one per
-    upload, takes the interpreter lock after each read.
+    One pump thread: reads a single socket lent to it with blocking
+    receives, several as its C{epoll} reports them readable, so that
+    several uploads cost one wake-up when their data arrives together, and
+    one thread, not one per upload, takes the interpreter lock after each
+    read.
 
     @ivar reactor: Where results are delivered (C{callFromThread}).
     @ivar clock: The monotonic clock of idle and hold times.
@@ -124,15 +219,23 @@ class PumpThread:
         self.reactor = reactor
         self.name = name
         self.clock = clock
-        self._new: deque[_Lent | None] = deque()
+        self._new: deque[_Command] = deque()
         self._thread: threading.Thread | None = None
         self._pipe: WakePipe | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
 
     def start(self) -> None:
         if self._thread is not None:
             return
         self._pipe = WakePipe(blockingRead=False)
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        # Here, not on the thread: its descriptors exist once start returns.
+        epoll = select.epoll()
+        self._thread = threading.Thread(
+            target=self._run, args=(epoll,), name=self.name, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -150,67 +253,120 @@ class PumpThread:
         self._pipe.close()
 
     def lend(
-        self, fd: int, view: memoryview, idle: float, maxHold: float
-    ) -> Deferred[tuple[int, str]]:
+        self,
+        fd: int,
+        view: memoryview,
+        idle: float,
+        maxHold: float,
+        onResult: Callable[[int, str], object],
+    ) -> Lend:
         """
         Read socket C{fd} (which the thread closes) into C{view}.
 
-        @return: A Deferred firing on the reactor thread with the bytes read
-            into the start of C{view} and why the thread stopped.
+        @param onResult: Called on the reactor thread with the bytes read
+            into the start of the space and why the thread reported, once
+            per space.
+        @return: The lend, to refill or release after a L{FULL} report.
         """
-        d: Deferred[tuple[int, str]] = Deferred()
-        self._new.append(_Lent(fd, view, idle, maxHold, d))
-        self._wake()
-        return d
+        entry = Lend(self, fd, view, idle, maxHold, onResult)
+        self._order(entry, view)
+        return entry
 
     # Internals
+
+    def _order(self, entry: Lend, view: memoryview | None) -> None:
+        self._new.append((entry, view))
+        self._wake()
 
     def _wake(self) -> None:
         assert self._pipe is not None
         self._pipe.wake()
 
-    def _run(self) -> None:
-        epoll = select.epoll()
-        lent: dict[int, _Lent] = {}
+    def _run(self, epoll: select.epoll) -> None:
+        # Sockets with space (registered in epoll), and those waiting for
+        # the reactor after a FULL report.
+        lent: dict[int, Lend] = {}
+        parked: dict[int, Lend] = {}
         try:
-            self._loop(epoll, lent)
+            self._loop(epoll, lent, parked)
         except BaseException:
             # A bug: give the sockets back rather than hang their uploads.
             log.failure("Body pump thread failed")
             for entry in lent.values():
                 self._finish(epoll, entry, ERROR)
+            for entry in parked.values():
+                self._finish(None, entry, ERROR)
         finally:
             epoll.close()
 
-    def _loop(self, epoll: select.epoll, lent: dict[int, _Lent]) -> None:
+    def _commands(
+        self, epoll: select.epoll, lent: dict[int, Lend], parked: dict[int, Lend], now: float
+    ) -> bool:
+        """
+        Take the reactor's commands.
+
+        @return: Whether the thread goes on.
+        """
+        while self._new:
+            command = self._new.popleft()
+            if command is None:
+                for entry in lent.values():
+                    self._finish(epoll, entry, EOF)
+                for entry in parked.values():
+                    self._finish(None, entry, EOF)
+                lent.clear()
+                parked.clear()
+                return False
+            entry, view = command
+            parked.pop(entry.fd, None)
+            if view is None:
+                self._finish(None, entry, RELEASED)
+                continue
+            if entry.sock is None:
+                entry.sock = self._blocking(entry)
+            entry.view = view
+            entry.size = len(view)
+            entry.total = 0
+            entry.last = now
+            entry.until = now + entry.hold
+            lent[entry.fd] = entry
+            epoll.register(entry.fd, _READ_EVENTS)
+        return True
+
+    def _loop(self, epoll: select.epoll, lent: dict[int, Lend], parked: dict[int, Lend]) -> None:
         pipe = self._pipe
         assert pipe is not None
         wakeRead = pipe.readFD
         epoll.register(wakeRead, select.EPOLLIN)
         clock = self.clock
-        readv = os.readv
         timeout = -1.0
         while True:
+            if len(lent) == 1 and not self._new:
+                # One socket to read: the lean loop, until a command comes.
+                [(fd, only)] = lent.items()
+                why = self._lean(only)
+                if why == FULL:
+                    self._park(epoll, lent, parked, only)
+                elif why is not None:
+                    del lent[fd]
+                    self._finish(epoll, only, why)
+                timeout = 0.0
+                continue
             events = epoll.poll(timeout)
             now = clock()
             for fd, _ in events:
                 if fd == wakeRead:
                     pipe.drain()
-                    while self._new:
-                        entry = self._new.popleft()
-                        if entry is None:
-                            for entry in lent.values():
-                                self._finish(epoll, entry, EOF)
-                            lent.clear()
-                            return
-                        entry.last = now
-                        entry.until += now
-                        lent[entry.fd] = entry
-                        epoll.register(entry.fd, _READ_EVENTS)
+                    if not self._commands(epoll, lent, parked, now):
+                        return
                     continue
-                entry = lent[fd]
+                entry = lent.get(fd)
+                if entry is None:
+                    # Reported full in this same pass.
+                    continue
+                assert entry.view is not None and entry.sock is not None
                 try:
-                    n = readv(fd, (entry.view[entry.total :],))
+                    n = entry.sock.recv_into(entry.view[entry.total :], 0, _DONTWAIT)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -224,8 +380,7 @@ class PumpThread:
                 entry.total += n
                 entry.last = now
                 if entry.total == entry.size:
-                    del lent[fd]
-                    self._finish(epoll, entry, FULL)
+                    self._park(epoll, lent, parked, entry)
             # Idle and held sockets go back; the next wake-up is the
             # earliest of their deadlines.
             timeout = -1.0
@@ -245,14 +400,114 @@ class PumpThread:
                 # epoll rounds down to milliseconds: never wake too early.
                 timeout += 0.001
 
-    def _finish(self, epoll: select.epoll, entry: _Lent, why: str) -> None:
+    def _blocking(self, entry: Lend) -> socket.socket:
+        """
+        @return: A blocking socket object on the duplicate, whose blocking
+            receives give up after L{LEAN_WAIT} seconds (or the idle time).
+            Blocking is a flag of the open file, shared with the reactor's
+            socket: its transport never waits (C{MSG_DONTWAIT}), and it is
+            non-blocking again before the socket goes back.
+        """
+        sock = socket.socket(fileno=entry.fd)
+        sock.setblocking(True)
+        seconds, fraction = divmod(min(entry.idle, LEAN_WAIT), 1.0)
+        # A zero timeval would wait for ever.
+        micro = max(1, int(fraction * 1e6)) if not seconds else int(fraction * 1e6)
+        timeval = struct.pack("ll", int(seconds), micro)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        return sock
+
+    def _lean(self, entry: Lend) -> str | None:
+        """
+        Read the only socket with space with blocking receives that wait
+        for L{WAIT_ALL} bytes (C{MSG_WAITALL}: the kernel copies what
+        arrives as it arrives, and returns after a MiB, where an C{epoll}
+        loop returns to Python twice per 64 KiB a client writes), until the
+        space is full, the stream ends or fails, it idled or was held long
+        enough, or a command came (the pipe is not watched here: every
+        read, and every L{LEAN_WAIT} seconds without data, looks for one).
+
+        @return: Why it stopped, or C{None} for a command.
+        """
+        sock = entry.sock
+        view = entry.view
+        assert sock is not None and view is not None
+        recvInto = sock.recv_into
+        clock = self.clock
+        new = self._new
+        total, size, until, idle, last = (
+            entry.total,
+            entry.size,
+            entry.until,
+            entry.idle,
+            entry.last,
+        )
+        why = None
         try:
-            epoll.unregister(entry.fd)
-        except (OSError, ValueError):
-            pass
-        os.close(entry.fd)
-        self.reactor.callFromThread(entry.d.callback, (entry.total, why))
-        entry.view = entry.d = None  # type: ignore[assignment]
+            while True:
+                try:
+                    n = recvInto(view[total : total + WAIT_ALL], 0, _WAITALL)
+                except BlockingIOError:
+                    # No data for LEAN_WAIT seconds (SO_RCVTIMEO).
+                    now = clock()
+                    if now - last >= idle:
+                        why = IDLE_END
+                        break
+                    if now >= until:
+                        why = HELD
+                        break
+                    if new:
+                        break
+                    continue
+                except OSError:
+                    why = ERROR
+                    break
+                if not n:
+                    why = EOF
+                    break
+                total += n
+                last = clock()
+                if total == size:
+                    why = FULL
+                    break
+                if new:
+                    break
+                if last >= until:
+                    why = HELD
+                    break
+        finally:
+            entry.total = total
+            entry.last = last
+        return why
+
+    def _park(
+        self, epoll: select.epoll, lent: dict[int, Lend], parked: dict[int, Lend], entry: Lend
+    ) -> None:
+        # A full space: keep the socket and its duplicate, the reactor
+        # refills or releases it. Nothing reads it meanwhile.
+        del lent[entry.fd]
+        epoll.unregister(entry.fd)
+        parked[entry.fd] = entry
+        entry.view = None
+        self.reactor.callFromThread(entry.onResult, entry.total, FULL)
+
+    def _finish(self, epoll: select.epoll | None, entry: Lend, why: str) -> None:
+        # The socket goes back: unregistered (if it was), its duplicate
+        # closed, then the report.
+        if epoll is not None:
+            try:
+                epoll.unregister(entry.fd)
+            except (OSError, ValueError):
+                pass
+        if entry.sock is not None:
+            entry.sock.setblocking(False)
+            entry.sock.close()
+        else:
+            os.close(entry.fd)
+        # A parked socket's bytes were reported with its FULL.
+        total = 0 if entry.view is None else entry.total
+        self.reactor.callFromThread(entry.onResult, total, why)
+        entry.view = None
 
 
 @define
@@ -275,8 +530,10 @@ class BodyPump:
     idle: float = IDLE
     maxHold: float = MAX_HOLD
     perThread: int = SOCKETS_PER_THREAD
-    #: Pumps started, and body bytes they read (for metrics and tests).
+    #: Pumps started, spaces they filled (and kept the socket), and body
+    #: bytes they read (for metrics and tests).
     pumps: int = field(default=0, init=False)
+    spaces: int = field(default=0, init=False)
     bytesRead: int = field(default=0, init=False)
     #: Sockets lent now, by thread; reactor thread only.
     _lent: list[int] = field(factory=list, init=False)
@@ -293,6 +550,8 @@ class BodyPump:
         return sum(self._lent)
 
     def start(self) -> None:
+        # All at once: a thread started with its first socket would open
+        # its descriptors (a pipe, an epoll) in the middle of a transfer.
         for thread in self.threads:
             thread.start()
         self.running = True
@@ -308,35 +567,46 @@ class BodyPump:
         """
         return self.running and min(self._lent, default=self.perThread) < self.perThread
 
-    def pump(self, fd: int, view: memoryview) -> Deferred[tuple[int, str]]:
+    def pump(self, fd: int, view: memoryview, onResult: Callable[[int, str], object]) -> Lend:
         """
         Read from socket C{fd} into C{view} on the least busy thread
         (L{available} must be true). The caller must not read C{fd} until
-        the result arrives; closing it is safe.
+        the socket comes back; closing it is safe.
 
-        @return: A Deferred firing on the reactor thread with the bytes read
-            into the start of C{view}, and why the thread stopped (L{FULL},
-            L{EOF}, L{ERROR}, L{IDLE_END} or L{HELD}). On end of stream or an
-            error the thread stops without reading further: the transport
-            reads again on the reactor, which sees the same.
+        @param onResult: Called on the reactor thread with the bytes read
+            into the start of the space and why the thread reported: L{FULL}
+            (the thread keeps the socket until L{Lend.refill} or
+            L{Lend.release}, which gives it back at once), L{EOF},
+            L{ERROR}, L{IDLE_END} or L{HELD} (the socket is back). On end
+            of stream or an error the thread stops without reading
+            further: the transport reads again on the reactor, which sees
+            the same.
+        @return: The lend.
         """
         if not self.available():
             raise RuntimeError("No body pump thread is free")
         index = self._lent.index(min(self._lent))
+
+        def returned(n: int, why: str) -> None:
+            self.bytesRead += n
+            if why == FULL:
+                self.spaces += 1
+            else:
+                self._lent[index] -= 1
+                if why == RELEASED:
+                    return
+            onResult(n, why)
+
+        thread = self.threads[index]
         dup = os.dup(fd)
         try:
-            d = self.threads[index].lend(dup, view, self.idle, self.maxHold)
+            lend = thread.lend(dup, view, self.idle, self.maxHold, returned)
         except BaseException:
             os.close(dup)
             raise
         self._lent[index] += 1
         self.pumps += 1
-        return d.addCallback(self._returned, index)
-
-    def _returned(self, result: tuple[int, str], index: int) -> tuple[int, str]:
-        self._lent[index] -= 1
-        self.bytesRead += result[0]
-        return result
+        return lend
 
 
 def createBodyPump(reactor: IReactorFromThreads, threads: int = DEFAULT_THREADS) -> BodyPump:

@@ -60,7 +60,7 @@ from imageio.interfaces import (
     IDirectWriteTransport,
     IZeroCopyTransport,
 )
-from imageio.web._pump import FULL, HELD, BodyPump
+from imageio.web._pump import FULL, HELD, BodyPump, Lend
 from imageio.web._twisted_transport import FileDescriptorSeam
 
 log = Logger()
@@ -81,6 +81,12 @@ JOIN_SEQUENCE = 64 * 1024
 MAX_IOVEC = 64
 
 _WOULD_BLOCK = (EAGAIN, EWOULDBLOCK, ENOBUFS)
+
+#: Every receive and send of the transport: a body pump thread makes the
+#: socket (the open file, shared with its duplicate) blocking while it
+#: holds it, and the reactor must never wait on it, for an early answer
+#: written meanwhile either.
+_DONTWAIT = socket.MSG_DONTWAIT
 
 
 class _ZeroCopyMixin(FileDescriptorSeam):
@@ -107,6 +113,11 @@ class _ZeroCopyMixin(FileDescriptorSeam):
     _directWriter: IDirectWriter | None = None
     _pump: BodyPump | None = None
     _pumping = False
+    # The pump's lend while it holds the socket, whether it is parked (its
+    # space full, waiting for the next), and the space it fills.
+    _lend: Lend | None = None
+    _parked = False
+    _pumpSpace: tuple[IDirectReader, memoryview] | None = None
     _wantRead = False
     _host: Any = None
     _peer: Any = None
@@ -143,9 +154,9 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             view = None
         try:
             if view is None:
-                data = self.socket.recv(self.bufferSize)
+                data = self.socket.recv(self.bufferSize, _DONTWAIT)
             else:
-                n = self.socket.recv_into(view)
+                n = self.socket.recv_into(view, 0, _DONTWAIT)
         except OSError as e:
             if e.errno in _WOULD_BLOCK:
                 return None
@@ -164,7 +175,9 @@ class _ZeroCopyMixin(FileDescriptorSeam):
     # The body pump (imageio.web._pump): while a large body flows fast, a
     # thread reads it. Meanwhile the reactor does not read this socket, and
     # startReading/stopReading (the upload's flow control) are recorded,
-    # applied when the pump returns.
+    # applied when the pump returns. A pump that filled its space keeps the
+    # socket (parked): the next space is given when the reader has one and
+    # reading is wanted, and the socket comes back when it has none.
 
     def _startPump(self, pump: BodyPump, reader: IDirectReader) -> None:
         if self._pumping or not (self.connected and pump.available()) or self.disconnecting:
@@ -174,49 +187,102 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             return
         super().stopReading()  # type: ignore[misc]
         self._pumping = True
+        self._pumpSpace = (reader, view)
         try:
-            d = pump.pump(self.socket.fileno(), view)
+            self._lend = pump.pump(self.socket.fileno(), view, self._pumped)
         except Exception:
             log.failure("Cannot start the body pump")
+            self._pumpSpace = None
             self._pumpReturned()
-            return
-        d.addCallbacks(self._pumped, self._pumpFailed, callbackArgs=(reader, view))
 
     def _pumpReturned(self) -> None:
         # The reactor owns the socket again: apply what flow control asked
         # meanwhile.
         self._pumping = False
+        self._lend = None
+        self._parked = False
         if self._wantRead and self.connected and not self.disconnecting:
             super().startReading()  # type: ignore[misc]
 
-    def _pumped(self, result: tuple[int, str], reader: IDirectReader, view: memoryview) -> None:
-        n, why = result
+    def _pumped(self, n: int, why: str) -> None:
+        try:
+            self._pumpedUnsafe(n, why)
+        except Exception:
+            # A bug in the reader: never leave the socket with the thread.
+            log.failure("Body pump result failed")
+            if self._parked:
+                assert self._lend is not None
+                self._lend.release()
+                self.socket.setblocking(False)
+                self._pumpReturned()
+
+    def _pumpedUnsafe(self, n: int, why: str) -> None:
+        space, self._pumpSpace = self._pumpSpace, None
         if not self.connected:
-            # Lost meanwhile: the reader heard of it already.
+            # Lost meanwhile: the reader heard of it already. A parked
+            # pump gives its duplicate back.
+            if why == FULL and self._lend is not None:
+                self._lend.release()
             self._pumping = False
+            self._lend = None
             return
-        self._pumpReturned()
+        if why != FULL:
+            self._pumpReturned()
+        else:
+            self._parked = True
         if n:
+            assert space is not None
+            reader, view = space
             if reader is self._directReader:
                 reader.bufferFilled(n)
             else:
                 # Not expected: never lose body bytes.
                 self.deliverData(bytes(view[:n]))
+        if why == FULL:
+            # The reader took the bytes (and may have paused us): the next
+            # space, or the socket back.
+            if self._parked:
+                self._refill()
+            return
         pump, again = self._pump, self._directReader
-        if why in (FULL, HELD) and self._wantRead and pump is not None and again is not None:
+        if why == HELD and self._wantRead and pump is not None and again is not None:
             # Data flows: lend the socket again without a reactor read.
             self._startPump(pump, again)
 
-    def _pumpFailed(self, reason: Failure) -> None:
-        log.failure("Body pump failed", reason)
-        self._pumping = False
-        if self.connected:
-            self._pumpReturned()
+    def _refill(self) -> None:
+        """
+        A parked pump: give it the reader's next space, leave it parked
+        while reading is paused, or take the socket back.
+        """
+        if not self._wantRead and self.connected and not self.disconnecting:
+            return
+        lend, pump, reader = self._lend, self._pump, self._directReader
+        assert lend is not None
+        if (
+            self.connected
+            and not self.disconnecting
+            and pump is not None
+            and reader is not None
+            and pump.running
+        ):
+            view = reader.readBuffer()
+            if view is not None and len(view) >= pump.minBuffer:
+                self._parked = False
+                self._pumpSpace = (reader, view)
+                lend.refill(view)
+                return
+        # The thread reads no more once told: the socket is ours now, and
+        # non-blocking again (the thread made the open file blocking).
+        lend.release()
+        self.socket.setblocking(False)
+        self._pumpReturned()
 
     def startReading(self) -> None:
         self._wantRead = True
         if not self._pumping:
             super().startReading()  # type: ignore[misc]
+        elif self._parked:
+            self._refill()
 
     def stopReading(self) -> None:
         self._wantRead = False
@@ -287,7 +353,10 @@ class _ZeroCopyMixin(FileDescriptorSeam):
                 if size >= SEND_LIMIT or len(views) == MAX_IOVEC:
                     break
             try:
-                sent = self.socket.sendmsg(views) if len(views) > 1 else self.socket.send(views[0])
+                if len(views) > 1:
+                    sent = self.socket.sendmsg(views, (), _DONTWAIT)
+                else:
+                    sent = self.socket.send(views[0], _DONTWAIT)
             except OSError as e:
                 if e.errno in _WOULD_BLOCK:
                     return None
@@ -310,7 +379,7 @@ class _ZeroCopyMixin(FileDescriptorSeam):
 
     def _send(self, view: memoryview) -> int:
         try:
-            sent: int = self.socket.send(view[:SEND_LIMIT])
+            sent: int = self.socket.send(view[:SEND_LIMIT], _DONTWAIT)
         except OSError:
             # Queue it all: doWrite meets the same error (or the socket
             # became writable) and reports a lost connection the way
@@ -368,7 +437,13 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         raise NotImplementedError("startTLS is not supported; use imageio.web._tls")
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._pumping:
+        if self._parked:
+            # Its space is full, it reads nothing: it closes its duplicate.
+            assert self._lend is not None
+            self._lend.release()
+            self._pumping = self._parked = False
+            self._lend = None
+        elif self._pumping:
             # Wake the pump thread: its epoll sees the end at once.
             try:
                 self.socket.shutdown(socket.SHUT_RD)
