@@ -72,6 +72,17 @@ def install(reactor: Any, classes: Iterable[type]) -> bool:
     return True
 
 
+def wakerClasses(reactor: Any) -> tuple[type, ...]:
+    """
+    @return: The exact class of C{reactor}'s waker, if it has one: every
+        C{callFromThread} (each result of the disk-io pool) wakes the
+        reactor through it, so it is worth dispatching lean too. Its
+        C{doRead} only drains its pipe.
+    """
+    waker = getattr(reactor, "waker", None)
+    return () if waker is None else (type(waker),)
+
+
 def uninstall(reactor: Any) -> None:
     """
     Give C{reactor} back Twisted's own dispatch.

@@ -42,7 +42,7 @@ from imageio._aio import AIOEngine, AIOService
 from imageio._buffers import BufferBudget
 from imageio._diskio import DiskIO, DiskIOService, createPool
 from imageio._log import Logger
-from imageio._twisted_dispatch import LeanDispatchService
+from imageio._twisted_dispatch import LeanDispatchService, wakerClasses
 from imageio.backends import BackendContext, BackendOpener, namesListener, readCAFile
 from imageio.control import Metrics, controlResource
 from imageio.daemon.images import ImagesService, imagesResource
@@ -335,8 +335,9 @@ class ImageioService(MultiService):
         # before backends close their files on the pool.
         self.aio = AIOEngine(reactor)
         AIOService(self.aio, config.daemon.io_engine).setServiceParent(self)
-        # Our sockets and the AIO eventfd without a log context per event.
-        lean = (AIOEngine, ZeroCopyTCPServer, ZeroCopyUNIXServer)
+        # Our sockets, the AIO eventfd and the reactor's waker (each disk-io
+        # result) without a log context per event.
+        lean = (AIOEngine, ZeroCopyTCPServer, ZeroCopyUNIXServer, *wakerClasses(reactor))
         LeanDispatchService(reactor, lean).setServiceParent(self)
         self.metrics.addCounter(
             "imageio_aio_completed",

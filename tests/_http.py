@@ -14,6 +14,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -356,10 +357,14 @@ class ImagesHarness:
         ticket.url = f"memory:{name}"
         return ticket
 
-    def connect(self) -> Connection:
+    def connect(self, secure: bool = False) -> Connection:
+        """
+        @param secure: The transport says it is TLS (L{ISSLTransport}), as
+            the daemon's HTTPS connections do.
+        """
         channel: ImageioChannel = self.site.buildProtocol(None)  # type: ignore[assignment]
         # Lenient like a real transport: resuming after loseConnection is a no-op.
-        transport = StringTransport(lenient=True)
+        transport = (_TLSStringTransport if secure else StringTransport)(lenient=True)
         channel.makeConnection(transport)
         return Connection(channel, transport)
 
@@ -370,6 +375,22 @@ class ImagesHarness:
         conn = self.connect()
         conn.send(raw)
         return conn.response(head=head)
+
+
+@implementer(ISSLTransport)
+class _TLSStringTransport(StringTransport):
+    """
+    A L{StringTransport} that says it is TLS, as the daemon's HTTPS
+    connections do (C{twisted.web} then also sets C{TCP_NODELAY}). Like a
+    TLS transport it takes any buffer and is done with it (encrypted it)
+    when C{write} returns.
+    """
+
+    def write(self, data: bytes | memoryview) -> None:
+        super().write(bytes(data))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
 
 
 @define

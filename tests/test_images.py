@@ -522,6 +522,64 @@ class GetTests(ImagesTestCase):
         response = self.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4000-12000"}))
         self.assertEqual(response.body, data[4000:12001])
 
+    def readSizes(self) -> list[int]:
+        """
+        @return: The size of every backend read from now on, in order.
+        """
+        sizes: list[int] = []
+        original = memory.MemoryBackend.readInto
+
+        def readInto(backend: Any, offset: int, buf: memoryview) -> Any:
+            sizes.append(len(buf))
+            return original(backend, offset, buf)
+
+        self.patch(memory.MemoryBackend, "readInto", readInto)
+        return sizes
+
+    def test_tlsChunks(self) -> None:
+        """
+        A download over TLS reads the backend in chunks of at most
+        C{TLS_CHUNK} (its two buffers are that small); over a plain
+        connection in chunks of half the buffer size.
+        """
+        from imageio.daemon import images
+
+        self.patch(images, "TLS_CHUNK", 4096)
+        self.h = ImagesHarness(bufferSize=16384)
+        self.addCleanup(self.h.cleanup)
+        data = bytes(range(251)) * 160
+        self.h.addTicket(data)
+        sizes = self.readSizes()
+        conn = self.h.connect(secure=True)
+        conn.send(request(b"GET", b"/images/t1"))
+        self.assertEqual(conn.response().body, data)
+        self.assertEqual(sizes, [4096] * 9 + [3296])
+        del sizes[:]
+        conn = self.h.connect()
+        conn.send(request(b"GET", b"/images/t1"))
+        self.assertEqual(conn.response().body, data)
+        self.assertEqual(sizes, [16384, 16384, 7392])
+
+    def test_tlsRangePastImage(self) -> None:
+        """
+        Over TLS, a range inside the ticket but past the end of the image is
+        answered 416 before any byte, as over a plain connection, also when
+        it is longer than a TLS chunk (the short read comes after a full
+        one).
+        """
+        from imageio.daemon import images
+
+        self.patch(images, "TLS_CHUNK", 4096)
+        self.h = ImagesHarness(bufferSize=16384)
+        self.addCleanup(self.h.cleanup)
+        self.h.addTicket(bytes(6000), size=20000)
+        for secure in (False, True):
+            conn = self.h.connect(secure=secure)
+            conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-9999"}))
+            response = conn.response()
+            self.assertError(response, 416, "Requested more bytes than available: 10000 > 6000")
+            self.assertEqual(response.header(b"content-range"), b"bytes */6000")
+
     def test_unknownTicket(self) -> None:
         """
         GET on an unknown ticket is 403 and closes the connection.

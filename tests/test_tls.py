@@ -754,7 +754,7 @@ class SocketTransport(StringTransport):
         pass
 
 
-class HeldPlaintextTests(ContextMixin, SynchronousTestCase):
+class _HeldPlaintextTestsMixin(ContextMixin):
     """
     Over a zero-copy transport, written plaintext is held and encrypted as
     the socket drains: the ciphertext queued stays bounded.
@@ -764,9 +764,12 @@ class HeldPlaintextTests(ContextMixin, SynchronousTestCase):
     #: piece and its records' overhead.
     BOUND = CIPHERTEXT_QUEUED + WRITE_SIZE + 8 * 1024
 
+    #: The transport in front of the socket.
+    transportClass: type[SocketTransport]
+
     def setUp(self) -> None:
         super().setUp()
-        self.socket = SocketTransport()
+        self.socket = self.transportClass()
         self.c = self.connect(transport=self.socket)
         self.c.handshake()
         # The reader stops reading: nothing more fits in the socket.
@@ -884,6 +887,58 @@ class HeldPlaintextTests(ContextMixin, SynchronousTestCase):
         self.assertEqual(c.server.pendingBytes(), 0)
         self.successResultOf(c.server.whenDrained())
         self.assertEqual(c.receive(), self.data)
+
+
+class HeldPlaintextTests(_HeldPlaintextTestsMixin, SynchronousTestCase):
+    """
+    Held plaintext over a zero-copy transport that has only C{write}.
+    """
+
+    transportClass = SocketTransport
+
+
+class SendNowSocketTransport(SocketTransport):
+    """
+    A L{SocketTransport} with our transports' C{sendNow}: what fits goes to
+    the socket at once while nothing is queued.
+
+    @ivar sendNowCalls: How often C{sendNow} was called.
+    """
+
+    def __init__(self, room: int = 1 << 30) -> None:
+        super().__init__(room)
+        self.sendNowCalls = 0
+
+    def sendNow(self, data: bytes) -> int:
+        self.sendNowCalls += 1
+        if self.queue:
+            return 0
+        n = min(len(data), self.room)
+        self.sent += data[:n]
+        self.room -= n
+        return n
+
+
+class HeldPlaintextSendNowTests(_HeldPlaintextTestsMixin, SynchronousTestCase):
+    """
+    Held plaintext over a zero-copy transport with C{sendNow}: each piece of
+    ciphertext goes through it, what it did not take through C{write}, and
+    the bound, the order and the bytes are the same.
+    """
+
+    transportClass = SendNowSocketTransport
+
+    def test_piecesSentNow(self) -> None:
+        """
+        With room in the socket, every piece goes through C{sendNow} and
+        nothing is queued.
+        """
+        self.socket.room = 1 << 30
+        self.c.server.write(memoryview(self.data))
+        self.assertGreaterEqual(self.socket.sendNowCalls, len(self.data) // WRITE_SIZE)
+        self.assertEqual(self.socket.mostQueued, 0)
+        self.successResultOf(self.c.server.whenDrained())
+        self.assertEqual(self.c.receive(), self.data)
 
 
 class FactoryTests(ContextMixin, SynchronousTestCase):

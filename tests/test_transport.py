@@ -236,6 +236,19 @@ class _BytesWriter:
         return False
 
 
+@implementer(IPullProducer)
+class _PullProducer:
+    """
+    A pull producer that produces nothing.
+    """
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class ChunkPullProducer:
     """
     A pull producer writing C{data} in C{chunk}-byte writes, one per
@@ -340,6 +353,40 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         received = await reading
         self.assertEqual(len(received), LARGE)
         self.assertTrue(received == expected, "Received bytes differ from the buffer")
+
+    async def test_sendNow(self) -> None:
+        """
+        C{sendNow} hands bytes to the kernel at once while nothing is
+        queued, and sends nothing (0) while something is, so the order
+        holds; after the connection closed it sends nothing either.
+        """
+        transport, client = await self.connect()
+        first = bytes(payload(64 * 1024))
+        self.assertEqual(transport.sendNow(first), len(first))
+        self.assertEqual(transport.pendingBytes(), 0)
+        queued = payload(LARGE, seed=3)
+        transport.write(queued)
+        self.assertGreater(transport.pendingBytes(), 0)
+        self.assertEqual(transport.sendNow(b"late"), 0)
+        transport.write(b"late")
+        received = await client.read(len(first) + LARGE + 4)
+        self.assertTrue(received == first + bytes(queued) + b"late", "Received bytes differ")
+        transport.loseConnection()
+        await self.lost()
+        self.assertEqual(transport.sendNow(b"x"), 0)
+
+    async def test_sendNowPullProducer(self) -> None:
+        """
+        C{sendNow} sends nothing while a pull producer is registered: it
+        is asked for more from the write pass, which C{write} schedules.
+        """
+        transport, client = await self.connect()
+        producer = _PullProducer()
+        transport.registerProducer(producer, False)
+        self.assertEqual(transport.sendNow(b"abc"), 0)
+        transport.unregisterProducer()
+        self.assertEqual(transport.sendNow(b"abc"), 3)
+        self.assertEqual(await client.read(3), b"abc")
 
     async def test_directWriterAfterQueue(self) -> None:
         """

@@ -245,6 +245,34 @@ class DispatchSeamTests(SynchronousTestCase):
         self.reactor.doIteration(0)
         self.assertEqual(lean.systems, ["-", "descriptor-prefix"])
 
+    def test_wakerLean(self) -> None:
+        """
+        L{_twisted_dispatch.wakerClasses} names the class of the reactor's
+        waker; installed, a wake-up (each C{callFromThread}) is read
+        without a log context, and the call runs.
+        """
+        classes = _twisted_dispatch.wakerClasses(self.reactor)
+        self.assertEqual(classes, (type(self.reactor.waker),))
+        self.assertEqual(_twisted_dispatch.wakerClasses(object()), ())
+        self.assertTrue(_twisted_dispatch.install(self.reactor, classes))
+        logged: list[object] = []
+        original = log.callWithLogger
+
+        def callWithLogger(logger: object, *args: Any, **kwargs: Any) -> Any:
+            logged.append(logger)
+            return original(logger, *args, **kwargs)
+
+        self.patch(log, "callWithLogger", callWithLogger)
+        # Again, now that callWithLogger is patched.
+        _twisted_dispatch.install(self.reactor, classes)
+        called: list[int] = []
+        self.reactor.callFromThread(called.append, 1)
+        self.reactor.wakeUp()
+        self.reactor.doIteration(0)
+        self.reactor.runUntilCurrent()
+        self.assertEqual(called, [1])
+        self.assertNotIn(self.reactor.waker, logged)
+
     def test_errorLoggedAndDisconnected(self) -> None:
         """
         An exception from a lean descriptor's C{doRead} is logged under its

@@ -101,6 +101,12 @@ ZERO_STEP = 128 * 1024**2
 #: spare buffer of the connection, without a download producer.
 SMALL_READ = 256 * 1024
 
+#: Downloads over TLS read at most this much per backend read (each of their
+#: two buffers holds this much): the reactor's encryption limits them, not
+#: the read, and 2 MiB chunks instead of 4 MiB take 4 MiB off the peak RSS
+#: of a download (issue 12). See bench/README.rst, "Memory".
+TLS_CHUNK = 2 * 1024**2
+
 #: JSON bodies of PATCH requests are small; cap them.
 MAX_PATCH_BODY = 4096
 
@@ -245,6 +251,15 @@ class ImagesService:
         at most C{bufferSize} bytes, as upstream's single buffer.
         """
         return max(_buffers.ALIGNMENT, self.bufferSize // 2)
+
+    def readChunkSize(self, request: Request) -> int:
+        """
+        Size of each of the two buffers a download on C{request}'s
+        connection reads into: L{chunkSize}, at most L{TLS_CHUNK} over TLS.
+        """
+        if request.isSecure():
+            return min(self.chunkSize, TLS_CHUNK)
+        return self.chunkSize
 
     def authorize(self, ticketID: str, op: str, close: bool = True) -> Ticket:
         try:
@@ -672,7 +687,7 @@ class ImageHandler:
                     op.onCancel = None
             producer = DownloadProducer(
                 *common,
-                bufferSize=self.service.chunkSize,
+                bufferSize=self.service.readChunkSize(request),
                 idleTimeout=ticket.inactivityTimeout,
                 pool=self.service.buffersFor(request, ticket),
                 budget=self.service.budget,
@@ -729,14 +744,19 @@ class ImageHandler:
         @return: Whether this GET is a closed range inside the ticket that one
             read covers, so a short read can still become a 416.
         """
-        return (
+        if not (
             request.method == b"GET"
             and byteRange is not None
             and byteRange.first is not None
             and byteRange.last is not None
             and byteRange.last < ticket.size
-            and byteRange.last - byteRange.first < self.service.chunkSize
-        )
+        ):
+            return False
+        span: int = byteRange.last - byteRange.first
+        if span < TLS_CHUNK and span < self.service.chunkSize:
+            # One read whatever the transport (small reads: not asked).
+            return True
+        return span < self.service.readChunkSize(request)
 
     # PUT
 

@@ -334,6 +334,30 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             view = view[sent:]
         self._enqueue(view)
 
+    def sendNow(self, data: bytes) -> int:
+        """
+        Send what the socket takes of C{data} at once, without queuing: the
+        TLS layer's path for each piece of ciphertext it just encrypted (one
+        call instead of L{write}'s).
+
+        @return: The bytes the kernel took; 0 when something is queued (the
+            order must hold), a pull producer waits for the write pass, the
+            connection is closed or the send failed. The caller writes the
+            rest with L{write}, which reports errors as usual.
+        """
+        if (
+            self._queued
+            or not self.connected
+            or self.writeDisconnected
+            or (self.producer is not None and not self.streamingProducer)
+        ):
+            return 0
+        try:
+            sent: int = self.socket.send(data)
+        except OSError:
+            return 0
+        return sent
+
     def writeSequence(self, data: Iterable[bytes]) -> None:
         items = list(data)
         if sum(map(len, items)) < JOIN_SEQUENCE:
