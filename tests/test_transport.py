@@ -600,7 +600,6 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         self.assertTrue(second.called, "whenDrained never fires")
         self.assertEqual(transport.pendingBytes(), 0)
 
-
     async def test_resumeWhileReading(self) -> None:
         """
         C{resumeProducing} on a transport that reads (what twisted.web's
