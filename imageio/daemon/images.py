@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from attrs import define, field
@@ -34,6 +34,7 @@ from imageio.interfaces import (
     IBackendOpener,
     IBodySink,
     IConnection,
+    IReadIntoThen,
     UnsupportedOperation,
 )
 from imageio.ranges import (
@@ -477,6 +478,9 @@ class ImageHandler:
                 d = self._read(backend, request, ticket, byteRange)
             except Exception:
                 d = fail()
+            if d is None:
+                # A small read answering by itself (IReadIntoThen).
+                return None
         else:
             d = self.service.backendFor(request, ticket)
             d.addCallback(self._read, request, ticket, byteRange)
@@ -485,7 +489,11 @@ class ImageHandler:
 
     def _read(
         self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
-    ) -> Deferred[Any]:
+    ) -> Deferred[Any] | None:
+        """
+        @return: The outcome, for the handler's and the router's errbacks;
+            C{None} for a small read that answers failures itself.
+        """
         oneRead = self._oneRead(request, ticket, byteRange)
         if oneRead and byteRange.last - byteRange.first < SMALL_READ:
             pool = self.service.buffersFor(request, ticket)
@@ -504,13 +512,19 @@ class ImageHandler:
         pool: _buffers.BufferPool,
         buf: memoryview,
         lease: _buffers.Lease,
-    ) -> Deferred[Any]:
+    ) -> Deferred[Any] | None:
         """
         A small range inside the ticket (random reads), with a spare buffer
         of the connection: one backend read into it, then the response in
         one piece (it is copied for the transport anyway, see
         C{imageio.web.DownloadProducer}), without a download producer.
         Failures are answered as the producer's are before the headers.
+
+        @return: The read's Deferred, whose outcome the handler's and the
+            router's errbacks see; or C{None} when the backend gives the
+            outcome to a plain function (L{IReadIntoThen}), which then
+            answers a failure as they would (no Deferred, no callback chain
+            per request).
         """
         offset, length = byteRange.first, byteRange.last - byteRange.first + 1
         op = Operation("read", offset)
@@ -598,6 +612,24 @@ class ImageHandler:
                 return None
 
         op.onCancel = canceled
+        if IReadIntoThen.providedBy(backend):
+
+            def answer(f: Failure) -> None:
+                # What the handler's and the router's errbacks do.
+                answerFailure(request, _failureToHTTP(f, request))
+
+            def then(n: object) -> None:
+                outcome = safely(n)
+                if outcome is None:
+                    return
+                if isinstance(outcome, Failure):
+                    answer(outcome)
+                else:
+                    # A short read asking the image size (_shortRead).
+                    cast("Deferred[object]", outcome).addErrback(answer)
+
+            backend.readIntoThen(offset, buf[:length], then)
+            return None
         result: Deferred[Any] = backend.readInto(offset, buf[:length])
         result.addBoth(safely)
         return result
