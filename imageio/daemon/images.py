@@ -77,6 +77,7 @@ from imageio.web import (
     cors,
     enumArg,
     exchangeOf,
+    headerValues,
     isGone,
     loadJSON,
     pushProducerOf,
@@ -104,6 +105,10 @@ SMALL_READ = 256 * 1024
 
 #: JSON bodies of PATCH requests are small; cap them.
 MAX_PATCH_BODY = 4096
+
+
+#: L{RELAYED_HEADER} as Twisted spells request header names.
+_RELAYED = RELAYED_HEADER.title()
 
 
 def _forbidden(error: AuthorizationError, close: bool = True) -> HTTPError:
@@ -259,13 +264,22 @@ class ImagesService:
             and the request may use it, else C{None}: then L{backendFor}
             opens it, waits for it, or refuses the request.
         """
+        ctx = self.openedContext(request, ticket)
+        return ctx.backend if ctx is not None else None
+
+    def openedContext(self, request: Request, ticket: Ticket) -> _Context | None:
+        """
+        @return: This connection's context for C{ticket} (its backend and
+            spare buffers) if the backend is open and the request may use
+            it (see L{openedBackend}), else C{None}.
+        """
         ctx: _Context | None = connectionOf(request).contexts.get(ticket)
         if ctx is None or ctx.backend is None:
             return None
-        if request.requestHeaders.hasHeader(RELAYED_HEADER):
+        if headerValues(request.requestHeaders, _RELAYED) is not None:
             # backendFor decides whether that would be a loop.
             return None
-        return ctx.backend
+        return ctx
 
     def backendFor(self, request: Request, ticket: Ticket) -> Deferred[IBackend]:
         """
@@ -454,10 +468,13 @@ class ImageHandler:
 
     def handleGET(self, request: Request, ticketID: str) -> Deferred[Any] | None:
         cors(request)
-        _ticketID(ticketID)
+        if not ticketID:
+            _ticketID(ticketID)
         if queryArg(request, "close") == "y":
             closeAfterResponse(request)
-        rangeHeader = request.getHeader(b"range")
+        # request.getHeader(b"range"), in one dict lookup.
+        ranges = headerValues(request.requestHeaders, b"Range")
+        rangeHeader = ranges[-1] if ranges else None
         byteRange = None
         if rangeHeader is not None:
             try:
@@ -470,12 +487,14 @@ class ImageHandler:
                     e.status, e.message, [(b"content-range", b"bytes */%d" % ticket.size)]
                 ) from None
         ticket = self.service.authorize(ticketID, READ)
-        backend = self.service.openedBackend(request, ticket)
-        if backend is not None:
+        ctx = self.service.openedContext(request, ticket)
+        if ctx is not None:
             # The connection's backend is open (every request after its
             # first): no Deferred to wait for it.
+            backend = ctx.backend
+            assert backend is not None
             try:
-                d = self._read(backend, request, ticket, byteRange)
+                d = self._read(backend, request, ticket, byteRange, ctx.buffers)
             except Exception:
                 d = fail()
             if d is None:
@@ -488,15 +507,23 @@ class ImageHandler:
         return d
 
     def _read(
-        self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
+        self,
+        backend: IBackend,
+        request: Request,
+        ticket: Ticket,
+        byteRange: Any,
+        pool: _buffers.BufferPool | None = None,
     ) -> Deferred[Any] | None:
         """
+        @param pool: The connection's spare buffers for C{ticket}, if the
+            caller has them at hand.
         @return: The outcome, for the handler's and the router's errbacks;
             C{None} for a small read that answers failures itself.
         """
         oneRead = self._oneRead(request, ticket, byteRange)
         if oneRead and byteRange.last - byteRange.first < SMALL_READ:
-            pool = self.service.buffersFor(request, ticket)
+            if pool is None:
+                pool = self.service.buffersFor(request, ticket)
             spare = pool.take() if pool is not None else None
             if pool is not None and spare is not None:
                 return self._readSmall(backend, request, ticket, byteRange, pool, *spare)

@@ -54,7 +54,7 @@ from imageio.web._transport import (
     ZeroCopyTCPServer,
     ZeroCopyUNIXServer,
 )
-from imageio.web._twisted_http import setSafeHeaders
+from imageio.web._twisted_http import headerValues, setSafeHeaders
 from imageio.web._upload import ShortBody, UploadSink
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "sendError",
     "sendHTTPError",
     "sendJSON",
+    "headerValues",
     "setSafeHeaders",
     "loadJSON",
     "JSONListWriter",

@@ -528,8 +528,16 @@ class ImageioChannel(HTTPChannelSeam):
     def allContentReceived(self) -> None:
         # However the body ended (the last bytes may have come with the
         # headers), the next request must not read into this one's sink.
-        self._stopDirectReads()
-        self._stopBodyWatch()
+        # (A GET has neither: no calls.)
+        if (
+            self._directSink is not None
+            or self._directPending
+            or self._directView is not None
+            or self._directReadAt is not None
+        ):
+            self._stopDirectReads()
+        if self._bodyWatch is not None or self._bodyPausedSince is not None:
+            self._stopBodyWatch()
         if self.closingEarly:
             return
         super().allContentReceived()

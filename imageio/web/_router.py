@@ -128,7 +128,8 @@ class Router(Resource):
             )
             sendInternalError(request)
             return NOT_DONE_YET
-        if isinstance(result, Deferred):
+        # (None first: isinstance against Deferred, an ABC, is dear for it.)
+        if result is not None and isinstance(result, Deferred):
             result.addErrback(self._failed, request)
         return NOT_DONE_YET
 

@@ -210,6 +210,11 @@ def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
     return not headers._rawHeaders.keys().isdisjoint(names)
 
 
+#: Request headers that change what L{HTTPChannelSeam.allHeadersReceived}
+#: does, as Twisted spells them.
+_HEAD_OPTIONS = frozenset({b"Cookie", b"Connection", b"Expect"})
+
+
 class HTTPChannelSeam(http.HTTPChannel):
     """
     C{HTTPChannel} with the private state we use under public names, and
@@ -359,11 +364,18 @@ class HTTPChannelSeam(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """
-        Twisted's, with its header lookups in one dict lookup each.
+        Twisted's, with its header lookups in one dict lookup each, and
+        none for a request without C{Cookie}, C{Connection} and C{Expect}
+        (nearly all): no cookie to parse, the connection persists on
+        HTTP/1.1, nothing to continue.
         """
         request = self.requests[-1]
-        request.parseCookies()
         version = self._version
+        if request.requestHeaders._rawHeaders.keys().isdisjoint(_HEAD_OPTIONS):
+            self.persistent = version == b"HTTP/1.1"
+            request.gotLength(self.length)
+            return
+        request.parseCookies()
         self.persistent = self.checkPersistence(request, version)
         request.gotLength(self.length)
         # Expect: 100-continue gets Twisted's automatic answer.
