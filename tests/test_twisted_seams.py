@@ -37,6 +37,7 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.protocols import basic
 from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
@@ -679,7 +680,15 @@ class HTTPSeamTests(SynchronousTestCase):
         The private names Twisted defines on its classes are there.
         """
         for owner, name in _twisted_http.PRIVATE_NAMES:
-            if name in {"_command", "_path", "_version", "_handlingRequest", "_transferDecoder"}:
+            if name in {
+                "_command",
+                "_path",
+                "_version",
+                "_handlingRequest",
+                "_transferDecoder",
+                "_dataBuffer",
+                "_networkProducer",
+            }:
                 # Set on instances; pinned by the tests below.
                 continue
             self.assertTrue(hasattr(namedAny(owner), name), f"{owner}.{name} is gone")
@@ -729,6 +738,63 @@ class HTTPSeamTests(SynchronousTestCase):
         self.assertTrue(channel.handlingRequest)
         channel.requests[-1].finish()
         self.assertFalse(channel.handlingRequest)
+
+    def test_requestDoneAsTwisted(self) -> None:
+        """
+        C{HTTPChannelSeam.requestDone} leaves the channel, its transport
+        and the next requests as Twisted's C{requestDone} does: nothing
+        buffered, pipelined requests buffered meanwhile (parsed then), a
+        transport paused by them (resumed), HTTP/1.0 (closed), a request
+        that is not the first (refused).
+        """
+
+        class TwistedDone(_twisted_http.HTTPChannelSeam):
+            requestDone = http.HTTPChannel.requestDone
+
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        # More than Twisted buffers before it pauses the transport (16 KiB).
+        large = b"GET /b HTTP/1.1\r\nX-Pad: %s\r\n\r\n" % (b"p" * 4000,) * 6
+        cases = [
+            [get],
+            [get + get + get],
+            [get, large],
+            [b"GET /a HTTP/1.0\r\n\r\n"],
+        ]
+        for sends in cases:
+            outcomes = []
+            for cls in (_twisted_http.HTTPChannelSeam, TwistedDone):
+                channel = _channel(cls)
+                for data in sends:
+                    channel.dataReceived(data)
+                states = []
+                while len(states) < 10 and channel.requests and not channel.requests[0].finished:
+                    channel.requests[0].finish()
+                    transport = channel.transport
+                    states.append(
+                        (
+                            transport.value(),
+                            len(channel.requests),
+                            channel.line_mode,
+                            channel.persistent,
+                            channel.handlingRequest,
+                            transport.disconnecting,
+                            transport.producerState,
+                        )
+                    )
+                outcomes.append(states)
+            self.assertEqual(outcomes[0], outcomes[1], sends)
+            self.assertTrue(outcomes[0])
+        for cls in (_twisted_http.HTTPChannelSeam, TwistedDone):
+            channel = _channel(cls)
+            channel.dataReceived(get)
+            self.assertRaises(TypeError, channel.requestDone, _Request(channel))
+            self.assertEqual(len(channel.requests), 1)
+        live = _channel()
+        self.assertEqual(live._dataBuffer, [])
+        self.assertIs(live._networkProducer, live.transport)
+        # The seam copies these: if Twisted changes them, read it again.
+        self.assertEqual(_codeDigest(http.HTTPChannel.requestDone), "883a6b3682f6709b")
+        self.assertEqual(_codeDigest(basic.LineReceiver.setLineMode), "2b377c1e4683eb4d")
 
     def test_setIdleTimeout(self) -> None:
         """
