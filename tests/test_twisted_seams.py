@@ -954,6 +954,19 @@ class HeaderSeamTests(SynchronousTestCase):
         self.assertEqual(fast, slow)
         self.assertEqual(list(fast.getAllRawHeaders()), list(slow.getAllRawHeaders()))
 
+    def test_rawHeaderItems(self) -> None:
+        """
+        C{rawHeaderItems} gives what C{getAllRawHeaders} gives, in order.
+        """
+        headers = Headers()
+        headers.setRawHeaders(b"x-first", [b"1", b"2"])
+        headers.addRawHeader(b"content-length", b"5")
+        _twisted_http.setSafeHeaders(headers, {b"Server": [b"s"]})
+        self.assertEqual(
+            list(_twisted_http.rawHeaderItems(headers)), list(headers.getAllRawHeaders())
+        )
+        self.assertEqual(len(list(_twisted_http.rawHeaderItems(headers))), 3)
+
     def test_hasAnyHeader(self) -> None:
         """
         Header names received in any case are found by their canonical

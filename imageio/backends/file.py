@@ -575,9 +575,18 @@ class FileBackend:
             then(Failure(ValueError(f"Negative offset: {offset}")))
             return
         aio = self._aio
-        if aio is not None and aio.running and not self._closed and self._aligned(offset, buf):
+        bs = self.blockSize
+        size = buf.nbytes
+        # _aligned, inline.
+        if (
+            aio is not None
+            and aio.running
+            and not self._closed
+            and not (offset % bs or size % bs)
+            and size
+        ):
             limit = self._aioSyncMax
-            if limit is None or buf.nbytes <= limit:
+            if limit is None or size <= limit:
                 if self._submitAIOThen(
                     aio, _aio.IOCB_CMD_PREAD, offset, buf, limit is None, self._readInto, then
                 ):
@@ -827,7 +836,8 @@ class FileBackend:
                 # The fd stays open: this call is still counted in flight.
                 self._diskio.run(fn, offset, buf).addBoth(returned)
                 return
-            returned(r)
+            self._returned(r, finished)
+            then(r)
 
         view = buf if buf.ndim == 1 and buf.itemsize == 1 else _byteView(buf)
         self._inFlight += 1

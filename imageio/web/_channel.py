@@ -30,7 +30,7 @@ from imageio.web._head import MAX_HEAD, parseHead
 from imageio.web._request import StreamingRequest
 from imageio.web._response import SERVER, HTTPError
 from imageio.web._socket import tuneTransport
-from imageio.web._twisted_http import HTTPChannelSeam, IdentityBody
+from imageio.web._twisted_http import HTTPChannelSeam, IdentityBody, rawHeaderItems
 
 log = Logger()
 
@@ -244,10 +244,11 @@ class ImageioChannel(HTTPChannelSeam):
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
-        self._flushHead()
+        if self._head is not None:
+            self._flushHead()
         # Twisted's format (Headers sanitized the names and values).
         head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
+        for name, values in rawHeaderItems(headers):
             for value in values:
                 head += (name, b": ", value, b"\r\n")
         head += (b"\r\n",)
@@ -284,7 +285,8 @@ class ImageioChannel(HTTPChannelSeam):
         super().loseConnection()
 
     def requestDone(self, request: http.Request) -> None:
-        self._flushHead()
+        if self._head is not None:
+            self._flushHead()
         persistent = self.persistent
         super().requestDone(request)
         if self.readClosed and persistent:

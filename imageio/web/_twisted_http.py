@@ -208,6 +208,14 @@ def writeFirst(request: server.Request, data: bytes) -> bool:
     return True
 
 
+def rawHeaderItems(headers: Headers) -> Any:
+    """
+    @return: C{headers.getAllRawHeaders()}: (name, values) in the order
+        set, without its iterator's calls.
+    """
+    return headers._rawHeaders.items()
+
+
 def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
     """
     @param names: Header names in Twisted's canonical form.
