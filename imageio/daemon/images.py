@@ -560,7 +560,8 @@ class ImageHandler:
         except HTTPError:
             pool.give(buf, lease)
             raise
-        _logRead(ticket, offset, length)
+        if _log.enabled(LogLevel.debug):
+            _logRead(ticket, offset, length)
         # The read's own Deferred is the handler's result (no Deferred of
         # our own per request): what the callback returns is the outcome
         # the handler's and the router's errbacks see. Once the outcome is

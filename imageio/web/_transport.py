@@ -274,9 +274,10 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        if not self._queued and len(view) >= IMMEDIATE_SEND:
+        size = view.nbytes
+        if not self._queued and size >= IMMEDIATE_SEND:
             sent = self._send(view)
-            if sent == len(view):
+            if sent == size:
                 if self.producer is not None and not self.streamingProducer:
                     # A pull producer is asked for more from doWrite.
                     self.startWriting()  # type: ignore[attr-defined]
