@@ -23,6 +23,7 @@ Usage::
 
     .venv/bin/python bench/daemon_calls.py [--transports unix,https]
         [--requests 4000] [--top 30] [--callers NAME] [--ours-cmd CMD]
+        [--save DIR]
 
 C{--ours-cmd} is C{bench/run}'s (C{{config_dir}} is replaced); the profiler
 options are put after its C{twistd}.
@@ -34,6 +35,7 @@ import argparse
 import json
 import pstats
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +103,9 @@ def profiledRun(
             raise SystemExit(f"randread made {done} requests, not {requests}")
     finally:
         server.stop()
+    if opts.save:
+        Path(opts.save).mkdir(parents=True, exist_ok=True)
+        shutil.copy(profile, Path(opts.save) / f"{transport}-{tag}.pstats")
     stats: Any = pstats.Stats(str(profile)).stats
     byFile: dict[str, int] = {}
     for key, (_, calls, _, _, callers) in stats.items():
@@ -149,6 +154,9 @@ def main() -> None:
     parser.add_argument("--ours-cmd", default=bench.DEFAULT_OURS_CMD)
     parser.add_argument(
         "--callers", help="also list who calls the functions whose name holds this text"
+    )
+    parser.add_argument(
+        "--save", help="keep each run's profile here (<transport>-a.pstats, -b.pstats)"
     )
     opts = parser.parse_args()
 

@@ -145,13 +145,21 @@ PARTS: list[tuple[str, list[str]]] = [
     ("Router: match, method", ["_router.py:render"]),
     ("handler: CORS, Range, query args", ["images.py:handleGET"]),
     ("ticket authorization", ["tickets.py:authorize"]),
-    ("backend lookup (per connection)", ["images.py:backendFor", "images.py:openedBackend"]),
-    ("small read: response headers, Deferreds", ["images.py:_readSmall", "images.py:_startRead"]),
+    (
+        "backend lookup (per connection)",
+        ["images.py:backendFor", "images.py:openedBackend", "images.py:openedContext"],
+    ),
+    (
+        "small read: response headers, Deferreds",
+        ["images.py:_readSmall", "images.py:_startRead"],
+    ),
     (
         "ticket operations (start, finish)",
         ["images.py:startOperation", "images.py:finishOperation"],
     ),
     ("download producer (not used by small reads)", ["_download.py:start"]),
+    # A small read's readIntoThen calls back inline, so the answer is
+    # inside it: it is counted with the small read.
     ("backend read (memory, inline)", ["memory.py:readInto"]),
     ("response head formatting", ["_channel.py:writeHeaders"]),
     ("finish, request done, clean-up (twisted)", ["web/http.py:finish"]),

@@ -172,7 +172,7 @@ class Syscalls:
             self.geteventsNr,
             ctx,
             minNr,
-            len(events),
+            events._length_,
             events,
             None if timeout is None else ctypes.byref(timeout),
         )
@@ -228,6 +228,9 @@ def isMemoryFileSystem(fd: int) -> bool:
         return fileSystemType(fd) in MEMORY_FILE_SYSTEMS
     except OSError:
         return False
+
+
+_pinned = ctypes.c_char.from_buffer
 
 
 def pin(view: memoryview) -> ctypes.c_char | None:
@@ -502,8 +505,10 @@ class AIOEngine:
                 return False
             then(0)
             return True
-        buffer = pin(view)
-        if buffer is None:
+        # pin(view), inline.
+        try:
+            buffer = _pinned(view)
+        except (TypeError, ValueError):
             return False
         address = ctypes.addressof(buffer)
         if address % align:

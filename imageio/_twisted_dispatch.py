@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_twisted_seams -*-
 """
 The epoll reactor's dispatch of our own busy descriptors without the logging
-context Twisted sets up for every event.
+context Twisted sets up for every event, and its main loop without the
+bookkeeping calls of a turn that has nothing to run but I/O.
 
 Twisted's C{EPollReactor.doPoll} calls each ready descriptor through
 C{log.callWithLogger(selectable, reactor._doReadOrWrite, ...)}: the
@@ -21,6 +22,20 @@ is one whose C{doRead} or C{doWrite} returns a reason; hang-ups and closed
 descriptors go through Twisted's own C{_doReadOrWrite}. Every other
 descriptor is dispatched by Twisted as before.
 
+The main loop: Twisted's C{mainLoop} runs, every turn, C{runUntilCurrent}
+(thread calls, new and due timed calls) and C{timeout} (new timed calls,
+the time to the first one), about ten Python calls, though on a busy data
+listener nearly every turn has nothing for them: a 4 KiB read is two turns
+(the client's socket, then the AIO eventfd). L{install} also gives the
+reactor instance a C{mainLoop} of its own: Twisted's turn, then, for as
+long as nothing is for C{runUntilCurrent} (no thread call queued, no timed
+call new or due, no stop, no pending compaction of cancelled calls), a turn
+that only polls, for as long as the first timed call allows, as C{timeout}
+computes it. Anything else ends those turns and Twisted's turn runs, in the
+same order as before. C{mainLoop} is looked up when the reactor starts
+running (C{twistd} starts services before), so a reactor already running
+keeps Twisted's loop and gets only the lean dispatch.
+
 Only an C{EPollReactor} (exactly that class) is changed; L{install} leaves
 any other reactor alone and says so. The private names used
 (L{PRIVATE_NAMES}) are pinned by C{tests.test_twisted_seams}.
@@ -36,6 +51,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import posixbase
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger as TwistedLogger
 from twisted.python import log
 
 from imageio._log import Logger
@@ -52,13 +68,27 @@ PRIVATE_NAMES = (
     ("twisted.internet.epollreactor.EPollReactor", "_POLL_IN"),
     ("twisted.internet.epollreactor.EPollReactor", "_POLL_OUT"),
     ("twisted.internet.posixbase", "_NO_FILEDESC"),
+    ("twisted.internet.base.ReactorBase", "_started"),
+    ("twisted.internet.base.ReactorBase", "_justStopped"),
+    ("twisted.internet.base.ReactorBase", "_newTimedCalls"),
+    ("twisted.internet.base.ReactorBase", "_pendingTimedCalls"),
+    ("twisted.internet.base.ReactorBase", "_cancellations"),
 )
+
+#: Twisted's C{ReactorBase.timeout} bound: the longest C{epoll_wait}
+#: timeout in milliseconds that a C int holds, in seconds.
+LONGEST_TIMEOUT = 2147483
+
+#: What Twisted's main loop logs (C{twisted.internet.base}'s logger).
+_BASE_LOG = TwistedLogger(namespace="twisted.internet.base")
+_LOOP_ERRORS = _BASE_LOG.failureHandler("Unexpected error in main loop")
 
 
 def install(reactor: Any, classes: Iterable[type]) -> bool:
     """
     Dispatch ready descriptors of C{classes} on C{reactor} without a
-    logging context per event (see the module's docstring).
+    logging context per event, and run its main loop with lean turns (see
+    the module's docstring).
 
     Installing again replaces the classes; L{uninstall} undoes it.
 
@@ -67,8 +97,12 @@ def install(reactor: Any, classes: Iterable[type]) -> bool:
     """
     if type(reactor) is not EPollReactor:
         return False
-    # An instance attribute: mainLoop and iterate call self.doIteration.
-    vars(reactor)["doIteration"] = _leanPoll(reactor, frozenset(classes))
+    uninstall(reactor)
+    doPoll = _leanPoll(reactor, frozenset(classes))
+    # Instance attributes: mainLoop and iterate call self.doIteration, run
+    # calls self.mainLoop.
+    vars(reactor)["doIteration"] = doPoll
+    vars(reactor)["mainLoop"] = _LeanLoop(reactor, doPoll).mainLoop
     return True
 
 
@@ -85,10 +119,67 @@ def wakerClasses(reactor: Any) -> tuple[type, ...]:
 
 def uninstall(reactor: Any) -> None:
     """
-    Give C{reactor} back Twisted's own dispatch.
+    Give C{reactor} back Twisted's own dispatch and main loop (a lean loop
+    already running goes on with Twisted's turns only).
     """
-    if type(reactor) is EPollReactor and "doIteration" in vars(reactor):
-        del reactor.doIteration
+    if type(reactor) is EPollReactor:
+        vars(reactor).pop("doIteration", None)
+        loop = vars(reactor).pop("mainLoop", None)
+        owner = getattr(loop, "__self__", None)
+        if isinstance(owner, _LeanLoop):
+            owner.installed = False
+
+
+class _LeanLoop:
+    """
+    C{ReactorBase.mainLoop} with turns that only poll while nothing is for
+    C{runUntilCurrent} (see the module's docstring).
+
+    @ivar installed: Whether lean turns are still wanted (L{uninstall}).
+    """
+
+    def __init__(self, reactor: EPollReactor, doPoll: Any) -> None:
+        self.reactor = reactor
+        self.doPoll = doPoll
+        self.installed = True
+
+    def mainLoop(self) -> None:
+        # ReactorBase.mainLoop, then the lean turns.
+        reactor: Any = self.reactor
+        while reactor._started:
+            with _LOOP_ERRORS:
+                reactor.runUntilCurrent()
+                t2 = reactor.timeout()
+                t = reactor.running and t2
+                reactor.doIteration(t)
+                self._leanTurns()
+        _BASE_LOG.info("Main loop terminated.")
+
+    def _leanTurns(self) -> None:
+        """
+        Poll and dispatch for as long as C{runUntilCurrent} would have
+        nothing to do before the poll: what C{mainLoop} would do, without
+        its calls.
+        """
+        reactor: Any = self.reactor
+        doPoll = self.doPoll
+        while self.installed and reactor.running:
+            if (
+                reactor.threadCallQueue
+                or reactor._newTimedCalls
+                or reactor._justStopped
+                or reactor._cancellations > 50
+            ):
+                return
+            pending = reactor._pendingTimedCalls
+            if pending:
+                # ReactorBase.timeout; a call due now is runUntilCurrent's.
+                delay = pending[0].time - reactor.seconds()
+                if delay <= 0:
+                    return
+                doPoll(delay if delay < LONGEST_TIMEOUT else LONGEST_TIMEOUT)
+            else:
+                doPoll(None)
 
 
 def _leanPoll(reactor: EPollReactor, lean: frozenset[type]) -> Any:

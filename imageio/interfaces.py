@@ -196,6 +196,21 @@ class IBackend(Interface):
         """
 
 
+class IReadIntoThen(Interface):
+    """
+    A backend that can give a read's outcome to a plain function instead
+    of a Deferred: the data path's small reads (4 KiB random reads) then
+    make no Deferred and no callback chain per request.
+    """
+
+    def readIntoThen(offset: int, buf: memoryview, then: Callable[[int | Failure], object]) -> None:
+        """
+        L{IBackend.readInto}, giving its outcome to C{then} instead: called
+        exactly once, maybe before this returns, with the number of bytes
+        read or a L{Failure}. C{buf} is the backend's until then.
+        """
+
+
 class ISpliceSource(Interface):
     """
     A backend whose bytes the kernel can move into a pipe (C{splice(2)}),

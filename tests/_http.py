@@ -26,7 +26,7 @@ from imageio._buffers import BufferBudget
 from imageio._diskio import SynchronousDiskIO
 from imageio.backends import BackendContext, BackendOpener, memory
 from imageio.daemon.images import ImagesService, imagesResource
-from imageio.interfaces import Extent, IBackend, IBackendOpener
+from imageio.interfaces import Extent, IBackend, IBackendOpener, IReadIntoThen
 from imageio.tickets import Ticket, TicketRegistry
 from imageio.web import ImageioChannel, ImageioSite
 
@@ -253,6 +253,26 @@ class FakeBackend:
     def close(self) -> Deferred[None]:
         self.closed += 1
         return succeed(None)
+
+
+@implementer(IReadIntoThen)
+@define
+class FakeCallbackBackend(FakeBackend):
+    """
+    A L{FakeBackend} that also gives reads' outcomes to plain functions
+    (L{IReadIntoThen}), when the test fires them; a read may fail with
+    C{readError}.
+    """
+
+    readsThen: int = 0
+    readError: Exception | None = None
+
+    def readIntoThen(self, offset: int, buf: memoryview, then: Any) -> None:
+        self.readsThen += 1
+        if self.readError is not None:
+            then(Failure(self.readError))
+            return
+        self.readInto(offset, buf).addBoth(then)
 
 
 @implementer(IBackendOpener)

@@ -553,6 +553,40 @@ class _FileIOTestsMixin(_Mixin):
         self.assertEqual(readBack(self, backend, 10000, 4096), b"")
         self.assertEqual(readBack(self, backend, 20480, 4096), b"")
 
+    def test_readIntoThen(self) -> None:
+        """
+        L{FileBackend.readIntoThen} gives C{then}, once, what L{readInto}
+        gives its Deferred: the bytes read (short at the end, aligned or
+        not), or the failure.
+        """
+        data = self.rng.randbytes(20000)
+        backend = self.backend(data)
+        for offset, length, misalign in [
+            (0, 4096, 0),
+            (4096, 8192, 0),
+            (16384, 4096, 0),
+            (1, 100, 0),
+            (4096, 4096, 1),
+            (30000, 4096, 0),
+        ]:
+            view = memoryview(_buffers.allocate(length + misalign))[misalign : misalign + length]
+            outcomes: list[object] = []
+            backend.readIntoThen(offset, view, outcomes.append)
+            expected = data[offset : offset + length]
+            self.assertEqual(outcomes, [len(expected)], (offset, length, misalign))
+            self.assertEqual(bytes(view[: len(expected)]), expected)
+        outcomes = []
+        backend.readIntoThen(-1, memoryview(bytearray(10)), outcomes.append)
+        [failure] = outcomes
+        assert isinstance(failure, Failure)
+        failure.trap(ValueError)
+        self.successResultOf(backend.close())
+        outcomes = []
+        backend.readIntoThen(0, memoryview(_buffers.allocate(4096)), outcomes.append)
+        [failure] = outcomes
+        assert isinstance(failure, Failure)
+        failure.trap(filebackend.BackendClosed)
+
     def test_writeUnalignedKeepsNeighbours(self) -> None:
         """
         Writes at offsets 1, 511 and 4095 of various lengths change only
@@ -1082,6 +1116,50 @@ class _AIOFileIOTestsMixin(_FileIOTestsMixin):
         self.assertNoResult(closed)
         d.callback(4096)
         self.successResultOf(closed)
+
+    def test_readIntoThenAIO(self) -> None:
+        """
+        An aligned L{FileBackend.readIntoThen} goes through the AIO engine
+        and makes no pool call; the file stays open until C{then} was told.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data, diskio=diskio)
+        assert self.aio is not None
+        before = (diskio.calls, self.aio.requests)
+        view = memoryview(_buffers.allocate(4096))
+        outcomes: list[object] = []
+        backend.readIntoThen(4096, view, outcomes.append)
+        self.assertEqual(outcomes, [4096])
+        self.assertEqual(bytes(view), data[4096:])
+        self.assertEqual((diskio.calls - before[0], self.aio.requests - before[1]), (0, 1))
+        d: Deferred[int] = Deferred()
+        self.patch(self.aio, "submit", submitting(d))
+        outcomes = []
+        backend.readIntoThen(0, view, outcomes.append)
+        closed = backend.close()
+        self.assertNoResult(closed)
+        self.assertEqual(outcomes, [])
+        d.callback(4096)
+        self.assertEqual(outcomes, [4096])
+        self.successResultOf(closed)
+
+    def test_readIntoThenFallBack(self) -> None:
+        """
+        Where the kernel would block (EAGAIN), C{readIntoThen}'s request
+        runs on the pool and C{then} is told once.
+        """
+        diskio = SynchronousDiskIO()
+        data = self.rng.randbytes(8192)
+        backend = self.backend(data, diskio=diskio)
+        self.patch(backend._aio, "submit", refusing(OSError(errno.EAGAIN, "Would block")))
+        view = memoryview(_buffers.allocate(8192))
+        before = diskio.calls
+        outcomes: list[object] = []
+        backend.readIntoThen(0, view, outcomes.append)
+        self.assertEqual(outcomes, [8192])
+        self.assertEqual(bytes(view), data)
+        self.assertEqual(diskio.calls - before, 1)
 
     def test_fallBackOnEAGAIN(self) -> None:
         """

@@ -5,13 +5,14 @@ Tests for L{imageio.backends.memory}.
 
 from __future__ import annotations
 
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from imageio._diskio import SynchronousDiskIO
 from imageio.backends import BackendContext, BackendOpener, memory
 from imageio.backends.file import BackendClosed
-from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from imageio.interfaces import Extent, IBackend, IReadIntoThen, UnsupportedOperation
 
 
 class MemoryBackendTests(SynchronousTestCase):
@@ -120,3 +121,24 @@ class MemoryBackendTests(SynchronousTestCase):
         self.successResultOf(backend.close())
         self.successResultOf(backend.close())
         self.failureResultOf(backend.size(), BackendClosed)
+
+    def test_readIntoThen(self) -> None:
+        """
+        C{readIntoThen} gives C{then} what C{readInto} gives its Deferred:
+        the bytes read (short at the end), or the failure (injected, a
+        negative offset, closed).
+        """
+        memory.createImage("disk", b"hello")
+        backend = self.open()
+        self.assertTrue(IReadIntoThen.providedBy(backend))
+        buf = bytearray(4)
+        outcomes: list[object] = []
+        backend.readIntoThen(3, memoryview(buf), outcomes.append)  # type: ignore[attr-defined]
+        self.assertEqual((outcomes, buf[:2]), ([2], b"lo"))
+        memory.failNext("disk", "read", OSError("no read"))
+        backend.readIntoThen(0, memoryview(buf), outcomes.append)  # type: ignore[attr-defined]
+        backend.readIntoThen(-1, memoryview(buf), outcomes.append)  # type: ignore[attr-defined]
+        self.successResultOf(backend.close())
+        backend.readIntoThen(0, memoryview(buf), outcomes.append)  # type: ignore[attr-defined]
+        kinds = [f.type if isinstance(f, Failure) else f for f in outcomes[1:]]
+        self.assertEqual(kinds, [OSError, ValueError, BackendClosed])

@@ -144,6 +144,11 @@ class PersistenceTests(SynchronousTestCase):
             b"GET / HTTP/1.1\r\nCookie: a=b; c=d\r\nCookie: e=f\r\n",
             b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nExpect: 100-Continue\r\n",
             b"PUT / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n",
+            # None of Cookie, Connection, Expect: the seam's shortcut.
+            b"GET /images/t HTTP/1.1\r\nHost: x\r\nRange: bytes=0-4095\r\n",
+            b"GET /images/t HTTP/1.0\r\nHost: x\r\nRange: bytes=0-4095\r\n",
+            b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n",
+            b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nExpected: 100-continue\r\n",
         ]
         for head in heads:
             results = []

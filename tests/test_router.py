@@ -6,6 +6,7 @@ texts, error mapping, and the CORS helper.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from attrs import define, field
@@ -194,6 +195,81 @@ class RouterTests(SynchronousTestCase):
         channel.connectionLost(Failure(ConnectionDone()))
         d.errback(HTTPError(403, "gone"))
         self.assertEqual(transport.value(), b"")
+
+
+class CombinedRoutesTests(SynchronousTestCase):
+    """
+    The router tries its routes in one combined pattern: the same handler
+    and groups as trying them one by one.
+    """
+
+    def sequential(self, routes: list[tuple[str, object]], path: str) -> object:
+        for pattern, handler in routes:
+            m = re.match(pattern, path)
+            if m is not None:
+                return handler, m.groups(), path
+        return None
+
+    def combined(self, routes: list[tuple[str, object]], path: str) -> object:
+        router = Router(routes)
+        self.assertIsNotNone(router._combined)
+        req: Any = type("R", (), {"path": path.encode()})()
+        try:
+            return router._match(req)
+        except HTTPError as e:
+            self.assertEqual(e.status, 404)
+            return None
+
+    def test_sameAsSequential(self) -> None:
+        """
+        The daemon's routes (upstream's, in upstream's order) and some that
+        overlap: every path gets the handler and groups the first matching
+        route gives.
+        """
+        routes: list[tuple[str, object]] = [
+            (r"^/images/(.*)/extents", "extents"),
+            (r"^/images/(.*)/checksum/algorithms", "algorithms"),
+            (r"^/images/(.*)/checksum", "checksum"),
+            (r"^/images/([^/]*)/written$", "written"),
+            (r"^/images/(.*)", "image"),
+            (r"^/info/", "info"),
+            (r"^/(x)(y)?(z)", "xyz"),
+            (r"^/x", "x"),
+        ]
+        paths = [
+            "/images/t",
+            "/images/",
+            "/images",
+            "/images/t/extents",
+            "/images/t/extents?x",
+            "/images/a/b/extents",
+            "/images/t/checksum",
+            "/images/t/checksum/algorithms",
+            "/images/t/written",
+            "/images/t/written/",
+            "/images/a/b/written",
+            "/images/t/extents/checksum",
+            "/info/",
+            "/info",
+            "/xz",
+            "/xyz",
+            "/x",
+            "/",
+            "",
+        ]
+        for path in paths:
+            self.assertEqual(self.combined(routes, path), self.sequential(routes, path), repr(path))
+
+    def test_notCombined(self) -> None:
+        """
+        Patterns that refer to their own groups or set flags are tried one
+        by one, as before.
+        """
+        for pattern in [r"^/(a)\1", r"^/(?P<n>a)(?P=n)", r"(?i)^/a"]:
+            router = Router([(pattern, "h")])
+            self.assertIsNone(router._combined, pattern)
+            req: Any = type("R", (), {"path": b"/aa"})()
+            self.assertEqual(router._match(req)[0], "h", pattern)
 
 
 class HelperTests(SynchronousTestCase):

@@ -48,6 +48,7 @@ from imageio.web._response import HTTPError
 from tests._http import (
     Connection,
     FakeBackend,
+    FakeCallbackBackend,
     FakeOpener,
     ImagesHarness,
     countAllocations,
@@ -145,8 +146,10 @@ class StreamingTestCase(SynchronousTestCase):
     says so.
     """
 
+    backendClass: type[FakeBackend] = FakeBackend
+
     def setUp(self) -> None:
-        self.backend = FakeBackend(bytearray(1024 * KiB))
+        self.backend = self.backendClass(bytearray(1024 * KiB))
         self.h = ImagesHarness(opener=FakeOpener(self.backend), bufferSize=BUFFER)
         self.clock = self.h.clock
         self.registry = self.h.registry
@@ -1826,3 +1829,50 @@ class SmallReadTests(StreamingTestCase):
         self.backend.completeRead()
         self.assertEqual(conn.response().status, 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class SmallReadThenTests(SmallReadTests):
+    """
+    L{SmallReadTests} over a backend that gives the read's outcome to a
+    plain function (L{IReadIntoThen}): the same answers without the read's
+    Deferred and the handler's and router's errbacks.
+    """
+
+    backendClass = FakeCallbackBackend
+    backend: FakeCallbackBackend
+
+    def test_plainCallback(self) -> None:
+        """
+        A small read asks the backend for a plain callback, and the
+        handler returns no Deferred.
+        """
+        conn = self.warm()
+        from imageio.daemon.images import ImageHandler
+
+        handled: list[object] = []
+        realGET = ImageHandler.handleGET
+
+        def handleGET(handler: ImageHandler, *a: Any) -> Any:
+            handled.append(realGET(handler, *a))
+            return handled[-1]
+
+        self.patch(ImageHandler, "handleGET", handleGET)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4096-8191"}))
+        self.backend.completeRead()
+        self.assertEqual(conn.response().status, 206)
+        self.assertEqual(handled, [None])
+        self.assertEqual(self.backend.readsThen, 1)
+
+    def test_storageError(self) -> None:
+        """
+        A read failing with an OS error is answered 500 with upstream's
+        text and the connection closed; the error is logged, not sent.
+        """
+        conn = self.warm()
+        self.backend.readError = OSError(5, "I/O error on /secret/path")
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=4096-8191"}))
+        response = conn.response()
+        self.assertEqual(response.status, 500)
+        self.assertNotIn("secret", response.text)
+        self.assertTrue(conn.closed)
+        self.successResultOf(self.registry.remove("t1"))

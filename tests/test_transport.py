@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
+    IHalfCloseableProtocol,
     IListeningPort,
     IPullProducer,
     IPushProducer,
@@ -36,7 +37,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 from zope.interface.verify import verifyObject
 
 from imageio.interfaces import IDirectWriter, IZeroCopyTransport
@@ -645,6 +646,40 @@ class _ZeroCopyServerTestsMixin(_Mixin):
         [second] = again
         self.assertTrue(second.called, "whenDrained never fires")
         self.assertEqual(transport.pendingBytes(), 0)
+
+    async def test_resumeWhileReading(self) -> None:
+        """
+        C{resumeProducing} on a transport that reads (what twisted.web's
+        channel calls after every request) leaves the reactor alone; after
+        C{pauseProducing} it watches the socket again.
+        """
+        transport, client = await self.connect()
+        added: list[object] = []
+        self.patch(reactor, "addReader", added.append)
+        transport.resumeProducing()
+        self.assertEqual(added, [])
+        transport.pauseProducing()
+        self.assertNotIn(transport, reactor.getReaders())
+        transport.resumeProducing()
+        self.assertEqual(added, [transport])
+
+    async def test_resumeAfterHalfClose(self) -> None:
+        """
+        Once the reactor stopped watching a socket the client half-closed,
+        C{resumeProducing} watches it again, as Twisted's transports do.
+        """
+        transport, client = await self.connect()
+        halves: list[str] = []
+        directlyProvides(self.protocol, IHalfCloseableProtocol)
+        self.protocol.readConnectionLost = lambda: halves.append("read")  # type: ignore[attr-defined]
+        client.sock.shutdown(socket.SHUT_WR)
+        while not halves:
+            await turns(1)
+        self.assertNotIn(transport, reactor.getReaders())
+        added: list[object] = []
+        self.patch(reactor, "addReader", added.append)
+        transport.resumeProducing()
+        self.assertEqual(added, [transport])
 
 
 class ZeroCopyTCPServerTests(_ZeroCopyServerTestsMixin, TestCase):

@@ -23,10 +23,12 @@ import hashlib
 import inspect
 import os
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import abstract, main, tcp, unix
+from twisted.internet.base import ReactorBase
 from twisted.internet.defer import Deferred
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone
@@ -34,6 +36,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.protocols import basic
 from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
@@ -218,7 +222,8 @@ class DispatchSeamTests(SynchronousTestCase):
         a reactor instance for the reactor's).
         """
         for owner, name in _twisted_dispatch.PRIVATE_NAMES:
-            where = self.reactor if owner.endswith("EPollReactor") else namedAny(owner)
+            onReactor = owner.endswith(("EPollReactor", "ReactorBase"))
+            where = self.reactor if onReactor else namedAny(owner)
             self.assertTrue(hasattr(where, name), f"{owner}.{name} is gone")
 
     def test_twistedCodeUnchanged(self) -> None:
@@ -230,6 +235,11 @@ class DispatchSeamTests(SynchronousTestCase):
         self.assertEqual(_codeDigest(EPollReactor.doPoll), "9e3ff408889e1e7e")
         self.assertEqual(_codeDigest(EPollReactor._doReadOrWrite), "c849c38c21363b92")
         self.assertEqual(EPollReactor.doIteration, EPollReactor.doPoll)
+        self.assertEqual(_codeDigest(ReactorBase.mainLoop), "04b357d96f77b92c")
+        self.assertEqual(_codeDigest(ReactorBase.runUntilCurrent), "127dd902affe5d40")
+        self.assertEqual(_codeDigest(ReactorBase.timeout), "88f4985f484b89e0")
+        self.assertEqual(_codeDigest(ReactorBase.crash), "85bb69adfebc08ba")
+        self.assertIs(EPollReactor.mainLoop, ReactorBase.mainLoop)
 
     def test_leanWithoutContext(self) -> None:
         """
@@ -312,6 +322,152 @@ class DispatchSeamTests(SynchronousTestCase):
             self.assertFalse(_twisted_dispatch.install(other, [_Lean]))
             self.assertNotIn("doIteration", vars(other))
             _twisted_dispatch.uninstall(other)
+
+
+class _Busy(_Lean):
+    """
+    A lean descriptor that is always readable (its byte is never read),
+    and calls C{then} with the number of reads so far after each.
+    """
+
+    then: Any = None
+    reads = 0
+
+    def doRead(self) -> object:
+        self.reads += 1
+        if self.then is not None:
+            self.then(self.reads)
+        return None
+
+
+class LeanLoopTests(SynchronousTestCase):
+    """
+    The lean main loop of L{imageio._twisted_dispatch} on a real epoll
+    reactor (not the global one), run until it stops.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = EPollReactor()
+        self.addCleanup(self.reactor._poller.close)
+        self.addCleanup(self.reactor.removeAll)
+        self.assertTrue(_twisted_dispatch.install(self.reactor, [_Busy]))
+        self.turns = 0
+        runUntilCurrent = self.reactor.runUntilCurrent
+
+        def counting() -> None:
+            self.turns += 1
+            runUntilCurrent()
+
+        vars(self.reactor)["runUntilCurrent"] = counting
+        # Nothing may hang the test run: stop the reactor from a thread
+        # after a while whatever happens (a thread call is what the loop
+        # must never starve).
+        failsafe = threading.Timer(30, self.reactor.callFromThread, [self.reactor.crash])
+        failsafe.start()
+        self.addCleanup(failsafe.cancel)
+
+    def busy(self) -> _Busy:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.write(w, b"x")
+        busy = _Busy(r)
+        self.reactor.addReader(busy)  # type: ignore[arg-type]
+        return busy
+
+    def runReactor(self) -> None:
+        self.reactor.run(installSignalHandlers=False)
+
+    def test_leanTurns(self) -> None:
+        """
+        While nothing is due, turns only poll: C{runUntilCurrent} runs
+        once as the loop starts and once for the stop, not per event.
+        """
+        busy = self.busy()
+        busy.then = lambda reads: reads == 100 and self.reactor.stop()
+        self.runReactor()
+        self.assertEqual(busy.reads, 100)
+        self.assertLessEqual(self.turns, 4)
+
+    def test_uninstalled(self) -> None:
+        """
+        Once uninstalled, a running lean loop goes on with Twisted's turns.
+        """
+        busy = self.busy()
+
+        def then(reads: int) -> None:
+            if reads == 10:
+                _twisted_dispatch.uninstall(self.reactor)
+                self.before = self.turns
+            elif reads == 30:
+                self.reactor.stop()
+
+        busy.then = then
+        self.runReactor()
+        self.assertGreaterEqual(self.turns - self.before, 20)
+
+    def test_timedCallsInOrder(self) -> None:
+        """
+        A timed call made in a turn runs before the next poll, as in
+        Twisted's loop; one that comes due while descriptors stay busy
+        runs too.
+        """
+        busy = self.busy()
+        ran: list[int] = []
+
+        def then(reads: int) -> None:
+            if reads == 3:
+                self.reactor.callLater(0, lambda: ran.append(busy.reads))
+
+        busy.then = then
+        self.reactor.callLater(0.05, self.reactor.stop)
+        self.runReactor()
+        self.assertEqual(ran, [3])
+        self.assertGreater(busy.reads, 3)
+
+    def test_threadCalls(self) -> None:
+        """
+        A call from another thread runs while the loop waits without
+        timed calls.
+        """
+        ran: list[bool] = []
+
+        def fromThread() -> None:
+            ran.append(threading.current_thread() is threading.main_thread())
+            self.reactor.stop()
+
+        threading.Timer(0.05, self.reactor.callFromThread, [fromThread]).start()
+        self.runReactor()
+        self.assertEqual(ran, [True])
+
+    def test_errorInTurn(self) -> None:
+        """
+        An exception in a lean turn is logged as Twisted's main loop logs
+        one, and the loop goes on.
+        """
+        busy = self.busy()
+        seconds = self.reactor.seconds
+        raised: list[bool] = []
+
+        def failOnce() -> float:
+            if not raised:
+                raised.append(True)
+                raise RuntimeError("clock bug")
+            return seconds()
+
+        busy.then = lambda reads: reads == 20 and self.reactor.stop()
+        # A pending timed call makes lean turns ask the time.
+        self.reactor.callLater(60, lambda: None)
+        self.reactor.seconds = failOnce  # type: ignore[method-assign]
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.runReactor()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(busy.reads, 20)
+        [failure] = [e for e in events if "log_failure" in e]
+        self.assertEqual(failure["log_namespace"], "twisted.internet.base")
+        self.assertEqual(failure["log_format"], "Unexpected error in main loop")
 
 
 class TransportSeamTests(SynchronousTestCase):
@@ -552,7 +708,15 @@ class HTTPSeamTests(SynchronousTestCase):
         The private names Twisted defines on its classes are there.
         """
         for owner, name in _twisted_http.PRIVATE_NAMES:
-            if name in {"_command", "_path", "_version", "_handlingRequest", "_transferDecoder"}:
+            if name in {
+                "_command",
+                "_path",
+                "_version",
+                "_handlingRequest",
+                "_transferDecoder",
+                "_dataBuffer",
+                "_networkProducer",
+            }:
                 # Set on instances; pinned by the tests below.
                 continue
             self.assertTrue(hasattr(namedAny(owner), name), f"{owner}.{name} is gone")
@@ -602,6 +766,63 @@ class HTTPSeamTests(SynchronousTestCase):
         self.assertTrue(channel.handlingRequest)
         channel.requests[-1].finish()
         self.assertFalse(channel.handlingRequest)
+
+    def test_requestDoneAsTwisted(self) -> None:
+        """
+        C{HTTPChannelSeam.requestDone} leaves the channel, its transport
+        and the next requests as Twisted's C{requestDone} does: nothing
+        buffered, pipelined requests buffered meanwhile (parsed then), a
+        transport paused by them (resumed), HTTP/1.0 (closed), a request
+        that is not the first (refused).
+        """
+
+        class TwistedDone(_twisted_http.HTTPChannelSeam):
+            requestDone = http.HTTPChannel.requestDone
+
+        get = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+        # More than Twisted buffers before it pauses the transport (16 KiB).
+        large = b"GET /b HTTP/1.1\r\nX-Pad: %s\r\n\r\n" % (b"p" * 4000,) * 6
+        cases = [
+            [get],
+            [get + get + get],
+            [get, large],
+            [b"GET /a HTTP/1.0\r\n\r\n"],
+        ]
+        for sends in cases:
+            outcomes = []
+            for cls in (_twisted_http.HTTPChannelSeam, TwistedDone):
+                channel = _channel(cls)
+                for data in sends:
+                    channel.dataReceived(data)
+                states = []
+                while len(states) < 10 and channel.requests and not channel.requests[0].finished:
+                    channel.requests[0].finish()
+                    transport = channel.transport
+                    states.append(
+                        (
+                            transport.value(),
+                            len(channel.requests),
+                            channel.line_mode,
+                            channel.persistent,
+                            channel.handlingRequest,
+                            transport.disconnecting,
+                            transport.producerState,
+                        )
+                    )
+                outcomes.append(states)
+            self.assertEqual(outcomes[0], outcomes[1], sends)
+            self.assertTrue(outcomes[0])
+        for cls in (_twisted_http.HTTPChannelSeam, TwistedDone):
+            channel = _channel(cls)
+            channel.dataReceived(get)
+            self.assertRaises(TypeError, channel.requestDone, _Request(channel))
+            self.assertEqual(len(channel.requests), 1)
+        live = _channel()
+        self.assertEqual(live._dataBuffer, [])
+        self.assertIs(live._networkProducer, live.transport)
+        # The seam copies these: if Twisted changes them, read it again.
+        self.assertEqual(_codeDigest(http.HTTPChannel.requestDone), "883a6b3682f6709b")
+        self.assertEqual(_codeDigest(basic.LineReceiver.setLineMode), "2b377c1e4683eb4d")
 
     def test_setIdleTimeout(self) -> None:
         """
@@ -760,6 +981,19 @@ class HeaderSeamTests(SynchronousTestCase):
             self.assertEqual(fast.getRawHeaders(name.upper()), [b"v%d" % i])
         self.assertEqual(fast, slow)
         self.assertEqual(list(fast.getAllRawHeaders()), list(slow.getAllRawHeaders()))
+
+    def test_rawHeaderItems(self) -> None:
+        """
+        C{rawHeaderItems} gives what C{getAllRawHeaders} gives, in order.
+        """
+        headers = Headers()
+        headers.setRawHeaders(b"x-first", [b"1", b"2"])
+        headers.addRawHeader(b"content-length", b"5")
+        _twisted_http.setSafeHeaders(headers, {b"Server": [b"s"]})
+        self.assertEqual(
+            list(_twisted_http.rawHeaderItems(headers)), list(headers.getAllRawHeaders())
+        )
+        self.assertEqual(len(list(_twisted_http.rawHeaderItems(headers))), 3)
 
     def test_hasAnyHeader(self) -> None:
         """

@@ -43,7 +43,13 @@ from imageio import _aio
 from imageio._aio import fileSystemType
 from imageio._buffers import allocate
 from imageio.backends import MAX_EXTENTS
-from imageio.interfaces import Extent, IBackend, ISpliceSource, UnsupportedOperation
+from imageio.interfaces import (
+    Extent,
+    IBackend,
+    IReadIntoThen,
+    ISpliceSource,
+    UnsupportedOperation,
+)
 
 if TYPE_CHECKING:
     from imageio._aio import AIOEngine
@@ -56,6 +62,9 @@ T = TypeVar("T")
 #: Told the outcome (result or Failure) of a claimed operation's storage
 #: call when it really returned.
 _Finished = Callable[[object], None]
+#: Takes a read's outcome: the bytes read, or a L{Failure}
+#: (L{IReadIntoThen}).
+ReadOutcome = Callable[[int | Failure], object]
 
 log = Logger()
 
@@ -459,7 +468,7 @@ def _appendExtent(extents: list[Extent], start: int, stop: int, zero: bool) -> N
     extents.append(Extent(start, stop - start, zero=zero, hole=False))
 
 
-@implementer(IBackend, ISpliceSource)
+@implementer(IBackend, ISpliceSource, IReadIntoThen)
 @define
 class FileBackend:
     """
@@ -554,6 +563,35 @@ class FileBackend:
                 if d is not None:
                     return d
         return self._run(self._readInto, offset, buf)
+
+    # IReadIntoThen
+
+    def readIntoThen(self, offset: int, buf: memoryview, then: ReadOutcome) -> None:
+        """
+        L{readInto}, giving the outcome to C{then}: a small read through
+        the AIO engine makes no Deferred (others still run on the pool).
+        """
+        if offset < 0:
+            then(Failure(ValueError(f"Negative offset: {offset}")))
+            return
+        aio = self._aio
+        bs = self.blockSize
+        size = buf.nbytes
+        # _aligned, inline.
+        if (
+            aio is not None
+            and aio.running
+            and not self._closed
+            and not (offset % bs or size % bs)
+            and size
+        ):
+            limit = self._aioSyncMax
+            if limit is None or size <= limit:
+                if self._submitAIOThen(
+                    aio, _aio.IOCB_CMD_PREAD, offset, buf, limit is None, self._readInto, then
+                ):
+                    return
+        self._run(self._readInto, offset, buf).addBoth(then)
 
     def write(self, offset: int, data: memoryview) -> Deferred[int]:
         if not self.writable:
@@ -748,6 +786,31 @@ class FileBackend:
         finished: _Finished | None = None,
     ) -> Deferred[int] | None:
         """
+        L{_submitAIOThen}, with the outcome in the one Deferred of the
+        request, which the caller may cancel without the fd closing under
+        the kernel.
+
+        @return: That Deferred; C{None} if the engine does not take C{buf},
+            and nothing was started.
+        """
+        result: Deferred[int] = Deferred()
+        # A Failure given to callback is an errback.
+        if not self._submitAIOThen(aio, opcode, offset, buf, nowait, fn, result.callback, finished):
+            return None
+        return result
+
+    def _submitAIOThen(
+        self,
+        aio: AIOEngine,
+        opcode: int,
+        offset: int,
+        buf: memoryview,
+        nowait: bool,
+        fn: Callable[[int, memoryview], int],
+        then: ReadOutcome,
+        finished: _Finished | None = None,
+    ) -> bool:
+        """
         Give an aligned read or write to the AIO engine, counted in flight
         like a pool call until it completes; where the kernel would block
         (C{EAGAIN}) or cannot do it (C{EOPNOTSUPP}, C{EINVAL}: no
@@ -755,16 +818,16 @@ class FileBackend:
         alignment stricter than the block size), do it with C{fn} on the
         pool instead.
 
-        @return: The outcome in the one Deferred of the request (the engine
-            gives it to a plain function), which the caller may cancel
-            without the fd closing under the kernel; C{None} if the engine
-            does not take C{buf}, and nothing was started.
+        @param then: Called once with the outcome (bytes moved, or a
+            L{Failure}) once the fd may be closed, maybe before this
+            returns.
+        @return: Whether the request was started; if not (the engine does
+            not take C{buf}), C{then} is never called.
         """
-        result: Deferred[int] = Deferred()
 
         def returned(r: int | Failure) -> None:
             self._returned(r, finished)
-            result.callback(r)  # type: ignore[arg-type]  # a Failure is an errback
+            then(r)
 
         def completed(r: int | Failure) -> None:
             if r.__class__ is not Failure:
@@ -773,14 +836,15 @@ class FileBackend:
                 # The fd stays open: this call is still counted in flight.
                 self._diskio.run(fn, offset, buf).addBoth(returned)
                 return
-            returned(r)
+            self._returned(r, finished)
+            then(r)
 
         view = buf if buf.ndim == 1 and buf.itemsize == 1 else _byteView(buf)
         self._inFlight += 1
         if not aio.submit(opcode, self._fd, view, offset, self.blockSize, nowait, completed):
             self._inFlight -= 1
-            return None
-        return result
+            return False
+        return True
 
     def _aioFallBack(self, f: Failure) -> bool:
         """

@@ -17,10 +17,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imageio.backends.file import BackendClosed
-from imageio.interfaces import Extent, IBackend, UnsupportedOperation
+from imageio.interfaces import Extent, IBackend, IReadIntoThen, UnsupportedOperation
 
 if TYPE_CHECKING:
     from imageio.backends import BackendContext
@@ -109,7 +110,7 @@ def openBackend(
     return succeed(MemoryBackend(name, image, writable=write))
 
 
-@implementer(IBackend)
+@implementer(IBackend, IReadIntoThen)
 @define
 class MemoryBackend:
     """
@@ -138,6 +139,22 @@ class MemoryBackend:
             return len(data)
 
         return self._do("read", read, offset)
+
+    def readIntoThen(
+        self, offset: int, buf: memoryview, then: Callable[[int | Failure], object]
+    ) -> None:
+        # As readInto, without its Deferred.
+        try:
+            exc = self._refusal("read", offset)
+            if exc is None:
+                data = self.image[offset : offset + len(buf)]
+                buf[: len(data)] = data
+                outcome: int | Failure = len(data)
+            else:
+                outcome = Failure(exc)
+        except Exception:
+            outcome = Failure()
+        then(outcome)
 
     def write(self, offset: int, data: memoryview) -> Deferred[int]:
         def write() -> int:
@@ -173,16 +190,23 @@ class MemoryBackend:
     def _do(
         self, op: str, fn: Callable[[], T], *numbers: int, writing: bool = False
     ) -> Deferred[T]:
-        if self._closed:
-            return fail(BackendClosed(f"Backend memory is closed: {self.imageName!r}"))
-        if writing and not self.writable:
-            return fail(UnsupportedOperation("Backend memory was opened read-only"))
-        if any(n < 0 for n in numbers):
-            return fail(ValueError(f"Negative offset or length: {numbers}"))
-        exc = _takeFailure(self.imageName, op)
+        exc = self._refusal(op, *numbers, writing=writing)
         if exc is not None:
             return fail(exc)
         return succeed(fn())
+
+    def _refusal(self, op: str, *numbers: int, writing: bool = False) -> Exception | None:
+        """
+        @return: Why C{op} fails before it starts (closed, read-only, a
+            negative number, a failure injected for tests), or C{None}.
+        """
+        if self._closed:
+            return BackendClosed(f"Backend memory is closed: {self.imageName!r}")
+        if writing and not self.writable:
+            return UnsupportedOperation("Backend memory was opened read-only")
+        if any(n < 0 for n in numbers):
+            return ValueError(f"Negative offset or length: {numbers}")
+        return _takeFailure(self.imageName, op)
 
     def _grow(self, size: int) -> None:
         if size > len(self.image):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from attrs import define, field
@@ -34,6 +34,7 @@ from imageio.interfaces import (
     IBackendOpener,
     IBodySink,
     IConnection,
+    IReadIntoThen,
     UnsupportedOperation,
 )
 from imageio.ranges import (
@@ -76,6 +77,7 @@ from imageio.web import (
     cors,
     enumArg,
     exchangeOf,
+    headerValues,
     isGone,
     loadJSON,
     pushProducerOf,
@@ -109,6 +111,10 @@ TLS_CHUNK = 2 * 1024**2
 
 #: JSON bodies of PATCH requests are small; cap them.
 MAX_PATCH_BODY = 4096
+
+
+#: L{RELAYED_HEADER} as Twisted spells request header names.
+_RELAYED = RELAYED_HEADER.title()
 
 
 def _forbidden(error: AuthorizationError, close: bool = True) -> HTTPError:
@@ -273,13 +279,22 @@ class ImagesService:
             and the request may use it, else C{None}: then L{backendFor}
             opens it, waits for it, or refuses the request.
         """
+        ctx = self.openedContext(request, ticket)
+        return ctx.backend if ctx is not None else None
+
+    def openedContext(self, request: Request, ticket: Ticket) -> _Context | None:
+        """
+        @return: This connection's context for C{ticket} (its backend and
+            spare buffers) if the backend is open and the request may use
+            it (see L{openedBackend}), else C{None}.
+        """
         ctx: _Context | None = connectionOf(request).contexts.get(ticket)
         if ctx is None or ctx.backend is None:
             return None
-        if request.requestHeaders.hasHeader(RELAYED_HEADER):
+        if headerValues(request.requestHeaders, _RELAYED) is not None:
             # backendFor decides whether that would be a loop.
             return None
-        return ctx.backend
+        return ctx
 
     def backendFor(self, request: Request, ticket: Ticket) -> Deferred[IBackend]:
         """
@@ -468,10 +483,13 @@ class ImageHandler:
 
     def handleGET(self, request: Request, ticketID: str) -> Deferred[Any] | None:
         cors(request)
-        _ticketID(ticketID)
+        if not ticketID:
+            _ticketID(ticketID)
         if queryArg(request, "close") == "y":
             closeAfterResponse(request)
-        rangeHeader = request.getHeader(b"range")
+        # request.getHeader(b"range"), in one dict lookup.
+        ranges = headerValues(request.requestHeaders, b"Range")
+        rangeHeader = ranges[-1] if ranges else None
         byteRange = None
         if rangeHeader is not None:
             try:
@@ -484,14 +502,19 @@ class ImageHandler:
                     e.status, e.message, [(b"content-range", b"bytes */%d" % ticket.size)]
                 ) from None
         ticket = self.service.authorize(ticketID, READ)
-        backend = self.service.openedBackend(request, ticket)
-        if backend is not None:
+        ctx = self.service.openedContext(request, ticket)
+        if ctx is not None:
             # The connection's backend is open (every request after its
             # first): no Deferred to wait for it.
+            backend = ctx.backend
+            assert backend is not None
             try:
-                d = self._read(backend, request, ticket, byteRange)
+                d = self._read(backend, request, ticket, byteRange, ctx.buffers)
             except Exception:
                 d = fail()
+            if d is None:
+                # A small read answering by itself (IReadIntoThen).
+                return None
         else:
             d = self.service.backendFor(request, ticket)
             d.addCallback(self._read, request, ticket, byteRange)
@@ -499,11 +522,23 @@ class ImageHandler:
         return d
 
     def _read(
-        self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any
-    ) -> Deferred[Any]:
+        self,
+        backend: IBackend,
+        request: Request,
+        ticket: Ticket,
+        byteRange: Any,
+        pool: _buffers.BufferPool | None = None,
+    ) -> Deferred[Any] | None:
+        """
+        @param pool: The connection's spare buffers for C{ticket}, if the
+            caller has them at hand.
+        @return: The outcome, for the handler's and the router's errbacks;
+            C{None} for a small read that answers failures itself.
+        """
         oneRead = self._oneRead(request, ticket, byteRange)
         if oneRead and byteRange.last - byteRange.first < SMALL_READ:
-            pool = self.service.buffersFor(request, ticket)
+            if pool is None:
+                pool = self.service.buffersFor(request, ticket)
             spare = pool.take() if pool is not None else None
             if pool is not None and spare is not None:
                 return self._readSmall(backend, request, ticket, byteRange, pool, *spare)
@@ -519,13 +554,19 @@ class ImageHandler:
         pool: _buffers.BufferPool,
         buf: memoryview,
         lease: _buffers.Lease,
-    ) -> Deferred[Any]:
+    ) -> Deferred[Any] | None:
         """
         A small range inside the ticket (random reads), with a spare buffer
         of the connection: one backend read into it, then the response in
         one piece (it is copied for the transport anyway, see
         C{imageio.web.DownloadProducer}), without a download producer.
         Failures are answered as the producer's are before the headers.
+
+        @return: The read's Deferred, whose outcome the handler's and the
+            router's errbacks see; or C{None} when the backend gives the
+            outcome to a plain function (L{IReadIntoThen}), which then
+            answers a failure as they would (no Deferred, no callback chain
+            per request).
         """
         offset, length = byteRange.first, byteRange.last - byteRange.first + 1
         op = Operation("read", offset)
@@ -534,7 +575,8 @@ class ImageHandler:
         except HTTPError:
             pool.give(buf, lease)
             raise
-        _logRead(ticket, offset, length)
+        if _log.enabled(LogLevel.debug):
+            _logRead(ticket, offset, length)
         # The read's own Deferred is the handler's result (no Deferred of
         # our own per request): what the callback returns is the outcome
         # the handler's and the router's errbacks see. Once the outcome is
@@ -613,6 +655,24 @@ class ImageHandler:
                 return None
 
         op.onCancel = canceled
+        if IReadIntoThen.providedBy(backend):
+
+            def answer(f: Failure) -> None:
+                # What the handler's and the router's errbacks do.
+                answerFailure(request, _failureToHTTP(f, request))
+
+            def then(n: object) -> None:
+                outcome = safely(n)
+                if outcome is None:
+                    return
+                if isinstance(outcome, Failure):
+                    answer(outcome)
+                else:
+                    # A short read asking the image size (_shortRead).
+                    cast("Deferred[object]", outcome).addErrback(answer)
+
+            backend.readIntoThen(offset, buf[:length], then)
+            return None
         result: Deferred[Any] = backend.readInto(offset, buf[:length])
         result.addBoth(safely)
         return result

@@ -55,7 +55,7 @@ from imageio.web._transport import (
     ZeroCopyTCPServer,
     ZeroCopyUNIXServer,
 )
-from imageio.web._twisted_http import setSafeHeaders
+from imageio.web._twisted_http import headerValues, setSafeHeaders
 from imageio.web._upload import ShortBody, UploadSink
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "sendError",
     "sendHTTPError",
     "sendJSON",
+    "headerValues",
     "setSafeHeaders",
     "loadJSON",
     "JSONListWriter",

@@ -30,7 +30,7 @@ from imageio.web._head import MAX_HEAD, parseHead
 from imageio.web._request import StreamingRequest
 from imageio.web._response import SERVER, HTTPError
 from imageio.web._socket import tuneTransport
-from imageio.web._twisted_http import HTTPChannelSeam, IdentityBody
+from imageio.web._twisted_http import HTTPChannelSeam, IdentityBody, rawHeaderItems
 
 log = Logger()
 
@@ -244,10 +244,11 @@ class ImageioChannel(HTTPChannelSeam):
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
-        self._flushHead()
+        if self._head is not None:
+            self._flushHead()
         # Twisted's format (Headers sanitized the names and values).
         head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
+        for name, values in rawHeaderItems(headers):
             for value in values:
                 head += (name, b": ", value, b"\r\n")
         head += (b"\r\n",)
@@ -284,7 +285,8 @@ class ImageioChannel(HTTPChannelSeam):
         super().loseConnection()
 
     def requestDone(self, request: http.Request) -> None:
-        self._flushHead()
+        if self._head is not None:
+            self._flushHead()
         persistent = self.persistent
         super().requestDone(request)
         if self.readClosed and persistent:
@@ -528,8 +530,16 @@ class ImageioChannel(HTTPChannelSeam):
     def allContentReceived(self) -> None:
         # However the body ended (the last bytes may have come with the
         # headers), the next request must not read into this one's sink.
-        self._stopDirectReads()
-        self._stopBodyWatch()
+        # (A GET has neither: no calls.)
+        if (
+            self._directSink is not None
+            or self._directPending
+            or self._directView is not None
+            or self._directReadAt is not None
+        ):
+            self._stopDirectReads()
+        if self._bodyWatch is not None or self._bodyPausedSince is not None:
+            self._stopBodyWatch()
         if self.closingEarly:
             return
         super().allContentReceived()

@@ -258,7 +258,10 @@ def _segments(path: bytes) -> list[bytes]:
     @return: The unquoted segments of C{path} after its first C{/}, as
         Twisted makes C{postpath} (a segment without C{%} is itself).
     """
-    return [unquote_to_bytes(s) if b"%" in s else s for s in path[1:].split(b"/")]
+    segments = path[1:].split(b"/")
+    if b"%" not in path:
+        return segments
+    return [unquote_to_bytes(s) if b"%" in s else s for s in segments]
 
 
 _date: tuple[int, bytes] = (0, b"")

@@ -50,6 +50,41 @@ def compileRoutes(routes: Sequence[tuple[str, object]]) -> list[Route]:
     return [(re.compile(pattern), handler) for pattern, handler in routes]
 
 
+#: A pattern refers to its own groups (C{\\1}, C{(?P=name)}), or sets
+#: flags: it cannot be one alternative of a combined pattern.
+_SELF_REFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?[aiLmsux]+\)")
+
+
+def combineRoutes(
+    routes: Sequence[tuple[str, object]],
+) -> tuple[re.Pattern[str], list[tuple[int, int, object]]] | None:
+    """
+    One pattern trying C{routes}' patterns in order: each is an alternative
+    in a group of its own, and since nothing follows the alternatives, the
+    first that matches wins, as trying them one after another. The group
+    that closes last (C{lastindex}) is the matching alternative's.
+
+    @return: The pattern, and for each of its groups that wraps a route,
+        (the route's first group, its number of groups, its handler) by
+        group number; C{None} if a pattern cannot be combined.
+    """
+    parts = []
+    table: list[tuple[int, int, object]] = [(0, 0, None)]
+    for pattern, handler in routes:
+        if _SELF_REFERENCE.search(pattern):
+            return None
+        count = re.compile(pattern).groups
+        outer = len(table)
+        parts.append(f"({pattern})")
+        table.append((outer + 1, count, handler))
+        table.extend((0, 0, None) for _ in range(count))
+    try:
+        combined = re.compile("|".join(parts))
+    except re.error:
+        return None
+    return combined, table
+
+
 def requestPath(request: Request) -> str:
     """
     @return: The unquoted path, as upstream matches it: escapes that are not
@@ -74,9 +109,19 @@ class Router(Resource):
     def __init__(self, routes: Sequence[tuple[str, object]]) -> None:
         super().__init__()
         self._routes = compileRoutes(routes)
+        self._combined = combineRoutes(routes)
 
     def _match(self, request: Request) -> tuple[object, tuple[str, ...], str]:
         path = requestPath(request)
+        combined = self._combined
+        if combined is not None:
+            # One match instead of one per route.
+            pattern, table = combined
+            m = pattern.match(path)
+            if m is not None:
+                first, count, handler = table[m.lastindex or 0]
+                return handler, m.groups()[first - 1 : first - 1 + count], path
+            raise HTTPError(404, f"No handler for {path!r}")
         for pattern, handler in self._routes:
             m = pattern.match(path)
             if m is not None:
@@ -127,7 +172,8 @@ class Router(Resource):
             )
             sendInternalError(request)
             return NOT_DONE_YET
-        if isinstance(result, Deferred):
+        # (None first: isinstance against Deferred, an ABC, is dear for it.)
+        if result is not None and isinstance(result, Deferred):
             result.addErrback(self._failed, request)
         return NOT_DONE_YET
 

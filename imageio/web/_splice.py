@@ -193,7 +193,7 @@ class SpliceProducer(ResponseProducer):
     _delivered: int = field(default=0, init=False)
     _attached: bool = field(default=False, init=False)
     _filling: bool = field(default=False, init=False)
-    _started: bool = field(default=False, init=False)
+    _begun: bool = field(default=False, init=False)
     _sending: bool = field(default=False, init=False)
     _tail: bool = field(default=False, init=False)
     _paused: bool = field(default=False, init=False)
@@ -311,8 +311,8 @@ class SpliceProducer(ResponseProducer):
             raise TruncatedImage(f"Expected bytes at {self._position}, the pipe took none")
         self._position += n
         self._inPipe += n
-        if not self._started:
-            self._started = True
+        if not self._begun:
+            self._begun = True
             # The first bytes are in: the head, then the pipe.
             self._edge(self.offset, self._start - self.offset, self._sendPipe)
             return
@@ -328,7 +328,7 @@ class SpliceProducer(ResponseProducer):
         if reason.check(EOFError):
             reason = Failure(TruncatedImage(reason.getErrorMessage()))
         elif (
-            not self._started and (reason.check(OSError) and reason.value.errno == errno.EINVAL)  # type: ignore[union-attr]
+            not self._begun and (reason.check(OSError) and reason.value.errno == errno.EINVAL)  # type: ignore[union-attr]
         ):
             _refuse(f"the kernel refuses to splice {getattr(self.backend, 'path', 'the image')}")
             reason = Failure(SpliceRefused(reason.getErrorMessage()))

@@ -289,6 +289,22 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         if not self._pumping:
             super().stopReading()  # type: ignore[misc]
 
+    def resumeProducing(self) -> None:
+        # twisted.web's HTTPChannel.requestDone resumes its transport after
+        # every request, paused or not: a transport already reading (or
+        # whose reads the body pump holds) has nothing to do, where
+        # Twisted's would ask the reactor to watch the socket again (five
+        # calls down to epoll's bookkeeping, which finds it watched).
+        if not self._wantRead:
+            super().resumeProducing()  # type: ignore[misc]
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        # The reactor stopped watching the socket itself (the client
+        # half-closed): a later resumeProducing watches it again, as
+        # Twisted's does.
+        self._wantRead = False
+        super().readConnectionLost(reason)  # type: ignore[misc]
+
     def setDirectWriter(self, writer: IDirectWriter | None) -> None:
         self._directWriter = writer
 
@@ -324,9 +340,10 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        if not self._queued and len(view) >= IMMEDIATE_SEND:
+        size = view.nbytes
+        if not self._queued and size >= IMMEDIATE_SEND:
             sent = self._send(view)
-            if sent == len(view):
+            if sent == size:
                 if self.producer is not None and not self.streamingProducer:
                     # A pull producer is asked for more from doWrite.
                     self.startWriting()  # type: ignore[attr-defined]

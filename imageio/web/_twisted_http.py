@@ -31,7 +31,11 @@ here, behind public names, and each is pinned by C{tests.test_twisted_seams}:
   - C{server.Request._encoder}, C{_inFakeHead}: a content encoding, and
     a C{HEAD} answered as a C{GET}, which L{writeFirst} leaves to Twisted;
   - C{LineReceiver._busyReceiving}: the channel's line parser is inside its
-    own loop (a head taken in one pass must not overtake bytes it holds).
+    own loop (a head taken in one pass must not overtake bytes it holds);
+  - C{HTTPChannel._dataBuffer}, C{_waitingForTransport},
+    C{_networkProducer}: the bytes that arrived while a request was being
+    answered, whether the transport is full, and the producer reading the
+    client, for C{requestDone} (L{HTTPChannelSeam.requestDone}).
 
 Body framing stays Twisted's: a body read directly into a sink's buffer is
 counted off the decoder's C{contentLength} exactly as the decoder itself
@@ -71,6 +75,9 @@ PRIVATE_NAMES = (
     ("twisted.protocols.basic.LineReceiver", "_busyReceiving"),
     ("twisted.web.server.Request", "_encoder"),
     ("twisted.web.server.Request", "_inFakeHead"),
+    ("twisted.web.http.HTTPChannel", "_dataBuffer"),
+    ("twisted.web.http.HTTPChannel", "_waitingForTransport"),
+    ("twisted.web.http.HTTPChannel", "_networkProducer"),
 )
 
 _IdentityTransferDecoder: type = http._IdentityTransferDecoder  # type: ignore[attr-defined]
@@ -201,6 +208,14 @@ def writeFirst(request: server.Request, data: bytes) -> bool:
     return True
 
 
+def rawHeaderItems(headers: Headers) -> Any:
+    """
+    @return: C{headers.getAllRawHeaders()}: (name, values) in the order
+        set, without its iterator's calls.
+    """
+    return headers._rawHeaders.items()
+
+
 def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
     """
     @param names: Header names in Twisted's canonical form.
@@ -208,6 +223,11 @@ def hasAnyHeader(headers: Headers, names: frozenset[bytes]) -> bool:
         instead of a C{hasHeader} call (and name encoding) per name.
     """
     return not headers._rawHeaders.keys().isdisjoint(names)
+
+
+#: Request headers that change what L{HTTPChannelSeam.allHeadersReceived}
+#: does, as Twisted spells them.
+_HEAD_OPTIONS = frozenset({b"Cookie", b"Connection", b"Expect"})
 
 
 class HTTPChannelSeam(http.HTTPChannel):
@@ -359,11 +379,18 @@ class HTTPChannelSeam(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """
-        Twisted's, with its header lookups in one dict lookup each.
+        Twisted's, with its header lookups in one dict lookup each, and
+        none for a request without C{Cookie}, C{Connection} and C{Expect}
+        (nearly all): no cookie to parse, the connection persists on
+        HTTP/1.1, nothing to continue.
         """
         request = self.requests[-1]
-        request.parseCookies()
         version = self._version
+        if request.requestHeaders._rawHeaders.keys().isdisjoint(_HEAD_OPTIONS):
+            self.persistent = version == b"HTTP/1.1"
+            request.gotLength(self.length)
+            return
+        request.parseCookies()
         self.persistent = self.checkPersistence(request, version)
         request.gotLength(self.length)
         # Expect: 100-continue gets Twisted's automatic answer.
@@ -390,6 +417,33 @@ class HTTPChannelSeam(http.HTTPChannel):
         @return: See L{identityBody}.
         """
         return identityBody(self)
+
+    def requestDone(self, request: http.Request) -> None:
+        """
+        Twisted's C{requestDone}, without its calls that do nothing for a
+        request that is the first in line (C{Request.__eq__} is identity)
+        on a persistent connection with nothing buffered meanwhile
+        (C{setLineMode(b"")} only sets C{line_mode}).
+        """
+        requests = self.requests
+        if not requests or request is not requests[0]:
+            super().requestDone(request)
+            return
+        del requests[0]
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if self.persistent:
+            self._handlingRequest = False
+            if self._savedTimeOut:
+                self.setTimeout(self._savedTimeOut)
+            buffered = self._dataBuffer
+            if buffered:
+                self._dataBuffer = []
+                self.setLineMode(b"".join(buffered))
+            else:
+                self.line_mode = 1
+        else:
+            self.loseConnection()
 
     # Hooks
 
