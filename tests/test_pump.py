@@ -639,13 +639,11 @@ class TransportPumpTests(SynchronousTestCase):
         self.pump.finish(10, IDLE_END)
         self.assertTrue(self.reading())
 
-    def test_pausedByFill(self) -> None:
+    def pauseOnFill(self) -> None:
         """
-        A reader that pauses the transport when the pump's bytes arrive
-        (both upload buffers taken) leaves it paused, and no pump starts.
+        Make the reader pause the transport whenever bytes arrive (both
+        upload buffers taken).
         """
-        self.peer.sendall(b"x" * 100)
-        self.transport.doRead()
         original = self.reader.bufferFilled
 
         def fillAndPause(n: int) -> None:
@@ -653,6 +651,15 @@ class TransportPumpTests(SynchronousTestCase):
             self.transport.pauseProducing()
 
         self.reader.bufferFilled = fillAndPause  # type: ignore[method-assign]
+
+    def test_pausedByFill(self) -> None:
+        """
+        A reader that pauses the transport when the pump's bytes arrive
+        (both upload buffers taken) leaves it paused, and no pump starts.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        self.pauseOnFill()
         self.pump.finish(10 * KiB, FULL)
         self.assertFalse(self.reading())
         self.assertEqual(len(self.pump.started), 1)
@@ -689,13 +696,7 @@ class TransportPumpTests(SynchronousTestCase):
         """
         self.peer.sendall(b"x" * 100)
         self.transport.doRead()
-        original = self.reader.bufferFilled
-
-        def fillAndPause(n: int) -> None:
-            original(n)
-            self.transport.pauseProducing()
-
-        self.reader.bufferFilled = fillAndPause  # type: ignore[method-assign]
+        self.pauseOnFill()
         lend = self.pump.lend
         self.pump.finish(10 * KiB, FULL)
         self.assertEqual((lend.refills, lend.released, self.reading()), ([], False, False))
