@@ -236,8 +236,13 @@ class DispatchSeamTests(SynchronousTestCase):
         self.assertEqual(_codeDigest(EPollReactor._doReadOrWrite), "c849c38c21363b92")
         self.assertEqual(EPollReactor.doIteration, EPollReactor.doPoll)
         self.assertEqual(_codeDigest(ReactorBase.mainLoop), "04b357d96f77b92c")
-        self.assertEqual(_codeDigest(ReactorBase.runUntilCurrent), "127dd902affe5d40")
-        self.assertEqual(_codeDigest(ReactorBase.timeout), "88f4985f484b89e0")
+        # Twisted 26 (a faster handler for timed call errors, an annotation
+        # spelled anew) and 24.7, the oldest supported: the lean loop reads
+        # the same state in both.
+        self.assertIn(
+            _codeDigest(ReactorBase.runUntilCurrent), {"127dd902affe5d40", "87c4634a83f81ba5"}
+        )
+        self.assertIn(_codeDigest(ReactorBase.timeout), {"88f4985f484b89e0", "e5a1bf313dfe6f11"})
         self.assertEqual(_codeDigest(ReactorBase.crash), "85bb69adfebc08ba")
         self.assertIs(EPollReactor.mainLoop, ReactorBase.mainLoop)
 
