@@ -682,43 +682,6 @@ class PutTests(ImagesTestCase):
         self.assertEqual(self.image()[:6], b"hello\0")
         self.assertFalse(conn.closed)
 
-    def test_tlsChunks(self) -> None:
-        """
-        An upload over TLS fills buffers of at most C{TLS_UPLOAD_CHUNK}
-        (each backend write is that large); over a plain connection, of
-        half the buffer size. Either way every write but the first starts
-        on a 4 KiB boundary of the image.
-        """
-        from imageio.daemon import images
-
-        self.patch(images, "TLS_UPLOAD_CHUNK", 8192)
-        self.h = ImagesHarness(bufferSize=16384)
-        self.addCleanup(self.h.cleanup)
-        self.registry = self.h.registry
-        self.h.addTicket(bytes(50000))
-        writes: list[tuple[int, int]] = []
-        original = memory.MemoryBackend.write
-
-        def write(backend: Any, offset: int, data: memoryview) -> Any:
-            writes.append((offset, len(data)))
-            return original(backend, offset, data)
-
-        self.patch(memory.MemoryBackend, "write", write)
-        data = bytes(range(251)) * 160
-        for secure, sizes in (
-            (True, [8192 - 100] + [8192] * 3 + [7492]),
-            (False, [16284, 16384, 7492]),
-        ):
-            del writes[:]
-            conn = self.h.connect(secure=secure)
-            conn.send(
-                request(b"PUT", b"/images/t1", {b"Content-Range": b"bytes 100-40259/*"}, data)
-            )
-            self.assertEqual(conn.response().status, 200)
-            self.assertEqual([n for _, n in writes], sizes)
-            self.assertEqual([offset % 4096 for offset, _ in writes[1:]], [0] * (len(sizes) - 1))
-            self.assertEqual(self.image()[100:40260], data)
-
     def test_contentRangeStartOnly(self) -> None:
         """
         Only the first byte of Content-Range is used; the length written is

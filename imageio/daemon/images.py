@@ -109,13 +109,6 @@ SMALL_READ = 256 * 1024
 #: of a download (issue 12). See bench/README.rst, "Memory".
 TLS_CHUNK = 2 * 1024**2
 
-#: Uploads over TLS fill buffers of at most this size (each of their two
-#: buffers): the reactor's decryption limits them, not the disk write, and
-#: 2 MiB instead of 4 MiB take 4 MiB off the peak RSS of an upload (issue
-#: 12). Plain uploads keep half of C{buffer_size}. See bench/README.rst,
-#: "Memory".
-TLS_UPLOAD_CHUNK = 2 * 1024**2
-
 #: JSON bodies of PATCH requests are small; cap them.
 MAX_PATCH_BODY = 4096
 
@@ -272,16 +265,6 @@ class ImagesService:
         """
         if request.isSecure():
             return min(self.chunkSize, TLS_CHUNK)
-        return self.chunkSize
-
-    def writeChunkSize(self, request: Request) -> int:
-        """
-        Size of each of the two buffers an upload on C{request}'s
-        connection fills: L{chunkSize}, at most L{TLS_UPLOAD_CHUNK} over
-        TLS.
-        """
-        if request.isSecure():
-            return min(self.chunkSize, TLS_UPLOAD_CHUNK)
         return self.chunkSize
 
     def authorize(self, ticketID: str, op: str, close: bool = True) -> Ticket:
@@ -875,7 +858,7 @@ class ImageHandler:
             length,
             pushProducerOf(request),
             op,
-            bufferSize=self.service.writeChunkSize(request),
+            bufferSize=self.service.chunkSize,
             onProgress=connectionOf(request).resetTimeout,
             budget=self.service.budget,
         )
