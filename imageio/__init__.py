@@ -7,4 +7,4 @@ serving C{/images/<ticket>} over HTTPS and a local UNIX socket, a tickets
 control API for the management agent, and an engine-side proxy.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
