@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from imageio.interfaces import IDirectReader
+from imageio.interfaces import IDirectReader, IDirectWriter
 from imageio.web import ImageioSite
 from imageio.web._pump import (
     EOF,
@@ -884,6 +884,46 @@ class TransportPumpTests(SynchronousTestCase):
         self.transport.setDirectReader(None)
         self.assertIsNone(self.transport.doRead())
         self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_sendNowNeverWaits(self) -> None:
+        """
+        C{sendNow} (the TLS layer's send) does not wait either on a socket
+        a pump thread made blocking: it takes what the socket takes.
+        """
+        os.set_blocking(self.ours.fileno(), True)
+        self.addCleanup(os.set_blocking, self.ours.fileno(), False)
+        timeval = struct.pack("ll", 5, 0)
+        self.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        started = time.monotonic()
+        sent = self.transport.sendNow(b"y" * 4 * MiB)
+        self.assertLess(sent, 4 * MiB)
+        self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_directWriterWaitsForPump(self) -> None:
+        """
+        A direct writer (a spliced download) is not asked to send while a
+        pump holds the socket, which may be blocking then, neither when it
+        has bytes ready nor on a write pass; it is asked once the socket is
+        back.
+        """
+        self.peer.sendall(b"x" * 100)
+        self.transport.doRead()
+        fds: list[int] = []
+
+        @implementer(IDirectWriter)
+        class Writer:
+            def sendTo(self, fd: int) -> bool:
+                fds.append(fd)
+                return False
+
+        self.transport.setDirectWriter(Writer())
+        self.transport.directWriteReady()
+        self.transport.startWriting()
+        self.transport.doWrite()
+        self.assertEqual(fds, [])
+        self.assertNotIn(self.transport, self.reactor.getWriters())
+        self.pump.finish(10, IDLE_END)
+        self.assertEqual(fds, [self.ours.fileno()])
 
     def test_writeWhilePumping(self) -> None:
         """

@@ -203,6 +203,9 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         self._parked = False
         if self._wantRead and self.connected and not self.disconnecting:
             super().startReading()  # type: ignore[misc]
+        if self._directWriter is not None:
+            # It waited for the socket to be non-blocking again.
+            self.directWriteReady()
 
     def _pumped(self, n: int, why: str) -> None:
         try:
@@ -314,6 +317,11 @@ class _ZeroCopyMixin(FileDescriptorSeam):
             # With buffers queued we already wait for writability; doWrite
             # sends them first, then asks the writer.
             return
+        if self._pumping:
+            # A pump thread may have made the shared open file blocking, and
+            # splice(2) into a socket waits unless the file is non-blocking:
+            # the writer goes on when the socket is back (_pumpReturned).
+            return
         try:
             blocked = writer.sendTo(self.socket.fileno())
         except OSError:
@@ -370,7 +378,8 @@ class _ZeroCopyMixin(FileDescriptorSeam):
         ):
             return 0
         try:
-            sent: int = self.socket.send(data)
+            # MSG_DONTWAIT, as every send here (see _pump).
+            sent: int = self.socket.send(data, _DONTWAIT)
         except OSError:
             return 0
         return sent
@@ -408,6 +417,10 @@ class _ZeroCopyMixin(FileDescriptorSeam):
                 return None
         writer = self._directWriter
         if writer is not None:
+            if self._pumping:
+                # As in directWriteReady: _pumpReturned asks the writer.
+                self.stopWriting()  # type: ignore[attr-defined]
+                return None
             # Only now: its bytes follow everything written before.
             try:
                 if writer.sendTo(self.socket.fileno()):
