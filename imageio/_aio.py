@@ -230,25 +230,12 @@ def isMemoryFileSystem(fd: int) -> bool:
         return False
 
 
+#: Expose a writable buffer to the kernel without copying it: the C{ctypes}
+#: character returned holds an export of the buffer, so while it lives the
+#: buffer cannot be closed or resized and the kernel never writes into freed
+#: memory; its address (C{ctypes.addressof}) is the buffer's. Raises
+#: C{TypeError} or C{ValueError} for a read-only or non-contiguous buffer.
 _pinned = ctypes.c_char.from_buffer
-
-
-def pin(view: memoryview) -> ctypes.c_char | None:
-    """
-    Expose a writable buffer to the kernel without copying it.
-
-    The returned object holds an export of the buffer: while it lives, the
-    buffer cannot be closed or resized, so the kernel never writes into freed
-    memory. Its address (C{ctypes.addressof}) is the buffer's.
-
-    @param view: A non-empty buffer.
-    @return: A C{ctypes} character at the start of C{view}'s memory, or
-        C{None} if the buffer is read-only or not contiguous.
-    """
-    try:
-        return ctypes.c_char.from_buffer(view)
-    except (TypeError, ValueError):
-        return None
 
 
 #: What a request's completion is given: the bytes transferred, or the
@@ -264,7 +251,7 @@ class _Slot:
 
     @ivar index: The slot's number, the C{aio_data} of its iocb.
     @ivar single: A one-pointer array to C{iocb}, for submitting it alone.
-    @ivar buffer: The pinned buffer (L{pin}) while the request runs.
+    @ivar buffer: The pinned buffer (L{_pinned}) while the request runs.
     """
 
     __slots__ = (
@@ -505,7 +492,7 @@ class AIOEngine:
                 return False
             then(0)
             return True
-        # pin(view), inline.
+        # Pinned while the kernel has it (see _pinned).
         try:
             buffer = _pinned(view)
         except (TypeError, ValueError):
