@@ -1242,24 +1242,31 @@ class ListenerTests(DaemonTestCase):
     Which listeners lend their sockets: plain ones only.
     """
 
-    async def test_plainRemote(self) -> None:
+    async def upload(self, sections: dict[str, Any], listener: str, size: int, tag: bytes) -> None:
         """
-        The remote listener with TLS disabled reads large bodies with the
-        pump too, byte-exact.
+        PUT C{size} bytes to a new image of a daemon started with
+        C{sections}, over C{listener}: answered 200, stored byte-exact.
         """
-        daemon = self.startDaemon(tls={"enable": False})
-        pump: BodyPump = daemon.service.bodyPump
-        data = pattern(BIG, b"tcp")
-        image = self.makeImage(daemon, BIG)
-        ticket = self.addTicket(daemon, image, BIG)
+        daemon = self.daemon = self.startDaemon(**sections)
+        data = pattern(size, tag)
+        image = self.makeImage(daemon, size)
+        ticket = self.addTicket(daemon, image, size)
 
         def upload() -> int:
-            with connect(daemon.addresses, "remote-plain") as conn:
+            with connect(daemon.addresses, listener) as conn:
                 headers = [("Content-Length", str(len(data)))]
                 return conn.request("PUT", f"/images/{ticket}", headers, data).status
 
         self.assertEqual(await deferToThread(upload), 200)
         self.assertEqual(image.read_bytes(), data)
+
+    async def test_plainRemote(self) -> None:
+        """
+        The remote listener with TLS disabled reads large bodies with the
+        pump too, byte-exact.
+        """
+        await self.upload({"tls": {"enable": False}}, "remote-plain", BIG, b"tcp")
+        pump: BodyPump = self.daemon.service.bodyPump
         self.assertGreater(pump.bytesRead, 0)
 
     async def test_tlsRemote(self) -> None:
@@ -1267,17 +1274,6 @@ class ListenerTests(DaemonTestCase):
         An upload over TLS is not read by the pump (its bodies are
         decrypted on the reactor).
         """
-        daemon = self.startDaemon()
-        pump: BodyPump = daemon.service.bodyPump
-        data = pattern(BIG // 4, b"tls")
-        image = self.makeImage(daemon, BIG // 4)
-        ticket = self.addTicket(daemon, image, BIG // 4)
-
-        def upload() -> int:
-            with connect(daemon.addresses, "remote") as conn:
-                headers = [("Content-Length", str(len(data)))]
-                return conn.request("PUT", f"/images/{ticket}", headers, data).status
-
-        self.assertEqual(await deferToThread(upload), 200)
-        self.assertEqual(image.read_bytes(), data)
+        await self.upload({}, "remote", BIG // 4, b"tls")
+        pump: BodyPump = self.daemon.service.bodyPump
         self.assertEqual(pump.pumps, 0)
