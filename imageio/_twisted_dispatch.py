@@ -36,6 +36,12 @@ same order as before. C{mainLoop} is looked up when the reactor starts
 running (C{twistd} starts services before), so a reactor already running
 keeps Twisted's loop and gets only the lean dispatch.
 
+After each poll's dispatch, L{install} runs the C{afterPoll} functions it is
+given: the AIO engine delivers there a completion that happened inside
+C{io_submit} (a small read on tmpfs) in the same turn, instead of a poll
+later through its eventfd. An exception from one is logged as the main
+loop logs its own.
+
 Only an C{EPollReactor} (exactly that class) is changed; L{install} leaves
 any other reactor alone and says so. The private names used
 (L{PRIVATE_NAMES}) are pinned by C{tests.test_twisted_seams}.
@@ -45,7 +51,7 @@ from __future__ import annotations
 
 import errno
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application.service import Service
@@ -84,7 +90,9 @@ _BASE_LOG = TwistedLogger(namespace="twisted.internet.base")
 _LOOP_ERRORS = _BASE_LOG.failureHandler("Unexpected error in main loop")
 
 
-def install(reactor: Any, classes: Iterable[type]) -> bool:
+def install(
+    reactor: Any, classes: Iterable[type], afterPoll: Iterable[Callable[[], object]] = ()
+) -> bool:
     """
     Dispatch ready descriptors of C{classes} on C{reactor} without a
     logging context per event, and run its main loop with lean turns (see
@@ -92,13 +100,16 @@ def install(reactor: Any, classes: Iterable[type]) -> bool:
 
     Installing again replaces the classes; L{uninstall} undoes it.
 
+    @param afterPoll: Called, in order, after each poll that dispatched
+        something.
+
     @return: Whether C{reactor} is Twisted's epoll reactor and now
         dispatches that way; if not, nothing changed.
     """
     if type(reactor) is not EPollReactor:
         return False
     uninstall(reactor)
-    doPoll = _leanPoll(reactor, frozenset(classes))
+    doPoll = _leanPoll(reactor, frozenset(classes), tuple(afterPoll))
     # Instance attributes: mainLoop and iterate call self.doIteration, run
     # calls self.mainLoop.
     vars(reactor)["doIteration"] = doPoll
@@ -182,10 +193,12 @@ class _LeanLoop:
                 doPoll(None)
 
 
-def _leanPoll(reactor: EPollReactor, lean: frozenset[type]) -> Any:
+def _leanPoll(
+    reactor: EPollReactor, lean: frozenset[type], afterPoll: tuple[Callable[[], object], ...]
+) -> Any:
     """
     @return: C{reactor}'s C{doPoll}, dispatching descriptors of the classes
-        in C{lean} without a logging context.
+        in C{lean} without a logging context, then calling C{afterPoll}.
     """
     poller = reactor._poller
     selectables: dict[int, Any] = reactor._selectables
@@ -235,6 +248,12 @@ def _leanPoll(reactor: EPollReactor, lean: frozenset[type]) -> Any:
                 callWithLogger(selectable, log.err)
             if why:
                 callWithLogger(selectable, disconnect, selectable, why, inRead)
+        if events:
+            for function in afterPoll:
+                try:
+                    function()
+                except Exception:
+                    _BASE_LOG.failure("Unexpected error in main loop")
 
     return doPoll
 
@@ -247,13 +266,19 @@ class LeanDispatchService(Service):
 
     name = "lean-dispatch"
 
-    def __init__(self, reactor: Any, classes: Iterable[type]) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        classes: Iterable[type],
+        afterPoll: Iterable[Callable[[], object]] = (),
+    ) -> None:
         self.reactor = reactor
         self.classes = tuple(classes)
+        self.afterPoll = tuple(afterPoll)
 
     def startService(self) -> None:
         super().startService()
-        if install(self.reactor, self.classes):
+        if install(self.reactor, self.classes, self.afterPoll):
             _log.debug("Reactor: lean dispatch of our own sockets and the AIO eventfd")
         else:
             _log.debug(

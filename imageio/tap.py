@@ -338,7 +338,7 @@ class ImageioService(MultiService):
         # Our sockets, the AIO eventfd and the reactor's waker (each disk-io
         # result) without a log context per event.
         lean = (AIOEngine, ZeroCopyTCPServer, ZeroCopyUNIXServer, *wakerClasses(reactor))
-        LeanDispatchService(reactor, lean).setServiceParent(self)
+        LeanDispatchService(reactor, lean, [self.aio.reapReady]).setServiceParent(self)
         self.metrics.addCounter(
             "imageio_aio_completed",
             "Storage requests completed by Linux AIO.",

@@ -93,6 +93,18 @@ class FlakySyscalls(Syscalls):
         return n
 
 
+class CountingSyscalls(Syscalls):
+    """
+    The real syscalls, counting C{io_getevents} calls.
+    """
+
+    getevents_ = 0
+
+    def getevents(self, ctx: int, minNr: int, events: Any, timeout: Any) -> int:
+        self.getevents_ += 1
+        return super().getevents(ctx, minNr, events, timeout)
+
+
 class FailingSetup(Syscalls):
     def __init__(self, code: int) -> None:
         super().__init__()
@@ -254,6 +266,70 @@ class EngineTests(TestCase):
         n = await engine.read(fd, buf, 4096, 4096, nowait=False)  # type: ignore[misc]
         self.assertEqual(n, 4096)
         self.assertEqual(bytes(buf), data[4096:8192])
+
+    def tmpfsFile(self, data: bytes) -> int:
+        """
+        C{data} in a file on tmpfs, opened with C{O_DIRECT} for reading.
+        """
+        if not os.access("/dev/shm", os.W_OK):
+            raise SkipTest("No writable /dev/shm")
+        fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="imageio-test-")
+        self.addCleanup(os.unlink, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            raise SkipTest(f"No O_DIRECT on tmpfs here: {e}") from None
+        self.addCleanup(os.close, fd)
+        return fd
+
+    def test_reapReady(self) -> None:
+        """
+        A read the kernel completed inside C{io_submit} (tmpfs) is delivered
+        by L{AIOEngine.reapReady}, with no poll, and the eventfd is drained
+        with it; the next poll's C{doRead} makes no C{io_getevents}.
+        """
+        data = os.urandom(16 * KiB)
+        fd = self.tmpfsFile(data)
+        syscalls = CountingSyscalls()
+        engine = startedEngine(self, AIOEngine(reactor, syscalls=syscalls))
+        self.assertIsNotNone(engine._ring)
+        before = syscalls.getevents_
+        buf = memoryview(_buffers.allocate(4096))
+        results: list[object] = []
+        self.assertTrue(engine.submitRead(fd, buf, 8192, 4096, False, results.append))
+        self.assertEqual(results, [])
+        engine.reapReady()
+        self.assertEqual(results, [4096])
+        self.assertEqual(bytes(buf), data[8192:12288])
+        self.assertEqual(engine.inFlight, 0)
+        self.assertEqual(syscalls.getevents_, before + 1)
+        self.assertRaises(BlockingIOError, os.eventfd_read, engine.fileno())
+        # Nothing left: neither call reaps again.
+        engine.reapReady()
+        engine.doRead()
+        self.assertEqual(syscalls.getevents_, before + 1)
+
+    def test_ringOnlyFromRealSetup(self) -> None:
+        """
+        The ring is read only at the address the real C{io_setup} returned:
+        a context from another C{setup} (a fake's) is never read.
+        """
+
+        class OtherSetup(Syscalls):
+            def setup(self, nr: int) -> int:
+                return super().setup(nr)
+
+        engine = startedEngine(self, AIOEngine(reactor, syscalls=OtherSetup()))
+        self.assertIsNone(engine._ring)
+        # Without it, reapReady does nothing; the eventfd delivers.
+        engine.reapReady()
+        real = startedEngine(self, AIOEngine(reactor))
+        ring = real._ring
+        assert ring is not None
+        self.assertEqual(ring.magic, _aio.AIO_RING_MAGIC)
+        self.assertEqual(ring.head, ring.tail)
 
     def test_notMemoryFileSystem(self) -> None:
         """

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -291,6 +292,49 @@ class ImagesIntegrationTests(_ServiceTestCase):
         self.assertEqual(results[5][1], data[511 : 8 * MiB + 4])
         self.assertEqual(results[6][1], data[SIZE - 10 :])
         self.assertEqual(target.read_bytes(), data)
+
+    @inlineCallbacks
+    def test_smallReadsSameTurn(self) -> Any:
+        """
+        Small reads of an image on tmpfs complete inside C{io_submit}; the
+        daemon answers them in the reactor turn that asked (the AIO
+        engine's C{reapReady} after the poll's dispatch), not a poll later.
+        """
+        if self.ioEngine == "threads" or type(reactor) is not EPollReactor:
+            raise SkipTest("Needs the AIO engine and the epoll reactor")
+        if not os.access("/dev/shm", os.W_OK):
+            raise SkipTest("No writable /dev/shm")
+        aio = self.service.aio
+        if not aio.running:
+            raise SkipTest("No Linux AIO here")
+        image = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="imageio-it-")) / "image.raw"
+        self.addCleanup(shutil.rmtree, image.parent, True)
+        data = os.urandom(SIZE)
+        image.write_bytes(data)
+        self.addTicket(image, ("read",))
+        local = self.local
+        offsets = [i * 4096 for i in (0, 7, 300, SIZE // 4096 - 1)]
+
+        def client() -> list[bytes]:
+            conn = _UnixHTTPConnection(local)
+            try:
+                bodies = []
+                for offset in offsets:
+                    last = offset + 4095
+                    conn.request("GET", "/images/t1", headers={"Range": f"bytes={offset}-{last}"})
+                    r = conn.getresponse()
+                    self.assertEqual(r.status, 206)
+                    bodies.append(r.read())
+                return bodies
+            finally:
+                conn.close()
+
+        before = aio.reapedEarly
+        bodies = yield deferToThread(client)
+        self.assertEqual(bodies, [data[o : o + 4096] for o in offsets])
+        # The first read waited for the file to open on the disk-io pool,
+        # and completed a poll later; every other in its own turn.
+        self.assertEqual(aio.reapedEarly - before, len(offsets) - 1)
 
     @inlineCallbacks
     def test_httpClientUnixSocket(self) -> Any:

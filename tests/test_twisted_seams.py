@@ -319,6 +319,33 @@ class DispatchSeamTests(SynchronousTestCase):
         self.assertIsInstance(reason.value, ConnectionDone)
         self.assertNotIn(lean, self.reactor.getReaders())
 
+    def test_afterPoll(self) -> None:
+        """
+        The C{afterPoll} functions run, in order, after a poll that
+        dispatched something (after every descriptor's C{doRead}), and not
+        after one that found nothing; one that raises is logged as the main
+        loop logs its errors, and the next still runs.
+        """
+        calls: list[object] = []
+
+        def broken() -> None:
+            calls.append("broken")
+            raise RuntimeError("after")
+
+        def reads() -> None:
+            calls.append(len(lean.systems) + len(other.systems))
+
+        _twisted_dispatch.install(self.reactor, [_Lean], [reads, broken, lambda: calls.append(3)])
+        self.reactor.doIteration(0)
+        self.assertEqual(calls, [])
+        lean = self.readable(_Lean)
+        other = self.readable(_Descriptor)
+        self.reactor.doIteration(0)
+        self.assertEqual(calls, [2, "broken", 3])
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(failure.value), "after")
+        self.assertIn(lean, self.reactor.getReaders())
+
     def test_otherReactors(self) -> None:
         """
         Any reactor but Twisted's epoll reactor is left alone.
