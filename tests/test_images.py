@@ -580,6 +580,85 @@ class GetTests(ImagesTestCase):
             self.assertError(response, 416, "Requested more bytes than available: 10000 > 6000")
             self.assertEqual(response.header(b"content-range"), b"bytes */6000")
 
+    def sizeCalls(self) -> list[int]:
+        """
+        @return: What each backend C{size()} answers from now on.
+        """
+        calls: list[int] = []
+        original = memory.MemoryBackend.size
+
+        def size(backend: Any) -> Any:
+            return original(backend).addCallback(lambda n: calls.append(n) or n)
+
+        self.patch(memory.MemoryBackend, "size", size)
+        return calls
+
+    def tlsHarness(self, image: bytes, size: int) -> None:
+        from imageio.daemon import images
+
+        self.patch(images, "TLS_CHUNK", 4096)
+        self.h = ImagesHarness(bufferSize=16384)
+        self.addCleanup(self.h.cleanup)
+        self.registry = self.h.registry
+        self.h.addTicket(image, size=size)
+
+    def test_rangesAskSizeOnce(self) -> None:
+        """
+        Closed ranges longer than a TLS chunk (upstream's client reads 4 MiB
+        at a time) ask the image's size on a connection's first request
+        only: later ones ending inside it use the size seen.
+        """
+        data = bytes(range(250)) * 80
+        self.tlsHarness(data, len(data))
+        calls = self.sizeCalls()
+        conn = self.h.connect(secure=True)
+        for first, last in ((0, 9999), (10000, 19999), (5000, 15000)):
+            conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=%d-%d" % (first, last)}))
+            response = conn.response()
+            self.assertEqual(response.status, 206)
+            self.assertEqual(response.body, data[first : last + 1])
+        self.assertEqual(calls, [20000])
+        # Another connection has its own backend, and asks.
+        other = self.h.connect(secure=True)
+        other.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-9999"}))
+        self.assertEqual(other.response().body, data[:10000])
+        self.assertEqual(calls, [20000, 20000])
+
+    def test_grownImageAskedAgain(self) -> None:
+        """
+        A range past the size seen asks again: the image may have grown
+        since (a volume extended under a transfer).
+        """
+        self.tlsHarness(bytes(6000), 20000)
+        calls = self.sizeCalls()
+        conn = self.h.connect(secure=True)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-5999"}))
+        self.assertEqual(conn.response().body, bytes(6000))
+        grown = bytes(range(250)) * 80
+        self.image()[:] = grown
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=6000-15999"}))
+        response = conn.response()
+        self.assertEqual(response.status, 206)
+        self.assertEqual(response.body, grown[6000:16000])
+        self.assertEqual(calls, [6000, 20000])
+
+    def test_shrunkImage416(self) -> None:
+        """
+        An image that shrank below the size seen: a range past its new end
+        is still a 416 before any byte, with the size asked again.
+        """
+        self.tlsHarness(bytes(20000), 20000)
+        calls = self.sizeCalls()
+        conn = self.h.connect(secure=True)
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=0-9999"}))
+        self.assertEqual(conn.response().status, 206)
+        del self.image()[6000:]
+        conn.send(request(b"GET", b"/images/t1", {b"Range": b"bytes=8000-15999"}))
+        response = conn.response()
+        self.assertError(response, 416, "Requested more bytes than available: 16000 > 6000")
+        self.assertEqual(response.header(b"content-range"), b"bytes */6000")
+        self.assertEqual(calls, [20000, 6000])
+
     def test_unknownTicket(self) -> None:
         """
         GET on an unknown ticket is 403 and closes the connection.

@@ -214,6 +214,9 @@ class _Context:
     backend: IBackend | None = None
     _opening: list[Deferred[IBackend]] = field(factory=list)
     closed: bool = False
+    #: The image size C{backend} last reported: a closed range ending
+    #: inside it needs no C{size()} round trip to the disk-io pool.
+    sizeSeen: int = 0
 
     def close(self) -> None:
         if self.closed:
@@ -612,7 +615,7 @@ class ImageHandler:
                 decided = True
                 if isinstance(n, int):
                     # The range ends past the image: answer as upstream does.
-                    sized = backend.size()
+                    sized = self._askSize(request, ticket, backend)
                     sized.addCallback(self._shortRead, ticket, byteRange, offset, n)
                     return sized
                 if isinstance(n, Failure):
@@ -683,6 +686,46 @@ class ImageHandler:
         _resolve(byteRange, ticket, imageSize)
         raise TruncatedImage(f"Expected {byteRange.last - offset + 1} bytes at {offset}, got {n}")
 
+    def _imageSize(
+        self, request: Request, ticket: Ticket, backend: IBackend, byteRange: Any
+    ) -> Deferred[int] | int:
+        """
+        @return: The image size to serve C{byteRange} from: the one this
+            connection's backend last reported when the range is closed and
+            ends inside it (upstream's client reads 4 MiB ranges, each of
+            which would cost a round trip to the disk-io pool), else asked.
+            Images may grow while open (a volume extended under a
+            transfer), hence asking again for a range past it; one that
+            shrank while open cuts the transfer, as it would have a moment
+            after asking.
+        """
+        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
+        if (
+            ctx is not None
+            and ctx.backend is backend
+            and byteRange is not None
+            and byteRange.first is not None
+            and byteRange.last is not None
+            and byteRange.last < ctx.sizeSeen
+        ):
+            return ctx.sizeSeen
+        return self._askSize(request, ticket, backend)
+
+    def _askSize(self, request: Request, ticket: Ticket, backend: IBackend) -> Deferred[int]:
+        """
+        @return: C{backend.size()}, remembered for L{_imageSize}.
+        """
+        d: Deferred[int] = backend.size()
+        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
+        if ctx is not None and ctx.backend is backend:
+
+            def seen(size: int) -> int:
+                ctx.sizeSeen = size
+                return size
+
+            d.addCallback(seen)
+        return d
+
     @inlineCallbacks
     def _startRead(
         self, backend: IBackend, request: Request, ticket: Ticket, byteRange: Any, oneRead: bool
@@ -700,10 +743,10 @@ class ImageHandler:
                 # A spliced range is read in pipe-sized steps, and a short
                 # image must still be a 416 before the head: ask first
                 # (upstream's client asks 4 MiB at a time).
-                imageSize = yield backend.size()
+                imageSize = yield self._imageSize(request, ticket, backend, byteRange)
                 offset, length = _resolve(byteRange, ticket, imageSize)
         else:
-            imageSize = yield backend.size()
+            imageSize = yield self._imageSize(request, ticket, backend, byteRange)
             offset, length = _resolve(byteRange, ticket, imageSize)
         request.setHeader(b"content-length", b"%d" % length)
         request.setHeader(b"content-type", b"application/octet-stream")
@@ -755,7 +798,7 @@ class ImageHandler:
             cancelWith(producer)
             yield producer.start()
         except Exception:
-            yield self._readFailed(Failure(), request, ticket, byteRange, imageSize, backend)
+            yield self._readFailed(Failure(), request, ticket, byteRange, backend)
         finally:
             self.service.finishOperation(ticket, op)
 
@@ -766,7 +809,6 @@ class ImageHandler:
         request: Request,
         ticket: Ticket,
         byteRange: Any,
-        imageSize: int | None,
         backend: IBackend,
     ) -> Any:
         """
@@ -781,10 +823,11 @@ class ImageHandler:
             for name in _GET_HEADERS:
                 request.responseHeaders.removeHeader(name)
             request.setResponseCode(200)
-            if f.check(TruncatedImage) and imageSize is None:
-                # The range ends past the image: answer as upstream does.
-                imageSize = yield backend.size()
-                _resolve(byteRange, ticket, imageSize)
+            if f.check(TruncatedImage):
+                # The range ends past the image (which may have shrunk since
+                # its size was asked or seen): answer as upstream does.
+                size = yield self._askSize(request, ticket, backend)
+                _resolve(byteRange, ticket, size)
             f.raiseException()
         if f.check(OperationCanceled):
             log.info("Download for ticket {ticketID} canceled", ticketID=shortID(ticket.uuid))
