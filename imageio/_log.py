@@ -10,23 +10,36 @@ C{twistd --logger=imageio._log.jsonObserver} for JSON lines.
 Where the lines go is standard output unless upstream's logging
 configuration names a handler (L{setDestination}): a log file rotated as
 upstream's C{RotatingFileHandler} rotates it, or standard error.
+
+Our observers (L{textObserver}, L{jsonObserver}) format each event where it
+is emitted, then hand the line to a thread of their own that writes it
+(L{BackgroundOutput}): a journal that stopped reading its stream or a log
+disk that hangs never blocks the reactor, and so never every transfer.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     InvalidLogLevelError,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
     textFileLogObserver,
 )
 from twisted.python.failure import Failure
@@ -120,6 +133,189 @@ def _output() -> IO[str]:
     return output
 
 
+#: The most characters of formatted lines waiting for a log output; lines
+#: beyond are dropped (and counted) rather than held without bound.
+BACKLOG = 1024**2
+#: How long the process waits at exit for waiting lines to be written.
+EXIT_WAIT = 5.0
+
+
+class BackgroundOutput:
+    """
+    A text output for a log observer that returns at once: lines wait
+    (at most L{BACKLOG} characters of them) for a thread of its own, which
+    writes and flushes them to the real output in order.
+
+    When the real output stalls and the backlog is full, further lines are
+    dropped and counted; once the thread has written what waited, it writes
+    a line saying how many were lost (formatted by C{notice} from a
+    warning event). A failing output (a closed journal stream, a full disk)
+    is treated as dropping the lines it refused. What waits at exit is
+    written within L{EXIT_WAIT} seconds; a forked child starts a thread of
+    its own for what it inherited.
+
+    @ivar dropped: Lines dropped since the output was made.
+    """
+
+    # What Twisted's FileLogObserver asks to decide between text and bytes.
+    encoding = "utf-8"
+
+    def __init__(
+        self,
+        output: IO[str],
+        notice: Callable[[dict[str, Any]], str | None],
+        backlog: int = BACKLOG,
+    ) -> None:
+        self._output = output
+        self._notice = notice
+        self._backlog = backlog
+        self.dropped = 0
+        self._lines: list[str] = []
+        self._waiting = 0
+        self._lost = 0
+        self._unsaid = 0
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition(threading.Lock())
+        _outputs.add(self)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            if self._waiting + len(text) > self._backlog and self._lines:
+                self.dropped += 1
+                self._lost += 1
+                return
+            self._lines.append(text)
+            self._waiting += len(text)
+            if self._thread is None:
+                self._start()
+            elif len(self._lines) == 1:
+                self._lock.notify()
+
+    def flush(self) -> None:
+        # The thread flushes after each batch.
+        pass
+
+    def drain(self, timeout: float) -> bool:
+        """
+        Wait until every line written so far was handed to the real output.
+
+        @return: Whether it happened within C{timeout} seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._lines or self._busy or self._lost:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def _start(self) -> None:
+        # Called with the lock held.
+        self._thread = threading.Thread(target=self._run, name="imageio-log", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._lines or self._lost):
+                    self._lock.wait()
+                lines, self._lines, self._waiting = self._lines, [], 0
+                lost, self._lost = self._lost, 0
+                self._busy = True
+            failed = 0
+            try:
+                if lines:
+                    failed = self._put(lines)
+                missing = self._unsaid + lost + failed
+                if missing:
+                    text = self._notice(_dropNotice(missing))
+                    if not text or not self._put([text]):
+                        missing = 0
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self.dropped += failed
+                    # A warning the output refused goes with the next one.
+                    self._unsaid = missing
+                    self._lock.notify_all()
+
+    def _put(self, lines: list[str]) -> int:
+        """
+        Write C{lines} one by one (a rotating log file rotates between
+        lines), then flush.
+
+        @return: How many lines the output refused.
+        """
+        done = 0
+        try:
+            for line in lines:
+                self._output.write(line)
+                done += 1
+            self._output.flush()
+        except (OSError, ValueError):
+            # Nowhere to say it but the next line that gets through.
+            return len(lines) - done
+        return 0
+
+    def _forked(self) -> None:
+        # In a forked child: the parent's thread and lock are not ours.
+        self._lock = threading.Condition(threading.Lock())
+        self._thread = None
+        self._busy = False
+        if self._lines or self._lost:
+            self._start()
+
+
+def _dropNotice(count: int) -> dict[str, Any]:
+    return {
+        "log_level": LogLevel.warn,
+        "log_namespace": __name__,
+        "log_time": time.time(),
+        "log_format": "{count} log lines dropped: the log output did not keep up",
+        "count": count,
+    }
+
+
+_outputs: weakref.WeakSet[BackgroundOutput] = weakref.WeakSet()
+
+
+def drain(timeout: float = EXIT_WAIT) -> bool:
+    """
+    Wait until the lines every observer of ours was given are written (at
+    exit, and for tests that read a log).
+
+    @return: Whether it happened within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    drained = True
+    for output in list(_outputs):
+        drained = output.drain(max(0.0, deadline - time.monotonic())) and drained
+    return drained
+
+
+def _afterFork() -> None:
+    for output in list(_outputs):
+        output._forked()
+
+
+atexit.register(drain)
+os.register_at_fork(after_in_child=_afterFork)
+
+#: One background output per destination (its file object's id), so that
+#: observers made twice write in one order.
+_background: dict[int, BackgroundOutput] = {}
+
+
+def _backgroundFor(output: IO[str], notice: Callable[[dict[str, Any]], str | None]) -> IO[str]:
+    background = _background.get(id(output))
+    if background is None or background._output is not output:
+        background = _background[id(output)] = BackgroundOutput(output, notice)
+    # File-like enough for Twisted's FileLogObserver: write and flush.
+    return cast(IO[str], background)
+
+
 def describeDestination() -> str:
     """
     @return: Where logs go, for start-up messages.
@@ -132,6 +328,9 @@ def describeDestination() -> str:
     return f"{path} (rotated at {maxBytes} bytes, {backupCount} kept)"
 
 
+_RESERVED = frozenset({"time", "level", "namespace", "message", "traceback"})
+
+
 @implementer(ILogObserver)
 class JSONLinesObserver:
     """
@@ -140,49 +339,55 @@ class JSONLinesObserver:
     fields (C{ticketID}, C{status}...) and C{traceback} for failures.
     """
 
-    _RESERVED = frozenset({"time", "level", "namespace", "message", "traceback"})
-
     def __init__(self, output: IO[str]) -> None:
         self._output = output
 
     def __call__(self, event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        stamp = event.get("log_time")
-        record: dict[str, object] = {
-            "time": datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
-            if isinstance(stamp, int | float)
-            else None,
-            "level": getattr(level, "name", "info"),
-            "namespace": event.get("log_namespace", ""),
-            "message": formatEvent(event),
-        }
-        for key, value in event.items():
-            if key.startswith("log_") or key in self._RESERVED or key == "format":
-                continue
-            if value is None or isinstance(value, str | int | float | bool):
-                record[key] = value
-        failure = event.get("log_failure")
-        if isinstance(failure, Failure):
-            record["traceback"] = failure.getTraceback()
-        self._output.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self._output.write(jsonLine(event))
         self._output.flush()
+
+
+def jsonLine(event: dict[str, Any]) -> str:
+    """
+    @return: C{event} as L{JSONLinesObserver} writes it, newline included.
+    """
+    level = event.get("log_level")
+    stamp = event.get("log_time")
+    record: dict[str, object] = {
+        "time": datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+        if isinstance(stamp, int | float)
+        else None,
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", ""),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in _RESERVED or key == "format":
+            continue
+        if value is None or isinstance(value, str | int | float | bool):
+            record[key] = value
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, ensure_ascii=False, default=str) + "\n"
 
 
 def textObserver() -> ILogObserver:
     """
     For C{twistd --logger}: human-readable lines on standard output, or
-    where the configuration says (L{setDestination}).
+    where the configuration says (L{setDestination}), written by a thread
+    of their own (L{BackgroundOutput}).
     """
-    return _filtered(textFileLogObserver(_output()))
+    return _filtered(textFileLogObserver(_backgroundFor(_output(), formatEventAsClassicLogText)))
 
 
 def jsonObserver() -> ILogObserver:
     """
     For C{twistd --logger}: one JSON object per line (L{JSONLinesObserver})
     on standard output, or where the configuration says (journald, log
-    shippers).
+    shippers), written by a thread of their own (L{BackgroundOutput}).
     """
-    return _filtered(JSONLinesObserver(_output()))
+    return _filtered(FileLogObserver(_backgroundFor(_output(), jsonLine), jsonLine))
 
 
 def configuredObserver() -> ILogObserver | None:

@@ -4,8 +4,15 @@ Tests for L{imageio._log}: level filtering and the JSON observer.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 from pathlib import Path
 
 from twisted.logger import LogLevel, globalLogPublisher
@@ -97,6 +104,7 @@ class LogTests(SynchronousTestCase):
         logger = _log.Logger(namespace="test", observer=observer)
         for i in range(20):
             logger.info("line {i} " + "x" * 60, i=i)
+        self.assertTrue(_log.drain(10))
         names = sorted(p.name for p in directory.iterdir())
         self.assertEqual(names, ["daemon.log", "daemon.log.1", "daemon.log.2"])
         self.assertIn("line 19 ", path.read_text())
@@ -105,3 +113,168 @@ class LogTests(SynchronousTestCase):
         self.assertIsNotNone(_log.configuredObserver())
         _log.setDestination("stdout")
         self.assertIsNone(_log.configuredObserver())
+
+
+class GatedOutput:
+    """
+    A text output whose writes wait while its gate is closed (a journal
+    that stopped reading), or fail while C{failing}.
+    """
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.failing = False
+        self.lines: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> None:
+        self.gate.wait(30)
+        if self.failing:
+            raise OSError(errno.EPIPE, "Broken pipe")
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class BackgroundOutputTests(SynchronousTestCase):
+    """
+    L{_log.BackgroundOutput}: lines written in order by a thread of its own,
+    a stalled output never blocking the writer, and losses said.
+    """
+
+    def output(self, backlog: int = 1000) -> tuple[GatedOutput, _log.BackgroundOutput]:
+        real = GatedOutput()
+        self.addCleanup(real.gate.set)
+        return real, _log.BackgroundOutput(real, _log.jsonLine, backlog=backlog)  # type: ignore[arg-type]
+
+    def test_inOrder(self) -> None:
+        """
+        Every line reaches the output, in order, one write each, flushed.
+        """
+        real, out = self.output(backlog=10**6)
+        lines = [f"line {i}\n" for i in range(2000)]
+        for line in lines:
+            out.write(line)
+        self.assertTrue(out.drain(10))
+        self.assertEqual(real.lines, lines)
+        self.assertGreater(real.flushes, 0)
+        self.assertEqual(out.dropped, 0)
+
+    def test_stalledOutput(self) -> None:
+        """
+        While the output does not take lines, writing returns at once: at
+        most the backlog waits and the rest is dropped and counted. Once
+        the output takes lines again, what waited is written, then one
+        warning with the count (formatted by the notice function), then
+        what came after.
+        """
+        real, out = self.output(backlog=100)
+        out.write("first\n")
+        self.assertTrue(out.drain(10))
+        real.gate.clear()
+        out.write("stuck\n")
+        # The thread takes "stuck" and waits in the output's write.
+        deadline = time.monotonic() + 10
+        while not out._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        started = time.monotonic()
+        for i in range(1000):
+            out.write(f"waiting {i:03d}\n")
+        self.assertLess(time.monotonic() - started, 5)
+        # 100 characters: eight 12-character lines wait.
+        self.assertEqual(out.dropped, 992)
+        real.gate.set()
+        self.assertTrue(out.drain(10))
+        out.write("after\n")
+        self.assertTrue(out.drain(10))
+        waited = [f"waiting {i:03d}\n" for i in range(8)]
+        self.assertEqual(real.lines[:10], ["first\n", "stuck\n", *waited])
+        notice = json.loads(real.lines[10])
+        self.assertEqual(notice["level"], "warn")
+        self.assertEqual(notice["namespace"], "imageio._log")
+        self.assertEqual(notice["count"], 992)
+        self.assertEqual(notice["message"], "992 log lines dropped: the log output did not keep up")
+        self.assertEqual(real.lines[11:], ["after\n"])
+
+    def test_failingOutput(self) -> None:
+        """
+        Lines the output refuses (a closed stream, a full disk) count as
+        dropped, the writer never sees the error, and the warning comes
+        with the next lines that get through.
+        """
+        real, out = self.output()
+        real.failing = True
+        out.write("lost 1\n")
+        out.write("lost 2\n")
+        self.assertTrue(out.drain(10))
+        self.assertEqual(real.lines, [])
+        self.assertEqual(out.dropped, 2)
+        real.failing = False
+        out.write("back\n")
+        self.assertTrue(out.drain(10))
+        self.assertEqual(real.lines[0], "back\n")
+        self.assertEqual(json.loads(real.lines[1])["count"], 2)
+
+    def test_drainTimesOut(self) -> None:
+        """
+        L{BackgroundOutput.drain} gives up after its timeout when the output
+        is stuck.
+        """
+        real, out = self.output()
+        real.gate.clear()
+        out.write("stuck\n")
+        self.assertFalse(out.drain(0.05))
+        real.gate.set()
+        self.assertTrue(out.drain(10))
+
+    def run_python(self, code: str) -> str:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return done.stdout
+
+    def test_writtenAtExit(self) -> None:
+        """
+        Lines still waiting when the process exits are written first.
+        """
+        out = self.run_python(
+            """
+            from imageio import _log
+            logger = _log.Logger(namespace="exit", observer=_log.jsonObserver())
+            for i in range(3000):
+                logger.info("line {i}", i=i)
+            """
+        )
+        lines = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual([line["i"] for line in lines], list(range(3000)))
+
+    def test_forkedChild(self) -> None:
+        """
+        A forked child writes its own lines through a thread of its own.
+        """
+        out = self.run_python(
+            """
+            import os
+            from imageio import _log
+            logger = _log.Logger(namespace="fork", observer=_log.jsonObserver())
+            logger.info("before")
+            _log.drain()
+            pid = os.fork()
+            if pid == 0:
+                logger.info("child")
+                _log.drain()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            logger.info("parent")
+            """
+        )
+        messages = [json.loads(line)["message"] for line in out.splitlines()]
+        self.assertEqual(messages, ["before", "child", "parent"])
