@@ -13,6 +13,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from imageio.client import _copy
 from imageio.client._copy import COPY, ZERO, Copier, CopyError, Task, planTasks
 from imageio.interfaces import Extent, IBackend
 from imageio.ranges import RangeSet
@@ -186,6 +187,41 @@ class CopierTests(SynchronousTestCase):
         self.assertIn(("zero", 8192, 8192), calls)
         self.assertEqual((stats.copied, stats.zeroed, stats.requests), (8192, 8192, 3))
         self.assertEqual(sum(self.progress), 16384)
+
+    def test_streamBuffers(self) -> None:
+        """
+        A source that streams (a remote image's long ranged GET) gets each
+        task whole, through two buffers of at most L{_copy.STREAM_PIECE},
+        reused by the worker's next task; a smaller buffer size is kept.
+        """
+        # Buffers are whole pages.
+        self.patch(_copy, "STREAM_PIECE", 8192)
+        streamed: list[tuple[int, int, list[int]]] = []
+        buffers: set[int] = set()
+
+        class Streaming(_Fake):
+            def readStream(
+                self, offset: int, length: int, write: Any, views: list[memoryview]
+            ) -> Deferred[None]:
+                streamed.append((offset, length, [v.nbytes for v in views]))
+                buffers.update(id(v) for v in views)
+                piece = views[0].nbytes
+                for start in range(offset, offset + length, piece):
+                    chunk = views[0][: min(piece, offset + length - start)]
+                    chunk[:] = self.data[start : start + chunk.nbytes]
+                    write(start, chunk)
+                return succeed(None)
+
+        for bufferSize, expected in ((16384, 8192), (4096, 4096)):
+            del streamed[:]
+            buffers.clear()
+            target = bytearray(len(self.source))
+            pair = (Streaming(bytearray(self.source), auto=True), _Fake(target, auto=True))
+            tasks = planTasks([Extent(0, len(self.source), zero=False)], pieceSize=8192)
+            self.successResultOf(Copier([pair], bufferSize, self.progress.append).run(tasks))
+            self.assertEqual(bytes(target), self.source)
+            self.assertEqual(streamed, [(0, 8192, [expected] * 2), (8192, 8192, [expected] * 2)])
+            self.assertEqual(len(buffers), 2)
 
     def test_backpressure(self) -> None:
         """

@@ -8,7 +8,9 @@ shared plan only when its previous task completed, so memory is bounded by
 workers x buffer size whatever the image size, and a slow end slows the
 whole copy instead of queueing data.
 
-Data extents are read and written in pieces of at most one buffer; zero
+Data extents are read and written in pieces of at most one buffer (a
+target or source that streams takes longer requests, through two buffers
+of at most L{STREAM_PIECE}); zero
 extents become C{zero()} calls (a C{PATCH} zero over HTTP: no bytes travel)
 in pieces of at most L{MAX_ZERO}. The target is flushed once, at the end,
 when every write completed.
@@ -41,6 +43,11 @@ STREAM_BUFFERS = 8
 
 #: Largest streamed request: an interrupted upload loses at most this.
 MAX_STREAM = 64 * MiB
+
+#: Largest of the two buffers a streamed request goes through (upstream's
+#: buffer size). 8 MiB ones (the default buffer size) made four downloads
+#: hold 64 MiB for no measurable gain: peak RSS 103-106 MiB against 71-74.
+STREAM_PIECE = 4 * MiB
 
 COPY = "copy"
 ZERO = "zero"
@@ -293,7 +300,8 @@ class Copier:
                     # One long request, read while it is sent (or written
                     # while it arrives), through two buffers.
                     while len(free) < 2:
-                        free.append(memoryview(_buffers.allocate(self.bufferSize)))
+                        size = min(self.bufferSize, STREAM_PIECE)
+                        free.append(memoryview(_buffers.allocate(size)))
                     if writeStream is not None:
                         await writeStream(task.start, task.length, src.readInto, free[:2])
                     else:
@@ -303,7 +311,10 @@ class Copier:
                     self._done(task)
                     continue
                 # Page-aligned, so O_DIRECT files read into it as is.
-                view = free.pop() if free else memoryview(_buffers.allocate(self.bufferSize))
+                if free and free[-1].nbytes >= task.length:
+                    view = free.pop()
+                else:
+                    view = memoryview(_buffers.allocate(self.bufferSize))
                 piece = view[: task.length]
                 try:
                     n = await src.readInto(task.start, piece)
