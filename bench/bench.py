@@ -1119,6 +1119,26 @@ def summarize(samples: list[dict[str, Any]], metric: Metric) -> dict[str, float]
     }
 
 
+def pairedRatio(
+    samples: dict[str, dict[str, list[dict[str, Any]]]], key: str, metric: Metric
+) -> dict[str, float] | None:
+    """
+    @return: The median, least and greatest of ours/upstream within each
+        pair (the two samples measured back to back): steadier than the
+        ratio of medians when the machine's speed drifts between runs.
+    """
+    ours = samples.get("ours", {}).get(key, [])
+    upstream = samples.get("upstream", {}).get(key, [])
+    ratios = [
+        o[metric.key] / u[metric.key]
+        for o, u in zip(ours, upstream, strict=False)
+        if metric.key in o and u.get(metric.key)
+    ]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 def summaryRows(
     measurements: list[Measurement], samples: dict[str, dict[str, list[dict[str, Any]]]]
 ) -> list[dict[str, Any]]:
@@ -1137,6 +1157,7 @@ def summaryRows(
                 row["ratio"] = row["ours"]["median"] / row["upstream"]["median"]
             else:
                 row["ratio"] = None
+            row["pairedRatio"] = pairedRatio(samples, m.key, metric) if metric.compared else None
             rows.append(row)
     return rows
 
@@ -1148,7 +1169,7 @@ def formatTable(rows: list[dict[str, Any]], metrics: dict[str, Metric]) -> str:
         med, lo, hi = (fmt.format(summary[k]) for k in ("median", "min", "max"))
         return f"{med} ({lo}-{hi})"
 
-    header = ["measurement", "metric", "ours", "upstream", "ours/upstream"]
+    header = ["measurement", "metric", "ours", "upstream", "paired", "ours/upstream"]
     lines = [header]
     for row in rows:
         metric = metrics[row["metric"]]
@@ -1160,8 +1181,17 @@ def formatTable(rows: list[dict[str, Any]], metrics: dict[str, Metric]) -> str:
             ratio = "-"
         else:
             ratio = f"{row['ratio']:.2f}  ({better})"
+        paired = row.get("pairedRatio")
+        pairs = "-" if not paired else cell(paired, "{:.2f}")
         lines.append(
-            [row["label"], row["metric"], cell(row["ours"], fmt), cell(row["upstream"], fmt), ratio]
+            [
+                row["label"],
+                row["metric"],
+                cell(row["ours"], fmt),
+                cell(row["upstream"], fmt),
+                pairs,
+                ratio,
+            ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
@@ -1490,8 +1520,11 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
     retried = 0
     for i in range(-opts.warmup, opts.runs):
         roundName = "warm-up" if i < 0 else f"run {i + 1}/{opts.runs}"
+        # Each server goes first in every other round: neither always
+        # measures after the other's run warmed (or tired) the machine.
+        order = servers if i % 2 == 0 else servers[::-1]
         for m in selected:
-            pair = measurePair(m, servers, images, opts, roundName, retry=i >= 0)
+            pair = measurePair(m, order, images, opts, roundName, retry=i >= 0)
             retried += pair["retries"]
             if i >= 0:
                 for server in servers:
