@@ -245,18 +245,8 @@ class EngineTests(TestCase):
         On tmpfs the kernel refuses C{RWF_NOWAIT} (EOPNOTSUPP); a read
         without it (C{nowait=False}) completes, through the eventfd.
         """
-        if not os.access("/dev/shm", os.W_OK):
-            raise SkipTest("No writable /dev/shm")
         data = os.urandom(16 * KiB)
-        fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="imageio-test-")
-        self.addCleanup(os.unlink, path)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as e:
-            raise SkipTest(f"No O_DIRECT on tmpfs here: {e}") from None
-        self.addCleanup(os.close, fd)
+        fd = self.tmpfsFile(data)
         self.assertTrue(_aio.isMemoryFileSystem(fd))
         engine = self.engine()
         buf = memoryview(_buffers.allocate(4096))
