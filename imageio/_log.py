@@ -174,12 +174,16 @@ class BackgroundOutput:
         self._waiting = 0
         self._lost = 0
         self._unsaid = 0
+        self._direct = False
         self._busy = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition(threading.Lock())
         _outputs.add(self)
 
     def write(self, text: str) -> None:
+        if self._direct:
+            self.dropped += self._put([text])
+            return
         with self._lock:
             if self._waiting + len(text) > self._backlog and self._lines:
                 self.dropped += 1
@@ -210,6 +214,19 @@ class BackgroundOutput:
                     return False
                 self._lock.wait(left)
         return True
+
+    def writeDirectly(self, timeout: float) -> bool:
+        """
+        Write what waits (within C{timeout} seconds), then write each line
+        at once on the caller's thread: for the last lines of a process that
+        may end without running C{atexit} (twistd re-raises the signal that
+        stopped it). A stuck output stays in the background.
+
+        @return: Whether lines are now written directly.
+        """
+        if self.drain(timeout):
+            self._direct = True
+        return self._direct
 
     def _start(self) -> None:
         # Called with the lock held.
@@ -293,6 +310,16 @@ def drain(timeout: float = EXIT_WAIT) -> bool:
     for output in list(_outputs):
         drained = output.drain(max(0.0, deadline - time.monotonic())) and drained
     return drained
+
+
+def writeDirectly(timeout: float = EXIT_WAIT) -> None:
+    """
+    L{BackgroundOutput.writeDirectly} for every output of ours: called when
+    the reactor has shut down, so that its last lines are not lost.
+    """
+    deadline = time.monotonic() + timeout
+    for output in list(_outputs):
+        output.writeDirectly(max(0.0, deadline - time.monotonic()))
 
 
 def _afterFork() -> None:
@@ -390,12 +417,16 @@ def jsonObserver() -> ILogObserver:
     return _filtered(FileLogObserver(_backgroundFor(_output(), jsonLine), jsonLine))
 
 
-def configuredObserver() -> ILogObserver | None:
+def configuredObserver(stdout: bool = False) -> ILogObserver | None:
     """
+    @param stdout: Whether twistd would write to standard output itself
+        (C{-n} without C{--logfile}, C{--logger} or C{--syslog}): ours does
+        instead, from its thread.
     @return: The text observer for a configured log file or standard
-        error, or C{None} to keep twistd's own (standard output with
-        C{-n}, C{--logfile}).
+        error, or for standard output when C{stdout}; C{None} to keep
+        twistd's own (its C{--logfile}, C{--syslog}, its log file when
+        daemonized).
     """
-    if _destination[0] == "stdout":
+    if _destination[0] == "stdout" and not stdout:
         return None
     return textObserver()

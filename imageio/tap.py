@@ -204,6 +204,24 @@ def isRoot() -> bool:
     return os.geteuid() == 0
 
 
+def twistdLogsToStdout(options: Options) -> bool:
+    """
+    @return: Whether twistd, run with C{options} as its subcommand's, would
+        write the log to standard output with an observer of its own (on
+        the reactor): C{-n} without C{--logfile} (or with C{-}),
+        C{--logger} or C{--syslog}.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return False
+    return (
+        bool(twistd.get("nodaemon"))
+        and twistd.get("logfile") in (None, "", "-")
+        and not twistd.get("logger")
+        and not twistd.get("syslog")
+    )
+
+
 def makeService(options: Options) -> IService:
     """
     Called by twistd with the parsed L{Options}.
@@ -213,10 +231,14 @@ def makeService(options: Options) -> IService:
     stateDir = Path(options["state-dir"]) if options["state-dir"] else _config.defaultStateDir()
     service = ImageioService(options["config"], reactor, stateDir)
     try:
-        service.logObserver = _log.configuredObserver()
+        service.logObserver = _log.configuredObserver(stdout=twistdLogsToStdout(options))
     except OSError as e:
         raise SystemExit(f"imageio: cannot open the log file: {e}") from None
-    if service.logObserver is not None:
+    # Our log outputs write from a thread; twistd may end the process
+    # without atexit once the reactor stopped (it re-raises SIGTERM), so
+    # its last lines are written at once from then on.
+    reactor.addSystemEventTrigger("after", "shutdown", _log.writeDirectly)
+    if service.logObserver is not None and _log.describeDestination() != "stdout":
         # Said where twistd's own observer still prints (the terminal).
         print(f"imageio: logging to {_log.describeDestination()}", file=sys.stderr)
     log.info(

@@ -229,6 +229,30 @@ class BackgroundOutputTests(SynchronousTestCase):
         real.gate.set()
         self.assertTrue(out.drain(10))
 
+    def test_writeDirectly(self) -> None:
+        """
+        After L{BackgroundOutput.writeDirectly} (the reactor has shut down)
+        what waited is written, and each later line at once on the
+        caller's thread; a stuck output stays in the background.
+        """
+        real, out = self.output()
+        out.write("queued\n")
+        self.assertTrue(out.writeDirectly(10))
+        self.assertEqual(real.lines, ["queued\n"])
+        out.write("at once\n")
+        self.assertEqual(real.lines, ["queued\n", "at once\n"])
+        real.failing = True
+        out.write("refused\n")
+        self.assertEqual(out.dropped, 1)
+        stuck, late = self.output()
+        stuck.gate.clear()
+        late.write("stuck\n")
+        self.assertFalse(late.writeDirectly(0.05))
+        late.write("waits\n")
+        stuck.gate.set()
+        self.assertTrue(late.drain(10))
+        self.assertEqual(stuck.lines, ["stuck\n", "waits\n"])
+
     def run_python(self, code: str) -> str:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         done = subprocess.run(

@@ -85,6 +85,32 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("[remote] port", str(e))
         self.assertIn("10.conf", str(e))
 
+    def test_twistdLogsToStdout(self) -> None:
+        """
+        L{tap.twistdLogsToStdout} says when twistd would write the log to
+        standard output with its own observer (C{-n} without C{--logfile},
+        C{--logger} or C{--syslog}): ours then writes it, from its thread.
+        """
+        from twisted.scripts.twistd import ServerOptions
+
+        conf = Path(self.mktemp()).absolute()
+        (conf / "conf.d").mkdir(parents=True)
+        (conf / "conf.d" / "10.conf").write_text("[remote]\nport = 0\n")
+        mine = ["imageio", "--config-dir", str(conf)]
+        cases = [
+            (["-n"], True),
+            (["-n", "--logfile=-"], True),
+            (["-n", "--logfile", str(conf / "twistd.log")], False),
+            (["-n", "--logger=imageio._log.jsonObserver"], False),
+            (["-n", "--syslog"], False),
+            ([], False),
+        ]
+        for twistd, expected in cases:
+            config = ServerOptions()
+            config.parseOptions([*twistd, *mine])
+            self.assertEqual(tap.twistdLogsToStdout(config.subOptions), expected, twistd)
+        self.assertFalse(tap.twistdLogsToStdout(tap.Options()))
+
     def test_confDirSpellings(self) -> None:
         """
         Upstream's C{-c} and C{--conf-dir} are accepted as well as
@@ -455,6 +481,29 @@ class TwistdTests(SynchronousTestCase):
         self.assertFalse(sock.exists())
         self.assertNotIn("Traceback", output)
         self.assertIn("Listening: control", output)
+        # Our observer writes from a thread; twistd re-raises SIGTERM
+        # without atexit: its last line is written at once, not lost.
+        self.assertTrue(output.rstrip().endswith("Server Shut Down."), output[-300:])
+
+    def test_jsonLinesToTheLast(self) -> None:
+        """
+        With C{--logger=imageio._log.jsonObserver} (the systemd unit's), the
+        JSON lines are written from our thread, and still none is lost when
+        SIGTERM ends twistd (which re-raises it, skipping C{atexit}).
+        """
+        (self.dir / "conf.d" / "10-test.conf").write_text(
+            f"[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nsocket = {self.dir}/local.sock\n"
+        )
+        twistd = [*TWISTD, "--logger=imageio._log.jsonObserver"]
+        process = self.start(
+            "--config-dir", str(self.dir), "--state-dir", str(self.state), twistd=twistd
+        )
+        self.waitForSocket(self.state / "sock", process)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        lines = [json.loads(line) for line in output.splitlines()]
+        self.assertIn("Listening: control", " ".join(line["message"] for line in lines))
+        self.assertEqual(lines[-1]["message"], "Server Shut Down.")
 
     def test_freshSystemInstall(self) -> None:
         """
