@@ -151,8 +151,10 @@ class BackgroundOutput:
     a line saying how many were lost (formatted by C{notice} from a
     warning event). A failing output (a closed journal stream, a full disk)
     is treated as dropping the lines it refused. What waits at exit is
-    written within L{EXIT_WAIT} seconds; a forked child starts a thread of
-    its own for what it inherited.
+    written within L{EXIT_WAIT} seconds. A fork (twistd daemonizing) first
+    waits for what waits to be written (L{FORK_WAIT} at most) and for the
+    thread to be out of the output's C{write}; the child starts a thread of
+    its own.
 
     @ivar dropped: Lines dropped since the output was made.
     """
@@ -322,13 +324,44 @@ def writeDirectly(timeout: float = EXIT_WAIT) -> None:
         output.writeDirectly(max(0.0, deadline - time.monotonic()))
 
 
+#: Outputs whose lock the forking thread holds (L{_beforeFork}).
+_held_for_fork: list[BackgroundOutput] = []
+
+#: How long a fork waits for the log threads to write what waits.
+FORK_WAIT = 1.0
+
+
+def _beforeFork() -> None:
+    # As the logging module does: no thread may be inside the output's
+    # write (and its buffer's lock) when the process forks, or the child's
+    # copy of that lock stays taken. Write what waits (a child must not
+    # write it again), then hold each output's lock across the fork.
+    deadline = time.monotonic() + FORK_WAIT
+    for output in list(_outputs):
+        output._lock.acquire()
+        _held_for_fork.append(output)
+        while output._lines or output._busy or output._lost:
+            left = deadline - time.monotonic()
+            if left <= 0 or output._thread is None:
+                break
+            output._lock.wait(left)
+
+
+def _afterForkInParent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop()._lock.release()
+
+
 def _afterFork() -> None:
+    del _held_for_fork[:]
     for output in list(_outputs):
         output._forked()
 
 
 atexit.register(drain)
-os.register_at_fork(after_in_child=_afterFork)
+os.register_at_fork(
+    before=_beforeFork, after_in_parent=_afterForkInParent, after_in_child=_afterFork
+)
 
 #: One background output per destination (its file object's id), so that
 #: observers made twice write in one order.

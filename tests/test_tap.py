@@ -706,6 +706,35 @@ class TwistdTests(SynchronousTestCase):
         response = _unixGet(str(sock), "/tickets/nope")
         self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
 
+    def test_daemonizedLogFile(self) -> None:
+        """
+        Daemonized with a configured log file: twistd forks after logging
+        began, and the child's log thread writes every later line (a fork
+        while the parent's thread was inside the file's write left the
+        child's copy of the file's lock taken, and the log silent).
+        """
+        logFile = self.dir / "daemon.log"
+        (self.dir / "conf.d" / "10.conf").write_text(
+            "[remote]\nhost = 127.0.0.1\nport = 0\n[local]\nenable = false\n"
+            f"[logger_root]\nlevel = INFO\nhandlers = logfile\n"
+            f"[handler_logfile]\nargs = ('{logFile}',)\n"
+        )
+        result = self.daemonize()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        sock = self.state / "sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _unixGet(str(sock), "/tickets/nope")
+        pid = int((self.dir / "twistd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while (self.dir / "twistd.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        logged = logFile.read_text()
+        self.assertIn("GET /tickets/nope 404", logged)
+        self.assertTrue(logged.rstrip().endswith("Server Shut Down."), logged[-300:])
+
     def test_showConfig(self) -> None:
         """
         --show-config prints the merged configuration as JSON and exits.
