@@ -499,6 +499,10 @@ class TwistdTests(SynchronousTestCase):
             "--config-dir", str(self.dir), "--state-dir", str(self.state), twistd=twistd
         )
         self.waitForSocket(self.state / "sock", process)
+        # The socket is bound before twistd runs the reactor (and handles
+        # SIGTERM): an answer says it runs.
+        response = _unixGet(str(self.state / "sock"), "/tickets/nope")
+        self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
         lines = [json.loads(line) for line in output.splitlines()]
