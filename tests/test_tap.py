@@ -732,8 +732,13 @@ class TwistdTests(SynchronousTestCase):
         _unixGet(str(sock), "/tickets/nope")
         pid = int((self.dir / "twistd.pid").read_text())
         os.kill(pid, signal.SIGTERM)
+        # Gone, not only its pid file (removed before the last line).
         deadline = time.monotonic() + 30
-        while (self.dir / "twistd.pid").exists() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
             time.sleep(0.05)
         logged = logFile.read_text()
         self.assertIn("GET /tickets/nope 404", logged)
