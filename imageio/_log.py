@@ -244,14 +244,19 @@ class BackgroundOutput:
                 lost, self._lost = self._lost, 0
                 self._busy = True
             failed = 0
+            missing = self._unsaid + lost
             try:
                 if lines:
                     failed = self._put(lines)
-                missing = self._unsaid + lost + failed
+                missing += failed
                 if missing:
                     text = self._notice(_dropNotice(missing))
                     if not text or not self._put([text]):
                         missing = 0
+            except Exception:
+                # A notice that cannot be formatted: the thread goes on,
+                # or nothing would be logged again.
+                pass
             finally:
                 with self._lock:
                     self._busy = False

@@ -217,6 +217,25 @@ class BackgroundOutputTests(SynchronousTestCase):
         self.assertEqual(real.lines[0], "back\n")
         self.assertEqual(json.loads(real.lines[1])["count"], 2)
 
+    def test_brokenNotice(self) -> None:
+        """
+        A notice function that raises costs the warning, not the thread:
+        later lines are still written.
+        """
+        real = GatedOutput()
+
+        def broken(event: dict[str, object]) -> str:
+            raise RuntimeError("bug")
+
+        out = _log.BackgroundOutput(real, broken, backlog=10)  # type: ignore[arg-type]
+        real.failing = True
+        out.write("lost\n")
+        self.assertTrue(out.drain(10))
+        real.failing = False
+        out.write("later\n")
+        self.assertTrue(out.drain(10))
+        self.assertEqual(real.lines, ["later\n"])
+
     def test_drainTimesOut(self) -> None:
         """
         L{BackgroundOutput.drain} gives up after its timeout when the output
