@@ -319,6 +319,14 @@ def drain(timeout: float = EXIT_WAIT) -> bool:
     return drained
 
 
+def droppedLines() -> int:
+    """
+    @return: Log lines our outputs dropped (a stalled or failing output)
+        since the process started.
+    """
+    return sum(output.dropped for output in list(_outputs))
+
+
 def writeDirectly(timeout: float = EXIT_WAIT) -> None:
     """
     L{BackgroundOutput.writeDirectly} for every output of ours: called when

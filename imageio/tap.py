@@ -367,6 +367,11 @@ class ImageioService(MultiService):
             lambda: self.aio.completed,
         )
         self.metrics.addCounter(
+            "imageio_log_lines_dropped",
+            "Log lines dropped because the log output did not keep up or failed.",
+            _log.droppedLines,
+        )
+        self.metrics.addCounter(
             "imageio_aio_would_block",
             "Linux AIO requests the kernel refused with EAGAIN (done on the disk-io threads).",
             lambda: self.aio.wouldBlock,

@@ -483,4 +483,5 @@ class DaemonMetricsTests(DaemonTestCase):
         self.assertEqual(r.status, 200)
         for name in ("imageio_body_pump_bytes", "imageio_aio_completed", "imageio_aio_would_block"):
             self.assertIn(f"# TYPE {name} counter\n{name} 0\n", r.text)
+        self.assertIn("# TYPE imageio_log_lines_dropped counter\n", r.text)
         self.assertIn("# TYPE imageio_buffer_bytes gauge\nimageio_buffer_bytes 0\n", r.text)

@@ -197,6 +197,7 @@ class BackgroundOutputTests(SynchronousTestCase):
         self.assertEqual(notice["count"], 992)
         self.assertEqual(notice["message"], "992 log lines dropped: the log output did not keep up")
         self.assertEqual(real.lines[11:], ["after\n"])
+        self.assertGreaterEqual(_log.droppedLines(), 992)
 
     def test_failingOutput(self) -> None:
         """
