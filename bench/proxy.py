@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""
+Proxy-mode benchmark: our daemon and upstream ovirt-imageio 2.5.1, each
+relaying to one backend daemon (ours) over verified TLS.
+
+One backend daemon holds a file ticket on a random image on C{/dev/shm};
+each proxy holds a ticket whose C{url} is the backend's
+C{https://127.0.0.1:<port>/images/<id>}.  curl downloads and uploads the
+whole image through each proxy in turn (A B, B A, ...), and the table shows
+the proxy's throughput, CPU per GiB and peak RSS, with the backend's CPU for
+information.
+
+Standard library only; reuses C{bench.py}'s helpers.  See
+C{bench/README.rst}, "Proxy mode: proxy.py".
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bench  # bench/ is sys.path[0]
+from bench import (
+    CPU_PER_GIB,
+    MIBPS,
+    PEAK_RSS,
+    READY_TIMEOUT,
+    BenchError,
+    GiB,
+    Images,
+    Metric,
+    MiB,
+    RssSampler,
+    Server,
+    Workspace,
+    checkCurl,
+    cpuTimes,
+    curlBase,
+    groupPids,
+    humanSize,
+    killClients,
+    listenerPid,
+    makeCertificates,
+    makeImages,
+    parseSize,
+    prepareTarget,
+    say,
+    verifySame,
+)
+
+BACKEND_CPU = Metric("backendCpuPerGiB", "backend CPU s/GiB", False, "{:.2f}", compared=False)
+METRICS = (MIBPS, CPU_PER_GIB, PEAK_RSS, BACKEND_CPU)
+#: (key, label, method, parallel connections)
+MEASUREMENTS = [
+    ("get", "GET x1", "GET", 1),
+    ("get4", "GET x4", "GET", 4),
+    ("put", "PUT x1", "PUT", 1),
+    ("put4", "PUT x4", "PUT", 4),
+]
+
+
+class Backend(Server):
+    """
+    The daemon serving the image: ours, HTTPS only.  Its local socket is
+    disabled so that OPTIONS advertises no C{unix_socket}: upstream's http
+    backend would otherwise switch to it (the backend is on loopback) and
+    relay over UNIX instead of TLS, which a real proxy on another host
+    cannot do.
+    """
+
+    def writeConfig(self) -> None:
+        super().writeConfig()
+        (self.configDir / "conf.d" / "95-bench-backend.conf").write_text(
+            "[local]\nenable = false\n"
+        )
+
+    def waitReady(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        lastError = "no attempt"
+        while time.monotonic() < deadline:
+            self.checkAlive()
+            try:
+                self.control("GET", "/tickets/x")
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                    pass
+                break
+            except (OSError, http.client.HTTPException) as e:
+                lastError = f"{type(e).__name__}: {e}"
+                time.sleep(0.1)
+        else:
+            raise self.failure(f"not ready after {READY_TIMEOUT:.0f}s ({lastError})")
+        candidates = groupPids(self.pgid)
+        self.pid = listenerPid(self.controlSocket, candidates) or self.pgid
+        self.pids = candidates
+        say(f"{self.name} ready: pid {self.pid}, https port {self.port}")
+
+
+class Proxy(Server):
+    """
+    A daemon under test in proxy mode: verifies the backend's certificate
+    with the bench CA (C{[backend_http] ca_file}, read by both).
+    """
+
+    def writeConfig(self) -> None:
+        super().writeConfig()
+        (self.configDir / "conf.d" / "95-bench-proxy.conf").write_text(
+            f"[backend_http]\nca_file = {self.certs['ca']}\n"
+        )
+
+    def addProxyTicket(self, backend: Server, size: int) -> str:
+        ticketId = str(uuid.uuid4())
+        ticket = {
+            "uuid": ticketId,
+            "size": size,
+            "url": f"https://127.0.0.1:{backend.port}/images/{backend.tickets['image']}",
+            "timeout": 3000,
+            "inactivity_timeout": 600,
+            "ops": ["read", "write"],
+            "transfer_id": f"bench-proxy-{self.name}",
+        }
+        status, data = self.control("PUT", f"/tickets/{ticketId}", json.dumps(ticket).encode())
+        if status != 200:
+            raise self.failure(f"PUT /tickets/{ticketId} -> {status}: {data[:500]!r}")
+        self.tickets["image"] = ticketId
+        return ticketId
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+
+
+def measureProxy(proxy: Server, backend: Server, body: Callable[[], Any]) -> dict[str, float]:
+    """
+    Run C{body}, accounting the proxy's and the backend's CPU and sampling
+    the proxy's RSS.
+    """
+    pids = proxy.refreshPids()
+    backendPids = backend.refreshPids()
+    with RssSampler(pids) as sampler:
+        busy0 = bench.systemBusySeconds()
+        user0, system0 = cpuTimes(pids)
+        buser0, bsystem0 = cpuTimes(backendPids)
+        t0 = time.monotonic()
+        body()
+        elapsed = time.monotonic() - t0
+        user1, system1 = cpuTimes(pids)
+        buser1, bsystem1 = cpuTimes(backendPids)
+        busy = bench.systemBusySeconds() - busy0
+    proxy.checkAlive()
+    backend.checkAlive()
+    return {
+        "seconds": elapsed,
+        "userSeconds": user1 - user0,
+        "systemSeconds": system1 - system0,
+        "cpuSeconds": user1 - user0 + system1 - system0,
+        "backendCpuSeconds": buser1 - buser0 + bsystem1 - bsystem0,
+        "peakRss": sampler.peak,
+        "busiestThreadFraction": sampler.busiestThread() / elapsed,
+        "machineBusyFraction": busy / (elapsed * (os.cpu_count() or 1)),
+    }
+
+
+def runVerifiedGets(
+    commands: list[list[str]], references: list[Path], fifos: list[Path]
+) -> list[str]:
+    """
+    Start every curl writing into a FIFO read by C{cmp} against its
+    reference file; wait for all; fail on any difference.
+    """
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        for cmd, ref, fifo in zip(commands, references, fifos, strict=True):
+            cmp = subprocess.Popen(
+                ["cmp", str(fifo), str(ref)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            bench._clients.add(cmp)
+            procs.append(("cmp", cmp))
+            curl = subprocess.Popen(
+                cmd + ["-o", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            bench._clients.add(curl)
+            procs.append(("curl", curl))
+        outputs = []
+        for kind, proc in procs:
+            out, err = proc.communicate()
+            bench._clients.discard(proc)
+            if proc.returncode != 0:
+                text = (out + (err or b"")).decode(errors="replace").strip()
+                raise BenchError(f"{kind} failed ({proc.returncode}): {text}")
+            if kind == "curl":
+                outputs.append(out.decode())
+        return outputs
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            bench._clients.discard(proc)
+
+
+def measure(
+    method: str,
+    parallel: int,
+    proxy: Server,
+    backend: Server,
+    images: Images,
+    target: Path,
+    fifos: list[Path],
+) -> dict[str, Any]:
+    base, url = curlBase(proxy, "https", proxy.tickets["image"])
+    base = [a for a in base if a not in ("-o", "/dev/null")]
+    what = f"{proxy.name} {method} x{parallel}"
+    if method == "GET":
+        if parallel == 1:
+            commands, refs = [base + [url]], [images.image]
+            expected = [(images.size, {200})]
+        else:
+            commands, refs, expected = [], [], []
+            for piece, (first, last) in zip(images.pieces, images.ranges, strict=True):
+                commands.append(base + ["-H", f"Range: bytes={first}-{last}", url])
+                refs.append(piece)
+                expected.append((last - first + 1, {206}))
+        outputs: list[str] = []
+
+        def body() -> None:
+            outputs.extend(runVerifiedGets(commands, refs, fifos[: len(commands)]))
+
+        stats = measureProxy(proxy, backend, body)
+        for out, (n, status) in zip(outputs, expected, strict=True):
+            checkCurl(out, status, n, 0, what)
+    else:
+        prepareTarget(target, images.size, images.targetMode)
+        base = base + ["-o", "/dev/null", "-H", "Expect:"]
+        if parallel == 1:
+            commands = [base + ["-T", str(images.image), url]]
+            sizes = [images.size]
+        else:
+            commands, sizes = [], []
+            for piece, (first, last) in zip(images.pieces, images.ranges, strict=True):
+                header = f"Content-Range: bytes {first}-{last}/*"
+                commands.append(base + ["-H", header, "-T", str(piece), url])
+                sizes.append(last - first + 1)
+        outputs = []
+
+        def body() -> None:
+            outputs.extend(bench.runClients(commands))
+
+        stats = measureProxy(proxy, backend, body)
+        for out, n in zip(outputs, sizes, strict=True):
+            checkCurl(out, {200}, 0, n, what)
+        verifySame(images.image, target, what)
+    gib = images.size / GiB
+    return {
+        "bytes": images.size,
+        "seconds": stats["seconds"],
+        "mibps": images.size / MiB / stats["seconds"],
+        "cpuPerGiB": stats["cpuSeconds"] / gib,
+        "userSeconds": stats["userSeconds"],
+        "systemSeconds": stats["systemSeconds"],
+        "peakRssMiB": stats["peakRss"] / MiB,
+        "backendCpuPerGiB": stats["backendCpuSeconds"] / gib,
+        "busiestThreadPct": stats["busiestThreadFraction"] * 100,
+        "machineBusyPct": stats["machineBusyFraction"] * 100,
+    }
+
+
+def brief(sample: dict[str, Any]) -> str:
+    return (
+        f"{sample['mibps']:.0f} MiB/s  {sample['cpuPerGiB']:.2f} CPU s/GiB"
+        f" ({sample['userSeconds']:.2f} user + {sample['systemSeconds']:.2f} sys s)"
+        f"  {sample['peakRssMiB']:.0f} MiB RSS  busiest thread {sample['busiestThreadPct']:.0f}%"
+        f"  [backend {sample['backendCpuPerGiB']:.2f} CPU s/GiB,"
+        f" machine {sample['machineBusyPct']:.0f}% busy]"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def formatTable(samples: dict[str, dict[str, list[dict[str, Any]]]], names: list[str]) -> str:
+    def cell(values: list[float], fmt: str) -> str:
+        if not values:
+            return "-"
+        med = statistics.median(values)
+        return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    header = ["measurement", "metric"] + names
+    if names == ["ours", "upstream"]:
+        header.append("paired ours/upstream")
+    lines = [header]
+    for key, label, _, _ in MEASUREMENTS:
+        for metric in METRICS:
+            line = [label, metric.unit]
+            for name in names:
+                values = [s[metric.key] for s in samples[name].get(key, [])]
+                line.append(cell(values, metric.fmt))
+            if len(header) > len(line):
+                ratio = bench.pairedRatio(samples, key, metric) if metric.compared else None
+                if ratio is None:
+                    line.append("-")
+                else:
+                    line.append(f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})")
+            lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for i, line in enumerate(lines):
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark proxy mode: our daemon and upstream ovirt-imageio 2.5.1 "
+        "relaying to one backend daemon over verified TLS.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--only", choices=["both", "ours", "upstream"], default="both")
+    p.add_argument("--runs", type=int, default=3, help="recorded rounds")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first")
+    p.add_argument("--size", type=parseSize, default=GiB, help="image size")
+    p.add_argument("--dir", type=Path, default=Path("/dev/shm"), help="where images go")
+    p.add_argument("--quick", action="store_true", help="smoke check: 256 MiB, 1 run")
+    p.add_argument("--ours-cmd", default=bench.DEFAULT_OURS_CMD)
+    p.add_argument("--upstream-cmd", default=bench.DEFAULT_UPSTREAM_CMD)
+    p.add_argument("--upstream-venv", type=Path, default=bench.DEFAULT_UPSTREAM_VENV)
+    p.add_argument("--results", type=Path, default=bench.RESULTS_DIR, help="where results go")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        if opts.size == GiB:
+            opts.size = 256 * MiB
+        if opts.runs == 3:
+            opts.runs = 1
+    if opts.size < 16 * 1024 or opts.size % 4096:
+        p.error("--size must be a multiple of 4 KiB and at least 16 KiB")
+    if opts.runs < 1 or opts.warmup < 0:
+        p.error("--runs must be at least 1 and --warmup at least 0")
+    return opts
+
+
+def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Server]) -> int:
+    runId = time.strftime("%Y%m%d-%H%M%S") + "-proxy"
+    resultDir = opts.results / runId
+    logDir = resultDir / "logs"
+    logDir.mkdir(parents=True, exist_ok=True)
+    for tool in ("curl", "openssl", "cmp"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found in PATH")
+    names = ["ours", "upstream"] if opts.only == "both" else [opts.only]
+    upstreamVersion = None
+    if "upstream" in names:
+        upstreamVersion = bench.ensureUpstreamVenv(opts.upstream_venv)
+    bench.checkSpace(opts.dir, opts.size * 3 + 64 * MiB, "--dir")
+    loadAtStart = open("/proc/loadavg").read().split()[:3]
+    for directory in {opts.dir, Path(tempfile.gettempdir())}:
+        bench.removeStale(directory)
+
+    work = workspace.add(Path(tempfile.mkdtemp(prefix=f"imageio-bench-{os.getpid()}-")))
+    certs = makeCertificates(work / "pki")
+    images = makeImages(workspace.add(opts.dir / f"imageio-bench-{os.getpid()}"), opts.size)
+    target = images.target("backend")
+    fifos = []
+    for i in range(len(images.pieces)):
+        fifo = work / f"get-{i}.fifo"
+        os.mkfifo(fifo)
+        fifos.append(fifo)
+
+    backend = Backend("backend", opts.ours_cmd, work / "backend", logDir, certs)
+    servers.append(backend)
+    backend.version = bench.oursVersion()
+    backend.writeConfig()
+    backend.start(opts.upstream_venv)
+    proxies: list[Proxy] = []
+    for name in names:
+        template = opts.ours_cmd if name == "ours" else opts.upstream_cmd
+        proxy = Proxy(name, template, work / name, logDir, certs)
+        proxy.version = bench.oursVersion() if name == "ours" else str(upstreamVersion)
+        servers.append(proxy)
+        proxies.append(proxy)
+        proxy.writeConfig()
+        proxy.start(opts.upstream_venv)
+
+    backend.waitReady()
+    shutil.copyfile(images.image, target)
+    backend.addTicket("image", target, images.size, ["read", "write"])
+    for proxy in proxies:
+        proxy.waitReady()
+        proxy.addProxyTicket(backend, images.size)
+        say(f"{proxy.name}: proxy ticket -> https://127.0.0.1:{backend.port}/images/...")
+
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {p.name: {} for p in proxies}
+    idle = {p.name: bench.rssBytes(p.refreshPids()) / MiB for p in proxies}
+    for i in range(-opts.warmup, opts.runs):
+        roundName = "warm-up" if i < 0 else f"run {i + 1}/{opts.runs}"
+        order = proxies if i % 2 == 0 else proxies[::-1]
+        for key, label, method, parallel in MEASUREMENTS:
+            for proxy in order:
+                try:
+                    sample = measure(method, parallel, proxy, backend, images, target, fifos)
+                except BenchError as e:
+                    raise proxy.failure(f"{roundName} {label}: {e}") from None
+                say(f"{roundName} {label} {proxy.name:<8} {brief(sample)}")
+                if i >= 0:
+                    samples[proxy.name].setdefault(key, []).append(sample)
+
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpus": os.cpu_count(),
+        "loadavgAtStart": loadAtStart,
+        "loadavgAtEnd": open("/proc/loadavg").read().split()[:3],
+        "imageSize": humanSize(opts.size),
+        "imageDir": bench.fsType(opts.dir),
+        "runs": opts.runs,
+        "warmup": opts.warmup,
+        "backend": f"{backend.version}: {shlex.join(backend.command(opts.upstream_venv))}",
+        "proxies": {
+            p.name: f"{p.version}: {shlex.join(p.command(opts.upstream_venv))}" for p in proxies
+        },
+        "idleRssMiB": idle,
+    }
+    table = formatTable(samples, [p.name for p in proxies])
+    lines = [f"{k}: {v}" for k, v in env.items()]
+    report = "\n".join(lines) + "\n\n" + table + "\n"
+    print(report)
+    for server in servers:
+        server.stop()
+    result = {
+        "environment": env,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+        "samples": samples,
+    }
+    (resultDir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (resultDir / "table.txt").write_text(report)
+    say(f"results in {resultDir}/ (result.json, table.txt, logs/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parseArgs(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, bench._onSignal)
+    signal.signal(signal.SIGHUP, bench._onSignal)
+    workspace = Workspace()
+    servers: list[Server] = []
+    try:
+        return benchmark(opts, workspace, servers)
+    except BenchError as e:
+        say(f"FAILED: {e}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted by SIGINT, cleaning up")
+        return 130
+    except bench.Interrupted as e:
+        say(f"interrupted by {e}, cleaning up")
+        return 143
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        killClients()
+        for server in servers:
+            try:
+                server.stop()
+            except Exception as e:
+                say(f"could not stop {server.name}: {e}")
+        workspace.cleanup()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
