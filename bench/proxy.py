@@ -85,7 +85,7 @@ class Backend(Server):
 
     def writeConfig(self) -> None:
         super().writeConfig()
-        (self.configDir / "conf.d" / "95-bench-backend.conf").write_text(
+        (self.configDir / "conf.d" / "zz-bench-backend.conf").write_text(
             "[local]\nenable = false\n"
         )
 
@@ -118,7 +118,7 @@ class Proxy(Server):
 
     def writeConfig(self) -> None:
         super().writeConfig()
-        (self.configDir / "conf.d" / "95-bench-proxy.conf").write_text(
+        (self.configDir / "conf.d" / "zz-bench-proxy.conf").write_text(
             f"[backend_http]\nca_file = {self.certs['ca']}\n"
         )
 
