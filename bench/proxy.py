@@ -20,6 +20,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -153,6 +154,8 @@ def measureProxy(proxy: Server, backend: Server, body: Callable[[], Any]) -> dic
     backendPids = backend.refreshPids()
     with RssSampler(pids) as sampler:
         busy0 = bench.systemBusySeconds()
+        children0 = bench._rusageSeconds(resource.RUSAGE_CHILDREN)
+        self0 = bench._rusageSeconds(resource.RUSAGE_SELF)
         user0, system0 = cpuTimes(pids)
         buser0, bsystem0 = cpuTimes(backendPids)
         t0 = time.monotonic()
@@ -161,17 +164,25 @@ def measureProxy(proxy: Server, backend: Server, body: Callable[[], Any]) -> dic
         user1, system1 = cpuTimes(pids)
         buser1, bsystem1 = cpuTimes(backendPids)
         busy = bench.systemBusySeconds() - busy0
+        clients = bench._rusageSeconds(resource.RUSAGE_CHILDREN) - children0
+        harness = bench._rusageSeconds(resource.RUSAGE_SELF) - self0
     proxy.checkAlive()
     backend.checkAlive()
+    cpu = user1 - user0 + system1 - system0
+    backendCpu = buser1 - buser0 + bsystem1 - bsystem0
+    foreign = max(0.0, busy - cpu - backendCpu - clients - harness)
+    cpus = os.cpu_count() or 1
     return {
         "seconds": elapsed,
         "userSeconds": user1 - user0,
         "systemSeconds": system1 - system0,
-        "cpuSeconds": user1 - user0 + system1 - system0,
-        "backendCpuSeconds": buser1 - buser0 + bsystem1 - bsystem0,
+        "cpuSeconds": cpu,
+        "backendCpuSeconds": backendCpu,
+        "clientCpuSeconds": clients,
         "peakRss": sampler.peak,
         "busiestThreadFraction": sampler.busiestThread() / elapsed,
-        "machineBusyFraction": busy / (elapsed * (os.cpu_count() or 1)),
+        "machineBusyFraction": busy / (elapsed * cpus),
+        "foreignCpuFraction": foreign / (elapsed * cpus),
     }
 
 
@@ -275,7 +286,9 @@ def measure(
         "peakRssMiB": stats["peakRss"] / MiB,
         "backendCpuPerGiB": stats["backendCpuSeconds"] / gib,
         "busiestThreadPct": stats["busiestThreadFraction"] * 100,
+        "clientCpuPerGiB": stats["clientCpuSeconds"] / gib,
         "machineBusyPct": stats["machineBusyFraction"] * 100,
+        "foreignPct": stats["foreignCpuFraction"] * 100,
     }
 
 
@@ -285,7 +298,8 @@ def brief(sample: dict[str, Any]) -> str:
         f" ({sample['userSeconds']:.2f} user + {sample['systemSeconds']:.2f} sys s)"
         f"  {sample['peakRssMiB']:.0f} MiB RSS  busiest thread {sample['busiestThreadPct']:.0f}%"
         f"  [backend {sample['backendCpuPerGiB']:.2f} CPU s/GiB,"
-        f" machine {sample['machineBusyPct']:.0f}% busy]"
+        f" clients {sample['clientCpuPerGiB']:.2f} CPU s/GiB,"
+        f" machine {sample['machineBusyPct']:.0f}% busy, {sample['foreignPct']:.0f}% foreign]"
     )
 
 
@@ -324,6 +338,17 @@ def formatTable(samples: dict[str, dict[str, list[dict[str, Any]]]], names: list
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def foreignLoad(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """
+    How busy the machine was with work other than the run's own (proxies,
+    backend, curl, cmp, harness) during the samples.
+    """
+    values = [s["foreignPct"] for per in samples.values() for ss in per.values() for s in ss]
+    if not values:
+        return "-"
+    return f"median {statistics.median(values):.0f}%, max {max(values):.0f}% of all CPUs"
 
 
 def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
@@ -434,6 +459,7 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
             p.name: f"{p.version}: {shlex.join(p.command(opts.upstream_venv))}" for p in proxies
         },
         "idleRssMiB": idle,
+        "foreignLoad": foreignLoad(samples),
     }
     table = formatTable(samples, [p.name for p in proxies])
     lines = [f"{k}: {v}" for k, v in env.items()]
