@@ -560,36 +560,6 @@ class GetTests(ImagesTestCase):
         self.assertEqual(conn.response().body, data)
         self.assertEqual(sizes, [16384, 16384, 7392])
 
-    def test_relayChunks(self) -> None:
-        """
-        A ticket that relays to another daemon (an C{https:} or C{http:}
-        URL) reads in whole chunks (half the buffer size) over TLS too:
-        each read is a request to that daemon.
-        """
-        from imageio.daemon import images
-
-        self.patch(images, "TLS_CHUNK", 4096)
-        h = ImagesHarness(bufferSize=16384)
-        self.addCleanup(h.cleanup)
-        service = h.service
-        ticket = h.addTicket(b"x" * 100)
-
-        class Secure:
-            def __init__(self, secure: bool) -> None:
-                self.secure = secure
-
-            def isSecure(self) -> bool:
-                return self.secure
-
-        chunks = []
-        for url in ("file:///var/tmp/image.raw", "https://host:54322/images/t", "http://h/x"):
-            self.patch(ticket, "url", url)
-            for secure in (True, False):
-                chunks.append(service.readChunkSize(Secure(secure), ticket))  # type: ignore[arg-type]
-        whole = service.chunkSize
-        self.assertGreater(whole, 4096)
-        self.assertEqual(chunks, [4096, whole, whole, whole, whole, whole])
-
     def test_tlsRangePastImage(self) -> None:
         """
         Over TLS, a range inside the ticket but past the end of the image is

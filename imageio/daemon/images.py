@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
@@ -27,7 +27,7 @@ from twisted.web.server import Request
 import imageio
 from imageio import _blkhash, _buffers, _log
 from imageio._log import Logger
-from imageio.backends import RELAY_SCHEMES, RELAYED_HEADER, relayLoop
+from imageio.backends import RELAYED_HEADER, relayLoop
 from imageio.interfaces import (
     Extent,
     IBackend,
@@ -261,15 +261,12 @@ class ImagesService:
         """
         return max(_buffers.ALIGNMENT, self.bufferSize // 2)
 
-    def readChunkSize(self, request: Request, ticket: Ticket) -> int:
+    def readChunkSize(self, request: Request) -> int:
         """
-        Size of each of the two buffers a download of C{ticket} on
-        C{request}'s connection reads into: L{chunkSize}, at most
-        L{TLS_CHUNK} over TLS, unless the ticket relays to another daemon.
-        A relay's every read is a request to that daemon: with 2 MiB ones
-        it spent a quarter more CPU per GiB (C{bench/proxy.py}).
+        Size of each of the two buffers a download on C{request}'s
+        connection reads into: L{chunkSize}, at most L{TLS_CHUNK} over TLS.
         """
-        if request.isSecure() and urlsplit(ticket.url).scheme not in RELAY_SCHEMES:
+        if request.isSecure():
             return min(self.chunkSize, TLS_CHUNK)
         return self.chunkSize
 
@@ -793,7 +790,7 @@ class ImageHandler:
                     op.onCancel = None
             producer = DownloadProducer(
                 *common,
-                bufferSize=self.service.readChunkSize(request, ticket),
+                bufferSize=self.service.readChunkSize(request),
                 idleTimeout=ticket.inactivityTimeout,
                 pool=self.service.buffersFor(request, ticket),
                 budget=self.service.budget,
@@ -862,7 +859,7 @@ class ImageHandler:
         if span < TLS_CHUNK and span < self.service.chunkSize:
             # One read whatever the transport (small reads: not asked).
             return True
-        return span < self.service.readChunkSize(request, ticket)
+        return span < self.service.readChunkSize(request)
 
     # PUT
 
