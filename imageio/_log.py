@@ -179,7 +179,9 @@ class BackgroundOutput:
         self._direct = False
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._lock = threading.Condition(threading.Lock())
+        # Reentrant: a signal handler that logs (twistd's SIGTERM) may run
+        # on the main thread while it holds the lock inside write().
+        self._lock = threading.Condition(threading.RLock())
         _outputs.add(self)
 
     def write(self, text: str) -> None:
@@ -285,7 +287,7 @@ class BackgroundOutput:
 
     def _forked(self) -> None:
         # In a forked child: the parent's thread and lock are not ours.
-        self._lock = threading.Condition(threading.Lock())
+        self._lock = threading.Condition(threading.RLock())
         self._thread = None
         self._busy = False
         if self._lines or self._lost:

@@ -237,6 +237,25 @@ class BackgroundOutputTests(SynchronousTestCase):
         self.assertTrue(out.drain(10))
         self.assertEqual(real.lines, ["later\n"])
 
+    def test_writeFromSignalHandler(self) -> None:
+        """
+        A line written while the same thread is inside C{write} (a signal
+        handler that logs, as twistd's SIGTERM handler does, interrupting
+        the main thread there) is taken, not a deadlock.
+        """
+        real, out = self.output()
+
+        def handler() -> None:
+            with out._lock:
+                out.write("from the handler\n")
+
+        thread = threading.Thread(target=handler, daemon=True)
+        thread.start()
+        thread.join(5)
+        self.assertFalse(thread.is_alive())
+        self.assertTrue(out.drain(10))
+        self.assertEqual(real.lines, ["from the handler\n"])
+
     def test_drainTimesOut(self) -> None:
         """
         L{BackgroundOutput.drain} gives up after its timeout when the output
