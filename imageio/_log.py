@@ -280,8 +280,10 @@ class BackgroundOutput:
                 self._output.write(line)
                 done += 1
             self._output.flush()
-        except (OSError, ValueError):
-            # Nowhere to say it but the next line that gets through.
+        except (OSError, ValueError, RuntimeError):
+            # Nowhere to say it but the next line that gets through. (A
+            # signal handler writing while the same thread is inside the
+            # buffer's write gets RuntimeError: reentrant call.)
             return len(lines) - done
         return 0
 
