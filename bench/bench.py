@@ -665,6 +665,9 @@ args = ({str(self.logFile)!r},)
         text = "\n".join(f"--- last lines of {p}:\n{tail(p)}" for p in logs if p.stat().st_size > 0)
         return BenchError(f"{self.name}: {message}\n{text}")
 
+    #: Whether the local UNIX socket listens (waitReady checks it).
+    localListener = True
+
     def checkAlive(self) -> None:
         assert self.process is not None
         code = self.process.poll()
@@ -684,8 +687,9 @@ args = ({str(self.logFile)!r},)
                 status, _ = self.control("GET", "/tickets/x")
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2):
                     pass
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.localSocket))
+                if self.localListener:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(self.localSocket))
                 break
             except (OSError, http.client.HTTPException) as e:
                 lastError = f"{type(e).__name__}: {e}"
@@ -1646,7 +1650,20 @@ def foreignLoad(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parseArgs(argv)
+    return runCleanly(parseArgs(argv), benchmark)
+
+
+def runCleanly(
+    opts: argparse.Namespace,
+    benchmark: Callable[[argparse.Namespace, Workspace, list[Server]], int],
+) -> int:
+    """
+    Run C{benchmark} and, whatever happens (errors, Ctrl-C, SIGTERM or
+    SIGHUP), stop every server and client it started and remove its files
+    (unless C{opts.keep}).
+
+    @return: The exit status.
+    """
     # Even if started with SIGINT ignored (a background job of a script).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _onSignal)
@@ -1673,7 +1690,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             except Exception as e:  # keep stopping the others
                 say(f"could not stop {server.name}: {e}")
-        if opts.keep:
+        if getattr(opts, "keep", False):
             say("kept: " + ", ".join(str(p) for p in workspace.paths))
         else:
             workspace.cleanup()

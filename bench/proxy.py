@@ -17,14 +17,11 @@ C{bench/README.rst}, "Proxy mode: proxy.py".
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import resource
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +37,6 @@ from bench import (
     CPU_PER_GIB,
     MIBPS,
     PEAK_RSS,
-    READY_TIMEOUT,
     BenchError,
     GiB,
     Images,
@@ -52,10 +48,7 @@ from bench import (
     checkCurl,
     cpuTimes,
     curlBase,
-    groupPids,
     humanSize,
-    killClients,
-    listenerPid,
     makeCertificates,
     makeImages,
     parseSize,
@@ -84,31 +77,13 @@ class Backend(Server):
     cannot do.
     """
 
+    localListener = False
+
     def writeConfig(self) -> None:
         super().writeConfig()
         (self.configDir / "conf.d" / "zz-bench-backend.conf").write_text(
             "[local]\nenable = false\n"
         )
-
-    def waitReady(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        lastError = "no attempt"
-        while time.monotonic() < deadline:
-            self.checkAlive()
-            try:
-                self.control("GET", "/tickets/x")
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
-                    pass
-                break
-            except (OSError, http.client.HTTPException) as e:
-                lastError = f"{type(e).__name__}: {e}"
-                time.sleep(0.1)
-        else:
-            raise self.failure(f"not ready after {READY_TIMEOUT:.0f}s ({lastError})")
-        candidates = groupPids(self.pgid)
-        self.pid = listenerPid(self.controlSocket, candidates) or self.pgid
-        self.pids = candidates
-        say(f"{self.name} ready: pid {self.pid}, https port {self.port}")
 
 
 class Proxy(Server):
@@ -479,33 +454,7 @@ def benchmark(opts: argparse.Namespace, workspace: Workspace, servers: list[Serv
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parseArgs(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, bench._onSignal)
-    signal.signal(signal.SIGHUP, bench._onSignal)
-    workspace = Workspace()
-    servers: list[Server] = []
-    try:
-        return benchmark(opts, workspace, servers)
-    except BenchError as e:
-        say(f"FAILED: {e}")
-        return 1
-    except KeyboardInterrupt:
-        say("interrupted by SIGINT, cleaning up")
-        return 130
-    except bench.Interrupted as e:
-        say(f"interrupted by {e}, cleaning up")
-        return 143
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        killClients()
-        for server in servers:
-            try:
-                server.stop()
-            except Exception as e:
-                say(f"could not stop {server.name}: {e}")
-        workspace.cleanup()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return bench.runCleanly(parseArgs(argv), benchmark)
 
 
 if __name__ == "__main__":

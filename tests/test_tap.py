@@ -633,6 +633,17 @@ class TwistdTests(SynchronousTestCase):
         self.addCleanup(self.killDaemon)
         return result
 
+    def daemonSocket(self) -> Path:
+        """
+        @return: The daemonized daemon's control socket, once it exists (30
+            seconds at most).
+        """
+        sock = self.state / "sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sock
+
     def killDaemon(self) -> None:
         pidfile = self.dir / "twistd.pid"
         if pidfile.exists():
@@ -703,10 +714,7 @@ class TwistdTests(SynchronousTestCase):
         )
         result = self.daemonize()
         self.assertEqual(result.returncode, 0, result.stderr)
-        sock = self.state / "sock"
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        sock = self.daemonSocket()
         response = _unixGet(str(sock), "/tickets/nope")
         self.assertTrue(response.startswith(b"HTTP/1.1 404 "), response)
 
@@ -725,11 +733,7 @@ class TwistdTests(SynchronousTestCase):
         )
         result = self.daemonize()
         self.assertEqual(result.returncode, 0, result.stderr)
-        sock = self.state / "sock"
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _unixGet(str(sock), "/tickets/nope")
+        _unixGet(str(self.daemonSocket()), "/tickets/nope")
         pid = int((self.dir / "twistd.pid").read_text())
         os.kill(pid, signal.SIGTERM)
         # Gone, not only its pid file (removed before the last line).
