@@ -994,17 +994,45 @@ def transferSample(nbytes: int, stats: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def getCommands(
+    base: list[str], url: str, images: Images, parallel: int
+) -> tuple[list[list[str]], list[tuple[int, set[int]]]]:
+    """
+    @return: The curl commands downloading the image (whole, or one of
+        C{images.ranges} each), and each one's expected bytes and statuses.
+    """
+    if parallel == 1:
+        return [base + [url]], [(images.size, {200})]
+    commands, expected = [], []
+    for first, last in images.ranges:
+        commands.append(base + ["-H", f"Range: bytes={first}-{last}", url])
+        expected.append((last - first + 1, {206}))
+    return commands, expected
+
+
+def putCommands(
+    base: list[str], url: str, images: Images, parallel: int
+) -> tuple[list[list[str]], list[int]]:
+    """
+    @return: The curl commands uploading the image (whole, or one of
+        C{images.pieces} each with its C{Content-Range}), and each one's
+        bytes.
+    """
+    base = base + ["-H", "Expect:"]
+    if parallel == 1:
+        return [base + ["-T", str(images.image), url]], [images.size]
+    commands, sizes = [], []
+    for piece, (first, last) in zip(images.pieces, images.ranges, strict=True):
+        header = f"Content-Range: bytes {first}-{last}/*"
+        commands.append(base + ["-H", header, "-T", str(piece), url])
+        sizes.append(last - first + 1)
+    return commands, sizes
+
+
 def makeGet(transport: str, parallel: int) -> Callable[..., dict[str, Any]]:
     def measure(server: Server, images: Images, opts: argparse.Namespace) -> dict[str, Any]:
         base, url = curlBase(server, transport, server.tickets["read"])
-        if parallel == 1:
-            commands = [base + [url]]
-            expected = [(images.size, {200})]
-        else:
-            commands, expected = [], []
-            for first, last in images.ranges:
-                commands.append(base + ["-H", f"Range: bytes={first}-{last}", url])
-                expected.append((last - first + 1, {206}))
+        commands, expected = getCommands(base, url, images, parallel)
         outputs, stats = measureProcess(server, lambda: runClients(commands))
         for out, (n, status) in zip(outputs, expected, strict=True):
             checkCurl(out, status, n, 0, f"{server.name} GET {transport}")
@@ -1018,16 +1046,7 @@ def makePut(transport: str, parallel: int) -> Callable[..., dict[str, Any]]:
         target = images.target(server.name)
         prepareTarget(target, images.size, images.targetMode)
         base, url = curlBase(server, transport, server.tickets["write"])
-        base = base + ["-H", "Expect:"]
-        if parallel == 1:
-            commands = [base + ["-T", str(images.image), url]]
-            expected = [images.size]
-        else:
-            commands, expected = [], []
-            for piece, (first, last) in zip(images.pieces, images.ranges, strict=True):
-                header = f"Content-Range: bytes {first}-{last}/*"
-                commands.append(base + ["-H", header, "-T", str(piece), url])
-                expected.append(last - first + 1)
+        commands, expected = putCommands(base, url, images, parallel)
         outputs, stats = measureProcess(server, lambda: runClients(commands))
         for out, n in zip(outputs, expected, strict=True):
             checkCurl(out, {200}, 0, n, f"{server.name} PUT {transport}")

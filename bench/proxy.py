@@ -212,15 +212,8 @@ def measure(
     base = [a for a in base if a not in ("-o", "/dev/null")]
     what = f"{proxy.name} {method} x{parallel}"
     if method == "GET":
-        if parallel == 1:
-            commands, refs = [base + [url]], [images.image]
-            expected = [(images.size, {200})]
-        else:
-            commands, refs, expected = [], [], []
-            for piece, (first, last) in zip(images.pieces, images.ranges, strict=True):
-                commands.append(base + ["-H", f"Range: bytes={first}-{last}", url])
-                refs.append(piece)
-                expected.append((last - first + 1, {206}))
+        commands, expected = bench.getCommands(base, url, images, parallel)
+        refs = [images.image] if parallel == 1 else list(images.pieces)
         outputs: list[str] = []
 
         def body() -> None:
@@ -231,16 +224,7 @@ def measure(
             checkCurl(out, status, n, 0, what)
     else:
         prepareTarget(target, images.size, images.targetMode)
-        base = base + ["-o", "/dev/null", "-H", "Expect:"]
-        if parallel == 1:
-            commands = [base + ["-T", str(images.image), url]]
-            sizes = [images.size]
-        else:
-            commands, sizes = [], []
-            for piece, (first, last) in zip(images.pieces, images.ranges, strict=True):
-                header = f"Content-Range: bytes {first}-{last}/*"
-                commands.append(base + ["-H", header, "-T", str(piece), url])
-                sizes.append(last - first + 1)
+        commands, sizes = bench.putCommands(base + ["-o", "/dev/null"], url, images, parallel)
         outputs = []
 
         def body() -> None:
