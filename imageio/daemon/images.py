@@ -218,6 +218,37 @@ class _Context:
     #: inside it needs no C{size()} round trip to the disk-io pool.
     sizeSeen: int = 0
 
+    def imageSize(self, byteRange: Any) -> Deferred[int] | int:
+        """
+        @return: The image size to serve C{byteRange} from: L{sizeSeen} when
+            the range is closed and ends inside it (upstream's client reads
+            4 MiB ranges, each of which would cost a round trip to the
+            disk-io pool), else asked. Images may grow while open (a volume
+            extended under a transfer), hence asking again for a range past
+            it; one that shrank while open cuts the transfer, as it would
+            have a moment after asking.
+        """
+        if (
+            byteRange is not None
+            and byteRange.first is not None
+            and byteRange.last is not None
+            and byteRange.last < self.sizeSeen
+        ):
+            return self.sizeSeen
+        return self.askSize()
+
+    def askSize(self) -> Deferred[int]:
+        """
+        @return: The backend's size, remembered in L{sizeSeen}.
+        """
+        assert self.backend is not None
+
+        def seen(size: int) -> int:
+            self.sizeSeen = size
+            return size
+
+        return self.backend.size().addCallback(seen)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -690,41 +721,24 @@ class ImageHandler:
         self, request: Request, ticket: Ticket, backend: IBackend, byteRange: Any
     ) -> Deferred[int] | int:
         """
-        @return: The image size to serve C{byteRange} from: the one this
-            connection's backend last reported when the range is closed and
-            ends inside it (upstream's client reads 4 MiB ranges, each of
-            which would cost a round trip to the disk-io pool), else asked.
-            Images may grow while open (a volume extended under a
-            transfer), hence asking again for a range past it; one that
-            shrank while open cuts the transfer, as it would have a moment
-            after asking.
+        @return: The image size to serve C{byteRange} from (see
+            L{_Context.imageSize}).
         """
-        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
-        if (
-            ctx is not None
-            and ctx.backend is backend
-            and byteRange is not None
-            and byteRange.first is not None
-            and byteRange.last is not None
-            and byteRange.last < ctx.sizeSeen
-        ):
-            return ctx.sizeSeen
-        return self._askSize(request, ticket, backend)
+        ctx = self._contextOf(request, ticket, backend)
+        return backend.size() if ctx is None else ctx.imageSize(byteRange)
 
     def _askSize(self, request: Request, ticket: Ticket, backend: IBackend) -> Deferred[int]:
         """
-        @return: C{backend.size()}, remembered for L{_imageSize}.
+        @return: C{backend.size()}, remembered for the next ranges.
         """
-        d: Deferred[int] = backend.size()
-        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
-        if ctx is not None and ctx.backend is backend:
-
-            def seen(size: int) -> int:
-                ctx.sizeSeen = size
-                return size
-
-            d.addCallback(seen)
+        ctx = self._contextOf(request, ticket, backend)
+        d: Deferred[int] = backend.size() if ctx is None else ctx.askSize()
         return d
+
+    @staticmethod
+    def _contextOf(request: Request, ticket: Ticket, backend: IBackend) -> _Context | None:
+        ctx: _Context | None = connectionOf(request).contexts.get(ticket)
+        return ctx if ctx is not None and ctx.backend is backend else None
 
     @inlineCallbacks
     def _startRead(
