@@ -210,13 +210,16 @@ class BackgroundOutput:
 
         @return: Whether it happened within C{timeout} seconds.
         """
-        deadline = time.monotonic() + timeout
         with self._lock:
-            while self._lines or self._busy or self._lost:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
-                    return False
-                self._lock.wait(left)
+            return self._waitWritten(time.monotonic() + timeout)
+
+    def _waitWritten(self, deadline: float) -> bool:
+        # Called with the lock held (which waiting lets go of meanwhile).
+        while self._lines or self._busy or self._lost:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._thread is None:
+                return False
+            self._lock.wait(left)
         return True
 
     def writeDirectly(self, timeout: float) -> bool:
@@ -316,11 +319,7 @@ def drain(timeout: float = EXIT_WAIT) -> bool:
 
     @return: Whether it happened within C{timeout} seconds.
     """
-    deadline = time.monotonic() + timeout
-    drained = True
-    for output in list(_outputs):
-        drained = output.drain(max(0.0, deadline - time.monotonic())) and drained
-    return drained
+    return _eachWithin(timeout, BackgroundOutput.drain)
 
 
 def droppedLines() -> int:
@@ -336,9 +335,19 @@ def writeDirectly(timeout: float = EXIT_WAIT) -> None:
     L{BackgroundOutput.writeDirectly} for every output of ours: called when
     the reactor has shut down, so that its last lines are not lost.
     """
+    _eachWithin(timeout, BackgroundOutput.writeDirectly)
+
+
+def _eachWithin(timeout: float, wait: Callable[[BackgroundOutput, float], bool]) -> bool:
+    """
+    @return: Whether C{wait(output, left)} succeeded for every output, all
+        within C{timeout} seconds.
+    """
     deadline = time.monotonic() + timeout
+    done = True
     for output in list(_outputs):
-        output.writeDirectly(max(0.0, deadline - time.monotonic()))
+        done = wait(output, max(0.0, deadline - time.monotonic())) and done
+    return done
 
 
 #: Outputs whose lock the forking thread holds (L{_beforeFork}).
@@ -357,11 +366,7 @@ def _beforeFork() -> None:
     for output in list(_outputs):
         output._lock.acquire()
         _held_for_fork.append(output)
-        while output._lines or output._busy or output._lost:
-            left = deadline - time.monotonic()
-            if left <= 0 or output._thread is None:
-                break
-            output._lock.wait(left)
+        output._waitWritten(deadline)
 
 
 def _afterForkInParent() -> None:
